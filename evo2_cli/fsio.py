@@ -1,0 +1,70 @@
+"""Filesystem helpers: atomic outputs, checksums. Nothing half-written ever carries a final name."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from evo2_cli.errors import InputError
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `final`; on success it replaces `final`, on any error (or
+    KeyboardInterrupt/SystemExit from a signal) it is removed and `final` is left untouched."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise InputError(
+            f"{final}: output already exists; pass --overwrite to replace it or choose another path"
+        )
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final}: exists and is not a directory")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{final.parent}: cannot create output directory: {exc.strerror}") from None
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,35 @@
+"""The CLI surface: help, version, config commands, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from evo2_cli import __version__
+from evo2_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_help_and_version():
+    result = runner.invoke(app, ["-h"])
+    assert result.exit_code == 0 and "config" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_python_dash_m():
+    out = subprocess.run(
+        [sys.executable, "-m", "evo2_cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert __version__ in out.stdout
+
+
+def test_config_error_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nosuchsection:\n  x: 1\n")
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.yaml" in result.output and "Traceback" not in result.output

@@ -1,0 +1,117 @@
+"""The strict config loader: types, unknown keys, ranges, overrides, line numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from evo2_cli.config import FieldError, check, load_config, to_yaml
+from evo2_cli.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class Run:
+    steps: int = 10
+    name: str | None = None
+    out: Path = Path("runs/x")
+    tags: list[str] = field(default_factory=list)
+    verbose: bool = False
+
+
+@dataclass
+class Job:
+    optim: Optim = field(default_factory=Optim)
+    run: Run = field(default_factory=Run)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_values(tmp_path):
+    cfg = load_config(Job, write(tmp_path, "optim:\n  lr: 1e-3\nrun:\n  steps: 5\n  tags: [a, b]\n"))
+    assert cfg.optim.lr == pytest.approx(1e-3)  # 1e-3 without a dot still reads as a float
+    assert cfg.run.steps == 5 and cfg.run.tags == ["a", "b"]
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert isinstance(cfg.run.out, Path)
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0\n  lrr: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path)
+    text = str(info.value)
+    assert f"{path}:3" in text and "optim.lrr" in text and "did you mean 'lr'" in text
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "line"),
+    [
+        ("run:\n  steps: ten\n", "run.steps", 2),
+        ("run:\n  steps: true\n", "run.steps", 2),
+        ("run:\n  verbose: 1\n", "run.verbose", 2),
+        ("optim:\n  schedule: linear\n", "optim.schedule", 2),
+        ("optim:\n  betas: [0.9]\n", "optim.betas", 2),
+        ("\n\noptim:\n  lr: -1\n", "optim.lr", 4),
+        ("optim: 3\n", "optim", 1),
+    ],
+)
+def test_bad_values(tmp_path, yaml_text, key, line):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path)
+    assert info.value.key == key
+    assert info.value.where == f"{path}:{line}"
+
+
+def test_duplicate_key_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(Job, write(tmp_path, "run:\n  steps: 1\n  steps: 2\n"))
+    with pytest.raises(Exception, match="not valid YAML"):
+        load_config(Job, write(tmp_path, "run: [\n"))
+    with pytest.raises(Exception, match="must be a mapping"):
+        load_config(Job, write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(Exception, match="not found"):
+        load_config(Job, tmp_path / "missing.yaml")
+
+
+def test_overrides_go_through_the_validator(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0\n")
+    cfg = load_config(Job, path, ["optim.lr=2e-4", "run.name=abc", "run.tags=[x]"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.run.name == "abc" and cfg.run.tags == ["x"]
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path, ["optim.lr=0"])
+    assert info.value.where == "--set optim.lr"
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(Job, path, ["optim.nope=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(Job, path, ["optim.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(Job, path, ["optim.lr.x=1"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(Job, None, ["run.tags=[a]"])
+    again = load_config(Job, write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_field_error_message():
+    with pytest.raises(FieldError, match="lr: must be > 0"):
+        Optim(lr=0)
