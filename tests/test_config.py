@@ -100,7 +100,7 @@ def test_overrides_go_through_the_validator(tmp_path):
     assert info.value.where == "--set optim.lr"
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(Job, path, ["optim.nope=1"])
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(Job, path, ["optim.lr"])
     with pytest.raises(ConfigError, match="not a section"):
         load_config(Job, path, ["optim.lr.x=1"])
