@@ -171,7 +171,8 @@ def _coerce(tp: Any, value: Any, path: KeyPath, source: _Source) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise fail(f"a list of {len(args)} items")
-            return tuple(_coerce(a, v, (*path, str(i)), source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_coerce(a, v, (*path, str(i)), source) for i, (a, v) in pairs)
         item_type = args[0] if args else Any
         items = [_coerce(item_type, v, (*path, str(i)), source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
