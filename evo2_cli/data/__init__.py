@@ -1,0 +1,1 @@
+"""Data: byte-level alphabet facts, FASTA reading, Megatron indexed datasets, `evo2 preprocess`."""

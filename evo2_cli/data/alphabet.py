@@ -1,0 +1,47 @@
+"""Byte-level token facts shared by every command (DESIGN.md section 3).
+
+Evo 2 tokenizes bytes: a token id is the byte itself (A=65, C=67, G=71, T=84, lowercase kept), the vocab is
+512 (ids >= 256 unused), EOD is 0 and padding is 1; there is no BOS.
+
+    EOD_ID, PAD_ID, VOCAB_SIZE
+    IUPAC_BYTES                 the sequence letters a FASTA record may hold (upper and lower case)
+    COMPLEMENT, UPPERCASE,      256-entry uint8 lookup tables: `table[tokens]` maps a uint8 array and
+    DNA_TO_RNA, RNA_TO_DNA      `data.translate(table)` maps bytes; every other byte maps to itself
+    reverse_complement(tokens)  a new uint8 array: reversed, complemented, case kept
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EOD_ID = 0
+PAD_ID = 1
+VOCAB_SIZE = 512
+
+# A C G T and U, plus the ambiguity codes; N is any base.
+IUPAC_UPPER = b"ACGTURYSWKMBDHVN"
+IUPAC_BYTES = IUPAC_UPPER + IUPAC_UPPER.lower()
+
+
+def _table(pairs: dict[bytes, bytes]) -> np.ndarray:
+    table = np.arange(256, dtype=np.uint8)
+    for source, target in pairs.items():
+        table[np.frombuffer(source, np.uint8)] = np.frombuffer(target, np.uint8)
+    table.flags.writeable = False  # shared by every caller
+    return table
+
+
+def _both_cases(pairs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {**pairs, **{s.lower(): t.lower() for s, t in pairs.items()}}
+
+
+# U complements to A so that an RNA record's reverse complement is DNA-compatible.
+COMPLEMENT = _table(_both_cases({b"ACGTURYSWKMBDHVN": b"TGCAAYRSWMKVHDBN"}))
+UPPERCASE = _table({bytes(range(97, 123)): bytes(range(65, 91))})
+DNA_TO_RNA = _table(_both_cases({b"T": b"U"}))
+RNA_TO_DNA = _table(_both_cases({b"U": b"T"}))
+
+
+def reverse_complement(tokens: np.ndarray) -> np.ndarray:
+    """Reverse complement of a uint8 token array (case kept, non-IUPAC bytes such as EOD unchanged)."""
+    return COMPLEMENT[np.asarray(tokens, dtype=np.uint8)[::-1]]
