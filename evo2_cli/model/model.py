@@ -1,0 +1,727 @@
+"""StripedHyena 2 (Evo 2) in plain PyTorch: the whole model in one file.
+
+What the model computes (DESIGN.md section 4; every formula matches the Vortex inference engine):
+
+- byte tokens -> embedding `E` [V, D]; `num_layers` residual blocks; final RMSNorm; logits = x @ E^T (tied).
+- RMSNorm: `scale * x / (||x||_2 / sqrt(D) + eps)` (eps outside the root).
+- Hyena block (hcs / hcm / hcl): `z = W_proj RMSNorm(x)` (D -> 3D); a depthwise causal 3-tap featurizer
+  conv over the 3D channels; channels de-interleaved by c mod 3 into x2 (gate), x1, v; `u = x1 * v`;
+  an inner causal filter over u; `out = x2 * (filter(u) [+ D * u])`; `x += dense(out)`; then the MLP.
+    hcs  grouped 7-tap cross-correlation, no D term
+    hcm  grouped 128-tap causal convolution (FFT), plus D * u
+    hcl  one modal filter per channel, h[d, t] = sum_s R[d, s] exp(lambda[d, s] t), FFT conv, plus D * u
+  The featurizer, the inner filters and the FFTs always run in fp32, also under bf16 autocast.
+- hcl poles: `hcl_form: modal` stores p, gamma with lambda = -exp(p) * exp(gamma) < 0 (stable by construction,
+  the training stacks' form); `hcl_form: vortex` stores lambda itself (`log_poles`, free; kept to reproduce
+  and diagnose the gradient explosion). Both start from the training stacks' init, never lambda >= 0.
+- Attention block: fused Wqkv (rows q, k, v, each head-major), rotary over the full head dim (NeoX
+  half-split), causal `scaled_dot_product_attention`, out_proj with bias; then the MLP.
+- MLP: `l3(act(l1 m) * l2 m)`, no biases; act is exact GELU in layer 0 and identity in every later layer when
+  `evo2_style_activations` (the released models); each block stores its own `MLP.activation`.
+
+Cached inference (`new_cache`, `prefill`, `step`, `generate_greedy`): attention keeps a KV cache, the
+featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state s[b, d, s] updated per
+token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token). Prefill of any length >= 1
+followed by steps equals the full forward.
+
+Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
+Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evo2_cli.model.config import ModelConfig
+
+# ============================================================== fp32 signal-processing kernels (+ references)
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def causal_cross_correlation(u: Tensor, w: Tensor) -> Tensor:
+    """Depthwise causal FIR, cross-correlation orientation: y[c, t] = sum_k w[c, k] u[c, t - K + 1 + k].
+
+    u: (B, C, L), w: (C, K); tap K-1 multiplies the current step. Fast path: grouped conv1d.
+    """
+    channels, taps = w.shape
+    u_pad = F.pad(u, (taps - 1, 0))  # (B, C, L + K - 1)
+    return F.conv1d(u_pad, w.unsqueeze(1), groups=channels)  # (B, C, L)
+
+
+def causal_cross_correlation_reference(u: Tensor, w: Tensor) -> Tensor:
+    """Loop over taps: the obvious version of `causal_cross_correlation`."""
+    taps = w.shape[1]
+    length = u.shape[-1]
+    y = torch.zeros_like(u)
+    for k in range(taps):
+        shift = taps - 1 - k  # tap k looks `shift` steps back
+        if shift < length:
+            y[..., shift:] += w[:, k, None] * u[..., : length - shift]
+    return y
+
+
+def _fft_size(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+def causal_convolution_fft(u: Tensor, h: Tensor) -> Tensor:
+    """Causal convolution y[c, t] = sum_{k<=t} h[c, k] u[c, t - k] via a zero-padded real FFT, in fp32.
+
+    u: (B, C, L), h: (C, K) with any K (taps beyond L are ignored); tap 0 multiplies the current step.
+    """
+    length = u.shape[-1]
+    h = h[..., :length]
+    n = _fft_size(length + h.shape[-1] - 1)
+    u_f = torch.fft.rfft(u.float(), n=n)  # (B, C, n/2+1)
+    h_f = torch.fft.rfft(h.float(), n=n)  # (C, n/2+1)
+    return torch.fft.irfft(u_f * h_f, n=n)[..., :length]  # (B, C, L)
+
+
+def causal_convolution_reference(u: Tensor, h: Tensor) -> Tensor:
+    """Direct causal convolution: conv1d with flipped taps (tap 0 = current step)."""
+    length = u.shape[-1]
+    h = h[..., :length]
+    return causal_cross_correlation(u, h.flip(-1))
+
+
+def modal_filter(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
+    """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L)."""
+    t = torch.arange(length, device=log_poles.device, dtype=torch.float32)  # (L,)
+    modes = torch.exp(log_poles.float().unsqueeze(-1) * t)  # (D, S, L)
+    return torch.einsum("ds,dsl->dl", residues.float(), modes)  # (D, L)
+
+
+def modal_state(log_poles: Tensor, u: Tensor, chunk: int = 4096) -> Tensor:
+    """The recurrent state after u[..., 0..P-1]: s[b, d, s] = sum_k exp(lambda[d, s] (P - 1 - k)) u[b, d, k].
+
+    Equal to running `s = exp(lambda) s + u_k` from s = 0 (see `modal_state_reference`). u: (B, D, P).
+    """
+    length = u.shape[-1]
+    lam = log_poles.float().unsqueeze(-1)  # (D, S, 1)
+    state = u.new_zeros(u.shape[0], *log_poles.shape, dtype=torch.float32)  # (B, D, S)
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        lag = torch.arange(length - 1 - start, length - 1 - stop, -1, device=u.device, dtype=torch.float32)
+        weights = torch.exp(lam * lag)  # (D, S, chunk)
+        state += torch.einsum("bdk,dsk->bds", u[..., start:stop].float(), weights)
+    return state
+
+
+def modal_state_reference(log_poles: Tensor, u: Tensor) -> Tensor:
+    """The recurrence itself, one step at a time."""
+    poles = torch.exp(log_poles.float())  # (D, S)
+    state = u.new_zeros(u.shape[0], *log_poles.shape, dtype=torch.float32)  # (B, D, S)
+    for k in range(u.shape[-1]):
+        state = poles * state + u[..., k, None].float()
+    return state
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """Explicit softmax attention, the reference for `scaled_dot_product_attention`. (B, H, L, hd) each."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, Lq, hd)
+
+
+# ============================================================== layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5  # (B, L, 1)
+        return self.scale * (x / (rms + self.eps))
+
+
+class MLP(nn.Module):
+    """Gated MLP `l3(act(l1 x) * l2 x)`. `activation` is this layer's own: 'gelu', 'silu' or 'identity'."""
+
+    def __init__(self, dim: int, inner: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.l1 = nn.Linear(dim, inner, bias=False)
+        self.l2 = nn.Linear(dim, inner, bias=False)
+        self.l3 = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.l1(x)
+        if self.activation == "gelu":
+            a = F.gelu(a)  # exact (erf) GELU
+        elif self.activation == "silu":
+            a = F.silu(a)
+        return self.l3(a * self.l2(x))
+
+
+def mlp_activation(config: ModelConfig, layer: int) -> str:
+    """The Evo 2 rule: the configured activation in layer 0, identity after (when evo2_style_activations)."""
+    if config.evo2_style_activations and layer > 0:
+        return "identity"
+    return config.mlp_activation
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style rotary embedding over the full head dim; positions are divided by `scaling_factor`."""
+
+    def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0):
+        super().__init__()
+        self.scaling_factor = scaling_factor
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # (hd/2,); persistent: imported checkpoints carry theirs
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        """Rotate x (B, H, L, hd) at positions start..start+L-1, in fp32."""
+        length = x.shape[-2]
+        t = torch.arange(start, start + length, device=x.device, dtype=torch.float32) / self.scaling_factor
+        freqs = torch.outer(t, self.inv_freq.float())  # (L, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+        xf = x.float()
+        return (xf * angles.cos() + rotate_half(xf) * angles.sin()).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one attention layer, (B, H, T, hd), in a buffer that doubles when full."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        new = k.shape[-2]
+        if self.k is None or self.length + new > self.k.shape[-2]:
+            capacity = max(2 * (self.length + new), 16)
+            shape = (*k.shape[:-2], capacity, k.shape[-1])
+            grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
+            if self.k is not None:
+                grown_k[..., : self.length, :] = self.k[..., : self.length, :]
+                grown_v[..., : self.length, :] = self.v[..., : self.length, :]
+            self.k, self.v = grown_k, grown_v
+        self.k[..., self.length : self.length + new, :] = k
+        self.v[..., self.length : self.length + new, :] = v
+        self.length += new
+        return self.k[..., : self.length, :], self.v[..., : self.length, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.Wqkv = nn.Linear(d, 3 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=True)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rotary_emb_base, config.rotary_scaling_factor
+        )
+
+    def _qkv(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        b, length, _ = x.shape
+        qkv = self.Wqkv(x).view(b, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        return self.rotary_emb(q, start), self.rotary_emb(k, start), v
+
+    def _out(self, y: Tensor) -> Tensor:
+        b, _, length, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(b, length, -1))  # (B, H, L, hd) -> (B, L, D)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Causal self-attention over x (B, L, D); with `cache`, x continues the cached sequence."""
+        start = cache.length if cache is not None else 0
+        q, k, v = self._qkv(x, start)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start + L, hd)
+        causal = q.shape[-2] > 1
+        if causal and k.shape[-2] != q.shape[-2]:
+            raise ValueError("chunked prefill after earlier tokens is not supported; prefill once, then step")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, hd)
+        return self._out(y)
+
+
+# ============================================================== hyena operators
+
+
+@dataclass
+class HyenaState:
+    """Decoding state of one hyena layer (fp32): featurizer FIR inputs and the inner filter's state."""
+
+    fir: Tensor  # (B, 3D, short_filter_length - 1): last pre-featurizer inputs
+    inner: Tensor  # hcs/hcm: (B, D, K - 1) last inputs u; hcl: (B, D, S) modal state
+
+
+def _tail(x: Tensor, n: int) -> Tensor:
+    """The last n steps of x (B, C, L), left-padded with zeros when L < n: (B, C, n)."""
+    if n == 0:
+        return x[..., :0]
+    return F.pad(x, (max(n - x.shape[-1], 0), 0))[..., -n:]
+
+
+def _fir_step(taps: Tensor, window: Tensor) -> Tensor:
+    """One FIR output from taps (C, K) and a full input window (B, C, K), newest last: (B, C)."""
+    return torch.einsum("bck,ck->bc", window, taps)
+
+
+class HyenaOperator(nn.Module):
+    """Featurizer + inner filter of one hyena layer. Subclasses define the inner filter."""
+
+    kind = "hyena"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.short_filter_weight = nn.Parameter(
+            torch.empty(3 * config.hidden_size, 1, config.short_filter_length)
+        )
+
+    # -- inner filter, implemented per kind
+    def inner(self, u: Tensor) -> Tensor:  # (B, D, L) -> (B, D, L), fp32
+        raise NotImplementedError
+
+    def inner_state(self, u: Tensor) -> Tensor:  # state after u (B, D, P)
+        raise NotImplementedError
+
+    def inner_step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:  # (B, D) -> (B, D), new state
+        raise NotImplementedError
+
+    # -- shared featurizer
+    def _split(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """De-interleave featurized channels by c mod 3 -> x2 (gate), x1, v; each (B, D, ...)."""
+        return z[:, 0::3], z[:, 1::3], z[:, 2::3]
+
+    def forward(self, z: Tensor, with_state: bool = False) -> tuple[Tensor, HyenaState | None]:
+        """z: projected input (B, L, 3D) -> gated filter output (B, L, D) in fp32 (+ decoding state)."""
+        with _no_autocast(z.device.type):
+            z = z.float().transpose(1, 2)  # (B, 3D, L)
+            w = self.short_filter_weight.float()[:, 0]  # (3D, 3)
+            zc = causal_cross_correlation(z, w)  # (B, 3D, L)
+            x2, x1, v = self._split(zc)  # (B, D, L) each
+            u = x1 * v
+            y = x2 * self.inner(u)  # (B, D, L)
+            state = None
+            if with_state:
+                state = HyenaState(fir=_tail(z, w.shape[-1] - 1), inner=self.inner_state(u))
+            return y.transpose(1, 2), state  # (B, L, D)
+
+    def step(self, z: Tensor, state: HyenaState) -> Tensor:
+        """One token: z (B, 3D) -> (B, D) fp32; updates `state` in place."""
+        with _no_autocast(z.device.type):
+            w = self.short_filter_weight.float()[:, 0]  # (3D, K)
+            window = torch.cat((state.fir, z.float().unsqueeze(-1)), dim=-1)  # (B, 3D, K)
+            zc = _fir_step(w, window)  # (B, 3D)
+            state.fir = window[..., 1:]
+            x2, x1, v = self._split(zc)  # (B, D) each
+            y, state.inner = self.inner_step(x1 * v, state.inner)
+            return x2 * y
+
+
+def _expand_groups(h: Tensor, channels: int) -> Tensor:
+    """Grouped filter (G, 1, K) -> per-channel taps (D, K): channel d uses filter d // (D / G)."""
+    return h[:, 0].float().repeat_interleave(channels // h.shape[0], dim=0)
+
+
+class ShortFilter(HyenaOperator):
+    """hcs: grouped short FIR, cross-correlation (tap K-1 = current step), no D term."""
+
+    kind = "hcs"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.h = nn.Parameter(torch.empty(config.hcs_filter_groups, 1, config.hcs_filter_length))
+
+    def inner(self, u):
+        return causal_cross_correlation(u, _expand_groups(self.h, self.hidden_size))
+
+    def inner_state(self, u):
+        return _tail(u, self.h.shape[-1] - 1)
+
+    def inner_step(self, u, state):
+        window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K)
+        return _fir_step(_expand_groups(self.h, self.hidden_size), window), window[..., 1:]
+
+
+class MediumFilter(HyenaOperator):
+    """hcm: grouped medium FIR, convolution (tap 0 = current step) via FFT, plus D * u."""
+
+    kind = "hcm"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.h = nn.Parameter(torch.empty(config.hcm_filter_groups, 1, config.hcm_filter_length))
+        self.D = nn.Parameter(torch.empty(config.hidden_size))
+
+    def inner(self, u):
+        h = _expand_groups(self.h, self.hidden_size)  # (D, K)
+        return causal_convolution_fft(u, h) + self.D.float()[:, None] * u
+
+    def inner_state(self, u):
+        return _tail(u, self.h.shape[-1] - 1)
+
+    def inner_step(self, u, state):
+        window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K), newest last
+        h = _expand_groups(self.h, self.hidden_size).flip(-1)  # convolution = correlation with flipped taps
+        return _fir_step(h, window) + self.D.float() * u, window[..., 1:]
+
+
+class LongFilter(HyenaOperator):
+    """hcl: one modal filter per channel, h[d, t] = sum_s R[d, s] exp(lambda[d, s] t), FFT conv, plus D * u.
+
+    modal form: lambda = -exp(p) * exp(gamma) (parameters p, gamma: (D, S)); vortex form: lambda =
+    log_poles (D, S), free. `residues` R: (D, S).
+    """
+
+    kind = "hcl"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        d, s = config.hidden_size, config.state_size
+        self.form = config.hcl_form
+        if self.form == "modal":
+            self.p = nn.Parameter(torch.empty(d, s))
+            self.gamma = nn.Parameter(torch.empty(d, s))
+        else:
+            self.log_poles = nn.Parameter(torch.empty(d, s))
+        self.residues = nn.Parameter(torch.empty(d, s))
+        self.D = nn.Parameter(torch.empty(d))
+
+    def poles(self) -> Tensor:
+        """lambda (D, S) in fp32."""
+        if self.form == "modal":
+            return -torch.exp(self.p.float()) * torch.exp(self.gamma.float())
+        return self.log_poles.float()
+
+    def filter(self, length: int) -> Tensor:
+        """The materialized long filter h (D, L)."""
+        return modal_filter(self.poles(), self.residues, length)
+
+    def inner(self, u):
+        return causal_convolution_fft(u, self.filter(u.shape[-1])) + self.D.float()[:, None] * u
+
+    def inner_state(self, u):
+        return modal_state(self.poles(), u)
+
+    def inner_step(self, u, state):
+        state = torch.exp(self.poles()) * state + u.unsqueeze(-1)  # (B, D, S)
+        y = torch.einsum("bds,ds->bd", state, self.residues.float()) + self.D.float() * u
+        return y, state
+
+
+_OPERATORS = {"hcs": ShortFilter, "hcm": MediumFilter, "hcl": LongFilter}
+
+
+# ============================================================== blocks
+
+
+class HyenaBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        d = config.hidden_size
+        self.kind = config.kind(layer)
+        self.pre_norm, self.post_norm = RMSNorm(d, config.eps), RMSNorm(d, config.eps)
+        self.projections = nn.Linear(d, 3 * d, bias=False)
+        self.filter = _OPERATORS[self.kind](config)
+        self.out_filter_dense = nn.Linear(d, d, bias=True)
+        self.mlp = MLP(d, config.inner_mlp_size, mlp_activation(config, layer))
+
+    def _finish(self, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.out_filter_dense(y.to(x.dtype))
+        return x + self.mlp(self.post_norm(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.filter(self.projections(self.pre_norm(x)))  # (B, L, D)
+        return self._finish(x, y)
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, HyenaState]:
+        y, state = self.filter(self.projections(self.pre_norm(x)), with_state=True)
+        return self._finish(x, y), state
+
+    def step(self, x: Tensor, state: HyenaState) -> Tensor:
+        """x (B, 1, D)."""
+        y = self.filter.step(self.projections(self.pre_norm(x))[:, 0], state)  # (B, D)
+        return self._finish(x, y.unsqueeze(1))
+
+
+class AttentionBlock(nn.Module):
+    kind = "attn"
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        d = config.hidden_size
+        self.pre_norm, self.post_norm = RMSNorm(d, config.eps), RMSNorm(d, config.eps)
+        self.attn = Attention(config)
+        self.mlp = MLP(d, config.inner_mlp_size, mlp_activation(config, layer))
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.pre_norm(x), cache)
+        return x + self.mlp(self.post_norm(x))
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, KVCache]:
+        cache = KVCache()
+        return self(x, cache), cache
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        return self(x, cache)
+
+
+# ============================================================== the model
+
+
+@dataclass
+class InferenceCache:
+    """Decoding state of a whole model: one HyenaState or KVCache per layer, and the tokens seen so far."""
+
+    batch_size: int
+    layers: list = field(default_factory=list)
+    seqlen: int = 0
+
+
+class StripedHyena(nn.Module):
+    """StripedHyena 2. `forward(input_ids (B, L)) -> logits (B, L, vocab_size)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_layer = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(config, i) if config.kind(i) == "attn" else HyenaBlock(config, i)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.eps)
+        self.activation_checkpointing = False  # recompute each block in backward (saves activation memory)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The training stacks' init (Savanna / BioNeMo): small_init for input projections, wang_init for
+        output projections, uniform(+-1/sqrt(K)) short filters, decayed hcm taps, modal hcl poles with
+        lambda = -exp(-1) * U(0.01, 0.1) and residues 0.1 N(0, 1) / sqrt(S)."""
+        c = self.config
+        d = c.hidden_size
+        small = math.sqrt(2 / (5 * d))
+        wang = 2 / c.num_layers / math.sqrt(d)
+        nn.init.normal_(self.embedding_layer.weight, std=small)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.scale)
+            elif isinstance(module, RotaryEmbedding):
+                hd = module.inv_freq.numel() * 2
+                steps = torch.arange(0, hd, 2, dtype=torch.float32) / hd
+                module.inv_freq.copy_(1.0 / (c.rotary_emb_base**steps))
+        for block in self.blocks:
+            mixer_in = block.projections if isinstance(block, HyenaBlock) else block.attn.Wqkv
+            mixer_out = block.out_filter_dense if isinstance(block, HyenaBlock) else block.attn.out_proj
+            for linear in (mixer_in, block.mlp.l1, block.mlp.l2):
+                nn.init.normal_(linear.weight, std=small)
+            for linear in (mixer_out, block.mlp.l3):
+                nn.init.normal_(linear.weight, std=wang)
+            nn.init.zeros_(mixer_out.bias)
+            if isinstance(block, HyenaBlock):
+                self._init_filter(block.filter)
+
+    @torch.no_grad()
+    def _init_filter(self, f: HyenaOperator) -> None:
+        bound = 1 / math.sqrt(f.short_filter_weight.shape[-1])
+        nn.init.uniform_(f.short_filter_weight, -bound, bound)
+        if isinstance(f, ShortFilter):
+            bound = 1 / math.sqrt(f.h.shape[-1])
+            nn.init.uniform_(f.h, -bound, bound)
+        elif isinstance(f, MediumFilter):
+            groups, taps = f.h.shape[0], f.h.shape[-1]
+            t = torch.linspace(0, 1, taps)  # explicit single-decay filter, "strong" decay preset, small init
+            decay = torch.exp(-torch.logspace(0, 2, groups)[:, None] * t)  # (G, K)
+            f.h.copy_((torch.randn(groups, taps) / math.sqrt(taps) * 1e-5 * decay).unsqueeze(1))
+            bound = 1 / math.sqrt(taps)
+            nn.init.uniform_(f.D, -bound, bound)
+        elif isinstance(f, LongFilter):
+            d, s = f.residues.shape
+            gamma = torch.log(torch.rand(d, s) * (0.1 - 0.01) + 0.01)
+            p = -torch.ones(d, s)
+            if f.form == "modal":
+                f.p.copy_(p)
+                f.gamma.copy_(gamma)
+            else:
+                f.log_poles.copy_(-torch.exp(p) * torch.exp(gamma))
+            f.residues.copy_(0.1 * torch.randn(d, s) / math.sqrt(s))
+            bound = 1 / math.sqrt(8192)  # 1/sqrt(filter length); the Evo 2 pretraining length
+            nn.init.uniform_(f.D, -bound, bound)
+
+    # ------------------------------------------------------------ full-sequence forward
+
+    def unembed(self, x: Tensor) -> Tensor:
+        return F.linear(self.norm(x), self.embedding_layer.weight)  # (B, L, V), tied
+
+    def forward(
+        self, input_ids: Tensor, return_hidden_layers: list[int] | tuple[int, ...] | None = None
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """input_ids (B, L) int -> logits (B, L, V).
+
+        With `return_hidden_layers=[i, ...]` returns (logits, {i: hidden}) where hidden (B, L, D) is the
+        residual stream after block i (negative i counts from the end; -1 is the last block, before the
+        final norm).
+        """
+        want = set()
+        if return_hidden_layers is not None:
+            n = len(self.blocks)
+            for i in return_hidden_layers:
+                if not -n <= i < n:
+                    raise ValueError(f"return_hidden_layers: layer {i} out of range for {n} layers")
+                want.add(i % n)
+        hidden: dict[int, Tensor] = {}
+        x = self.embedding_layer(input_ids)  # (B, L, D)
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in want:
+                hidden[i] = x
+        logits = self.unembed(x)
+        if return_hidden_layers is None:
+            return logits
+        return logits, {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
+
+    # ------------------------------------------------------------ cached inference
+
+    def new_cache(self, batch_size: int) -> InferenceCache:
+        return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
+        """Run the prompt (B, P), P >= 1, fill `cache`; returns logits (B, P, V)."""
+        if cache.seqlen != 0:
+            raise ValueError("prefill needs a fresh cache (model.new_cache(batch)); continue with step()")
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] != cache.batch_size:
+            raise ValueError(
+                f"prefill expects ids of shape ({cache.batch_size}, P>=1), got {input_ids.shape}"
+            )
+        x = self.embedding_layer(input_ids)
+        for i, block in enumerate(self.blocks):
+            x, cache.layers[i] = block.prefill(x)
+        cache.seqlen = input_ids.shape[1]
+        return self.unembed(x)
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
+        """One token per sequence (B,) after `prefill`; returns logits (B, V)."""
+        if cache.seqlen == 0:
+            raise ValueError("step() needs a prefilled cache; call prefill() with at least one token first")
+        x = self.embedding_layer(token_ids.reshape(-1, 1))  # (B, 1, D)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache.layers[i])
+        cache.seqlen += 1
+        return self.unembed(x)[:, 0]  # (B, V)
+
+    @torch.no_grad()
+    def generate_greedy(self, prompt_ids: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        """Greedy decoding with the cache: returns (generated ids (B, N), the logits each was picked from
+        (B, N, V)); logits[:, 0] are the prompt's last-position logits."""
+        cache = self.new_cache(prompt_ids.shape[0])
+        logits = self.prefill(prompt_ids, cache)[:, -1]  # (B, V)
+        tokens, step_logits = [], []
+        for n in range(num_tokens):
+            step_logits.append(logits)
+            tokens.append(logits.argmax(-1))
+            if n + 1 < num_tokens:
+                logits = self.step(tokens[-1], cache)
+        return torch.stack(tokens, 1), torch.stack(step_logits, 1)
+
+    # ------------------------------------------------------------ helpers
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hcl_filters(self, length: int) -> dict[int, Tensor]:
+        """The materialized long filters h (D, length) of every hcl layer, by layer index."""
+        return {i: b.filter.filter(length) for i, b in enumerate(self.blocks) if b.kind == "hcl"}
+
+
+# ============================================================== optimizer grouping
+
+_NO_DECAY_SUFFIXES = (".scale", ".bias")
+
+
+def is_filter_parameter(name: str) -> bool:
+    """Hyena filter parameters: featurizer taps, hcs/hcm taps, D, and hcl p / gamma / log_poles / residues."""
+    return ".filter." in name
+
+
+def is_no_weight_decay(name: str) -> bool:
+    """Norm scales, biases, the (tied) embedding and every hyena filter parameter get no weight decay."""
+    return (
+        name.endswith(_NO_DECAY_SUFFIXES) or name.startswith("embedding_layer.") or is_filter_parameter(name)
+    )
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: {'params', 'weight_decay', 'names'}; frozen parameters are left out."""
+    decay, no_decay = ([], []), ([], [])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        names, params = no_decay if is_no_weight_decay(name) else decay
+        names.append(name)
+        params.append(param)
+    return [
+        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
+        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
+    ]
+
+
+# ============================================================== FLOPs
+
+
+def flops_breakdown(config: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs of ONE sequence of `seq_len` tokens, by part (a multiply-add counts 2).
+
+    matmul: every Linear and the tied unembedding. conv: featurizer and hcs FIRs (direct), hcm and hcl FFT
+    convolutions (3 real FFTs of size n at 2.5 n log2 n each plus the complex product), the hcl filter
+    materialization (D S L) and the D / gating products. attention: QK^T and AV with the causal half counted.
+    Training (forward + backward) is 3x the total.
+    """
+    c, length = config, seq_len
+    d, inner = c.hidden_size, c.inner_mlp_size
+    counts = {
+        k: c.layout.count(letter) for letter, k in (("S", "hcs"), ("D", "hcm"), ("H", "hcl"), ("*", "attn"))
+    }
+    n_hyena = counts["hcs"] + counts["hcm"] + counts["hcl"]
+    per_token_matmul = (
+        c.num_layers * 2 * 3 * d * inner  # MLP l1, l2, l3
+        + c.num_layers * 2 * 4 * d * d  # projections/Wqkv (3 D^2) + out dense/out_proj (D^2)
+        + 2 * d * c.vocab_size  # unembedding
+    )
+
+    def fft_conv(taps: int) -> float:  # per channel: rfft(u), rfft(h), irfft, complex product
+        n = _fft_size(length + min(taps, length) - 1)
+        return 3 * 2.5 * n * math.log2(n) + 4 * n
+
+    conv = n_hyena * length * (2 * 3 * d * c.short_filter_length + 4 * d)  # featurizer + x1*v and x2 gate
+    conv += counts["hcs"] * length * 2 * d * c.hcs_filter_length
+    conv += counts["hcm"] * d * (fft_conv(c.hcm_filter_length) + 2 * length)
+    conv += counts["hcl"] * d * (fft_conv(length) + 2 * length + 3 * c.state_size * length)
+    attention = counts["attn"] * 2 * d * length * length  # 2 matmuls x 2 flops x L^2 D / 2 (causal)
+    return {"matmul": float(per_token_matmul * length), "conv": float(conv), "attention": float(attention)}
+
+
+def estimate_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs for one sequence of `seq_len` tokens (divide by seq_len for per token; x3 to train)."""
+    return sum(flops_breakdown(config, seq_len).values())
