@@ -1,0 +1,1 @@
+"""`evo2 train`: windows from indexed datasets, the training loop, checkpoints, distributed set-up."""

@@ -1,0 +1,161 @@
+"""Training windows: `seq_len + 1` tokens cut from a blend of Megatron indexed datasets.
+
+Window `i` of a stream depends only on (seed, stream, i): its dataset (by blend weight), its start in that
+dataset's concatenated tokens and its reverse-complement flip are drawn from an RNG seeded with exactly those
+three numbers. A resumed run, or a run on another number of processes, therefore sees the same windows for the
+same sample indices (DESIGN.md section 3).
+
+A window becomes a `Batch` row (Savanna's `to_upper: normalized_weighted` recipe):
+- inputs and labels are upper-cased; a lowercase label (a soft-masked repeat) gets `lowercase_weight`;
+- phylogenetic tags `|d__...;...|` get weight 0, pipes included;
+- EOD labels keep weight 1 (the model learns where a record ends), padding gets 0;
+- `counts_as_base` marks nucleotide labels, the denominator of bits per base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evo2_cli.data.alphabet import EOD_ID, PAD_ID, UPPERCASE, reverse_complement
+from evo2_cli.data.indexed import IndexedDataset, paths_of
+from evo2_cli.errors import InputError
+
+PIPE = ord("|")
+# Bytes that occur in a tag (`d__Bacteria;p__...`) and never in sequence.
+TAG_MARKERS = np.frombuffer(b"_;", dtype=np.uint8)
+# Tags are at most this long; a window reads this much context on each side to see a cut tag whole.
+TAG_CONTEXT = 512
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch; every tensor is (B, L)."""
+
+    input_ids: torch.Tensor  # int64, upper-cased
+    labels: torch.Tensor  # int64, upper-cased, inputs shifted by one
+    loss_weights: torch.Tensor  # float32: 1, lowercase_weight or 0
+    counts_as_base: torch.Tensor  # bool: label is a nucleotide (not a tag, EOD or pad)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.labels, self.loss_weights, self.counts_as_base)
+            )
+        )
+
+
+def resolve_split(path: Path, split: str) -> Path:
+    """The dataset prefix of `split` ("train", "val", "test") for a configured path.
+
+    `path` is either a directory written by `evo2 preprocess` (or any directory holding exactly one
+    `*_{split}.bin/.idx` pair), or a split-less prefix P with `P_{split}.bin/.idx` beside it."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"*_{split}.idx"))
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)}"
+            raise InputError(
+                f"{path}: {what} '*_{split}.idx' dataset files in this directory; point data.datasets at "
+                "an `evo2 preprocess` output directory or at a prefix P with P_train/P_val files"
+            )
+        return found[0].with_suffix("")
+    prefix = Path(f"{path}_{split}")
+    bin_path, idx_path = paths_of(prefix)
+    if not idx_path.exists() and not bin_path.exists():
+        raise InputError(
+            f"{path}: neither a directory nor a prefix of '{prefix}.bin/.idx'; run `evo2 preprocess` first "
+            "or fix data.datasets"
+        )
+    return prefix
+
+
+def _tag_mask(tokens: np.ndarray) -> np.ndarray:
+    """True on tag tokens: a `|`, or a stretch between pipes that holds a tag-only byte (`_` or `;`)."""
+    is_pipe = tokens == PIPE
+    if not is_pipe.any():
+        return np.zeros(len(tokens), dtype=bool)
+    segment = np.cumsum(is_pipe)  # stretches between pipes share an id
+    has_marker = np.bincount(segment, weights=np.isin(tokens, TAG_MARKERS), minlength=segment[-1] + 1) > 0
+    return is_pipe | has_marker[segment]
+
+
+class WindowSampler:
+    """Deterministic windows of `seq_len + 1` tokens from a weighted blend of indexed datasets."""
+
+    def __init__(
+        self,
+        prefixes: list[Path],
+        weights: list[float],
+        seq_len: int,
+        seed: int,
+        stream: int,
+        lowercase_weight: float = 0.1,
+        reverse_complement_prob: float = 0.0,
+    ):
+        self.datasets = [IndexedDataset(prefix) for prefix in prefixes]
+        for dataset in self.datasets:
+            if len(dataset.tokens) < seq_len + 1:
+                raise InputError(
+                    f"{dataset.bin_path}: {len(dataset.tokens)} tokens, shorter than one window of "
+                    f"seq_len + 1 = {seq_len + 1}; lower data.seq_len or add data"
+                )
+        total = float(sum(weights))
+        self.cumulative_weights = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
+        self.seq_len, self.seed, self.stream = seq_len, seed, stream
+        self.lowercase_weight = lowercase_weight
+        self.reverse_complement_prob = reverse_complement_prob
+
+    def window(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw tokens of window `index` (case kept, flipped when drawn) and their tag mask."""
+        rng = np.random.default_rng((self.seed, self.stream, index))
+        which = int(np.searchsorted(self.cumulative_weights, rng.random(), side="right"))
+        dataset = self.datasets[min(which, len(self.datasets) - 1)]
+        tokens = dataset.tokens
+        width = self.seq_len + 1
+        start = int(rng.integers(0, len(tokens) - width + 1))
+        flip = rng.random() < self.reverse_complement_prob
+        lo, hi = max(0, start - TAG_CONTEXT), min(len(tokens), start + width + TAG_CONTEXT)
+        context = np.asarray(tokens[lo:hi])
+        if context.max() > 255:
+            raise InputError(f"{dataset.bin_path}: token ids above 255; expected a byte-level dataset")
+        context = context.astype(np.uint8)
+        window = context[start - lo : start - lo + width]
+        tags = _tag_mask(context)[start - lo : start - lo + width]
+        if flip:
+            return reverse_complement(window), tags[::-1].copy()
+        return window.copy(), tags
+
+    def batch(self, indices: range | list[int]) -> Batch:
+        rows = [self.window(i) for i in indices]
+        windows = np.stack([w for w, _ in rows])  # (B, L + 1) uint8
+        tags = np.stack([t for _, t in rows])  # (B, L + 1) bool
+        labels_raw = windows[:, 1:]
+        weights = np.where(labels_raw != UPPERCASE[labels_raw], self.lowercase_weight, 1.0)
+        ignored = tags[:, 1:] | (labels_raw == PAD_ID)
+        weights = np.where(ignored, 0.0, weights).astype(np.float32)
+        upper = UPPERCASE[windows].astype(np.int64)
+        return Batch(
+            input_ids=torch.from_numpy(upper[:, :-1].copy()),
+            labels=torch.from_numpy(upper[:, 1:].copy()),
+            loss_weights=torch.from_numpy(weights),
+            counts_as_base=torch.from_numpy(~ignored & (labels_raw != EOD_ID)),
+        )
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, fp32: (B, L, V), (B, L) -> (B, L)."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+    ).view_as(labels)
+
+
+def weighted_loss(nll: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The training objective: weighted mean of per-token NLL (lowercase labels down-weighted, tags 0)."""
+    return (nll * batch.loss_weights).sum() / batch.loss_weights.sum().clamp_min(1e-8)

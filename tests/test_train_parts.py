@@ -1,0 +1,256 @@
+"""Parts of `evo2 train` that need no model: windows, loss weights, schedule, guard, checkpoint files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evo2_cli.config import build_config, to_yaml
+from evo2_cli.data.alphabet import EOD_ID, reverse_complement
+from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.errors import ConfigError, Evo2Error, InputError
+from evo2_cli.train.checkpoint import (
+    claim_run_dir,
+    latest_checkpoint,
+    step_dirs,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
+from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, weighted_loss
+from evo2_cli.train.guard import GradientGuard
+from evo2_cli.train.optim import learning_rate
+
+
+def write_dataset(prefix: Path, documents: list[bytes]) -> Path:
+    with IndexedDatasetWriter(prefix) as writer:
+        for doc in documents:
+            writer.add_document(np.frombuffer(doc, dtype=np.uint8))
+    return prefix
+
+
+def sampler(prefixes, seq_len=16, weights=None, **kwargs) -> WindowSampler:
+    weights = weights or [1.0] * len(prefixes)
+    return WindowSampler(prefixes, weights, seq_len, seed=7, stream=TRAIN_STREAM, **kwargs)
+
+
+# ---------------------------------------------------------------- windows
+
+
+def test_windows_depend_only_on_seed_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    doc = bytes(rng.choice(list(b"ACGT"), 4000).astype(np.uint8))
+    prefix = write_dataset(tmp_path / "a_train", [doc])
+    first, second = sampler([prefix]), sampler([prefix])
+    for index in (0, 1, 999, 123456789):
+        np.testing.assert_array_equal(first.window(index)[0], second.window(index)[0])
+    assert not np.array_equal(first.window(0)[0], first.window(1)[0])
+    assert len(first.window(5)[0]) == 17
+    other_seed = WindowSampler([prefix], [1.0], 16, seed=8, stream=TRAIN_STREAM)
+    assert not np.array_equal(first.window(0)[0], other_seed.window(0)[0])
+
+
+def test_blend_weights_pick_datasets_in_proportion(tmp_path):
+    a = write_dataset(tmp_path / "a_train", [b"A" * 500])
+    c = write_dataset(tmp_path / "c_train", [b"C" * 500])
+    blend = sampler([a, c], weights=[3.0, 1.0])
+    from_a = sum(blend.window(i)[0][0] == ord("A") for i in range(2000))
+    assert 0.72 < from_a / 2000 < 0.78
+
+
+def test_uppercase_lowercase_weight_and_eod(tmp_path):
+    doc = b"ACGTacgtACGTacgtACGT"
+    prefix = write_dataset(tmp_path / "d_train", [doc + b"\x00"])
+    windows = sampler([prefix], seq_len=20, lowercase_weight=0.1)  # the whole dataset is one window
+    batch = windows.batch([0])
+    raw = np.frombuffer(doc + b"\x00", np.uint8)
+    assert bytes(batch.input_ids[0].numpy().astype(np.uint8)) == b"ACGTACGTACGTACGTACGT"
+    assert bytes(batch.labels[0].numpy().astype(np.uint8)) == b"CGTACGTACGTACGTACGT\x00"
+    expected = np.where(np.char.islower(np.array(list(raw[1:].tobytes().decode())).astype(str)), 0.1, 1.0)
+    np.testing.assert_allclose(batch.loss_weights[0].numpy(), expected)
+    assert batch.labels[0, -1] == EOD_ID and batch.loss_weights[0, -1] == 1.0
+    assert not batch.counts_as_base[0, -1] and batch.counts_as_base[0, :-1].all()
+
+
+def test_weighted_loss_is_a_weighted_mean(tmp_path):
+    prefix = write_dataset(tmp_path / "d_train", [b"ACgt"])
+    batch = sampler([prefix], seq_len=3, lowercase_weight=0.1).batch([0])  # labels C g t -> weights 1, .1, .1
+    nll = torch.tensor([[1.0, 2.0, 4.0]])
+    assert weighted_loss(nll, batch).item() == pytest.approx((1 + 0.2 + 0.4) / 1.2)
+
+
+def test_tags_are_masked_pipes_included_even_when_cut(tmp_path):
+    tag = b"|d__Bacteria;p__Pseudomonadota;s__coli|"
+    doc = tag + b"ACGTACGTAC" + tag + b"GGCCAATT"
+    prefix = write_dataset(tmp_path / "t_train", [doc])
+    windows = sampler([prefix], seq_len=len(doc) - 1)
+    batch = windows.batch([0])
+    labels = bytes(batch.labels[0].numpy().astype(np.uint8))
+    masked = batch.loss_weights[0].numpy() == 0
+    in_tag = np.zeros(len(doc), bool)
+    for start in (0, len(tag) + 10):
+        in_tag[start : start + len(tag)] = True
+    np.testing.assert_array_equal(masked, in_tag[1:])
+    assert labels.endswith(b"GGCCAATT") and not masked[-8:].any()
+    # A window that starts inside a tag still sees it as a tag (context is read around the window).
+    short = sampler([prefix], seq_len=12)
+    for index in range(200):
+        window, tags = short.window(index)
+        text = bytes(window)
+        if text[0] in b"d_;Bacter" and b"|" in text:
+            cut = text.index(b"|")
+            assert tags[: cut + 1].all()
+
+
+def test_reverse_complement_flip(tmp_path):
+    rng = np.random.default_rng(1)
+    doc = bytes(rng.choice(list(b"ACGTacgt"), 3000).astype(np.uint8))
+    prefix = write_dataset(tmp_path / "r_train", [doc])
+    plain, flipped = sampler([prefix]), sampler([prefix], reverse_complement_prob=1.0)
+    for index in range(5):
+        np.testing.assert_array_equal(flipped.window(index)[0], reverse_complement(plain.window(index)[0]))
+
+
+def test_bad_datasets_are_input_errors(tmp_path):
+    short = write_dataset(tmp_path / "s_train", [b"ACGT"])
+    with pytest.raises(InputError, match="shorter than one window"):
+        sampler([short], seq_len=16)
+    with pytest.raises(InputError, match="not found"):
+        sampler([tmp_path / "missing_train"])
+    corrupt = write_dataset(tmp_path / "c_train", [b"ACGT" * 10])
+    Path(f"{corrupt}.idx").write_bytes(b"garbage!")
+    with pytest.raises(InputError):
+        sampler([corrupt])
+    with pytest.raises(InputError, match="neither a directory nor a prefix"):
+        resolve_split(tmp_path / "nothing", "train")
+    (tmp_path / "out").mkdir()
+    write_dataset(tmp_path / "out" / "x_train", [b"ACGT"])
+    assert resolve_split(tmp_path / "out", "train") == tmp_path / "out" / "x_train"
+    assert resolve_split(tmp_path / "s", "train") == tmp_path / "s_train"
+    with pytest.raises(InputError, match=r"'\*_val.idx'"):
+        resolve_split(tmp_path / "out", "val")
+
+
+# ---------------------------------------------------------------- schedule and guard
+
+
+def test_learning_rate_schedule():
+    cfg = OptimSection(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert learning_rate(0, cfg, 110) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg, 110) == pytest.approx(1e-3)
+    assert learning_rate(60, cfg, 110) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert learning_rate(110, cfg, 110) == pytest.approx(1e-4)
+    assert learning_rate(500, cfg, 110) == pytest.approx(1e-4)
+
+
+def test_guard_skips_non_finite_and_spikes_then_asks_for_rollback():
+    guard = GradientGuard(GuardSection(spike_factor=5, warmup_steps=3, median_window=4, max_bad_steps=2))
+    for norm in (1.0, 2.0, 1.5):
+        assert guard.assess(1.0, norm).apply_step
+    verdict = guard.assess(1.0, 7.0)  # below 5 x median 1.5
+    assert verdict.apply_step and verdict.threshold == pytest.approx(7.5)
+    spike = guard.assess(1.0, 50.0)
+    assert not spike.apply_step and spike.problem == "spike" and not spike.roll_back
+    assert guard.assess(math.nan, 1.0).problem == "non-finite"
+    assert guard.state.consecutive_bad == 2
+    assert guard.assess(1.0, math.inf).roll_back
+    assert guard.rolled_back() and guard.state.lr_scale == 0.5 and guard.state.consecutive_bad == 0
+    assert guard.state.good_norms == [1.0, 2.0, 1.5, 7.0]
+
+
+def test_guard_gives_up_after_the_rollback_budget():
+    guard = GradientGuard(GuardSection(max_rollbacks=1))
+    assert guard.rolled_back()
+    assert not guard.rolled_back()
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        build_config(TrainJob, {"optim": {"lr": 0}})
+    with pytest.raises(ConfigError, match="global_batch"):
+        build_config(TrainJob, {"optim": {"global_batch": 6}, "train": {"micro_batch": 4}})
+    job = build_config(
+        TrainJob, {"model": {"preset": "test"}, "data": {"datasets": [{"path": "x", "weight": 2}]}}
+    )
+    assert job.model.hidden_size == 8 and job.data.datasets[0].weight == 2.0
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def fake_weights(directory: Path) -> None:
+    (directory / "model.safetensors").write_bytes(b"weights")
+
+
+def save(
+    run_dir: Path, step: int, keep_last: int = 2, is_best: bool = False, write_model=fake_weights
+) -> Path:
+    state = {"loop": {"step": step}, "optimizer": {"state": {"w": {"exp_avg": torch.ones(2)}}}}
+    return write_checkpoint(
+        run_dir, step, write_model, state, "model: {}\n", {"tokens_seen": 1}, keep_last, is_best
+    )
+
+
+def test_checkpoints_rotate_keep_best_and_point_latest(tmp_path):
+    for step in (0, 10, 20):
+        save(tmp_path, step, is_best=step == 10)
+    for step in (30, 40):
+        save(tmp_path, step)
+    names = [p.name for p in step_dirs(tmp_path)]
+    assert names == ["step_00000010", "step_00000030", "step_00000040"]
+    assert latest_checkpoint(tmp_path).name == "step_00000040"
+    assert (tmp_path / "checkpoints" / "best").resolve().name == "step_00000010"
+    meta = verify_checkpoint(tmp_path / "checkpoints" / "latest")
+    assert meta["step"] == 40 and set(meta["sha256"]) == {
+        "model.safetensors",
+        "train_state.pt",
+        "config.yaml",
+    }
+    state = torch.load(tmp_path / "checkpoints" / "latest" / "train_state.pt", weights_only=True)
+    assert state["loop"]["step"] == 40
+    (tmp_path / "checkpoints" / "step_00000040" / "model.safetensors").write_bytes(b"flipped")
+    with pytest.raises(InputError, match="sha256"):
+        verify_checkpoint(tmp_path / "checkpoints" / "step_00000040")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+    save(tmp_path, 5)
+
+    def full_disk(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(
+        Evo2Error, match=r"No space left on device; the previous checkpoint .*step_00000005 is intact"
+    ):
+        save(tmp_path, 6, write_model=full_disk)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()] == ["step_00000005"]
+    assert latest_checkpoint(tmp_path).name == "step_00000005"
+    verify_checkpoint(latest_checkpoint(tmp_path))
+
+
+def test_run_dir_of_another_config_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    job = build_config(TrainJob, {"model": {"preset": "test"}})
+    claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)
+    claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)  # same identity: fine
+    longer = build_config(TrainJob, {"model": {"preset": "test"}, "train": {"max_steps": 5000}})
+    claim_run_dir(run_dir, longer, to_yaml(longer), overwrite=False)  # run control may change
+    other = build_config(TrainJob, {"model": {"preset": "test"}, "optim": {"lr": 1e-2}})
+    with pytest.raises(InputError, match=r"different config \(optim.lr differ\)"):
+        claim_run_dir(run_dir, other, to_yaml(other), overwrite=False)
+    (run_dir / "keep.txt").write_text("x")
+    claim_run_dir(run_dir, other, to_yaml(other), overwrite=True)
+    assert not (run_dir / "keep.txt").exists()
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        claim_run_dir(stranger, job, to_yaml(job), overwrite=False)
+    assert json.dumps(job.identity())  # plain data
