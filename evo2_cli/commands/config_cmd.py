@@ -48,3 +48,33 @@ def validate(
     for path in paths:
         resolved_kind, _ = _resolve(path, kind, None)
         console.print(f"[green]ok[/] {path} ({resolved_kind})")
+
+
+@app.command("presets")
+def presets() -> None:
+    """List the model presets (`model.preset: NAME`) with their shapes and parameter counts."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from evo2_cli.model import PRESETS, StripedHyena, preset_config
+
+    table = Table(title="model presets (layout: S hcs, D hcm, H hcl, * attention)")
+    table.add_column("name")
+    for column in ("width", "layers", "heads"):
+        table.add_column(column, justify="right")
+    table.add_column("layout", overflow="fold")
+    table.add_column("parameters", justify="right")
+    for name in PRESETS:
+        cfg = preset_config(name)
+        with torch.device("meta"):
+            count = StripedHyena(cfg).num_parameters()
+        table.add_row(
+            name,
+            str(cfg.hidden_size),
+            str(cfg.num_layers),
+            str(cfg.num_attention_heads),
+            cfg.layout,
+            f"{count:,}",
+        )
+    Console().print(table)

@@ -180,19 +180,25 @@ def mlp_activation(config: ModelConfig, layer: int) -> str:
 
 
 class RotaryEmbedding(nn.Module):
-    """NeoX-style rotary embedding over the full head dim; positions are divided by `scaling_factor`."""
+    """NeoX-style rotary embedding over the full head dim; positions are divided by `scaling_factor`.
+
+    `inv_freq` is computed in fp32 from the base on every call (as Vortex does once its buffers are bf16), so
+    it holds no state; export writes it as the Vortex `rotary_emb.inv_freq` buffer.
+    """
 
     def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0):
         super().__init__()
-        self.scaling_factor = scaling_factor
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq)  # (hd/2,); persistent: imported checkpoints carry theirs
+        self.head_dim, self.base, self.scaling_factor = head_dim, base, scaling_factor
+
+    def inv_freq(self, device: torch.device | str = "cpu") -> Tensor:
+        steps = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        return 1.0 / (self.base**steps)  # (hd/2,)
 
     def forward(self, x: Tensor, start: int) -> Tensor:
         """Rotate x (B, H, L, hd) at positions start..start+L-1, in fp32."""
         length = x.shape[-2]
         t = torch.arange(start, start + length, device=x.device, dtype=torch.float32) / self.scaling_factor
-        freqs = torch.outer(t, self.inv_freq.float())  # (L, hd/2)
+        freqs = torch.outer(t, self.inv_freq(x.device))  # (L, hd/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
         xf = x.float()
         return (xf * angles.cos() + rotate_half(xf) * angles.sin()).to(x.dtype)
@@ -523,10 +529,6 @@ class StripedHyena(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.scale)
-            elif isinstance(module, RotaryEmbedding):
-                hd = module.inv_freq.numel() * 2
-                steps = torch.arange(0, hd, 2, dtype=torch.float32) / hd
-                module.inv_freq.copy_(1.0 / (c.rotary_emb_base**steps))
         for block in self.blocks:
             mixer_in = block.projections if isinstance(block, HyenaBlock) else block.attn.Wqkv
             mixer_out = block.out_filter_dense if isinstance(block, HyenaBlock) else block.attn.out_proj

@@ -1,0 +1,120 @@
+"""`evo2 convert`: our checkpoint directory <-> an Evo 2 / Vortex `.pt` + release-style config YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evo2_cli.commands.common import OverwriteOption, SetOption, console
+from evo2_cli.errors import InputError
+
+app = typer.Typer(
+    help="Convert between our checkpoint directory and the Evo 2 / Vortex .pt layout.", no_args_is_help=True
+)
+
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", help="Tensor dtype of the written weights: fp32 or bf16 (poles stay fp32).")
+]
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if name not in table:
+        raise InputError(f"--dtype: expected fp32 or bf16, got {name!r}")
+    return table[name]
+
+
+def _check_free(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise InputError(
+            f"{path}: output already exists; pass --overwrite to replace it or choose another path"
+        )
+
+
+@app.command("to-vortex")
+def to_vortex(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Our checkpoint directory (model.safetensors + config.yaml).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Vortex-layout .pt to write.", dir_okay=False)],
+    config_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--config-out",
+            help="Release-style YAML to write [default: OUT with suffix .yml].",
+            dir_okay=False,
+        ),
+    ] = None,
+    dtype: DtypeOption = "fp32",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Export a checkpoint to an Evo 2 / Vortex .pt and a release-style config YAML.
+
+    Modal hcl poles are written as lambda = -exp(p) * exp(gamma)."""
+    from evo2_cli.model.checkpoint import load_model
+    from evo2_cli.model.vortex import export_vortex
+
+    config_out = config_out or out.with_suffix(".yml")
+    if config_out == out:
+        raise InputError(f"--config-out must differ from --out ({out})")
+    for path in (out, config_out):
+        _check_free(path, overwrite)
+    torch_dtype = _dtype(dtype)
+    model = load_model(checkpoint)
+    export_vortex(model, out, config_out, dtype=torch_dtype)
+    console.print(f"[green]wrote[/] {out} and {config_out} ({model.num_parameters():,} parameters)")
+
+
+@app.command("from-vortex")
+def from_vortex(
+    weights: Annotated[Path, typer.Argument(help="Evo 2 / Vortex-layout .pt file.", dir_okay=False)],
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config", "-c", help="Its model config YAML (Evo 2 release schema or ours).", dir_okay=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.", file_okay=False)],
+    set_: SetOption = None,
+    hcl_form: Annotated[
+        str | None, typer.Option("--hcl-form", help="modal (stable, default) or vortex (free poles).")
+    ] = None,
+    clamp_poles: Annotated[
+        float | None,
+        typer.Option(
+            "--clamp-poles", help="Clamp poles with lambda >= 0 to this negative value instead of refusing."
+        ),
+    ] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import an Evo 2 / Vortex .pt into our checkpoint directory.
+
+    hcl poles lambda < 0 map exactly to the modal form; lambda >= 0 is refused unless --clamp-poles."""
+    import warnings
+
+    from evo2_cli.model.checkpoint import save_model
+    from evo2_cli.model.config import load_model_config
+    from evo2_cli.model.vortex import load_vortex
+
+    if out.exists() and not overwrite:
+        _check_free(out, overwrite)
+    model_config = load_model_config(config, set_ or [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_vortex(model_config, weights, hcl_form=hcl_form, clamp_poles=clamp_poles)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+    meta = {"converted_from": {"format": "vortex", "weights": str(weights), "config": str(config)}}
+    save_model(model, out, meta=meta, overwrite=overwrite)
+    console.print(
+        f"[green]wrote[/] {out} ({model.num_parameters():,} parameters, hcl_form {model.config.hcl_form})"
+    )
