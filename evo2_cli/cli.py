@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from evo2_cli import __version__
-from evo2_cli.commands import config_cmd
+from evo2_cli.commands import config_cmd, convert
 from evo2_cli.errors import Evo2Error
 
 
@@ -58,6 +58,7 @@ def _root(
 
 
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(convert.app, name="convert")
 
 
 def _raise_interrupt(signum, frame):
