@@ -1,0 +1,269 @@
+"""Our checkpoint directory, Vortex checkpoint errors, and `evo2 convert` both ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.errors import InputError
+from evo2_cli.model import (
+    StripedHyena,
+    load_checkpoint_config,
+    load_model,
+    load_vortex,
+    preset_config,
+    save_model,
+)
+from evo2_cli.model.checkpoint import CheckpointError, write_model_files
+from evo2_cli.model.vortex import read_vortex_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
+CONFIG = FIXTURE / "tiny_config.yml"
+WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
+runner = CliRunner()
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return StripedHyena(preset_config("test")).eval()
+
+
+def test_save_load_round_trip_is_exact(tmp_path, model):
+    directory = save_model(model, tmp_path / "ckpt", meta={"step": 7})
+    assert sorted(os.listdir(directory)) == ["config.yaml", "meta.json", "model.safetensors"]
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["format"] == "evo2-cli-checkpoint" and meta["step"] == 7
+    assert set(meta["files"]) == {"model.safetensors", "config.yaml"} and meta["parameters"] == 7628
+    loaded = load_model(directory)
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert load_checkpoint_config(directory) == model.config
+
+
+def test_other_config_sections_are_kept_and_ignored(tmp_path, model):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    write_model_files(model, directory, config={"train": {"lr": 3e-4}, "model": {"stale": True}})
+    written = yaml.safe_load((directory / "config.yaml").read_text())
+    assert written["train"] == {"lr": 3e-4} and written["model"]["hidden_size"] == 8
+    assert load_model(directory).config == model.config
+
+
+def test_latest_pointer_is_followed(tmp_path, model):
+    save_model(model, tmp_path / "runs" / "step_10")
+    (tmp_path / "runs" / "latest").write_text("step_10\n")
+    assert load_model(tmp_path / "runs").config == model.config
+
+
+def test_save_refuses_to_overwrite(tmp_path, model):
+    save_model(model, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="--overwrite"):
+        save_model(model, tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt", overwrite=True)
+
+
+def _tamper(directory: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t: t.pop("blocks.1.filter.D"), "missing key(s) blocks.1.filter.D"),
+        (lambda t: t.update(extra=torch.zeros(1)), "unexpected key(s) extra"),
+        (lambda t: t.update({"norm.scale": torch.ones(9)}), "key 'norm.scale' has shape (9,), expected (8,)"),
+        (
+            lambda t: t["blocks.2.filter.p"].__setitem__((0, 0), float("nan")),
+            "'blocks.2.filter.p' has 1 non-finite",
+        ),
+    ],
+)
+def test_bad_checkpoint_names_the_key(tmp_path, model, change, words):
+    directory = save_model(model, tmp_path / "ckpt")
+    _tamper(directory, change)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert words in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, InputError)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- Vortex checkpoint errors
+
+
+def _vortex_with(tmp_path, change) -> Path:
+    tensors = read_vortex_checkpoint(WEIGHTS)
+    change(tensors)
+    path = tmp_path / "bad.pt"
+    torch.save(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            lambda t: t.pop("blocks.3.inner_mha_cls.Wqkv.weight"),
+            "missing key(s) blocks.3.inner_mha_cls.Wqkv.weight",
+        ),
+        (
+            lambda t: t.update({"blocks.9.mlp.l1.weight": torch.zeros(2)}),
+            "unexpected key(s) blocks.9.mlp.l1.weight",
+        ),
+        (
+            lambda t: t.update({"blocks.1.filter.h": torch.zeros(8, 1, 128)}),
+            "'blocks.1.filter.h' has shape (8, 1, 128)",
+        ),
+        (
+            lambda t: t["blocks.0.mlp.l3.weight"].__setitem__((0, 0), float("inf")),
+            "'blocks.0.mlp.l3.weight' has 1 non",
+        ),
+        (
+            lambda t: t["blocks.3.inner_mha_cls.rotary_emb.inv_freq"].mul_(3.0),
+            "check rotary_emb_base",
+        ),
+    ],
+)
+def test_bad_vortex_checkpoint_names_the_key(tmp_path, change, words):
+    with pytest.raises(CheckpointError) as info:
+        load_vortex(CONFIG, _vortex_with(tmp_path, change))
+    assert words in str(info.value)
+
+
+class Payload:
+    """Any class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"embedding_layer.weight": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused: the file holds pickled Python objects"):
+        load_vortex(CONFIG, path)
+    with open(path, "wb") as handle:
+        pickle.dump({"embedding_layer.weight": Payload()}, handle)
+    with pytest.raises(CheckpointError, match=r"evil\.pt"):
+        load_vortex(CONFIG, path)
+
+
+def _with_growing_pole(tensors):
+    tensors["blocks.2.filter.log_poles"][5, 3, 0] = 0.01
+
+
+def test_growing_poles_are_refused_or_clamped(tmp_path):
+    path = _vortex_with(tmp_path, _with_growing_pole)
+    with pytest.raises(
+        CheckpointError, match=r"'blocks\.2\.filter\.log_poles' has 1 pole\(s\) with lambda >= 0"
+    ):
+        load_vortex(CONFIG, path)
+    with pytest.warns(UserWarning, match="clamped 1 pole"):
+        model = load_vortex(CONFIG, path, clamp_poles=-1e-4)
+    assert_close(model.blocks[2].filter.poles()[5, 3], torch.tensor(-1e-4))
+    assert (model.blocks[2].filter.poles() < 0).all()
+    with pytest.warns(UserWarning, match="kept"):
+        free = load_vortex(CONFIG, path, hcl_form="vortex")
+    assert free.blocks[2].filter.poles()[5, 3].item() == pytest.approx(0.01)
+    with pytest.raises(CheckpointError, match="negative"):
+        load_vortex(CONFIG, path, clamp_poles=0.0)
+
+
+# ---------------------------------------------------------------- evo2 convert
+
+
+def test_convert_both_ways(tmp_path):
+    out = tmp_path / "ours"
+    result = runner.invoke(
+        app, ["convert", "from-vortex", str(WEIGHTS), "-c", str(CONFIG), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_model(out).config.hcl_form == "modal"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["converted_from"]["format"] == "vortex"
+
+    back = tmp_path / "back.pt"
+    result = runner.invoke(app, ["convert", "to-vortex", str(out), "--out", str(back)])
+    assert result.exit_code == 0, result.output
+    original, exported = read_vortex_checkpoint(WEIGHTS), read_vortex_checkpoint(back)
+    assert set(original) == set(exported)
+    for key, value in original.items():
+        assert torch.equal(exported[key], value), key
+    reloaded = load_vortex(back.with_suffix(".yml"), back)  # the written release-style YAML loads as is
+    logits = torch.load(FIXTURE / "logits_fp32.pt", weights_only=True)
+    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)
+    with torch.no_grad():
+        assert_close(reloaded(ids), logits, atol=1e-4, rtol=0)
+
+    result = runner.invoke(app, ["convert", "to-vortex", str(out), "--out", str(back)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = runner.invoke(
+        app, ["convert", "to-vortex", str(out), "--out", str(back), "--overwrite", "--dtype", "bf16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_vortex_checkpoint(back)["embedding_layer.weight"].dtype == torch.bfloat16
+
+
+def test_convert_bad_input_exits_2(tmp_path):
+    bad = _vortex_with(tmp_path, _with_growing_pole)
+    result = runner.invoke(
+        app, ["convert", "from-vortex", str(bad), "-c", str(CONFIG), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "blocks.2.filter.log_poles" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "from-vortex",
+            str(bad),
+            "-c",
+            str(CONFIG),
+            "--out",
+            str(tmp_path / "o"),
+            "--clamp-poles",
+            "-1e-4",
+        ],
+    )
+    assert result.exit_code == 0 and "clamped 1 pole" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "from-vortex",
+            str(WEIGHTS),
+            "-c",
+            str(CONFIG),
+            "-o",
+            str(tmp_path / "p"),
+            "--set",
+            "inner_mlp_size=32",
+        ],
+    )
+    assert result.exit_code == 2 and "shape" in result.output
+    result = runner.invoke(
+        app, ["convert", "to-vortex", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt")]
+    )
+    assert result.exit_code == 2 and "not found" in result.output
