@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from evo2_cli import __version__
 from evo2_cli.commands import config_cmd, convert
+from evo2_cli.commands.preprocess import preprocess as preprocess_command
 from evo2_cli.errors import Evo2Error
 
 
@@ -58,6 +59,7 @@ def _root(
 
 
 app.add_typer(config_cmd.app, name="config")
+app.command("preprocess")(preprocess_command)
 app.add_typer(convert.app, name="convert")
 
 

@@ -6,7 +6,8 @@ Evo 2 tokenizes bytes: a token id is the byte itself (A=65, C=67, G=71, T=84, lo
     EOD_ID, PAD_ID, VOCAB_SIZE
     IUPAC_BYTES                 the sequence letters a FASTA record may hold (upper and lower case)
     COMPLEMENT, UPPERCASE,      256-entry uint8 lookup tables: `table[tokens]` maps a uint8 array and
-    DNA_TO_RNA, RNA_TO_DNA      `data.translate(table)` maps bytes; every other byte maps to itself
+    DNA_TO_RNA, RNA_TO_DNA,     `data.translate(table)` maps bytes; every other byte maps to itself
+    AMBIGUITY_TO_N              (AMBIGUITY_TO_N: R Y S W K M B D H V -> N, case kept)
     reverse_complement(tokens)  a new uint8 array: reversed, complemented, case kept
 """
 
@@ -40,6 +41,7 @@ COMPLEMENT = _table(_both_cases({b"ACGTURYSWKMBDHVN": b"TGCAAYRSWMKVHDBN"}))
 UPPERCASE = _table({bytes(range(97, 123)): bytes(range(65, 91))})
 DNA_TO_RNA = _table(_both_cases({b"T": b"U"}))
 RNA_TO_DNA = _table(_both_cases({b"U": b"T"}))
+AMBIGUITY_TO_N = _table(_both_cases({b"RYSWKMBDHV": b"N" * 10}))
 
 
 def reverse_complement(tokens: np.ndarray) -> np.ndarray:

@@ -1,0 +1,684 @@
+"""`evo2 preprocess`: FASTA files (and regions of indexed FASTA) -> one Megatron indexed dataset per split.
+
+Pipeline: inputs are expanded (globs, sorted) and cut into tasks (a file, a byte range of a large plain file
+when several workers run, or a region list). Each task streams its records (fasta.py), assigns every record
+to a split by a stable hash, applies the Recipe (transforms.py) and appends the documents to a spool file of
+its worker. The main process then checks record ids, writes `PREFIX_{train,val,test}.bin/.idx` in the
+canonical order and a `manifest.json`, all inside a temporary directory renamed into place at the end.
+
+Determinism: a record's split is `blake2b(seed, key)` where the key is its id (first header word) or the
+`group_regex` match. Inside a split, records are ordered by (input position in the expanded input list,
+record id, content digest for records sharing an id); the documents of one record keep their order (pieces,
+windows, forward then reverse complement). Nothing depends on the record order inside a file, the byte
+ranges tasks were cut into or the worker count, so those give byte-identical datasets and manifests.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from evo2_cli import __version__
+from evo2_cli.config import check, to_dict
+from evo2_cli.data.alphabet import EOD_ID, PAD_ID, VOCAB_SIZE
+from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
+from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
+from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
+from evo2_cli.errors import InputError
+from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file
+
+SPLITS = ("train", "val", "test")
+SHARD_BYTES = 64 << 20  # plain files larger than this are cut into byte ranges when workers > 1
+MAX_EXAMPLES = 20  # skipped-record messages kept in the manifest
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class RegionSource:
+    """Regions of one indexed FASTA (plain or bgzip; pyfaidx writes FASTA.fai beside it when missing)."""
+
+    fasta: Path
+    bed: Path | None = None  # BED regions: 0-based, half-open
+    intervals: list[str] = field(default_factory=list)  # "chrom:start-end" (1-based, inclusive) or "chrom"
+
+    def __post_init__(self):
+        check(self.bed is not None or bool(self.intervals), "intervals", "give a bed file or intervals")
+        for i, text in enumerate(self.intervals):
+            try:
+                parse_interval(text)
+            except ValueError as exc:
+                raise_field(f"intervals.{i}", str(exc))
+
+
+def raise_field(name: str, message: str) -> None:
+    check(False, name, message)
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str] = field(default_factory=list)  # FASTA files or globs (plain, .gz, bgzip)
+    regions: list[RegionSource] = field(default_factory=list)
+    output_dir: Path = Path("runs/dataset")
+    prefix: str = "data"  # files are PREFIX_{train,val,test}.bin/.idx
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train, val, test fractions
+    seed: int = 1234
+    group_regex: str | None = None  # split by this regex's first group in the header instead of the id
+    workers: int = 1
+    append_eod: bool = True
+    uppercase: bool = False
+    reverse_complement: bool = False  # store a reverse-complement copy of every document, same split
+    rna: Literal["keep", "transcribe", "back_transcribe"] = "keep"  # T -> U, or U -> T
+    iupac: Literal["keep", "to_n"] = "keep"  # keep ambiguity codes, or map them to N (case kept)
+    drop_empty: bool = True
+    min_length: int = 0  # applied to each piece after N-run splitting, before windows
+    max_length: int | None = None
+    n_run_length: int | None = None  # act on runs of at least this many N
+    n_run_action: Literal["split", "drop"] = "split"
+    chunk_length: int | None = None  # cut longer pieces into windows of this many bases
+    chunk_overlap: int = 0
+    tags_file: Path | None = None  # lines "ID_REGEX<TAB>|d__...;s__...|"; first full match of the id wins
+    tag_every: int | None = None  # re-insert the tag every this many bases
+    duplicate_ids: Literal["error", "keep"] = "error"
+    on_bad_record: Literal["error", "skip"] = "error"  # skip: count bad records in the manifest
+
+    def __post_init__(self):
+        check(bool(self.inputs or self.regions), "inputs", "no inputs: list FASTA files or globs, or regions")
+        check(
+            bool(self.prefix) and "/" not in self.prefix, "prefix", "must be a file name prefix without '/'"
+        )
+        check(all(f >= 0 for f in self.split), "split", f"fractions must be >= 0, got {list(self.split)}")
+        check(abs(sum(self.split) - 1) < 1e-6, "split", f"fractions must sum to 1, got {sum(self.split)}")
+        check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.workers >= 1, "workers", "must be >= 1")
+        check(self.min_length >= 0, "min_length", "must be >= 0")
+        check(
+            self.max_length is None or self.max_length >= max(1, self.min_length),
+            "max_length",
+            "must be >= 1 and >= min_length",
+        )
+        check(self.n_run_length is None or self.n_run_length >= 1, "n_run_length", "must be >= 1")
+        if self.chunk_length is None:
+            check(self.chunk_overlap == 0, "chunk_overlap", "needs chunk_length")
+        else:
+            check(self.chunk_length >= 1, "chunk_length", "must be >= 1")
+            check(
+                0 <= self.chunk_overlap < self.chunk_length, "chunk_overlap", "must be in [0, chunk_length)"
+            )
+        check(self.tag_every is None or self.tag_every >= 1, "tag_every", "must be >= 1")
+        check(self.tag_every is None or self.tags_file is not None, "tag_every", "needs tags_file")
+        if self.group_regex is not None:
+            try:
+                re.compile(self.group_regex.encode())
+            except re.error as exc:
+                raise_field("group_regex", f"not a valid regular expression: {exc}")
+
+    def recipe(self) -> Recipe:
+        return Recipe(
+            letters=letter_table(self.rna, self.iupac, self.uppercase),
+            n_run_length=self.n_run_length,
+            n_run_action=self.n_run_action,
+            drop_empty=self.drop_empty,
+            min_length=self.min_length,
+            max_length=self.max_length,
+            chunk_length=self.chunk_length,
+            chunk_overlap=self.chunk_overlap,
+            reverse_complement=self.reverse_complement,
+            tag_every=self.tag_every,
+            append_eod=self.append_eod,
+        )
+
+
+@dataclass
+class PreprocessJob:
+    """Root of a preprocess config file."""
+
+    preprocess: PreprocessConfig
+
+
+# ---------------------------------------------------------------- splits and tags
+
+
+def split_of(key: bytes, seed: int, split: tuple[float, float, float]) -> int:
+    """0 train, 1 val, 2 test: a uniform draw from a 64-bit hash of (seed, key), the same on every machine."""
+    digest = hashlib.blake2b(b"%d\0" % seed + key, digest_size=8).digest()
+    draw = int.from_bytes(digest, "big") / 2.0**64
+    train, val, _ = split
+    return 0 if draw < train else 1 if draw < train + val else 2
+
+
+@dataclass(frozen=True)
+class TagRule:
+    pattern: str  # regex that must match the whole record id
+    lineage: bytes  # "|d__...;...|"
+    line: int
+
+
+def load_tags(path: Path) -> tuple[TagRule, ...]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read tags file: {exc}") from None
+    rules = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        pattern, sep, lineage = line.partition("\t")
+        lineage = lineage.strip()
+        if not sep or not pattern:
+            raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {line!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"{path}:{number}: bad regex {pattern!r}: {exc}") from None
+        inner = lineage[1:-1]
+        if not (
+            len(lineage) > 2 and lineage[0] == lineage[-1] == "|" and "|" not in inner and inner.isascii()
+        ):
+            raise InputError(
+                f"{path}:{number}: a lineage is ASCII between two '|', like |d__Bacteria;s__Escherichia coli|"
+            )
+        rules.append(TagRule(pattern, lineage.encode(), number))
+    if not rules:
+        raise InputError(f"{path}: no tag rules")
+    return tuple(rules)
+
+
+@cache
+def _compiled(rules: tuple[TagRule, ...]) -> list[tuple[re.Pattern[str], bytes]]:
+    return [(re.compile(rule.pattern), rule.lineage) for rule in rules]
+
+
+def tag_for(record_id: bytes, rules: tuple[TagRule, ...]) -> bytes | None:
+    text = display(record_id)
+    return next((lineage for pattern, lineage in _compiled(rules) if pattern.fullmatch(text)), None)
+
+
+# ---------------------------------------------------------------- tasks (run in worker processes)
+
+
+@dataclass(frozen=True)
+class Task:
+    input_index: int
+    path: Path  # a FASTA file, or the indexed FASTA that `regions` cut from
+    start: int = 0
+    end: int | None = None
+    regions: tuple[Region, ...] = ()
+    size: int = 0  # bytes (or region bases) for the progress bar
+
+
+class StoredRecord(NamedTuple):
+    """Where one record's documents went: consecutive in a spool file."""
+
+    input_index: int
+    id: bytes
+    line: int
+    split: int
+    spool: str
+    offset: int
+    lengths: tuple[int, ...]  # tokens of each document
+
+
+@dataclass
+class SplitStats:
+    records: int = 0
+    documents: int = 0
+    tokens: int = 0
+    counts: BaseCounts = field(default_factory=BaseCounts)
+    lengths: array = field(default_factory=lambda: array("q"))  # bases of each document
+
+    def merge(self, other: SplitStats) -> None:
+        self.records += other.records
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.counts.merge(other.counts)
+        self.lengths.extend(other.lengths)
+
+
+@dataclass
+class TaskResult:
+    records: list[StoredRecord] = field(default_factory=list)
+    splits: list[SplitStats] = field(default_factory=lambda: [SplitStats() for _ in SPLITS])
+    dropped: dict[str, int] = field(default_factory=dict)
+    problems: list[tuple[int, int, str]] = field(default_factory=list)  # (input, line, message), first few
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs (picklable)."""
+
+    config: PreprocessConfig
+    tags: tuple[TagRule, ...]
+    spool_dir: Path
+
+
+class _Spools:
+    """This process's append-only spool file per split."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.handles = directory, {}
+
+    def write(self, split: int, documents: list) -> tuple[str, int, tuple[int, ...]]:
+        name = f"{os.getpid()}-{SPLITS[split]}.spool"
+        if split not in self.handles:
+            self.handles[split] = open(self.directory / name, "ab")  # noqa: SIM115 - closed in close()
+        handle = self.handles[split]
+        offset = handle.tell()
+        for parts in documents:
+            handle.writelines(parts)
+        return name, offset, tuple(sum(len(part) for part in parts) for parts in documents)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
+class _Meter:
+    """Bytes and records done, reported by batches (shared counters when tasks run in other processes)."""
+
+    def __init__(self, report: Callable[[int, int], None]):
+        self.report, self.records = report, 0
+
+    def on_bytes(self, count: int) -> None:
+        self.report(count, self.records)
+        self.records = 0
+
+
+def _records(task: Task, meter: _Meter) -> Iterator[FastaRecord]:
+    if task.regions:
+        return read_regions(task.path, task.regions, meter.on_bytes)
+    return read_fasta(task.path, task.start, task.end, meter.on_bytes)
+
+
+def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
+    cfg, recipe = job.config, job.config.recipe()
+    group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
+    result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
+    try:
+        for record in _records(task, meter):
+            meter.records += 1
+            record_id = record.id
+            key, problem = record_id, record.problem
+            if group is not None and problem is None:
+                match = group.search(record.header)
+                if match is None:
+                    problem = (
+                        f"{task.path}:{record.line}: header does not match group_regex {cfg.group_regex!r}"
+                    )
+                else:
+                    key = match.group(1) if group.groups else match.group(0)
+            if problem is not None:
+                if cfg.on_bad_record == "error":
+                    raise InputError(problem)
+                result.dropped["bad_record"] = result.dropped.get("bad_record", 0) + 1
+                if len(result.problems) < MAX_EXAMPLES:
+                    result.problems.append((task.input_index, record.line, problem))
+                continue
+            split = split_of(key, cfg.seed, cfg.split)
+            out = recipe.apply(record.sequence, tag_for(record_id, job.tags) if job.tags else None)
+            for reason, count in out.dropped.items():
+                result.dropped[reason] = result.dropped.get(reason, 0) + count
+            if not out.documents:
+                continue
+            spool, offset, lengths = spools.write(split, out.documents)
+            result.records.append(
+                StoredRecord(task.input_index, record_id, record.line, split, spool, offset, lengths)
+            )
+            stats = result.splits[split]
+            stats.records += 1
+            stats.documents += len(lengths)
+            stats.tokens += sum(lengths)
+            stats.counts.merge(out.counts)
+            stats.lengths.extend(out.base_lengths)
+        meter.on_bytes(0)
+    finally:
+        spools.close()
+    return result
+
+
+# Shared progress counters of worker processes, set by _init_worker.
+_SHARED: tuple | None = None
+
+
+def _init_worker(done_bytes, done_records) -> None:
+    global _SHARED
+    _SHARED = (done_bytes, done_records)
+
+
+def _report_shared(count: int, records: int) -> None:
+    done_bytes, done_records = _SHARED
+    with done_bytes.get_lock():
+        done_bytes.value += count
+    with done_records.get_lock():
+        done_records.value += records
+
+
+def _run_task_in_worker(task: Task, job: Job) -> TaskResult:
+    return run_task(task, job, _report_shared)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for i, pattern in enumerate(patterns):
+        if any(char in pattern for char in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise InputError(f"config key 'preprocess.inputs.{i}': '{pattern}' matches no file")
+        else:
+            if not Path(pattern).is_file():
+                raise InputError(f"{pattern}: input file not found (config key 'preprocess.inputs.{i}')")
+            matches = [Path(pattern)]
+        paths += matches
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            raise InputError(f"{path}: listed twice in preprocess.inputs (also as {seen[real]}); keep one")
+        seen[real] = path
+    return paths
+
+
+def _file_tasks(index: int, path: Path, workers: int) -> list[Task]:
+    size = path.stat().st_size
+    if workers == 1 or size <= SHARD_BYTES or is_gzip(path):
+        return [Task(index, path, size=size)]
+    cuts = {record_start_after(path, k * SHARD_BYTES) for k in range(1, size // SHARD_BYTES + 1)}
+    bounds = [*sorted({0, *(cut for cut in cuts if cut < size)}), size]
+    return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
+
+
+def plan_tasks(cfg: PreprocessConfig) -> tuple[list[Path | str], list[Task]]:
+    """Input names (by input index) and the tasks that read them."""
+    names: list[Path | str] = []
+    tasks: list[Task] = []
+    for path in expand_inputs(cfg.inputs):
+        tasks += _file_tasks(len(names), path, cfg.workers)
+        names.append(path)
+    for i, source in enumerate(cfg.regions):
+        regions = read_bed(source.bed) if source.bed is not None else []
+        for number, text in enumerate(source.intervals):
+            chrom, start, end = parse_interval(text)
+            regions.append(Region(chrom, start, end, "", f"preprocess.regions.{i}.intervals", number))
+        regions = resolve(source.fasta, regions)
+        size = sum(region.end - region.start for region in regions)
+        tasks.append(Task(len(names), source.fasta, regions=tuple(regions), size=size))
+        names.append(f"{source.fasta} ({len(regions)} regions)")
+    return names, tasks
+
+
+# ---------------------------------------------------------------- running
+
+
+def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskResult]:
+    total = sum(task.size for task in tasks)
+    with _progress_bar(console, total) as advance:
+        if workers == 1 or len(tasks) == 1:
+            return [run_task(task, job, advance) for task in tasks]
+        context = multiprocessing.get_context("spawn")  # no fork: the parent runs threads (progress, reader)
+        done_bytes, done_records = context.Value("q", 0), context.Value("q", 0)
+        pool = context.Pool(min(workers, len(tasks)), _init_worker, (done_bytes, done_records))
+        try:
+            pending = [pool.apply_async(_run_task_in_worker, (task, job)) for task in tasks]
+            reported = (0, 0)
+            while True:
+                finished = all(result.ready() for result in pending)
+                now = (done_bytes.value, done_records.value)
+                advance(now[0] - reported[0], now[1] - reported[1])
+                reported = now
+                failed = [result for result in pending if result.ready() and not result.successful()]
+                if failed or finished:
+                    break
+                time.sleep(0.1)
+            if failed:
+                failed[0].get()  # re-raises the worker's error (the first task to fail, in task order)
+            results = [result.get() for result in pending]
+        finally:
+            pool.terminate()
+            pool.join()
+    return results
+
+
+def _progress_bar(console, total: int):
+    """A context manager yielding advance(bytes, records); silent without a console."""
+    import contextlib
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    @contextlib.contextmanager
+    def bar():
+        if console is None:
+            yield lambda count, records: None
+            return
+        columns = (
+            TextColumn("[bold]preprocess"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[records]:,} records"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("preprocess", total=total, records=0)
+            records = 0
+
+            def advance(count: int, new_records: int) -> None:
+                nonlocal records
+                records += new_records
+                progress.update(task, advance=count, records=records)
+
+            yield advance
+            progress.update(task, completed=total)
+
+    return bar()
+
+
+def _check_duplicates(records: list[StoredRecord], names: list, policy: str) -> None:
+    if policy == "keep":
+        return
+    by_id = sorted(records, key=lambda r: (r.id, r.input_index, r.line))
+    for first, second in itertools.pairwise(by_id):
+        if first.id == second.id:
+            raise InputError(
+                f"{names[second.input_index]}:{second.line}: duplicate record id '{display(second.id)}' "
+                f"(also at {names[first.input_index]}:{first.line}); make ids unique, or keep both with "
+                "--set preprocess.duplicate_ids=keep"
+            )
+
+
+class _SpoolReader:
+    """Random access to the spool files (pread: no mmap lifetimes to manage)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.fds = directory, {}
+
+    def record_bytes(self, record: StoredRecord) -> bytes:
+        if record.spool not in self.fds:
+            self.fds[record.spool] = os.open(self.directory / record.spool, os.O_RDONLY)
+        return os.pread(self.fds[record.spool], sum(record.lengths), record.offset)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def canonical_order(records: list[StoredRecord], spools: _SpoolReader) -> list[StoredRecord]:
+    """Records sorted by (input, id); records sharing both are ordered by a digest of their bytes."""
+
+    def digest(record: StoredRecord) -> bytes:
+        return hashlib.blake2b(spools.record_bytes(record), digest_size=16).digest()
+
+    ordered = sorted(records, key=lambda r: (r.input_index, r.id))
+    out, start = [], 0
+    for end in range(1, len(ordered) + 1):
+        if end == len(ordered) or ordered[end][:2] != ordered[start][:2]:
+            group = ordered[start:end]
+            out += sorted(group, key=digest) if len(group) > 1 else group
+            start = end
+    return out
+
+
+def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> None:
+    with IndexedDatasetWriter(prefix) as writer:
+        for record in canonical_order(records, spools):
+            data = memoryview(spools.record_bytes(record))
+            offset = 0
+            for length in record.lengths:
+                writer.add_bytes(data[offset : offset + length])
+                offset += length
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _length_summary(lengths: array) -> dict:
+    if not lengths:
+        return {"documents": 0}
+    values = np.frombuffer(lengths, dtype=np.int64)
+    low, p10, p50, p90, high = np.percentile(values, [0, 10, 50, 90, 100], method="lower").tolist()
+    # Power-of-two bins: "2^k" counts documents with 2^(k-1) < bases <= 2^k ("2^0" holds 0 and 1).
+    bins = np.ceil(np.log2(np.maximum(values, 1))).astype(np.int64)
+    histogram = {f"2^{k}": int(c) for k, c in zip(*np.unique(bins, return_counts=True), strict=True)}
+    return {
+        "documents": len(values),
+        "min": low,
+        "p10": p10,
+        "median": p50,
+        "p90": p90,
+        "max": high,
+        "mean": round(float(values.mean()), 3),
+        "histogram_log2": histogram,
+    }
+
+
+def _split_summary(stats: SplitStats) -> dict:
+    counts = stats.counts
+
+    def fraction(part: int) -> float:
+        return round(part / counts.bases, 6) if counts.bases else 0.0
+
+    return {
+        "records": stats.records,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "bases": counts.bases,
+        "gc_fraction": fraction(counts.gc),
+        "n_fraction": fraction(counts.n),
+        "lowercase_fraction": fraction(counts.lowercase),
+        "length": _length_summary(stats.lengths),
+    }
+
+
+def _manifest(cfg: PreprocessConfig, names: list, results: list[TaskResult], directory: Path) -> dict:
+    splits = [SplitStats() for _ in SPLITS]
+    dropped: dict[str, int] = {}
+    problems = []
+    for result in results:
+        for total, part in zip(splits, result.splits, strict=True):
+            total.merge(part)
+        for reason, count in result.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        problems += result.problems
+    problems.sort()
+    # Where the output went and how many processes wrote it do not change a byte of it.
+    config = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "workers")}
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix in (".bin", ".idx"):
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "tool": "evo2-cli",
+        "version": __version__,
+        "format": {
+            "kind": "megatron-core indexed dataset",
+            "dtype": "uint8",
+            "files": f"{cfg.prefix}_{{train,val,test}}.bin/.idx",
+            "eod_id": EOD_ID,
+            "pad_id": PAD_ID,
+            "vocab_size": VOCAB_SIZE,
+            "eod_appended": cfg.append_eod,
+            "tags": "phylogenetic tags are the bytes between two '|' (mask them out of the loss)"
+            if cfg.tags_file
+            else None,
+        },
+        "config": config,
+        "inputs": [str(name) for name in names],
+        "splits": {name: _split_summary(stats) for name, stats in zip(SPLITS, splits, strict=True)},
+        "dropped": dict(sorted(dropped.items())),
+        "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
+        "files": files,
+    }
+
+
+def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None) -> dict:
+    """Run the whole preprocess; returns the manifest. `console` (rich) shows progress when given."""
+    names, tasks = plan_tasks(cfg)
+    tags = load_tags(cfg.tags_file) if cfg.tags_file is not None else ()
+    with atomic_output_dir(cfg.output_dir, overwrite) as tmp:
+        spool_dir = tmp / ".spool"
+        spool_dir.mkdir()
+        results = _execute(tasks, Job(cfg, tags, spool_dir), cfg.workers, console)
+        records = [record for result in results for record in result.records]
+        _check_duplicates(records, names, cfg.duplicate_ids)
+        spools = _SpoolReader(spool_dir)
+        try:
+            for index, name in enumerate(SPLITS):
+                in_split = [record for record in records if record.split == index]
+                _write_split(tmp / f"{cfg.prefix}_{name}", in_split, spools)
+        finally:
+            spools.close()
+        shutil.rmtree(spool_dir)
+        manifest = _manifest(cfg, names, results, tmp)
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def summary_table(manifest: dict):
+    """A rich table of the manifest's per-split figures."""
+    from rich.table import Table
+
+    table = Table(title="evo2 preprocess", title_justify="left")
+    for column in ("split", "records", "docs", "tokens", "GC", "N", "lowercase", "median length"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(
+            name,
+            f"{split['records']:,}",
+            f"{split['documents']:,}",
+            f"{split['tokens']:,}",
+            f"{split['gc_fraction']:.3f}",
+            f"{split['n_fraction']:.4f}",
+            f"{split['lowercase_fraction']:.3f}",
+            f"{split['length'].get('median', 0):,}",
+        )
+    dropped = manifest["dropped"]
+    if dropped:
+        table.caption = "dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in dropped.items())
+    return table

@@ -1,0 +1,150 @@
+"""What preprocessing does to one record's sequence: pure functions on bytes, no I/O.
+
+Order (fixed, so a config means one thing): letters mapped (RNA <-> DNA, ambiguity codes to N, upper case, one
+combined lookup table) -> cut or drop at long N runs -> length filters per piece -> windows with overlap ->
+reverse-complement copy after each window -> phylogenetic tag prepended and re-inserted every `tag_every`
+bases -> EOD. A stored document is a list of byte parts written back to back (no concatenation copies).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from evo2_cli.data.alphabet import AMBIGUITY_TO_N, COMPLEMENT, DNA_TO_RNA, EOD_ID, RNA_TO_DNA, UPPERCASE
+
+
+def letter_table(rna: str, iupac: str, uppercase: bool) -> bytes | None:
+    """One 256-byte table doing every letter mapping the options ask for, or None when none is asked."""
+    steps = [
+        {"transcribe": DNA_TO_RNA, "back_transcribe": RNA_TO_DNA}.get(rna),
+        AMBIGUITY_TO_N if iupac == "to_n" else None,
+        UPPERCASE if uppercase else None,
+    ]
+    identity = np.arange(256, dtype=np.uint8)
+    table = identity
+    for step in steps:
+        if step is not None:
+            table = step[table]
+    return None if np.array_equal(table, identity) else table.tobytes()
+
+
+def windows(length: int, size: int | None, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) windows of `size` that overlap by `overlap` and cover `length`; the last may be short.
+    One window (possibly empty) when `size` is None or the sequence fits."""
+    if size is None or length <= size:
+        return [(0, length)]
+    stride = size - overlap
+    return [(start, min(start + size, length)) for start in range(0, length - overlap, stride)]
+
+
+def tagged(sequence: memoryview, tag: bytes | None, every: int | None) -> list[memoryview | bytes]:
+    """The parts of one document: the tag before the sequence and again before every `every` bases."""
+    if tag is None:
+        return [sequence]
+    if every is None:
+        return [tag, sequence]
+    parts: list[memoryview | bytes] = []
+    for start in range(0, max(len(sequence), 1), every):
+        parts += [tag, sequence[start : start + every]]
+    return parts
+
+
+@dataclass
+class BaseCounts:
+    """Letter statistics of stored sequence bases (tags and EOD excluded)."""
+
+    bases: int = 0
+    gc: int = 0
+    n: int = 0
+    lowercase: int = 0
+
+    def add(self, sequence: bytes | memoryview, copies: int = 1) -> None:
+        letters = np.frombuffer(sequence, dtype=np.uint8)
+        upper = letters & 0xDF  # clears the ASCII case bit: g -> G
+        self.bases += copies * len(letters)
+        gc = np.count_nonzero(upper == ord("G")) + np.count_nonzero(upper == ord("C"))
+        self.gc += copies * int(gc)
+        self.n += copies * int(np.count_nonzero(upper == ord("N")))
+        self.lowercase += copies * int(np.count_nonzero(letters >= ord("a")))
+
+    def merge(self, other: BaseCounts) -> None:
+        self.bases += other.bases
+        self.gc += other.gc
+        self.n += other.n
+        self.lowercase += other.lowercase
+
+
+@dataclass
+class RecordOutput:
+    documents: list[list[memoryview | bytes]]  # byte parts of each stored document, EOD included
+    base_lengths: list[int]  # sequence bases of each document (tags and EOD excluded)
+    counts: BaseCounts
+    dropped: dict[str, int]  # pieces dropped, by reason
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The per-record transformation a preprocess config asks for."""
+
+    letters: bytes | None = None  # from letter_table()
+    n_run_length: int | None = None
+    n_run_action: str = "split"  # "split" at runs of >= n_run_length N, or "drop" the record
+    drop_empty: bool = True
+    min_length: int = 0
+    max_length: int | None = None
+    chunk_length: int | None = None
+    chunk_overlap: int = 0
+    reverse_complement: bool = False
+    tag_every: int | None = None
+    append_eod: bool = True
+
+    def apply(self, sequence: bytes, tag: bytes | None = None) -> RecordOutput:
+        out = RecordOutput([], [], BaseCounts(), {})
+        if self.letters is not None:
+            sequence = sequence.translate(self.letters)
+        for piece in self._pieces(sequence, out.dropped):
+            self._store(piece, tag, out)
+        return out
+
+    def _pieces(self, sequence: bytes, dropped: dict[str, int]) -> list[bytes]:
+        def drop(reason: str) -> list[bytes]:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            return []
+
+        if not sequence:
+            return drop("empty") if self.drop_empty else [sequence]
+        pieces = [sequence]
+        if self.n_run_length is not None:
+            n_run = re.compile(rb"[Nn]{%d,}" % self.n_run_length)
+            if self.n_run_action == "drop":
+                if n_run.search(sequence):
+                    return drop("n_run")
+            else:  # pieces between the runs; runs at the ends leave nothing to keep
+                pieces = [piece for piece in n_run.split(sequence) if piece]
+        kept = []
+        for piece in pieces:
+            if len(piece) < self.min_length:
+                drop("too_short")
+            elif self.max_length is not None and len(piece) > self.max_length:
+                drop("too_long")
+            else:
+                kept.append(piece)
+        return kept
+
+    def _store(self, piece: bytes, tag: bytes | None, out: RecordOutput) -> None:
+        forward = memoryview(piece)
+        reverse = memoryview(piece.translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
+        eod = [bytes([EOD_ID])] if self.append_eod else []
+        length = len(piece)
+        for start, end in windows(length, self.chunk_length, self.chunk_overlap):
+            out.documents.append([*tagged(forward[start:end], tag, self.tag_every), *eod])
+            copies = 1
+            if reverse is not None:  # the reverse strand of the same window, right after it
+                window = reverse[length - end : length - start]
+                out.documents.append([*tagged(window, tag, self.tag_every), *eod])
+                copies = 2
+            out.base_lengths += [end - start] * copies
+            out.counts.add(forward[start:end], copies)  # a reverse complement has the same GC, N, case
