@@ -1,0 +1,348 @@
+"""`evo2 preprocess` end to end: outputs, determinism, options, bad inputs, atomicity, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.config import load_config
+from evo2_cli.data import preprocess as pre
+from evo2_cli.data.indexed import IndexedDataset
+from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
+from evo2_cli.errors import ConfigError, InputError
+
+SAMPLES = Path(__file__).parent.parent / "data" / "samples"
+runner = CliRunner()
+
+
+def random_records(count: int, seed: int = 0, length=(0, 400), prefix="rec") -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    return [
+        (f"{prefix}{i}", bytes(rng.choice(b"ACGTacgtN") for _ in range(rng.randint(*length))))
+        for i in range(count)
+    ]
+
+
+def write_fasta(path: Path, records, width: int = 60) -> Path:
+    text = b"".join(
+        f">{name} some description\n".encode()
+        + b"".join(seq[i : i + width] + b"\n" for i in range(0, len(seq), width))
+        for name, seq in records
+    )
+    path.write_bytes(gzip.compress(text) if path.suffix == ".gz" else text)
+    return path
+
+
+def run(tmp_path: Path, inputs, name: str = "out", **options) -> tuple[Path, dict]:
+    cfg = PreprocessConfig(inputs=[str(p) for p in inputs], output_dir=tmp_path / name, **options)
+    return tmp_path / name, run_preprocess(cfg)
+
+
+def split_contents(out: Path) -> dict[str, list[bytes]]:
+    return {split: [ds[i].tobytes() for i in range(len(ds))] for split in pre.SPLITS
+            for ds in [IndexedDataset(out / f"data_{split}")]}  # fmt: skip
+
+
+def file_bytes(out: Path) -> dict:
+    """Every file's bytes; the manifest without the input names (tests move and rename inputs)."""
+    files: dict = {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+    manifest = json.loads(files.pop("manifest.json"))
+    del manifest["inputs"], manifest["config"]["inputs"]
+    return {**files, "manifest.json": manifest}
+
+
+def test_outputs_load_in_megatron_and_hold_every_record(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronDataset
+
+    records = [*random_records(40), ("empty", b"")]
+    out, manifest = run(tmp_path, [write_fasta(tmp_path / "in.fa", records)], split=(0.6, 0.2, 0.2))
+    stored = split_contents(out)
+    expected = {seq + b"\x00" for _, seq in records if seq}
+    assert {doc for docs in stored.values() for doc in docs} == expected
+    for index, split in enumerate(pre.SPLITS):
+        in_split = sorted(
+            name for name, seq in records if seq and split_of(name.encode(), 1234, (0.6, 0.2, 0.2)) == index
+        )
+        assert manifest["splits"][split]["records"] == len(in_split)
+        # canonical order: sorted by record id inside the split
+        by_seq = {seq + b"\x00": name for name, seq in records}
+        assert [by_seq[doc] for doc in stored[split]] == in_split
+        theirs = MegatronDataset(str(out / f"data_{split}"))
+        assert [theirs[i].tobytes() for i in range(len(theirs))] == stored[split]
+    assert manifest["dropped"] == {"empty": 1}
+    for name, entry in manifest["files"].items():
+        assert entry["bytes"] == (out / name).stat().st_size
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+
+
+def test_manifest_statistics(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("a", b"GGccNNAT"), ("b", b"acgt")])
+    _, manifest = run(tmp_path, [source], split=(1, 0, 0))
+    train = manifest["splits"]["train"]
+    assert (train["records"], train["documents"], train["tokens"], train["bases"]) == (2, 2, 14, 12)
+    assert train["gc_fraction"] == pytest.approx(6 / 12)
+    assert train["n_fraction"] == pytest.approx(2 / 12, abs=1e-6)
+    assert train["lowercase_fraction"] == pytest.approx(6 / 12)
+    assert train["length"]["min"] == 4 and train["length"]["max"] == 8
+    assert train["length"]["histogram_log2"] == {"2^2": 1, "2^3": 1}
+    assert manifest["splits"]["val"]["records"] == 0
+    assert manifest["version"] and "workers" not in manifest["config"]
+
+
+def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
+    records = random_records(60, seed=1, length=(1, 3000))
+    shuffled = records[:]
+    random.Random(5).shuffle(shuffled)
+    first = write_fasta(tmp_path / "a.fa", records)
+    second = write_fasta(tmp_path / "b.fa.gz", random_records(10, seed=2, prefix="other"))
+    (tmp_path / "reordered").mkdir()
+    reordered = write_fasta(tmp_path / "reordered" / "a.fa", shuffled, width=17)
+    base = file_bytes(run(tmp_path, [first, second], "one")[0])
+    assert file_bytes(run(tmp_path, [reordered, second], "shuffled")[0]) == base
+    # Byte ranges of ~20 kB and two processes: still the same bytes.
+    with mock.patch.object(pre, "SHARD_BYTES", 20_000):
+        assert len(pre._file_tasks(0, first, 2)) > 2
+        assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
+
+
+def test_group_regex_keeps_a_group_together(tmp_path):
+    records = [(f"genome{g}_contig{c}", b"ACGT" * (4 * g + c + 1)) for g in range(12) for c in range(4)]
+    out, _ = run(
+        tmp_path,
+        [write_fasta(tmp_path / "in.fa", records)],
+        group_regex=r"^(genome\d+)_",
+        split=(0.5, 0.25, 0.25),
+    )
+    splits_of_group: dict[str, set[str]] = {}
+    for split, docs in split_contents(out).items():
+        for doc in docs:
+            for name, seq in records:
+                if seq + b"\x00" == doc:
+                    splits_of_group.setdefault(name.split("_")[0], set()).add(split)
+    assert all(len(s) == 1 for s in splits_of_group.values())
+    assert len(set.union(*splits_of_group.values())) > 1
+
+
+def test_options_shape_the_documents(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("r", b"acgtRNNNNNACGTAC"), ("e", b"")])
+    tags = tmp_path / "tags.tsv"
+    tags.write_text("# comment\nr\t|d__X;s__Y|\n")
+
+    def docs(name: str, **options) -> list[bytes]:
+        out, _ = run(tmp_path, [source], name, split=(1, 0, 0), **options)
+        return split_contents(out)["train"]
+
+    assert docs("plain") == [b"acgtRNNNNNACGTAC\x00"]
+    assert docs("upper", uppercase=True, iupac="to_n", append_eod=False) == [b"ACGTNNNNNNACGTAC"]
+    assert docs("rna", rna="transcribe") == [b"acguRNNNNNACGUAC\x00"]
+    assert docs("rc", reverse_complement=True) == [b"acgtRNNNNNACGTAC\x00", b"GTACGTNNNNNYacgt\x00"]
+    assert docs("keep_empty", drop_empty=False) == [b"\x00", b"acgtRNNNNNACGTAC\x00"]
+    assert docs("nsplit", n_run_length=5) == [b"acgtR\x00", b"ACGTAC\x00"]
+    assert docs("ndrop", n_run_length=5, n_run_action="drop") == []
+    assert docs("nshort", n_run_length=6) == [b"acgtRNNNNNACGTAC\x00"]
+    assert docs("minmax", n_run_length=5, min_length=6) == [b"ACGTAC\x00"]
+    assert docs("max", max_length=10) == []
+    assert docs("chunks", chunk_length=8, chunk_overlap=2) == [
+        b"acgtRNNN\x00",
+        b"NNNNACGT\x00",
+        b"GTAC\x00",
+    ]
+    assert docs("tags", tags_file=tags, tag_every=6) == [
+        b"|d__X;s__Y|acgtRN|d__X;s__Y|NNNNAC|d__X;s__Y|GTAC\x00"
+    ]
+
+
+def test_regions_from_bed_and_intervals(tmp_path):
+    fa = shutil.copy(SAMPLES / "hiv1_NC_001802.fa", tmp_path / "hiv.fa")
+    bed = shutil.copy(SAMPLES / "hiv1_genes.bed", tmp_path / "genes.bed")
+    ltr = "gi|9629357|ref|NC_001802.1|:1-10"
+    cfg = load_config(
+        PreprocessJob,
+        None,
+        [
+            f"preprocess.regions=[{{fasta: '{fa}', bed: '{bed}', intervals: ['{ltr}']}}]",
+            f"preprocess.output_dir={tmp_path / 'out'}",
+            "preprocess.split=[1, 0, 0]",
+        ],
+    ).preprocess
+    manifest = run_preprocess(cfg)
+    genome = b"".join(line.strip() for line in Path(fa).read_bytes().splitlines()[1:])
+    docs = split_contents(tmp_path / "out")["train"]
+    assert sorted(docs) == sorted(
+        [
+            genome[789:2292] + b"\x00",
+            genome[5770:6045] + b"\x00",
+            genome[6224:8795] + b"\x00",
+            genome[:10] + b"\x00",
+        ]
+    )
+    assert manifest["splits"]["train"]["records"] == 4
+    bad = tmp_path / "bad.bed"
+    bad.write_text("chrX\t0\t10\n")
+    cfg.regions[0].bed = bad
+    with pytest.raises(InputError, match=r"bad\.bed:1: sequence 'chrX' is not in"):
+        run_preprocess(cfg)
+
+
+def test_duplicate_ids(tmp_path):
+    first = write_fasta(tmp_path / "a.fa", [("x", b"ACGT"), ("y", b"GG")])
+    second = write_fasta(tmp_path / "b.fa", [("z", b"CC"), ("x", b"TTTT")])
+    with pytest.raises(InputError, match=r"b\.fa:3: duplicate record id 'x' \(also at .*a\.fa:1\)"):
+        run(tmp_path, [first, second])
+    assert not (tmp_path / "out").exists()
+    same_file = write_fasta(tmp_path / "c.fa", [("x", b"AAAA"), ("x", b"CCCC")])
+    flipped = write_fasta(tmp_path / "d.fa", [("x", b"CCCC"), ("x", b"AAAA")])
+    kept = file_bytes(run(tmp_path, [same_file], "k1", duplicate_ids="keep", split=(1, 0, 0))[0])
+    assert file_bytes(run(tmp_path, [flipped], "k2", duplicate_ids="keep", split=(1, 0, 0))[0]) == kept
+
+
+def test_bad_records_error_or_skip(tmp_path):
+    source = tmp_path / "in.fa"
+    source.write_bytes(b">ok\nACGT\n>bad\nAC\nA*T\n>ok2\nGG\n")
+    with pytest.raises(InputError, match=r"in\.fa:5: record 'bad' has '\*'"):
+        run(tmp_path, [source])
+    assert list(tmp_path.iterdir()) == [source]  # no output, no temporary directory
+    _, manifest = run(tmp_path, [source], on_bad_record="skip")
+    assert manifest["dropped"] == {"bad_record": 1}
+    assert "in.fa:5" in manifest["dropped_examples"][0]
+    assert sum(s["records"] for s in manifest["splits"].values()) == 2
+
+
+def test_existing_output_and_interrupts_leave_nothing_half_written(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", random_records(5, length=(1, 50)))
+    out, _ = run(tmp_path, [source])
+    before = file_bytes(out)
+    with pytest.raises(InputError, match="already exists"):
+        run(tmp_path, [source])
+    with (
+        mock.patch.object(pre, "_write_split", side_effect=KeyboardInterrupt),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        run_preprocess(PreprocessConfig(inputs=[str(source)], output_dir=out, seed=9), overwrite=True)
+    assert file_bytes(out) == before  # the old dataset is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa", "out"]
+
+
+def test_sigterm_removes_the_temporary_output(tmp_path):
+    big = write_fasta(tmp_path / "big.fa", [(f"r{i}", b"ACGT" * 250_000) for i in range(40)])  # 40 Mbases
+    process = subprocess.Popen(
+        [sys.executable, "-m", "evo2_cli", "preprocess", str(big), "-o", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 20
+    while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert process.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.fa"]
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(PreprocessJob, None, ["preprocess.inputs=[a.fa]", "preprocess.split=[0.5, 0.2, 0.2]"])
+    with pytest.raises(ConfigError, match="no inputs"):
+        load_config(PreprocessJob, None, ["preprocess.seed=1"])
+    with pytest.raises(ConfigError, match="chunk_overlap"):
+        load_config(
+            PreprocessJob,
+            None,
+            ["preprocess.inputs=[a]", "preprocess.chunk_length=4", "preprocess.chunk_overlap=4"],
+        )
+    with pytest.raises(ConfigError, match="group_regex"):
+        load_config(PreprocessJob, None, ["preprocess.inputs=[a]", "preprocess.group_regex=(unclosed"])
+    with pytest.raises(ConfigError, match="intervals"):
+        load_config(PreprocessJob, None, ["preprocess.regions=[{fasta: x.fa, intervals: ['chr1:5-2']}]"])
+
+
+def test_inputs_must_exist(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        run(tmp_path, [tmp_path / "*.fasta"])
+    with pytest.raises(InputError, match="input file not found"):
+        run(tmp_path, [tmp_path / "missing.fa"])
+    source = write_fasta(tmp_path / "in.fa", [("a", b"AC")])
+    with pytest.raises(InputError, match="listed twice"):
+        run(tmp_path, [source, tmp_path / "*.fa"])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_quick_form(tmp_path):
+    samples = tmp_path / "samples"
+    shutil.copytree(SAMPLES, samples)
+    out = tmp_path / "ds"
+    args = [
+        "preprocess",
+        str(samples / "*.fa"),
+        str(samples / "*.gz"),
+        "-o",
+        str(out),
+        "--split",
+        "0.8,0.1,0.1",
+    ]
+    result = runner.invoke(app, [*args, "--seed", "3", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dataset written to" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 3 and manifest["config"]["split"] == [0.8, 0.1, 0.1]
+    assert sum(s["records"] for s in manifest["splits"].values()) == 6  # the empty record is dropped
+    assert runner.invoke(app, args).exit_code == 2  # exists, no --overwrite
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0
+
+
+def test_cli_config_form_with_set(tmp_path):
+    out = tmp_path / "demo"
+    config = Path(__file__).parent.parent / "configs" / "preprocess" / "samples.yaml"
+    result = runner.invoke(
+        app,
+        [
+            "preprocess",
+            "-c",
+            str(config),
+            "--set",
+            f"preprocess.output_dir={out}",
+            "--set",
+            "preprocess.uppercase=true",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tokens = np.concatenate([IndexedDataset(out / f"data_{s}").tokens for s in pre.SPLITS])
+    assert not np.any((tokens >= ord("a")) & (tokens <= ord("z")))
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (b"", [], "empty file"),
+        (b"ACGT\n", [], "in.fa:1: sequence data before"),
+        (b">a\nAC9T\n", [], "in.fa:2: record 'a' has '9'"),
+        (b">a\nACGT\n", ["--split", "0.9,0.2,0.1"], "sum to 1"),
+        (b">a\nACGT\n", ["--workers", "0"], "workers"),
+        (b">a\nACGT\n", ["--set", "preprocess.chunk_lenght=3"], "did you mean 'chunk_length'"),
+    ],
+)
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, message):
+    source = tmp_path / "in.fa"
+    source.write_bytes(content)
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == ["in.fa"]
