@@ -1,0 +1,401 @@
+"""`evo2 infer generate | score | embed | variants`: thin Typer layer over evo2_cli.infer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evo2_cli.commands.common import console
+from evo2_cli.errors import InputError
+
+app = typer.Typer(
+    help="Generate, score, embed and score variants with a trained model (ours or an Evo 2 / Vortex .pt).",
+    no_args_is_help=True,
+)
+
+ModelArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint directory, training run directory (its latest checkpoint) or Vortex .pt.",
+        show_default=False,
+    ),
+]
+VortexConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--vortex-config", help="Model config YAML of a Vortex .pt (release schema or ours).", dir_okay=False
+    ),
+]
+ClampPolesOption = Annotated[
+    float | None,
+    typer.Option(
+        "--clamp-poles", help="Vortex .pt: clamp hcl poles with lambda >= 0 to this negative value."
+    ),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+]
+OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Output file ('-' = stdout).")]
+WindowOption = Annotated[
+    int, typer.Option("--window", help="Context window in tokens; longer records are scored in windows.")
+]
+OverlapOption = Annotated[
+    int | None,
+    typer.Option(
+        "--overlap", help="Left context every windowed position keeps at least [default: window/4]."
+    ),
+]
+BatchTokensOption = Annotated[
+    int, typer.Option("--batch-tokens", help="Tokens per forward batch (rows x window); length-bucketed.")
+]
+FastaArgument = Annotated[Path, typer.Argument(help="FASTA file (plain, .gz, bgzip).", dir_okay=False)]
+
+
+def _model(path: Path, vortex_config: Path | None, device: str, dtype: str, clamp_poles: float | None = None):
+    import torch
+
+    from evo2_cli.infer.loading import load_inference_model
+
+    torch.manual_seed(0)  # nothing below draws from the global generator; this only pins stray kernels
+    model = load_inference_model(path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles)
+    parameter = next(model.parameters())
+    console.print(
+        f"model {path}: {model.num_parameters():,} parameters, {len(model.blocks)} blocks, "
+        f"{parameter.device} {str(parameter.dtype).removeprefix('torch.')}",
+        highlight=False,
+    )
+    return model
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (transient); yields `advance(n)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _overlap(window: int, overlap: int | None) -> int:
+    return overlap if overlap is not None else max(1, window // 4)
+
+
+# ---------------------------------------------------------------- generate
+
+
+@app.command("generate")
+def generate(
+    model_path: ModelArgument,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt sequence (repeatable).")
+    ] = None,
+    prompt_fasta: Annotated[
+        Path | None, typer.Option("--prompt-fasta", help="Prompts from a FASTA file.", dir_okay=False)
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature (> 0).")] = 1.0,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Keep the k most likely tokens; 1 = greedy, 0 = all.")
+    ] = 4,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass within the top-k, in (0, 1].")] = 1.0,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Continuations per prompt.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same output (any batch size).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
+    alphabet: Annotated[
+        str,
+        typer.Option("--alphabet", help="Sample from acgt only, or from all tokens (the official engine)."),
+    ] = "acgt",
+    invalid: Annotated[
+        str, typer.Option("--invalid", help="Non-IUPAC letters in a prompt: error, or n (map to N).")
+    ] = "error",
+    include_prompt: Annotated[
+        bool, typer.Option("--include-prompt", help="Write prompt + continuation (default: continuation).")
+    ] = False,
+    output: OutputOption = Path("-"),
+    logprobs: Annotated[
+        Path | None,
+        typer.Option(
+            "--logprobs", help="Also write per-token log-probs (TSV: id, position, token, logprob)."
+        ),
+    ] = None,
+    vortex_config: VortexConfigOption = None,
+    clamp_poles: ClampPolesOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
+
+    Sampling as the official engine: top-k, then temperature, then top-p within the top-k (--top-k 1 is
+    greedy). Log-probs are under the model's unmodified distribution (natural log)."""
+    from evo2_cli.infer.generation import DNA_TOKENS
+    from evo2_cli.infer.generation import generate as run_generate
+    from evo2_cli.infer.outputs import atomic_text_output, fasta_lines, write_table
+    from evo2_cli.infer.sampling import SamplingSettings
+    from evo2_cli.infer.sequences import encode_dna, read_sequences, tokens_to_text
+
+    settings = SamplingSettings(top_k=top_k, temperature=temperature, top_p=top_p)
+    if invalid not in ("error", "n"):
+        raise InputError(f"--invalid: expected error or n, got {invalid!r}")
+    if alphabet not in ("acgt", "all"):
+        raise InputError(f"--alphabet: expected acgt or all, got {alphabet!r}")
+    for name, value, low in (
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("--num-samples", num_samples, 1),
+        ("--batch-size", batch_size, 1),
+    ):
+        if value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    names, prompts = [], []
+    for i, text in enumerate(prompt or []):
+        prompts.append(encode_dna(text, f"--prompt {i + 1}", invalid))  # type: ignore[arg-type]
+        names.append(f"prompt{i + 1}")
+    if prompt_fasta is not None:
+        for record in read_sequences(prompt_fasta):
+            names.append(record.id)
+            prompts.append(record.tokens)
+    if not prompts:
+        raise InputError("no prompt: give --prompt ACGT... (repeatable) or --prompt-fasta FILE")
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    with _progress("generating", len(prompts) * num_samples * max_new_tokens) as advance:
+        results = run_generate(
+            model,
+            prompts,
+            max_new_tokens,
+            settings,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            alphabet=DNA_TOKENS if alphabet == "acgt" else None,
+            on_tokens=advance,
+        )
+    with atomic_text_output(output) as handle:
+        for g in results:
+            name = names[g.prompt_index]
+            text = tokens_to_text(g.tokens)
+            if include_prompt:
+                text = tokens_to_text(prompts[g.prompt_index]) + text
+            header = (
+                f"{name}_sample{g.sample_index + 1} prompt={name} sample={g.sample_index + 1} "
+                f"prompt_length={len(prompts[g.prompt_index])} new_tokens={len(g.tokens)} "
+                f"{settings.describe()} seed={seed} alphabet={alphabet} "
+                f"mean_logprob={float(g.logprobs.mean()):.6f}"
+            )
+            handle.write(fasta_lines(header, text))
+    if logprobs is not None:
+        rows = (
+            {
+                "id": f"{names[g.prompt_index]}_sample{g.sample_index + 1}",
+                "position": n,
+                "token": tokens_to_text(g.tokens[n : n + 1]),
+                "logprob": float(g.logprobs[n]),
+            }
+            for g in results
+            for n in range(len(g.tokens))
+        )
+        write_table(logprobs, rows, "tsv")
+    if str(output) != "-":
+        console.print(f"[green]wrote[/] {len(results)} sequence(s) to {output}")
+
+
+# ---------------------------------------------------------------- score
+
+
+@app.command("score")
+def score(
+    model_path: ModelArgument,
+    fasta: FastaArgument,
+    output: OutputOption = Path("-"),
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="tsv, csv or parquet [default: from the suffix, else tsv].")
+    ] = None,
+    reverse_complement: Annotated[
+        bool, typer.Option("--rc", help="Average with the reverse complement's score.")
+    ] = False,
+    per_token: Annotated[
+        Path | None,
+        typer.Option(
+            "--per-token", help="Also write per-position log-probs (TSV: id, position, base, logprob)."
+        ),
+    ] = None,
+    window: WindowOption = 8192,
+    overlap: OverlapOption = None,
+    batch_tokens: BatchTokensOption = 16384,
+    vortex_config: VortexConfigOption = None,
+    clamp_poles: ClampPolesOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
+
+    Natural-log sums over positions 1..L-1 (the first base has no context). Records longer than --window
+    are scored in windows: every position once, from the first window that holds it, with at least
+    --overlap tokens of left context."""
+    from evo2_cli.infer.outputs import atomic_text_output, table_format, write_table
+    from evo2_cli.infer.scoring import score_sequences
+    from evo2_cli.infer.sequences import read_sequences
+    from evo2_cli.infer.windows import check_window
+
+    overlap = _overlap(window, overlap)
+    check_window(window, overlap)
+    chosen = table_format(output, fmt)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
+    with _progress("scoring (bases)", None) as advance, side as token_handle:
+        if token_handle is not None:
+            token_handle.write("id\tposition\tbase\tlogprob\n")
+        scores = score_sequences(
+            model,
+            read_sequences(fasta),
+            window=window,
+            overlap=overlap,
+            batch_tokens=batch_tokens,
+            reverse_complement=reverse_complement,
+            on_tokens=advance,
+        )
+
+        def rows():
+            for s in scores:
+                if token_handle is not None:
+                    token_handle.write(s.per_token_lines())
+                yield s.row()
+
+        count = write_table(output, rows(), chosen)
+    if str(output) != "-":
+        console.print(f"[green]wrote[/] {count} score(s) to {output}")
+
+
+# ---------------------------------------------------------------- embed
+
+
+@app.command("embed")
+def embed(
+    model_path: ModelArgument,
+    fasta: FastaArgument,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="OUT.safetensors or OUT.npy (+ OUT.ids.tsv index).", dir_okay=False
+        ),
+    ],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Block index (negative from the end), blocks.N or final_norm [default: middle block].",
+        ),
+    ] = None,
+    pooling: Annotated[
+        str, typer.Option("--pooling", help="mean (one vector per record) or none (per token).")
+    ] = "mean",
+    window: WindowOption = 8192,
+    overlap: OverlapOption = None,
+    batch_tokens: BatchTokensOption = 16384,
+    vortex_config: VortexConfigOption = None,
+    clamp_poles: ClampPolesOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Hidden states of one layer for every record, mean-pooled or per token.
+
+    Per token, the vectors of all records are concatenated (record i: rows offset[i]..offset[i+1], see the
+    index file and the safetensors `offsets` tensor)."""
+    from evo2_cli.infer.embedding import embed_sequences, resolve_layer
+    from evo2_cli.infer.outputs import write_embeddings
+    from evo2_cli.infer.sequences import read_sequences
+    from evo2_cli.infer.windows import check_window
+
+    overlap = _overlap(window, overlap)
+    check_window(window, overlap)
+    if output.suffix.lower() not in (".safetensors", ".npy"):
+        raise InputError(f"{output}: embeddings are written as .safetensors or .npy; change the suffix")
+    sequences = list(read_sequences(fasta))
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    resolve_layer(model, layer)  # a bad --layer fails before any work
+    with _progress("embedding (bases)", sum(len(s.tokens) for s in sequences)) as advance:
+        result = embed_sequences(
+            model,
+            sequences,
+            layer=layer,
+            pooling=pooling,  # type: ignore[arg-type]
+            window=window,
+            overlap=overlap,
+            batch_tokens=batch_tokens,
+            on_tokens=advance,
+        )
+    index = write_embeddings(
+        output,
+        result.vectors,
+        result.ids,
+        result.lengths,
+        result.offsets if result.pooling == "none" else None,
+        {"layer": result.layer, "pooling": result.pooling, "model": str(model_path)},
+    )
+    console.print(
+        f"[green]wrote[/] {output} {tuple(result.vectors.shape)} (layer {result.layer}, pooling "
+        f"{result.pooling}) and {index}",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------- variants
+
+
+@app.command("variants")
+def variants(
+    model_path: ModelArgument,
+    variant_file: Annotated[
+        Path,
+        typer.Argument(help="TSV (chrom pos ref alt, 1-based) or VCF.", dir_okay=False, show_default=False),
+    ],
+    reference: Annotated[
+        Path,
+        typer.Option(
+            "--reference", "-r", help="Reference FASTA (records named as the chroms).", dir_okay=False
+        ),
+    ],
+    output: OutputOption = Path("-"),
+    window: Annotated[
+        int, typer.Option("--window", help="Reference window around each variant (bases).")
+    ] = 8192,
+    on_mismatch: Annotated[
+        str,
+        typer.Option("--on-mismatch", help="A ref allele that differs from the reference: error or skip."),
+    ] = "error",
+    batch_tokens: BatchTokensOption = 16384,
+    vortex_config: VortexConfigOption = None,
+    clamp_poles: ClampPolesOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
+
+    Columns: chrom pos ref alt status window_start ref_sum_ll alt_sum_ll delta_sum_ll delta_mean_ll."""
+    from evo2_cli.infer.outputs import write_table
+    from evo2_cli.infer.variants import load_reference, read_variants, score_variants
+
+    if on_mismatch not in ("error", "skip"):
+        raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
+    listed = read_variants(variant_file)
+    chroms = load_reference(reference, {v.chrom for v in listed})
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    with _progress("variants (bases)", None) as advance:
+        results = score_variants(
+            model,
+            listed,
+            chroms,
+            window=window,
+            batch_tokens=batch_tokens,
+            source=str(variant_file),
+            on_mismatch=on_mismatch,  # type: ignore[arg-type]
+            on_tokens=advance,
+        )
+    count = write_table(output, (r.row() for r in results), "tsv")
+    if str(output) != "-":
+        console.print(f"[green]wrote[/] {count} variant score(s) to {output}")

@@ -1,0 +1,31 @@
+"""`evo2 infer`: generate, score, embed and variant effects on a trained StripedHyena 2 model.
+
+Public API (the CLI in evo2_cli/commands/infer.py is a thin layer over it):
+
+Loading (evo2_cli.infer.loading)
+    load_inference_model(path, vortex_config=None, device='cpu', dtype='fp32', hcl_form=None,
+                         clamp_poles=None) -> StripedHyena (eval, no grad)
+                                    THE way to get a model from what a user pointed at: our checkpoint
+                                    directory, a `latest` pointer, a training run directory (its latest
+                                    checkpoint) or a Vortex .pt with its config YAML. Finetune reuses it.
+    resolve_checkpoint(path), resolve_device(name), resolve_dtype(name, device)
+Inputs (evo2_cli.infer.sequences)
+    encode_dna(text, where, policy='error'|'n') -> uint8 tokens, upper-cased
+    read_sequences(fasta) -> Iterator[Sequence(id, tokens, description)]
+Generation (evo2_cli.infer.generation, evo2_cli.infer.sampling)
+    SamplingSettings(top_k, temperature, top_p); sample(logits, settings, generators)
+    generate(model, prompts, max_new_tokens, settings, num_samples, seed, batch_size, alphabet)
+    generate_reference(...)         the same without the cache (full forward per token)
+Windows, scoring, embedding, variants
+    plan_windows(length, window, overlap); run_windows(model, arrays, forward, ...)   (windows.py)
+    score_sequences(model, sequences, window, overlap, reverse_complement, ...) -> Iterator[Score]
+    score_reference(model, tokens)  one unwindowed forward
+    embed_sequences(model, sequences, layer, pooling, ...) -> Embeddings
+    read_variants(path); load_reference(fasta, chroms); score_variants(model, variants, reference, ...)
+Outputs (evo2_cli.infer.outputs)
+    write_table(path, rows, fmt), write_embeddings(...), atomic_text_output(path)
+"""
+
+from evo2_cli.infer.loading import load_inference_model
+
+__all__ = ["load_inference_model"]

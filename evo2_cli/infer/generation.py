@@ -1,0 +1,142 @@
+"""Autoregressive generation with the model's cached decoding (prefill once, then one `step` per token).
+
+Each output row is one (prompt, sample) pair. Rows are grouped by prompt length so a batch never needs
+padding (the cache has no notion of padding), and every row draws from its own generator seeded from
+(seed, prompt index, sample index): the output does not depend on --batch-size or on the other prompts.
+
+`generate_reference` re-runs the full forward over the whole sequence for every new token (the naive
+baseline of the benchmark) with the same sampler and generators; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
+from evo2_cli.model.model import StripedHyena
+
+DNA_TOKENS = b"ACGT"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation: prompt `prompt_index`, sample `sample_index` (0-based)."""
+
+    prompt_index: int
+    sample_index: int
+    tokens: np.ndarray  # (N,) int64 generated ids (prompt excluded)
+    logprobs: np.ndarray  # (N,) float64 log p(token | everything before) under the model's raw distribution
+
+
+def allowed_mask(alphabet: bytes | None, vocab_size: int, device: torch.device) -> Tensor | None:
+    """A bool mask over the vocab allowing only `alphabet`'s bytes, or None for the whole vocabulary."""
+    if alphabet is None:
+        return None
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[list(alphabet)] = True
+    return mask
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (B,)
+
+
+def _batches(prompts: list[np.ndarray], num_samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """(prompt index, sample index) rows grouped by prompt length, at most batch_size per batch."""
+    rows = sorted(
+        ((p, s) for p in range(len(prompts)) for s in range(num_samples)),
+        key=lambda row: (len(prompts[row[0]]), row),
+    )
+    batches: list[list[tuple[int, int]]] = []
+    for row in rows:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and len(prompts[last[0][0]]) == len(prompts[row[0]]):
+            last.append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+@torch.no_grad()
+def generate(
+    model: StripedHyena,
+    prompts: list[np.ndarray],
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    alphabet: bytes | None = DNA_TOKENS,
+    on_tokens: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Continue each prompt (uint8 tokens, already validated and upper-cased) `num_samples` times.
+
+    `alphabet`: the tokens that may be sampled (default A C G T; None = the whole vocabulary as the official
+    engine). Returns Generations ordered by (prompt, sample). `on_tokens(n)` reports progress.
+    """
+    device = next(model.parameters()).device
+    mask = allowed_mask(alphabet, model.config.vocab_size, device)
+    results: list[Generation] = []
+    for rows in _batches(prompts, num_samples, batch_size):
+        ids = torch.as_tensor(np.stack([prompts[p] for p, _ in rows]), dtype=torch.long, device=device)
+        generators = [row_generator(seed, p, s) for p, s in rows]
+        cache = model.new_cache(len(rows))
+        logits = model.prefill(ids, cache)[:, -1]  # (B, V)
+        tokens, logprobs = [], []
+        for n in range(max_new_tokens):
+            token = sample(restrict(logits, mask), settings, generators)  # (B,)
+            tokens.append(token)
+            logprobs.append(_token_logprobs(logits, token))
+            if n + 1 < max_new_tokens:
+                logits = model.step(token, cache)
+            if on_tokens is not None:
+                on_tokens(len(rows))
+        results.extend(_collect(rows, tokens, logprobs))
+    return sorted(results, key=lambda g: (g.prompt_index, g.sample_index))
+
+
+@torch.no_grad()
+def generate_reference(
+    model: StripedHyena,
+    prompts: list[np.ndarray],
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    alphabet: bytes | None = DNA_TOKENS,
+) -> list[Generation]:
+    """The same as `generate` without any cache: one full forward over the whole sequence per new token."""
+    device = next(model.parameters()).device
+    mask = allowed_mask(alphabet, model.config.vocab_size, device)
+    results: list[Generation] = []
+    for p, prompt in enumerate(prompts):
+        for s in range(num_samples):
+            generators = [row_generator(seed, p, s)]
+            ids = torch.from_numpy(np.asarray(prompt, dtype=np.int64)).to(device)[None]  # (1, P)
+            tokens, logprobs = [], []
+            for _ in range(max_new_tokens):
+                logits = model(ids)[:, -1]  # (1, V)
+                token = sample(restrict(logits, mask), settings, generators)
+                tokens.append(token)
+                logprobs.append(_token_logprobs(logits, token))
+                ids = torch.cat((ids, token[:, None]), dim=1)
+            results.extend(_collect([(p, s)], tokens, logprobs))
+    return results
+
+
+def _collect(rows: list[tuple[int, int]], tokens: list[Tensor], logprobs: list[Tensor]) -> list[Generation]:
+    if tokens:
+        token_array = torch.stack(tokens, 1).cpu().numpy()  # (B, N)
+        logprob_array = torch.stack(logprobs, 1).double().cpu().numpy()
+    else:
+        token_array = np.zeros((len(rows), 0), dtype=np.int64)
+        logprob_array = np.zeros((len(rows), 0), dtype=np.float64)
+    return [Generation(p, s, token_array[i], logprob_array[i]) for i, (p, s) in enumerate(rows)]

@@ -1,0 +1,142 @@
+"""Writers for infer outputs. Every file is written to a temporary sibling and renamed into place when
+complete (fsio's rule: nothing half-written ever carries a final name); '-' means stdout.
+
+Tables: TSV (default), CSV, or Parquet (needs pyarrow), chosen by `format` or the file suffix.
+Embeddings: `.safetensors` (tensors `embeddings` and, per-token, `offsets`; metadata layer/pooling) or `.npy`
+(the array), each with an index `OUT.ids.tsv`: index, id, length, offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+
+from evo2_cli.errors import InputError
+from evo2_cli.fsio import atomic_write_bytes
+
+TableFormat = Literal["tsv", "csv", "parquet"]
+STDOUT = Path("-")
+
+
+@contextlib.contextmanager
+def atomic_text_output(path: Path) -> Iterator[IO[str]]:
+    """A text stream for `path`, streamed to a temporary sibling, fsynced and renamed on success (removed on
+    any error); `-` is stdout. Unlike fsio.atomic_write_bytes it never holds the whole output in memory."""
+    if str(path) == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give an output file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path.parent}: cannot create output directory: {exc.strerror}") from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def table_format(path: Path, requested: str | None) -> TableFormat:
+    if requested is None:
+        suffix = Path(path).suffix.lower()
+        requested = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "tsv")
+    if requested not in ("tsv", "csv", "parquet"):
+        raise InputError(f"--format: expected tsv, csv or parquet, got {requested!r}")
+    if requested == "parquet":
+        if str(path) == "-":
+            raise InputError("--format parquet needs an output file (-o FILE.parquet), not stdout")
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "--format parquet needs pyarrow: pip install pyarrow (or use tsv or csv)"
+            ) from None
+    return requested
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_table(path: Path, rows: Iterable[dict[str, object]], fmt: TableFormat) -> int:
+    """Write rows (dicts with the same keys) as a table; returns the row count. Rows stream for TSV/CSV."""
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        materialized = list(rows)
+        columns = list(materialized[0]) if materialized else []
+        table = pa.table({c: [r[c] for r in materialized] for c in columns})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        atomic_write_bytes(Path(path), buffer.getvalue())
+        return len(materialized)
+    count = 0
+    with atomic_text_output(path) as handle:
+        writer = csv.writer(handle, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
+        for row in rows:
+            if count == 0:
+                writer.writerow(list(row))
+            writer.writerow([_cell(v) for v in row.values()])
+            count += 1
+    return count
+
+
+def fasta_lines(header: str, sequence: str, width: int = 80) -> str:
+    body = "\n".join(sequence[i : i + width] for i in range(0, len(sequence), width))
+    return f">{header}\n{body}\n"
+
+
+def write_embeddings(
+    path: Path,
+    vectors: np.ndarray,
+    ids: list[str],
+    lengths: list[int],
+    offsets: np.ndarray | None,
+    metadata: dict[str, str],
+) -> Path:
+    """Write `vectors` (.safetensors or .npy, by suffix) and the index OUT.ids.tsv; returns the index path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npy"):
+        raise InputError(f"{path}: embeddings are written as .safetensors or .npy; change the suffix")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(vectors))
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        import torch
+        from safetensors.torch import save
+
+        tensors = {"embeddings": torch.from_numpy(np.ascontiguousarray(vectors))}
+        if offsets is not None:
+            tensors["offsets"] = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
+    index = path.with_name(path.name + ".ids.tsv")
+    starts = offsets if offsets is not None else np.arange(len(ids))
+    rows = (
+        {"index": i, "id": name, "length": length, "offset": int(starts[i])}
+        for i, (name, length) in enumerate(zip(ids, lengths, strict=True))
+    )
+    write_table(index, rows, "tsv")
+    return index

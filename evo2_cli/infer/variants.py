@@ -1,0 +1,177 @@
+"""Variant effect scores: delta log-likelihood (alt - ref) of a window of the reference around each variant.
+
+Input: a TSV with columns chrom, pos, ref, alt (1-based pos; an optional header line; '#' lines skipped), or
+a VCF (recognized by a `##fileformat=VCF` or `#CHROM` line: CHROM POS ID REF ALT ...; multi-allelic ALT gives
+one row per allele; symbolic alleles such as <DEL> or * are refused). Alleles are DNA letters; indels work.
+
+For each variant the reference window is `window` bases centred on the variant (shifted to stay inside the
+chromosome); the alt window is the same window with ref replaced by alt. Both are scored like `evo2 infer
+score` (sum of log p(x_t | x_<t) over t >= 1, upper-cased) and the row reports
+    delta_sum_ll  = sum_ll(alt window) - sum_ll(ref window)
+    delta_mean_ll = mean_ll(alt window) - mean_ll(ref window)  (the Evo 2 paper's score for SNVs).
+A ref allele that does not match the reference is an error naming the line (or, with on_mismatch='skip', a
+row with status 'ref_mismatch' and empty scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from evo2_cli.data.alphabet import UPPERCASE
+from evo2_cli.errors import InputError
+from evo2_cli.infer.sequences import encode_dna, read_sequences
+from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS, run_windows, token_logprobs
+from evo2_cli.model.model import StripedHyena
+
+OnMismatch = Literal["error", "skip"]
+DEFAULT_VARIANT_WINDOW = 8192
+
+
+@dataclass(frozen=True)
+class Variant:
+    chrom: str
+    pos: int  # 1-based
+    ref: str
+    alt: str
+    line: int  # line of the input file
+
+
+def read_variants(path: Path) -> list[Variant]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the variant list: {exc}") from None
+    lines = text.splitlines()
+    vcf = any(line.startswith(("##fileformat=VCF", "#CHROM")) for line in lines[:1000])
+    ref_col, alt_col = (3, 4) if vcf else (2, 3)
+    variants: list[Variant] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.rstrip("\r").split("\t") if "\t" in line else line.split()
+        if not vcf and not variants and fields[:2] and fields[1].lower() in ("pos", "position"):
+            continue  # a header line: chrom pos ref alt
+        where = f"{path}:{number}"
+        if len(fields) <= alt_col:
+            columns = "CHROM POS ID REF ALT" if vcf else "chrom pos ref alt"
+            raise InputError(f"{where}: expected the columns {columns}, got {len(fields)} field(s)")
+        try:
+            pos = int(fields[1])
+        except ValueError:
+            raise InputError(f"{where}: position {fields[1]!r} is not an integer") from None
+        if pos < 1:
+            raise InputError(f"{where}: position {pos} must be >= 1 (1-based)")
+        ref = fields[ref_col]
+        encode_dna(ref, f"{where}: ref allele")
+        for alt in fields[alt_col].split(","):
+            if alt.startswith("<") or alt in ("*", "."):
+                raise InputError(f"{where}: symbolic or missing ALT allele {alt!r} is not supported")
+            encode_dna(alt, f"{where}: alt allele")
+            variants.append(Variant(fields[0], pos, ref.upper(), alt.upper(), number))
+    if not variants:
+        raise InputError(f"{path}: no variants (expected lines of chrom, pos, ref, alt)")
+    return variants
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    variant: Variant
+    status: str  # 'ok' or 'ref_mismatch'
+    window_start: int = 0  # 0-based start of the reference window
+    ref_sum_ll: float = float("nan")
+    alt_sum_ll: float = float("nan")
+    delta_sum_ll: float = float("nan")
+    delta_mean_ll: float = float("nan")
+
+    def row(self) -> dict[str, object]:
+        v = self.variant
+        return {
+            "chrom": v.chrom,
+            "pos": v.pos,
+            "ref": v.ref,
+            "alt": v.alt,
+            "status": self.status,
+            "window_start": self.window_start + 1,
+            "ref_sum_ll": self.ref_sum_ll,
+            "alt_sum_ll": self.alt_sum_ll,
+            "delta_sum_ll": self.delta_sum_ll,
+            "delta_mean_ll": self.delta_mean_ll,
+        }
+
+
+def load_reference(path: Path, chroms: set[str]) -> dict[str, np.ndarray]:
+    """Upper-cased tokens of the reference records named in `chroms` (by first header word)."""
+    found = {s.id: s.tokens for s in read_sequences(path) if s.id in chroms}
+    missing = sorted(chroms - set(found))
+    if missing:
+        raise InputError(f"{path}: no record named {', '.join(missing[:5])} (the variants' chromosomes)")
+    return found
+
+
+def variant_windows(
+    variant: Variant, chrom: np.ndarray, window: int, source: str, on_mismatch: OnMismatch
+) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(start, ref window, alt window), or None for a skipped ref mismatch."""
+    begin = variant.pos - 1
+    ref = np.frombuffer(variant.ref.encode(), np.uint8)
+    alt = np.frombuffer(variant.alt.encode(), np.uint8)
+    found = chrom[begin : begin + len(ref)]
+    if begin + len(ref) > len(chrom) or not np.array_equal(found, UPPERCASE[ref]):
+        if on_mismatch == "skip":
+            return None
+        shown = found.tobytes().decode("ascii", "replace") if begin < len(chrom) else "(past the end)"
+        raise InputError(
+            f"{source}:{variant.line}: ref allele {variant.ref} does not match the reference at "
+            f"{variant.chrom}:{variant.pos}, which holds {shown} (chromosome length {len(chrom)}); check the "
+            "reference build and that positions are 1-based, or pass --on-mismatch skip"
+        )
+    start = min(max(0, begin + len(ref) // 2 - window // 2), max(0, len(chrom) - window))
+    stop = min(len(chrom), start + window)
+    ref_window = chrom[start:stop]
+    alt_window = np.concatenate((chrom[start:begin], UPPERCASE[alt], chrom[begin + len(ref) : stop]))
+    return start, ref_window, alt_window
+
+
+def score_variants(
+    model: StripedHyena,
+    variants: list[Variant],
+    reference: dict[str, np.ndarray],
+    *,
+    window: int = DEFAULT_VARIANT_WINDOW,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    source: str = "variants",
+    on_mismatch: OnMismatch = "error",
+    on_tokens: Callable[[int], None] | None = None,
+) -> list[VariantScore]:
+    """One VariantScore per variant, in input order."""
+    if window < 2:
+        raise InputError(f"--window must be >= 2, got {window}")
+    planned = [variant_windows(v, reference[v.chrom], window, source, on_mismatch) for v in variants]
+    arrays = [a for p in planned if p is not None for a in p[1:]]
+    longest = max((len(a) for a in arrays), default=2)
+    per_token = run_windows(
+        model,
+        arrays,
+        lambda ids: token_logprobs(model, ids),
+        window=longest,  # alt windows of insertions are longer than `window`: never split a variant window
+        overlap=longest - 1,
+        batch_tokens=batch_tokens,
+        on_tokens=on_tokens,
+    )
+    results, at = [], 0
+    for variant, plan in zip(variants, planned, strict=True):
+        if plan is None:
+            results.append(VariantScore(variant, "ref_mismatch"))
+            continue
+        ref_lp, alt_lp = per_token[at], per_token[at + 1]
+        at += 2
+        ref_sum = float(np.sum(ref_lp[1:], dtype=np.float64))
+        alt_sum = float(np.sum(alt_lp[1:], dtype=np.float64))
+        delta_mean = alt_sum / max(len(alt_lp) - 1, 1) - ref_sum / max(len(ref_lp) - 1, 1)
+        results.append(VariantScore(variant, "ok", plan[0], ref_sum, alt_sum, alt_sum - ref_sum, delta_mean))
+    return results
