@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.testing import assert_close
 
 from evo2_cli.model import (
@@ -19,11 +20,12 @@ from evo2_cli.model import (
 from evo2_cli.model.model import (
     HyenaBlock,
     attention_reference,
+    causal_convolution_direct,
     causal_convolution_fft,
-    causal_convolution_reference,
     causal_cross_correlation,
     causal_cross_correlation_reference,
     modal_filter,
+    modal_filter_reference,
     modal_state,
     modal_state_reference,
 )
@@ -61,7 +63,7 @@ def test_grouped_fir_matches_channel_loop():
 )
 def test_fft_convolution_matches_direct(length, taps):
     u, h = torch.randn(2, 4, length), torch.randn(4, taps) / math.sqrt(taps)
-    assert_close(causal_convolution_fft(u, h), causal_convolution_reference(u, h), atol=1e-5, rtol=1e-5)
+    assert_close(causal_convolution_fft(u, h), causal_convolution_direct(u, h), atol=1e-5, rtol=1e-5)
 
 
 def test_fft_convolution_stays_fp32_under_bf16_autocast():
@@ -79,10 +81,24 @@ def test_fft_convolution_stays_fp32_under_bf16_autocast():
         assert_close(logits.float(), model(ids), atol=0.1, rtol=0.1)
 
 
-def test_modal_state_matches_recurrence():
-    lam = -torch.rand(6, 4) * 0.5
-    u = torch.randn(3, 6, 37)
-    assert_close(modal_state(lam, u, chunk=8), modal_state_reference(lam, u), atol=1e-5, rtol=1e-5)
+def _poles(d: int, s: int) -> Tensor:
+    """Fast and slow modes, as in trained checkpoints (|lambda| from 1e-4 to 1)."""
+    return -torch.logspace(-4, 0, d * s).reshape(d, s)[torch.randperm(d)]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 300, 1000, 4097])
+def test_modal_state_matches_recurrence(length):
+    lam, u = _poles(6, 4), torch.randn(3, 6, length)
+    expected = modal_state_reference(lam, u)
+    assert_close(modal_state(lam, u), expected.float(), atol=2e-6 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 300, 1000, 4097])
+def test_factored_modal_filter_matches_formula(length):
+    lam, r = _poles(8, 16), torch.randn(8, 16)
+    h = modal_filter(lam, r, length)
+    assert h.shape == (8, length)
+    assert_close(h, modal_filter_reference(lam, r, length), atol=1e-5, rtol=1e-5)
 
 
 def test_modal_filter_formula():

@@ -8,7 +8,7 @@ What the model computes (DESIGN.md section 4; every formula matches the Vortex i
   conv over the 3D channels; channels de-interleaved by c mod 3 into x2 (gate), x1, v; `u = x1 * v`;
   an inner causal filter over u; `out = x2 * (filter(u) [+ D * u])`; `x += dense(out)`; then the MLP.
     hcs  grouped 7-tap cross-correlation, no D term
-    hcm  grouped 128-tap causal convolution (FFT), plus D * u
+    hcm  grouped 128-tap causal convolution, plus D * u
     hcl  one modal filter per channel, h[d, t] = sum_s R[d, s] exp(lambda[d, s] t), FFT conv, plus D * u
   The featurizer, the inner filters and the FFTs always run in fp32, also under bf16 autocast.
 - hcl poles: `hcl_form: modal` stores p, gamma with lambda = -exp(p) * exp(gamma) < 0 (stable by construction,
@@ -20,9 +20,9 @@ What the model computes (DESIGN.md section 4; every formula matches the Vortex i
   `evo2_style_activations` (the released models); each block stores its own `MLP.activation`.
 
 Cached inference (`new_cache`, `prefill`, `step`, `generate_greedy`): attention keeps a KV cache, the
-featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state s[b, d, s] updated per
-token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token). Prefill of any length >= 1
-followed by steps equals the full forward.
+featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state s[b, d, s] (fp64)
+updated per token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token). Prefill of any length
+>= 1 followed by steps equals the full forward.
 
 Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
 Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
@@ -85,42 +85,68 @@ def causal_convolution_fft(u: Tensor, h: Tensor) -> Tensor:
     return torch.fft.irfft(u_f * h_f, n=n)[..., :length]  # (B, C, L)
 
 
-def causal_convolution_reference(u: Tensor, h: Tensor) -> Tensor:
-    """Direct causal convolution: conv1d with flipped taps (tap 0 = current step)."""
+def causal_convolution_direct(u: Tensor, h: Tensor) -> Tensor:
+    """Direct causal convolution: conv1d with flipped taps (tap 0 = current step). Faster than the FFT on a
+    CPU for hcm's 128 taps; the two are compared in tests."""
     length = u.shape[-1]
     h = h[..., :length]
     return causal_cross_correlation(u, h.flip(-1))
 
 
+def _decay_blocks(log_poles: Tensor, length: int) -> tuple[Tensor, Tensor, int]:
+    """exp(lambda t) for t = c * B + k factored as across[c] * within[k], B ~ sqrt(length), in fp32.
+
+    Returns within (D, S, B) = exp(lambda k), across (D, S, C) = exp(lambda c B), and B; C * B >= length.
+    Only D S (B + C) exponentials instead of D S L (exp dominates the hcl cost on a CPU otherwise).
+    """
+    lam = log_poles.float().unsqueeze(-1)  # (D, S, 1)
+    block = 1 << math.ceil(math.log2(max(length, 1)) / 2)
+    count = -(-length // block)
+    k = torch.arange(block, device=lam.device, dtype=torch.float32)
+    c = torch.arange(count, device=lam.device, dtype=torch.float32) * block
+    return torch.exp(lam * k), torch.exp(lam * c), block
+
+
 def modal_filter(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
-    """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L)."""
+    """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L).
+
+    One batched matmul over the factored exponentials:
+    h[d, c B + k] = sum_s (R across)[d, c, s] within[d, s, k].
+    """
+    within, across, _ = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
+    weighted = (residues.float().unsqueeze(-1) * across).transpose(1, 2)  # (D, C, S)
+    h = torch.bmm(weighted, within)  # (D, C, B)
+    return h.reshape(h.shape[0], -1)[:, :length]  # (D, C * B) -> (D, L)
+
+
+def modal_filter_reference(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
+    """The formula as written (materializes (D, S, L)); Vortex computes it this way."""
     t = torch.arange(length, device=log_poles.device, dtype=torch.float32)  # (L,)
     modes = torch.exp(log_poles.float().unsqueeze(-1) * t)  # (D, S, L)
     return torch.einsum("ds,dsl->dl", residues.float(), modes)  # (D, L)
 
 
-def modal_state(log_poles: Tensor, u: Tensor, chunk: int = 4096) -> Tensor:
+def modal_state(log_poles: Tensor, u: Tensor) -> Tensor:
     """The recurrent state after u[..., 0..P-1]: s[b, d, s] = sum_k exp(lambda[d, s] (P - 1 - k)) u[b, d, k].
 
     Equal to running `s = exp(lambda) s + u_k` from s = 0 (see `modal_state_reference`). u: (B, D, P).
+    Uses the same factored exponentials as `modal_filter`, over the lag P - 1 - k = c B + j.
     """
     length = u.shape[-1]
-    lam = log_poles.float().unsqueeze(-1)  # (D, S, 1)
-    state = u.new_zeros(u.shape[0], *log_poles.shape, dtype=torch.float32)  # (B, D, S)
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        lag = torch.arange(length - 1 - start, length - 1 - stop, -1, device=u.device, dtype=torch.float32)
-        weights = torch.exp(lam * lag)  # (D, S, chunk)
-        state += torch.einsum("bdk,dsk->bds", u[..., start:stop].float(), weights)
-    return state
+    within, across, block = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
+    lagged = F.pad(u.float().flip(-1), (0, across.shape[-1] * block - length))  # (B, D, C * B), lag order
+    lagged = lagged.reshape(*u.shape[:2], across.shape[-1], block)  # (B, D, C, B)
+    partial = torch.einsum("bdcj,dsj->bdsc", lagged, within)  # (B, D, S, C)
+    return (partial * across).sum(-1)  # (B, D, S)
 
 
 def modal_state_reference(log_poles: Tensor, u: Tensor) -> Tensor:
-    """The recurrence itself, one step at a time."""
-    poles = torch.exp(log_poles.float())  # (D, S)
-    state = u.new_zeros(u.shape[0], *log_poles.shape, dtype=torch.float32)  # (B, D, S)
+    """The recurrence itself, one step at a time, in fp64 (in fp32 a rounded exp(lambda) raised to the n-th
+    power drifts by ~1e-4 relative over 4k steps for slow modes)."""
+    poles = torch.exp(log_poles.double())  # (D, S)
+    state = u.new_zeros(u.shape[0], *log_poles.shape, dtype=torch.float64)  # (B, D, S)
     for k in range(u.shape[-1]):
-        state = poles * state + u[..., k, None].float()
+        state = poles * state + u[..., k, None].double()
     return state
 
 
@@ -267,10 +293,10 @@ class Attention(nn.Module):
 
 @dataclass
 class HyenaState:
-    """Decoding state of one hyena layer (fp32): featurizer FIR inputs and the inner filter's state."""
+    """Decoding state of one hyena layer: featurizer FIR inputs and the inner filter's state."""
 
     fir: Tensor  # (B, 3D, short_filter_length - 1): last pre-featurizer inputs
-    inner: Tensor  # hcs/hcm: (B, D, K - 1) last inputs u; hcl: (B, D, S) modal state
+    inner: Tensor  # hcs/hcm: (B, D, K - 1) last inputs u; hcl: (B, D, S) modal state (fp64)
 
 
 def _tail(x: Tensor, n: int) -> Tensor:
@@ -364,7 +390,8 @@ class ShortFilter(HyenaOperator):
 
 
 class MediumFilter(HyenaOperator):
-    """hcm: grouped medium FIR, convolution (tap 0 = current step) via FFT, plus D * u."""
+    """hcm: grouped medium FIR, convolution (tap 0 = current step), plus D * u. Direct conv for up to 256
+    taps (faster on a CPU), FFT beyond."""
 
     kind = "hcm"
 
@@ -375,7 +402,8 @@ class MediumFilter(HyenaOperator):
 
     def inner(self, u):
         h = _expand_groups(self.h, self.hidden_size)  # (D, K)
-        return causal_convolution_fft(u, h) + self.D.float()[:, None] * u
+        conv = causal_convolution_direct if h.shape[-1] <= 256 else causal_convolution_fft
+        return conv(u, h) + self.D.float()[:, None] * u
 
     def inner_state(self, u):
         return _tail(u, self.h.shape[-1] - 1)
@@ -420,13 +448,20 @@ class LongFilter(HyenaOperator):
     def inner(self, u):
         return causal_convolution_fft(u, self.filter(u.shape[-1])) + self.D.float()[:, None] * u
 
+    # The decoding state is kept in fp64 (it is only D x S per layer): repeated multiplication by a rounded
+    # fp32 exp(lambda) would drift by ~1e-4 relative over a few thousand tokens for slow modes.
     def inner_state(self, u):
-        return modal_state(self.poles(), u)
+        return modal_state(self.poles(), u).to(_state_dtype(u.device))
 
     def inner_step(self, u, state):
-        state = torch.exp(self.poles()) * state + u.unsqueeze(-1)  # (B, D, S)
-        y = torch.einsum("bds,ds->bd", state, self.residues.float()) + self.D.float() * u
-        return y, state
+        poles = torch.exp(self.poles().to(state.dtype))  # (D, S)
+        state = poles * state + u.to(state.dtype).unsqueeze(-1)  # (B, D, S)
+        y = torch.einsum("bds,ds->bd", state, self.residues.to(state.dtype)).float()
+        return y + self.D.float() * u, state
+
+
+def _state_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
 
 
 _OPERATORS = {"hcs": ShortFilter, "hcm": MediumFilter, "hcl": LongFilter}
