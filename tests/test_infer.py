@@ -1,0 +1,373 @@
+"""evo2_cli.infer core: sampling, cached generation vs re-forward, windowed scoring vs unwindowed and the
+stitching rule, embeddings, variants, the model loader."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from evo2_cli.data.alphabet import reverse_complement
+from evo2_cli.errors import InputError
+from evo2_cli.infer.embedding import embed_sequences, hidden_states, resolve_layer
+from evo2_cli.infer.generation import generate, generate_reference
+from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
+from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
+from evo2_cli.infer.scoring import score_reference, score_sequences
+from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
+from evo2_cli.infer.variants import Variant, read_variants, score_variants
+from evo2_cli.infer.windows import plan_windows
+from evo2_cli.model import StripedHyena, load_vortex, preset_config, save_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
+CONFIG = FIXTURE / "tiny_config.yml"
+WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The Vortex conformance model: every layer kind, attention included."""
+    return load_inference_model(WEIGHTS, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def test_model():
+    torch.manual_seed(0)
+    return StripedHyena(preset_config("test")).eval().requires_grad_(False)
+
+
+def _dna(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(np.frombuffer(b"ACGT", np.uint8), n)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(top_k=1),
+        SamplingSettings(top_k=4, temperature=1.0, top_p=1.0),
+        SamplingSettings(top_k=0, temperature=0.7, top_p=0.9),
+        SamplingSettings(top_k=20, temperature=1.5, top_p=0.5),
+        SamplingSettings(top_k=3, temperature=0.2, top_p=0.3),
+    ],
+)
+def test_sample_matches_plain_python_reference(settings):
+    logits = torch.randn(64, 40, generator=torch.Generator().manual_seed(1)) * 3
+    picked = sample(logits, settings, [row_generator(7, i) for i in range(64)])
+    for i in range(64):
+        u = float(torch.rand((), generator=row_generator(7, i), dtype=torch.float64))
+        assert int(picked[i]) == sample_reference(logits[i], settings, u)
+
+
+def test_top_p_is_applied_within_top_k_after_temperature():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs, ids = filtered_probs(logits, SamplingSettings(top_k=0, top_p=0.7))
+    assert ids[0, :2].tolist() == [0, 1]
+    assert_close(probs[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    # top-k first: only 2 candidates; then temperature 2 flattens them: p ∝ sqrt(0.5), sqrt(0.3)
+    probs, ids = filtered_probs(logits, SamplingSettings(top_k=2, temperature=2.0))
+    expected = torch.tensor([math.sqrt(0.5), math.sqrt(0.3)])
+    assert_close(probs[0], expected / expected.sum())
+    # top-p after temperature: the flattened top-1 (0.5637) no longer reaches 0.56 -> 2 kept... 0.55 keeps 1
+    probs, _ = filtered_probs(logits, SamplingSettings(top_k=2, temperature=2.0, top_p=0.55))
+    assert probs[0].tolist() == [1.0, 0.0]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(20000, 4)
+    picked = sample(logits, SamplingSettings(top_k=0), [row_generator(3, i) for i in range(20000)])
+    freq = torch.bincount(picked, minlength=4).double() / 20000
+    assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"temperature": -1.0, "top_k": 0}, "--temperature"),
+        ({"top_k": -1}, "--top-k"),
+    ],
+)
+def test_bad_sampling_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        SamplingSettings(**kwargs)
+
+
+def test_greedy_ignores_temperature():
+    assert SamplingSettings(top_k=1, temperature=0.0).greedy
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_encode_dna_uppercases_and_names_the_bad_position():
+    assert encode_dna("acgTn", "p").tobytes() == b"ACGTN"
+    with pytest.raises(InputError, match=r"--prompt 2: position 3 holds 'X'"):
+        encode_dna("ACXT", "--prompt 2")
+    assert encode_dna("ACXT", "p", policy="n").tobytes() == b"ACNT"
+    with pytest.raises(InputError, match="empty"):
+        encode_dna("  ", "p")
+    assert tokens_to_text(np.array([65, 0, 300, 99])) == "ANNc"
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("model_name, prompt_length", [("tiny", 7), ("test", 1), ("test", 2), ("test", 30)])
+def test_greedy_generation_equals_argmax_of_full_forward(request, model_name, prompt_length):
+    model = request.getfixturevalue("tiny" if model_name == "tiny" else "test_model")
+    prompt = _dna(prompt_length, prompt_length)
+    cached = generate(model, [prompt], 8, SamplingSettings(top_k=1), alphabet=None)[0]
+    ids = torch.from_numpy(prompt.astype(np.int64))[None]
+    for n in range(8):  # argmax of the full forward, re-run from scratch per token
+        with torch.no_grad():
+            logits = model(ids)[0, -1]
+        assert int(cached.tokens[n]) == int(logits.argmax())
+        assert cached.logprobs[n] == pytest.approx(float(torch.log_softmax(logits, -1).max()), abs=1e-4)
+        ids = torch.cat((ids, logits.argmax().reshape(1, 1)), dim=1)
+
+
+def test_sampled_generation_equals_the_uncached_reference(test_model):
+    prompts = [_dna(5, 1), _dna(9, 2), _dna(5, 3)]  # two lengths: grouped into separate batches
+    settings = SamplingSettings(top_k=0, temperature=1.3, top_p=0.95)
+    cached = generate(test_model, prompts, 8, settings, num_samples=2, seed=11, batch_size=3, alphabet=None)
+    slow = generate_reference(test_model, prompts, 8, settings, num_samples=2, seed=11, alphabet=None)
+    assert [(g.prompt_index, g.sample_index) for g in cached] == [(p, s) for p in range(3) for s in range(2)]
+    for a, b in zip(cached, slow, strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_same_seed_same_output_whatever_the_batch(test_model):
+    prompts = [_dna(4, 5), _dna(4, 6), _dna(6, 7)]
+    settings = SamplingSettings(top_k=4)
+    runs = [generate(test_model, prompts, 10, settings, num_samples=2, seed=5, batch_size=b) for b in (1, 6)]
+    for other in runs[1:]:
+        assert [g.tokens.tolist() for g in other] == [g.tokens.tolist() for g in runs[0]]
+    different = generate(test_model, prompts, 10, settings, num_samples=2, seed=6)
+    assert [g.tokens.tolist() for g in different] != [g.tokens.tolist() for g in runs[0]]
+    generated = np.concatenate([g.tokens for g in runs[0]])
+    assert set(generated.tolist()) <= set(b"ACGT")  # the default alphabet
+
+
+# ---------------------------------------------------------------- windows and scoring
+
+
+@pytest.mark.parametrize(
+    "length, window, overlap", [(1, 4, 1), (10, 10, 3), (11, 10, 3), (100, 16, 5), (37, 8, 7)]
+)
+def test_window_plan_covers_every_position_once(length, window, overlap):
+    windows = plan_windows(length, window, overlap)
+    owned = np.concatenate([np.arange(w.keep_from, w.stop) for w in windows])
+    assert owned.tolist() == list(range(length))
+    for k, w in enumerate(windows):
+        assert w.stop - w.start == min(window, length) and w.start <= w.keep_from < w.stop
+        if k > 0:
+            assert w.keep_from - w.start >= overlap
+
+
+def test_score_matches_the_official_engine_logits(tiny):
+    """Golden numbers: per-token log-probs from Vortex's own fp32 logits (the conformance vector)."""
+    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)  # (2, 300)
+    logits = torch.load(FIXTURE / "logits_fp32.pt", weights_only=True)  # (2, 300, 512)
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    records = [Sequence(f"r{i}", ids[i].numpy().astype(np.uint8)) for i in range(2)]
+    scores = list(score_sequences(tiny, records))
+    for i, s in enumerate(scores):
+        np.testing.assert_allclose(s.logprobs[1:], expected[i].numpy(), atol=2e-4)
+        assert s.sum_ll == pytest.approx(float(expected[i].sum()), abs=5e-3)
+        assert s.bits_per_base == pytest.approx(-float(expected[i].mean()) / math.log(2), abs=1e-4)
+        assert s.n_scored == 299 and np.isnan(s.logprobs[0])
+
+
+def test_windowed_score_equals_unwindowed_when_the_window_covers(tiny):
+    records = [Sequence("a", _dna(150, 1)), Sequence("b", _dna(90, 2)), Sequence("c", _dna(3, 3))]
+    scores = list(score_sequences(tiny, records, window=150, overlap=10, batch_tokens=400))
+    assert [s.id for s in scores] == ["a", "b", "c"]
+    for record, s in zip(records, scores, strict=True):  # bucketed, padded batches change nothing
+        np.testing.assert_allclose(s.logprobs[1:], score_reference(tiny, record.tokens)[1:], atol=2e-5)
+
+
+def test_stitching_rule_on_a_long_record(tiny):
+    tokens = _dna(50, 4)
+    window, overlap = 16, 5
+    got = next(score_sequences(tiny, [Sequence("x", tokens)], window=window, overlap=overlap)).logprobs
+    windows = plan_windows(50, window, overlap)
+    assert [(w.start, w.keep_from) for w in windows] == [(0, 0), (11, 16), (22, 27), (33, 38), (34, 49)]
+    for p in range(1, 50):  # brute force: the containing window that gives p the most left context
+        start = min(w.start for w in windows if w.start <= p < w.stop)
+        expected = score_reference(tiny, tokens[start : p + 1])[-1]
+        assert got[p] == pytest.approx(float(expected), abs=2e-5), p
+    full = score_reference(tiny, tokens)  # beyond the window the context is cut: the numbers differ
+    assert not np.allclose(got[window:], full[window:], atol=1e-3)
+
+
+def test_reverse_complement_average(test_model):
+    tokens = _dna(60, 8)
+    both = next(score_sequences(test_model, [Sequence("x", tokens)], reverse_complement=True))
+    fwd = float(np.sum(score_reference(test_model, tokens)[1:]))
+    rc = float(np.sum(score_reference(test_model, reverse_complement(tokens))[1:]))
+    assert both.sum_ll == pytest.approx((fwd + rc) / 2, abs=1e-4)
+    assert both.mean_ll == pytest.approx((fwd + rc) / 2 / 59, abs=1e-5)
+    assert both.row()["sum_ll_rc"] == pytest.approx(rc, abs=1e-4)
+
+
+def test_scoring_pools_keep_input_order(test_model):
+    records = [Sequence(str(i), _dna(10 + 7 * i, i)) for i in range(9)]
+    one = [s.sum_ll for s in score_sequences(test_model, records, pool_tokens=1)]
+    many = [s.sum_ll for s in score_sequences(test_model, records, pool_tokens=10**6)]
+    np.testing.assert_allclose(one, many, atol=1e-4)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def test_embeddings_mean_and_per_token(tiny):
+    records = [Sequence("a", _dna(50, 1)), Sequence("b", _dna(30, 2))]
+    per_token = embed_sequences(tiny, records, layer=3, pooling="none")
+    mean = embed_sequences(tiny, records, layer="blocks.3")
+    assert per_token.layer == mean.layer == "blocks.3"
+    assert per_token.vectors.shape == (80, 64) and mean.vectors.shape == (2, 64)
+    for i, record in enumerate(records):
+        ids = torch.from_numpy(record.tokens.astype(np.int64))[None]
+        with torch.no_grad():
+            _, hidden = tiny(ids, return_hidden_layers=[3])
+        rows = per_token.vectors[per_token.offsets[i] : per_token.offsets[i + 1]]
+        np.testing.assert_allclose(rows, hidden[3][0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(mean.vectors[i], hidden[3][0].mean(0).numpy(), atol=1e-5)
+
+
+def test_embeddings_windowed_follow_the_stitching_rule(tiny):
+    tokens = _dna(45, 9)
+    got = embed_sequences(
+        tiny, [Sequence("x", tokens)], layer=-1, pooling="none", window=16, overlap=5
+    ).vectors
+    windows = plan_windows(45, 16, 5)
+    for p in (0, 15, 16, 30, 44):
+        start = min(w.start for w in windows if w.start <= p < w.stop)
+        with torch.no_grad():
+            expected = hidden_states(tiny, torch.from_numpy(tokens[start : p + 1].astype(np.int64))[None], 7)
+        np.testing.assert_allclose(got[p], expected[0, -1].numpy(), atol=1e-5)
+
+
+def test_layer_names(tiny):
+    assert resolve_layer(tiny, None) == ("blocks.4", 4)  # default: the middle block
+    assert resolve_layer(tiny, "-1") == ("blocks.7", 7)
+    assert resolve_layer(tiny, "final_norm") == ("final_norm", None)
+    for bad in ("8", "-9", "mlp"):
+        with pytest.raises(InputError, match="--layer"):
+            resolve_layer(tiny, bad)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_variants_delta_equals_direct_scoring(test_model, tmp_path):
+    chrom = _dna(200, 10)
+    pos = 101
+    ref = chr(chrom[pos - 1])
+    alt = "A" if ref != "A" else "C"
+    listing = tmp_path / "v.vcf"
+    listing.write_text(f"##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\nchr1\t{pos}\t.\t{ref}\t{alt},GG\n")
+    variants = read_variants(listing)
+    assert [(v.alt, v.line) for v in variants] == [(alt, 3), ("GG", 3)]
+    results = score_variants(test_model, variants, {"chr1": chrom}, window=40)
+    mutated = chrom.copy()
+    mutated[pos - 1] = ord(alt)
+    ref_sum = float(np.sum(score_reference(test_model, chrom[80:120])[1:]))
+    alt_sum = float(np.sum(score_reference(test_model, mutated[80:120])[1:]))
+    assert results[0].window_start == 80 and results[0].status == "ok"
+    assert results[0].delta_sum_ll == pytest.approx(alt_sum - ref_sum, abs=1e-4)
+    assert results[1].delta_sum_ll == pytest.approx(
+        float(
+            np.sum(
+                score_reference(
+                    test_model,
+                    np.concatenate((chrom[80:100], np.frombuffer(b"GG", np.uint8), chrom[101:120])),
+                )[1:]
+            )
+        )
+        - ref_sum,
+        abs=1e-4,
+    )
+
+
+def test_variant_ref_mismatch(test_model, tmp_path):
+    chrom = np.frombuffer(b"ACGTACGTAC", np.uint8)
+    bad = Variant("c", 2, "G", "T", line=7)
+    with pytest.raises(InputError, match=r"v.tsv:7: ref allele G does not match .* c:2, which holds C"):
+        score_variants(test_model, [bad], {"c": chrom}, window=8, source="v.tsv")
+    skipped = score_variants(test_model, [bad], {"c": chrom}, window=8, on_mismatch="skip")
+    assert skipped[0].status == "ref_mismatch" and math.isnan(skipped[0].delta_sum_ll)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("c\tx\tA\tC\n", "not an integer"),
+        ("c\t0\tA\tC\n", ">= 1"),
+        ("c\t3\tA\n", "expected the columns"),
+        ("c\t3\tA\t<DEL>\n", "symbolic"),
+        ("c\t3\tA\tQ\n", "alt allele: position 1"),
+        ("# nothing\n", "no variants"),
+    ],
+)
+def test_bad_variant_lists(tmp_path, text, message):
+    path = tmp_path / "v.tsv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_variants(path)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_loader_accepts_every_source(tmp_path, test_model):
+    save_model(test_model, tmp_path / "ck")
+    run = tmp_path / "run" / "checkpoints"
+    save_model(test_model, run / "step_00000010")
+    (run / "latest").symlink_to("step_00000010")
+    ids = torch.from_numpy(_dna(20, 1).astype(np.int64))[None]
+    expected = test_model(ids)
+    for source in (tmp_path / "ck", tmp_path / "ck" / "model.safetensors", tmp_path / "run", run):
+        assert_close(load_inference_model(source)(ids), expected)
+    assert resolve_checkpoint(tmp_path / "run") == (run / "step_00000010").resolve()
+    model = load_inference_model(WEIGHTS, CONFIG)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert_close(model(ids), load_vortex(CONFIG, WEIGHTS)(ids))
+
+
+def test_loader_errors(tmp_path, test_model):
+    with pytest.raises(InputError, match="--vortex-config"):
+        load_inference_model(WEIGHTS)
+    with pytest.raises(InputError, match="not found"):
+        load_inference_model(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a checkpoint directory"):
+        load_inference_model(tmp_path / "empty")
+    wrong = tmp_path / "wrong.yml"  # a config that does not match the weights
+    wrong.write_text(CONFIG.read_text().replace("inner_mlp_size: 176", "inner_mlp_size: 192"))
+    with pytest.raises(InputError, match="shape"):
+        load_inference_model(WEIGHTS, wrong)
+    save_model(test_model, tmp_path / "ck")
+    with pytest.raises(InputError, match="only for Vortex"):
+        load_inference_model(tmp_path / "ck", CONFIG)
+    with pytest.raises(InputError, match="--dtype"):
+        load_inference_model(tmp_path / "ck", dtype="fp8")
