@@ -1,0 +1,246 @@
+"""`evo2 infer ...` through the CLI: outputs, determinism, exit codes of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.model import StripedHyena, preset_config, save_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("infer") / "ck"
+    save_model(StripedHyena(preset_config("test")), path)
+    return path
+
+
+@pytest.fixture
+def fasta(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = {
+        f"rec{i}": bytes(rng.choice(list(b"ACGTacgt"), n).astype(np.uint8)).decode()
+        for i, n in enumerate((40, 7, 90))
+    }
+    path = tmp_path / "in.fa"
+    path.write_text("".join(f">{k} description\n{v[:30]}\n{v[30:]}\n" for k, v in seqs.items()))
+    return path
+
+
+def invoke(*args: object):
+    return runner.invoke(app, ["infer", *map(str, args)])
+
+
+def said(result) -> str:
+    """Everything the command printed, with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def _fasta_records(text: str) -> list[tuple[str, str]]:
+    blocks = [b for b in text.split(">") if b.strip()]
+    return [(b.split("\n", 1)[0], b.split("\n", 1)[1].replace("\n", "")) for b in blocks]
+
+
+def test_generate_to_stdout_and_file(checkpoint, tmp_path):
+    args = [
+        "generate",
+        checkpoint,
+        "-p",
+        "ACGTAC",
+        "-p",
+        "ggc",
+        "-n",
+        9,
+        "--num-samples",
+        2,
+        "--seed",
+        3,
+        "--device",
+        "cpu",
+    ]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    records = _fasta_records(first.stdout)
+    assert [h.split()[0] for h, _ in records] == [
+        "prompt1_sample1",
+        "prompt1_sample2",
+        "prompt2_sample1",
+        "prompt2_sample2",
+    ]
+    assert all(len(s) == 9 and set(s) <= set("ACGT") for _, s in records)
+    assert "top_k=4 temperature=1 top_p=1 seed=3" in records[0][0]
+    out, logprobs = tmp_path / "gen.fa", tmp_path / "lp.tsv"
+    second = invoke(*args, "--batch-size", 1, "-o", out, "--logprobs", logprobs, "--include-prompt")
+    assert second.exit_code == 0, second.output
+    again = _fasta_records(out.read_text())
+    assert [s for _, s in again] == [
+        p + s for p, (_, s) in zip(["ACGTAC"] * 2 + ["GGC"] * 2, records, strict=True)
+    ]
+    lines = logprobs.read_text().splitlines()
+    assert lines[0] == "id\tposition\ttoken\tlogprob" and len(lines) == 1 + 4 * 9
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
+
+
+def test_generate_prompts_from_fasta_and_greedy(checkpoint, fasta):
+    result = invoke(
+        "generate", checkpoint, "--prompt-fasta", fasta, "-n", 5, "--top-k", 1, "--temperature", 0
+    )
+    assert result.exit_code == 0, result.output
+    assert [h.split()[0] for h, _ in _fasta_records(result.stdout)] == [
+        "rec0_sample1",
+        "rec1_sample1",
+        "rec2_sample1",
+    ]
+    assert "greedy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", ""], "empty sequence"),
+        (["-p", "ACGZ"], "position 4 holds 'Z'"),
+        (["-p", "AC", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["-p", "AC", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
+        (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
+        (["-p", "AC", "--max-new-tokens", "0"], "--max-new-tokens"),
+        ([], "no prompt"),
+        (
+            ["-p", "AC", "--device", "cuda:7"]
+            if not torch.cuda.is_available()
+            else ["-p", "AC", "--dtype", "x"],
+            "--d",
+        ),
+    ],
+)
+def test_generate_bad_input_exits_2(checkpoint, args, message):
+    result = invoke("generate", checkpoint, *args)
+    assert result.exit_code == 2, result.output
+    assert message in said(result) and "Traceback" not in said(result)
+
+
+def test_generate_invalid_policy_maps_to_n(checkpoint):
+    result = invoke("generate", checkpoint, "-p", "ACG-T", "--invalid", "n", "-n", 2, "--include-prompt")
+    assert result.exit_code == 0, result.output
+    assert _fasta_records(result.stdout)[0][1].startswith("ACGNT")
+
+
+def test_score_tsv_csv_per_token(checkpoint, fasta, tmp_path):
+    out = tmp_path / "scores.tsv"
+    result = invoke("score", checkpoint, fasta, "-o", out, "--per-token", tmp_path / "pt.tsv", "--window", 32)
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in out.read_text().splitlines()]
+    assert lines[0] == ["id", "length", "n_scored", "sum_ll", "mean_ll", "bits_per_base"]
+    assert [(r[0], r[1], r[2]) for r in lines[1:]] == [
+        ("rec0", "40", "39"),
+        ("rec1", "7", "6"),
+        ("rec2", "90", "89"),
+    ]
+    for row in lines[1:]:
+        assert float(row[4]) == pytest.approx(float(row[3]) / int(row[2]))
+        assert float(row[5]) == pytest.approx(-float(row[4]) / np.log(2))
+    per_token = [line.split("\t") for line in (tmp_path / "pt.tsv").read_text().splitlines()]
+    assert per_token[0] == ["id", "position", "base", "logprob"] and len(per_token) == 1 + 39 + 6 + 89
+    assert per_token[1][:3] == ["rec0", "1", fasta.read_text().splitlines()[1][1].upper()]
+    rec0 = sum(float(r[3]) for r in per_token[1:] if r[0] == "rec0")
+    assert rec0 == pytest.approx(float(lines[1][3]), abs=1e-3)
+    csv = invoke("score", checkpoint, fasta, "--rc", "--format", "csv")
+    assert csv.exit_code == 0 and csv.stdout.splitlines()[0].endswith("sum_ll_forward,sum_ll_rc")
+
+
+def test_score_bad_input(checkpoint, tmp_path, fasta):
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">x\nACGT\n>y\nAC*GT\n")
+    result = invoke("score", checkpoint, bad)
+    assert result.exit_code == 2 and "bad.fa:4" in said(result)
+    result = invoke("score", checkpoint, fasta, "--window", 8, "--overlap", 8)
+    assert result.exit_code == 2 and "--overlap" in said(result)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        result = invoke("score", checkpoint, fasta, "-o", tmp_path / "s.parquet")
+        assert result.exit_code == 2 and "pyarrow" in said(result)
+        assert not (tmp_path / "s.parquet").exists()
+
+
+def test_embed_npy_and_safetensors(checkpoint, fasta, tmp_path):
+    from safetensors.torch import load_file
+
+    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.npy", "--layer", "-1")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "e.npy").shape == (3, 8)
+    index = (tmp_path / "e.npy.ids.tsv").read_text().splitlines()
+    assert index == ["index\tid\tlength\toffset", "0\trec0\t40\t0", "1\trec1\t7\t1", "2\trec2\t90\t2"]
+    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.safetensors", "--pooling", "none")
+    assert result.exit_code == 0, result.output
+    tensors = load_file(tmp_path / "e.safetensors")
+    assert tensors["embeddings"].shape == (137, 8) and tensors["offsets"].tolist() == [0, 40, 47, 137]
+    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.pt")
+    assert result.exit_code == 2
+    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
+    assert result.exit_code == 2 and "out of range" in said(result)
+
+
+def test_variants(checkpoint, fasta, tmp_path):
+    chrom = fasta.read_text().splitlines()[1].upper()
+    listing = tmp_path / "v.tsv"
+    listing.write_text(f"chrom\tpos\tref\talt\nrec0\t5\t{chrom[4]}\tA\nrec0\t10\t{chrom[9]}\tTT\n")
+    out = tmp_path / "v.out.tsv"
+    result = invoke("variants", checkpoint, listing, "-r", fasta, "-o", out, "--window", 20)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert rows[0][:6] == ["chrom", "pos", "ref", "alt", "status", "window_start"]
+    assert [r[4] for r in rows[1:]] == ["ok", "ok"]
+    wrong = "C" if chrom[4] != "C" else "G"
+    listing.write_text(f"rec0\t5\t{wrong}\tA\n")
+    result = invoke("variants", checkpoint, listing, "-r", fasta)
+    assert result.exit_code == 2 and f"ref allele {wrong} does not match" in said(result)
+    listing.write_text("chrZ\t5\tA\tC\n")
+    result = invoke("variants", checkpoint, listing, "-r", fasta)
+    assert result.exit_code == 2 and "chrZ" in said(result)
+
+
+def test_vortex_checkpoint_and_mismatching_config(tmp_path, fasta):
+    weights, config = FIXTURE / "state_dict_checkpoint_layout.pt", FIXTURE / "tiny_config.yml"
+    result = invoke("score", weights, fasta, "--vortex-config", config)
+    assert result.exit_code == 0, result.output
+    result = invoke("score", weights, fasta)
+    assert result.exit_code == 2 and "--vortex-config" in said(result)
+    wrong = tmp_path / "wrong.yml"
+    wrong.write_text(
+        config.read_text()
+        .replace("hidden_size: 64", "hidden_size: 32")
+        .replace("num_filters: 64", "num_filters: 32")
+    )
+    result = invoke("score", weights, fasta, "--vortex-config", wrong)
+    assert result.exit_code == 2 and "shape" in said(result) and "Traceback" not in said(result)
+
+
+def test_run_directory_resolves_latest(checkpoint, tmp_path, fasta):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "checkpoints" / "step_00000005")
+    (run / "checkpoints" / "latest").symlink_to("step_00000005")
+    (run / "config.yaml").write_text(json.dumps({}))
+    direct = invoke("score", checkpoint, fasta)
+    via_run = invoke("score", run, fasta)
+    assert via_run.exit_code == 0, via_run.output
+    assert via_run.stdout == direct.stdout
