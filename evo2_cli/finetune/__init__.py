@@ -1,0 +1,28 @@
+"""`evo2 finetune`: train from a starting point (our checkpoint or released Evo 2 / Vortex weights) with
+the one training loop of evo2_cli/train/loop.py; full, partial freeze or LoRA; LM or a sequence head.
+
+Public API:
+    FinetuneJob, FinetuneSection, LoraSection, LabelsSection   (config.py; kind `finetune`)
+    finetune(job, resume='auto', overwrite=False, console=None) -> TrainResult | TaskResult   (run.py)
+    prepare(job, outputs=0) -> Prepared      the adapted model, trainable names, memory estimate
+    load_finetuned(path) -> StripedHyena      plain, LoRA or task-head checkpoints of ours
+    merge(path, out, vortex=None, ...)        fold LoRA into the weights; plain checkpoint (+ Vortex .pt)
+    inject_lora / merge_lora / LoRALinear     (lora.py)
+    frozen_names / trainable_names / selector grammar   (freeze.py)
+    estimate_memory / check_memory / MemoryEstimate     (memory.py)
+    auroc / spearman / rankdata, train_task   (heads.py)
+"""
+
+from evo2_cli.finetune.config import FinetuneJob, FinetuneSection, LabelsSection, LoraSection
+from evo2_cli.finetune.run import finetune, load_finetuned, merge, prepare
+
+__all__ = [
+    "FinetuneJob",
+    "FinetuneSection",
+    "LabelsSection",
+    "LoraSection",
+    "finetune",
+    "load_finetuned",
+    "merge",
+    "prepare",
+]

@@ -1,0 +1,392 @@
+"""Sequence classification / regression on labeled FASTA: a pooled head on the backbone, its metrics, and
+the small task trainer that drives it with the training loop's pieces (AdamW groups and schedule from
+train/optim.py, run directory, atomic checkpoints and resume from train/checkpoint.py, metrics.jsonl).
+
+    head        `model.task_head`: Linear(D, outputs) on the mean over real tokens of the final-normed
+                last hidden state (padding masked out); classes for classify, 1 output for regress
+    labels      from the header (`labels.header_regex`, one group) or a CSV `id,label`; every record needs
+                one (missing labels are listed, exit 2); records go to val by a stable hash of their id
+    metrics     classify: loss (cross-entropy), accuracy, AUROC (binary; macro one-vs-rest for more classes)
+                regress:  loss (MSE), MSE, Spearman rank correlation
+    checkpoints the LM loop's layout; meta.json["task"] = {kind, outputs, classes} so `load_finetuned`
+                rebuilds the head
+
+The LM objective needs the windows of an indexed dataset, this one whole labeled records, so it has its own
+step: one forward/backward per micro-batch, clip, step, evaluate, save. Single process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor, nn
+
+from evo2_cli.config import to_yaml
+from evo2_cli.data.alphabet import PAD_ID, UPPERCASE
+from evo2_cli.data.fasta import display, read_fasta
+from evo2_cli.data.preprocess import split_of
+from evo2_cli.errors import InputError
+from evo2_cli.finetune.config import FinetuneJob, LabelsSection
+
+HEAD_NAME = "task_head"
+
+
+# ---------------------------------------------------------------- the head
+
+
+def attach_head(model: nn.Module, outputs: int, seed: int = 0) -> nn.Linear:
+    """Give `model` a `task_head` Linear(hidden, outputs): small normal weights, zero bias."""
+    hidden = model.config.hidden_size
+    device = model.embedding_layer.weight.device
+    head = nn.Linear(hidden, outputs, device=device)
+    if device.type != "meta":
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(outputs, hidden, generator=generator) / math.sqrt(hidden))
+            head.bias.zero_()
+    model.add_module(HEAD_NAME, head)
+    return head
+
+
+def is_head_parameter(name: str) -> bool:
+    return name.startswith(HEAD_NAME + ".")
+
+
+def sequence_outputs(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """(B, L) ids and (B, L) mask of real tokens -> head outputs (B, outputs), fp32."""
+    _, hidden = model(input_ids, return_hidden_layers=[-1])
+    normed = model.norm(hidden[-1]).float()  # (B, L, D)
+    weights = mask.float().unsqueeze(-1)  # (B, L, 1)
+    pooled = (normed * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, D)
+    return getattr(model, HEAD_NAME)(pooled.to(getattr(model, HEAD_NAME).weight.dtype)).float()
+
+
+# ---------------------------------------------------------------- metrics (numpy)
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties get the average of the ranks they span."""
+    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting half
+    (Mann-Whitney U / (n_pos n_neg)). NaN when a class is absent."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of the (tie-averaged) ranks; NaN when either side is constant."""
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denominator) if denominator > 0 else math.nan
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """accuracy and AUROC (binary: of class 1; more classes: macro one-vs-rest over present classes)."""
+    accuracy = float((logits.argmax(1) == labels).mean())
+    if logits.shape[1] == 2:
+        score = auroc(logits[:, 1] - logits[:, 0], labels == 1)
+    else:
+        per_class = [auroc(logits[:, c], labels == c) for c in range(logits.shape[1])]
+        present = [a for a in per_class if not math.isnan(a)]
+        score = float(np.mean(present)) if present else math.nan
+    return {"accuracy": accuracy, "auroc": score}
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    return {"mse": float(((predictions - targets) ** 2).mean()), "spearman": spearman(predictions, targets)}
+
+
+# ---------------------------------------------------------------- labeled records
+
+
+@dataclass
+class LabeledRecords:
+    ids: list[str]
+    sequences: list[np.ndarray]  # upper-cased byte tokens, cut to seq_len
+    targets: np.ndarray  # int64 class indices (classify) or float32 values (regress)
+
+
+def _csv_labels(path: Path) -> dict[str, str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the labels CSV: {exc}") from None
+    if rows and [cell.strip().lower() for cell in rows[0]] == ["id", "label"]:
+        rows = rows[1:]
+    labels = {}
+    for number, row in enumerate(rows, 1):
+        if len(row) != 2:
+            raise InputError(f"{path}: row {number} has {len(row)} columns; expected id,label")
+        labels[row[0].strip()] = row[1].strip()
+    return labels
+
+
+def read_labeled(
+    section: LabelsSection, task: str, seq_len: int, seed: int
+) -> tuple[LabeledRecords, LabeledRecords, list[str] | None]:
+    """(train, val, classes) from the labeled FASTA files; classes is None for regression."""
+    table = _csv_labels(section.csv) if section.csv is not None else None
+    pattern = re.compile(section.header_regex) if section.header_regex is not None else None
+    ids, raw_labels, sequences, missing = [], [], [], []
+    for path in section.fasta:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: labeled FASTA file not found (finetune.labels.fasta)")
+        for record in read_fasta(path):
+            if record.problem:
+                raise InputError(record.problem)
+            record_id = display(record.id)
+            if table is not None:
+                label = table.get(record_id)
+            else:
+                match = pattern.search(display(record.header))
+                label = match.group(1) if match else None
+            if label is None or label == "":
+                missing.append(f"{path}:{record.line} {record_id}")
+                continue
+            ids.append(record_id)
+            raw_labels.append(label)
+            tokens = UPPERCASE[np.frombuffer(record.sequence, dtype=np.uint8)][:seq_len]
+            sequences.append(tokens)
+    source = (
+        f"labels.csv {section.csv}" if table is not None else f"labels.header_regex {section.header_regex!r}"
+    )
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise InputError(
+            f"{len(missing)} record(s) have no label from {source}: {', '.join(missing[:5])}{more}; "
+            "label every record or remove the unlabeled ones"
+        )
+    if not ids:
+        raise InputError(f"no records in {', '.join(map(str, section.fasta))}")
+    if any(len(s) == 0 for s in sequences):
+        empty = [i for i, s in zip(ids, sequences, strict=True) if len(s) == 0]
+        raise InputError(f"empty sequence(s): {', '.join(empty[:5])}; every labeled record needs bases")
+    classes = None
+    if task == "classify":
+        classes = sorted(set(raw_labels))
+        if len(classes) < 2:
+            raise InputError(f"task classify needs at least 2 classes; every record is labeled {classes}")
+        targets = np.array([classes.index(label) for label in raw_labels], dtype=np.int64)
+    else:
+        try:
+            targets = np.array([float(label) for label in raw_labels], dtype=np.float32)
+        except ValueError:
+            bad = next(label for label in raw_labels if not _is_number(label))
+            raise InputError(f"task regress needs numeric labels; got {bad!r} from {source}") from None
+    fraction = section.val_fraction
+    in_val = np.array([split_of(i.encode(), seed, (1 - fraction, fraction, 0.0)) == 1 for i in ids])
+    if in_val.all() or not in_val.any():
+        raise InputError(
+            f"{len(ids)} labeled records give an empty {'train' if in_val.all() else 'val'} split with "
+            f"labels.val_fraction={fraction}; add records or change the fraction"
+        )
+
+    def subset(keep: np.ndarray) -> LabeledRecords:
+        chosen = np.flatnonzero(keep)
+        return LabeledRecords([ids[i] for i in chosen], [sequences[i] for i in chosen], targets[chosen])
+
+    return subset(~in_val), subset(in_val), classes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def collate(records: LabeledRecords, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids (B, L) padded with PAD_ID, mask (B, L), targets (B,)) for the given records."""
+    length = max(len(records.sequences[i]) for i in indices)
+    ids = np.full((len(indices), length), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(indices), length), dtype=bool)
+    for row, i in enumerate(indices):
+        tokens = records.sequences[i]
+        ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, True
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(records.targets[indices])
+
+
+def task_loss(outputs: Tensor, targets: Tensor, task: str) -> Tensor:
+    if task == "classify":
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs[:, 0], targets.float())
+
+
+def sample_indices(count: int, seed: int, first: int, size: int) -> list[int]:
+    """Sample positions first..first+size-1 of an endless sequence of epochs, each a permutation drawn
+    from (seed, epoch): the same positions give the same records on every run, resumed or not."""
+    out = []
+    for position in range(first, first + size):
+        epoch, offset = divmod(position, count)
+        out.append(int(np.random.default_rng((seed, 2, epoch)).permutation(count)[offset]))
+    return out
+
+
+@torch.no_grad()
+def evaluate_task(model, records: LabeledRecords, task: str, micro_batch: int, device, autocast) -> dict:
+    model.eval()
+    outputs = []
+    for first in range(0, len(records.ids), micro_batch):
+        ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
+        with autocast:
+            outputs.append(sequence_outputs(model, ids.to(device), mask.to(device)).cpu())
+    model.train()
+    out = torch.cat(outputs)
+    targets = torch.from_numpy(records.targets)
+    metrics = {"val_loss": task_loss(out, targets, task).item()}
+    if task == "classify":
+        metrics.update(classification_metrics(out.numpy(), records.targets))
+    else:
+        metrics.update(regression_metrics(out[:, 0].numpy(), records.targets))
+    return metrics
+
+
+# ---------------------------------------------------------------- the task trainer
+
+
+@dataclass
+class TaskResult:
+    run_dir: Path
+    checkpoint: Path
+    best_checkpoint: Path | None
+    step: int
+    last_val: dict[str, float] | None
+    losses: list[float]
+    classes: list[str] | None
+
+
+def train_task(
+    job: FinetuneJob, *, resume: str = "auto", overwrite: bool = False, console: Console | None = None
+) -> TaskResult:
+    """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA)."""
+    from evo2_cli.finetune.run import prepare
+    from evo2_cli.model.checkpoint import write_model_files
+    from evo2_cli.train.checkpoint import (
+        claim_run_dir,
+        latest_checkpoint,
+        read_train_state,
+        verify_checkpoint,
+        write_checkpoint,
+    )
+    from evo2_cli.train.metrics import MetricsLog
+    from evo2_cli.train.optim import build_optimizer, learning_rate
+
+    console = console or Console(stderr=True)
+    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    task, section = job.finetune.task, job.finetune.labels
+    train_set, val_set, classes = read_labeled(section, task, job.data.seq_len, job.train.seed)
+    outputs = len(classes) if classes else 1
+    say(
+        f"{task}: {len(train_set.ids)} train and {len(val_set.ids)} val records"
+        + (f", classes {classes}" if classes else "")
+    )
+    prepared = prepare(job, outputs, console)
+    job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
+    claim_run_dir(cfg.run_dir, job, to_yaml(job), overwrite)
+    start = latest_checkpoint(cfg.run_dir) if resume == "auto" else Path(resume)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = build_optimizer(model, job.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, best = 0, math.inf
+    if start is not None:
+        verify_checkpoint(start)
+        model.load_state_dict(safetensors.torch.load_file(start / "model.safetensors", device=str(device)))
+        saved = read_train_state(start)
+        optimizer.load_state_dict(saved["optimizer"])
+        step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
+        torch.set_rng_state(saved["rng"]["torch"])
+        say(f"resumed from {start} at step {step}")
+    bf16 = device.type == "cuda" and cfg.precision != "fp32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    task_meta = {"kind": task, "outputs": outputs, "classes": classes}
+    log = MetricsLog(cfg.run_dir, cfg.tensorboard)
+
+    def save(is_best: bool, metrics: dict) -> Path:
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "loop": {"step": step, "best_val_loss": best},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        meta = {"metrics": metrics, "task": task_meta}
+
+        def write_model(directory: Path, meta: dict) -> None:
+            write_model_files(model, directory, config=job, meta=meta, dtype=torch.float32)
+
+        return write_checkpoint(cfg.run_dir, step, write_model, train_state, meta, cfg.keep_last, is_best)
+
+    last = start if start is not None else save(False, {})
+    accumulation = job.optim.global_batch // cfg.micro_batch
+    losses, last_val = [], None
+    while step < cfg.max_steps:
+        started = time.perf_counter()
+        lr = learning_rate(step, job.optim, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        step_loss = 0.0
+        for micro in range(accumulation):
+            first = step * job.optim.global_batch + micro * cfg.micro_batch
+            indices = sample_indices(len(train_set.ids), cfg.seed, first, cfg.micro_batch)
+            ids, mask, targets = (t.to(device) for t in collate(train_set, indices))
+            with autocast:
+                loss = task_loss(sequence_outputs(model, ids, mask), targets, task)
+            (loss / accumulation).backward()
+            step_loss += loss.item() / accumulation
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip or math.inf).item()
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+        record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        record["step_s"] = time.perf_counter() - started
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            log.write(record)
+            say(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.3g} | grad {grad_norm:.3g}")
+        improved = False
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+            last_val = evaluate_task(model, val_set, task, cfg.micro_batch, device, autocast)
+            improved = last_val["val_loss"] < best
+            best = min(best, last_val["val_loss"])
+            log.write({"kind": "val", "step": step, **last_val})
+            say(
+                "  "
+                + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+                + (" (best)" if improved else "")
+            )
+        due = cfg.save_interval > 0 and step % cfg.save_interval == 0
+        if improved or due or step == cfg.max_steps:
+            last = save(improved, {"loss": step_loss, **(last_val or {})})
+    log.close()
+    best_link = Path(cfg.run_dir) / "checkpoints" / "best"
+    return TaskResult(
+        Path(cfg.run_dir),
+        last,
+        best_link.resolve() if best_link.exists() else None,
+        step,
+        last_val,
+        losses,
+        classes,
+    )

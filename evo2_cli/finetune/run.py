@@ -1,0 +1,295 @@
+"""`evo2 finetune`: the training loop of `evo2 train`, started from a checkpoint, with adapters.
+
+    prepare(job)      resolve the starting point, adapt a meta-device copy of the model (LoRA, freeze, head,
+                      dtypes), estimate memory and refuse when it does not fit, then load the weights and
+                      adapt them the same way; returns the model, the trainable names and the estimate
+    finetune(job)     prepare, then `evo2_cli.train.loop.train` (language modelling) or the task trainer of
+                      heads.py (classify / regress); both resume from the run directory
+    load_finetuned(path)   a checkpoint written by finetune (plain, LoRA, or with a task head) as a model
+    merge(path, out)  fold LoRA adapters into the weights and write a plain checkpoint directory (and
+                      optionally a Vortex .pt + release YAML for the official engine)
+
+The same code adapts the model whatever the starting point is: our checkpoint directory, a run directory
+(its latest checkpoint) or a Vortex-layout `.pt` with its release config, tiny or `evo2-1b`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from evo2_cli.config import build_config, read_yaml, to_dict
+from evo2_cli.errors import InputError
+from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
+from evo2_cli.finetune.freeze import trainable_names
+from evo2_cli.finetune.heads import HEAD_NAME, attach_head, is_head_parameter
+from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
+from evo2_cli.finetune.memory import MemoryEstimate, check_memory, estimate_memory
+from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
+from evo2_cli.model.checkpoint import (
+    CONFIG_FILE,
+    META_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_tensors,
+    load_checkpoint_config,
+    load_model,
+    resolve_checkpoint_dir,
+    save_model,
+    write_model_files,
+)
+from evo2_cli.model.vortex import export_vortex, load_vortex
+
+VORTEX_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+# ---------------------------------------------------------------- the starting point
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    path: Path
+    config: ModelConfig
+    vortex_config: Path | None  # the release YAML of a Vortex .pt; None for our checkpoint directories
+
+    def load(self, clamp_poles: float | None = None) -> StripedHyena:
+        """The weights in fp32 on CPU (the loop moves them to the device)."""
+        if self.vortex_config is not None:
+            return load_vortex(self.config, self.path, clamp_poles=clamp_poles)
+        return load_model(self.path)
+
+
+def resolve_start(section: FinetuneSection) -> StartingPoint:
+    """Read the starting point's model config without loading its weights."""
+    path = section.init_from
+    if path is None:
+        raise InputError(
+            "finetune.init_from is not set: pass --from (or --set finetune.init_from=...) with a checkpoint "
+            "directory, a run directory, or an Evo 2 / Vortex .pt"
+        )
+    if path.is_file() and path.suffix in VORTEX_SUFFIXES:
+        config_path = section.init_config or _sibling_config(path)
+        return StartingPoint(path, load_model_config(config_path), config_path)
+    path = checkpoint_dir(path)
+    if section.init_config is not None:
+        raise InputError(
+            f"finetune.init_config is only for a Vortex .pt; {path} is a checkpoint directory whose own "
+            "config.yaml describes the model"
+        )
+    return StartingPoint(path, load_checkpoint_config(path), None)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, its `latest` pointer, or a run directory (RUN_DIR/checkpoints: its latest
+    complete checkpoint) -> the checkpoint directory."""
+    from evo2_cli.train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / WEIGHTS_FILE).exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise InputError(f"{path}: a run directory without any complete checkpoint yet")
+        return found
+    return resolve_checkpoint_dir(path)
+
+
+def _sibling_config(weights: Path) -> Path:
+    for suffix in (".yml", ".yaml"):
+        candidate = weights.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    raise InputError(
+        f"{weights}: a Vortex .pt needs its release config YAML; set finetune.init_config (--init-config) "
+        f"or put it beside the weights as {weights.with_suffix('.yml').name}"
+    )
+
+
+def model_config_for(job: FinetuneJob, start: StartingPoint) -> ModelConfig:
+    """The model section of the run: the checkpoint's; a given `model:` section must agree with it."""
+    if job.model is not None and to_dict(job.model) != to_dict(start.config):
+        ours, theirs = to_dict(job.model), to_dict(start.config)
+        keys = [k for k in theirs if ours.get(k) != theirs.get(k)]
+        diffs = ", ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in keys[:4])
+        raise InputError(
+            f"the model section does not match the starting checkpoint {start.path} ({diffs}); the model "
+            "comes from the checkpoint: remove the model section, or point finetune.init_from at a "
+            "checkpoint of that model"
+        )
+    return start.config
+
+
+# ---------------------------------------------------------------- adapting a model
+
+
+def adapt(
+    model: StripedHyena, job: FinetuneJob, low_precision: bool, outputs: int = 0
+) -> tuple[StripedHyena, set[str]]:
+    """Add the task head (`outputs` > 0), the LoRA adapters, mark the trainable parameters, and on CUDA
+    hold frozen matmul weights in bf16 (filters, norms, embedding and trainable weights stay fp32).
+    The same function runs on the meta-device copy (for the memory estimate) and on the real weights."""
+    section = job.finetune
+    if outputs:
+        attach_head(model, outputs, seed=job.train.seed)
+    if section.method == "lora":
+        inject_lora(model, section.lora, seed=job.train.seed)
+    trainable = trainable_names(model, section.method, section.freeze, is_head_parameter if outputs else None)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    if low_precision:
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, LoRALinear)) and not module.weight.requires_grad:
+                module.weight.data = module.weight.data.to(torch.bfloat16)
+    return model, trainable
+
+
+def _low_precision(job: FinetuneJob, device: torch.device) -> bool:
+    return device.type == "cuda" and job.train.precision != "fp32"
+
+
+@dataclass
+class Prepared:
+    job: FinetuneJob  # with the model section filled in from the starting point
+    model: StripedHyena
+    trainable: set[str]
+    estimate: MemoryEstimate
+    device: torch.device
+
+
+def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) -> Prepared:
+    """Resolve, estimate (on a meta-device model), refuse when it does not fit, then load and adapt."""
+    from evo2_cli.train.distributed import choose_device
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    start = resolve_start(job.finetune)
+    config = model_config_for(job, start)
+    job = dataclasses.replace(job, model=config)
+    if job.finetune.method == "lora" and job.train.parallelism == "fsdp":
+        raise InputError("method: lora runs with train.parallelism ddp (or one process), not fsdp")
+    device = choose_device(job.train.device)
+    low_precision = _low_precision(job, device)
+    with torch.device("meta"):
+        skeleton = StripedHyena(config)
+    skeleton, _ = adapt(skeleton, job, low_precision, outputs)
+    estimate = estimate_memory(skeleton)
+    say(
+        f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"
+    )
+    check_memory(estimate, device, job.finetune.memory_limit_gb)
+    model, trainable = adapt(start.load(job.finetune.clamp_poles), job, low_precision, outputs)
+    return Prepared(job, model, trainable, estimate, device)
+
+
+# ---------------------------------------------------------------- running
+
+
+def finetune(
+    job: FinetuneJob,
+    *,
+    resume: str = "auto",
+    overwrite: bool = False,
+    hooks=None,
+    console: Console | None = None,
+):
+    """Run a finetune (see the module docstring); returns the loop's TrainResult (or the task trainer's).
+    `hooks` (a train.loop.TrainHooks) reach the loop of a language-model finetune."""
+    console = console or Console(stderr=True)
+    if job.finetune.task != "lm":
+        from evo2_cli.finetune.heads import train_task
+
+        return train_task(job, resume=resume, overwrite=overwrite, console=console)
+    from evo2_cli.train.loop import train
+
+    prepared = prepare(job, console=console)
+    return train(
+        prepared.job,
+        resume=resume,
+        overwrite=overwrite,
+        model=prepared.model,
+        trainable=lambda name, param: name in prepared.trainable,
+        # Frozen weights may be bf16 on CUDA: checkpoints are always written in fp32.
+        write_model_files=functools.partial(write_model_files, dtype=torch.float32),
+        hooks=hooks,
+        console=console,
+    )
+
+
+# ---------------------------------------------------------------- reading results back
+
+
+def read_finetune_section(directory: Path) -> FinetuneSection | None:
+    """The `finetune:` section of a checkpoint's config.yaml (None for a checkpoint of `evo2 train`)."""
+    raw, _ = read_yaml(directory / CONFIG_FILE)
+    if "finetune" not in raw:
+        return None
+    return build_config(FinetuneSection, raw["finetune"] or {}, name=str(directory / CONFIG_FILE))
+
+
+def load_finetuned(path: str | Path) -> StripedHyena:
+    """Any checkpoint directory of ours as a model: plain (as `load_model`), with LoRA adapters, or with a
+    task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = checkpoint_dir(path)
+    section = read_finetune_section(directory)
+    meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
+    task = meta.get("task") or {}
+    if section is None or (section.method != "lora" and not task):
+        return load_model(directory)
+    config = load_model_config(directory / CONFIG_FILE)
+    with torch.device("meta"):
+        model = StripedHyena(config)
+        if task:
+            attach_head(model, int(task["outputs"]))
+        if section.method == "lora":
+            inject_lora(model, section.lora)
+    weights = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: cannot read: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensors(tensors, expected, str(weights), hint=f"the weights do not match {directory / CONFIG_FILE}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if task:
+        model.task_classes = task.get("classes")
+    return model
+
+
+def merge(
+    path: str | Path,
+    out: str | Path,
+    *,
+    vortex: str | Path | None = None,
+    vortex_config: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> tuple[StripedHyena, int]:
+    """Fold the LoRA adapters of checkpoint `path` into its weights and write a plain checkpoint directory
+    `out` (loadable by `load_model`); with `vortex`, also export it as a Vortex .pt + release YAML.
+    Returns the merged model and how many layers were merged (0 for a checkpoint without adapters)."""
+    directory = checkpoint_dir(path)
+    model = load_finetuned(directory)
+    if hasattr(model, HEAD_NAME):
+        raise InputError(
+            f"{directory}: holds a {json.loads((directory / META_FILE).read_text())['task']['kind']} head; "
+            "merge writes plain language-model checkpoints"
+        )
+    merged = merge_lora(model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    meta = {"merged_from": str(directory), "merged_lora_layers": merged}
+    save_model(model, out, meta=meta, overwrite=overwrite)
+    if vortex is not None:
+        vortex = Path(vortex)
+        export_vortex(
+            model, vortex, Path(vortex_config) if vortex_config else vortex.with_suffix(".yml"), dtype
+        )
+    return model, merged
