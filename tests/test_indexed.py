@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -135,3 +136,21 @@ def test_missing_files(tmp_path):
     (tmp_path / "d.bin").unlink()
     with pytest.raises(InputError, match=r"d\.bin: not found"):
         IndexedDataset(tmp_path / "d")
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_documents_copied_from_another_file(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:  # filesystems or systems without copy_file_range take the pread/write path
+        monkeypatch.delattr("os.copy_file_range", raising=False)
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"xxACGT\x00GG\x00yy")
+    fd = os.open(spool, os.O_RDONLY)
+    try:
+        with IndexedDatasetWriter(tmp_path / "d") as writer:
+            writer.add_document(np.frombuffer(b"T\x00", dtype=np.uint8))
+            writer.add_documents_from(fd, 2, [5, 3])
+            writer.add_document(np.frombuffer(b"C\x00", dtype=np.uint8))
+    finally:
+        os.close(fd)
+    ds = IndexedDataset(tmp_path / "d")
+    assert [ds[i].tobytes() for i in range(len(ds))] == [b"T\x00", b"ACGT\x00", b"GG\x00", b"C\x00"]

@@ -24,6 +24,7 @@ from evo2_cli.data import preprocess as pre
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
 from evo2_cli.errors import ConfigError, InputError
+from evo2_cli.fsio import sha256_file
 
 SAMPLES = Path(__file__).parent.parent / "data" / "samples"
 runner = CliRunner()
@@ -86,6 +87,7 @@ def test_outputs_load_in_megatron_and_hold_every_record(tmp_path):
     assert manifest["dropped"] == {"empty": 1}
     for name, entry in manifest["files"].items():
         assert entry["bytes"] == (out / name).stat().st_size
+        assert entry["sha256"] == sha256_file(out / name)
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])
 
@@ -114,9 +116,9 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     reordered = write_fasta(tmp_path / "reordered" / "a.fa", shuffled, width=17)
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
     assert file_bytes(run(tmp_path, [reordered, second], "shuffled")[0]) == base
-    # Byte ranges of ~20 kB and two processes: still the same bytes.
-    with mock.patch.object(pre, "SHARD_BYTES", 20_000):
-        assert len(pre._file_tasks(0, first, 2)) > 2
+    # Two byte ranges read by two processes: still the same bytes.
+    with mock.patch.object(pre, "MIN_SHARD_BYTES", 20_000):
+        assert len(pre._file_tasks(0, first, 2)) == 2
         assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
 
 

@@ -25,8 +25,10 @@ Usage:
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,21 @@ class IndexedDataset:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
 
+def _copy_range(source_fd: int, target_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes from `offset` of one file to the current position of another."""
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    while count:
+        try:
+            copied = copy_file_range(source_fd, target_fd, count, offset) if copy_file_range else 0
+        except OSError:  # a filesystem or kernel without it
+            copied, copy_file_range = 0, None
+        if not copied:
+            copied = os.write(target_fd, os.pread(source_fd, min(count, 1 << 24), offset))
+            if not copied:
+                raise ValueError("source file ends before the documents do")
+        offset, count = offset + copied, count - copied
+
+
 class IndexedDatasetWriter:
     """Streams documents (one sequence each, as `preprocess_evo2` does) into PREFIX.bin; `finalize()` writes
     PREFIX.idx. Used as a context manager, a block that raises removes both files."""
@@ -169,12 +186,12 @@ class IndexedDatasetWriter:
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self._lengths.append(len(tokens))
 
-    def add_bytes(self, data: bytes | memoryview) -> None:
-        """Add one uint8 document from raw bytes without a NumPy round trip (the preprocess fast path)."""
-        if self.dtype != np.uint8:
-            raise ValueError("add_bytes needs a uint8 writer")
-        self._bin.write(data)
-        self._lengths.append(len(data))
+    def add_documents_from(self, source_fd: int, offset: int, lengths: Sequence[int]) -> None:
+        """Append documents lying back to back at byte `offset` of another file (a spool). The kernel copies
+        the bytes (copy_file_range) where it can: they never pass through Python."""
+        self._bin.flush()  # the copy goes through the raw descriptor, after everything buffered
+        _copy_range(source_fd, self._bin.fileno(), offset, sum(lengths) * self.dtype.itemsize)
+        self._lengths.extend(lengths)
 
     @property
     def num_documents(self) -> int:

@@ -26,6 +26,7 @@ import shutil
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,7 +45,7 @@ from evo2_cli.errors import InputError
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file
 
 SPLITS = ("train", "val", "test")
-SHARD_BYTES = 64 << 20  # plain files larger than this are cut into byte ranges when workers > 1
+MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
 MAX_EXAMPLES = 20  # skipped-record messages kept in the manifest
 
 
@@ -400,9 +401,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def _file_tasks(index: int, path: Path, workers: int) -> list[Task]:
     size = path.stat().st_size
-    if workers == 1 or size <= SHARD_BYTES or is_gzip(path):
+    shards = min(workers, size // MIN_SHARD_BYTES)
+    if shards <= 1 or is_gzip(path):
         return [Task(index, path, size=size)]
-    cuts = {record_start_after(path, k * SHARD_BYTES) for k in range(1, size // SHARD_BYTES + 1)}
+    # One byte range per worker: each range counts the line ends before it, so more ranges cost more.
+    cuts = {record_start_after(path, k * size // shards) for k in range(1, shards)}
     bounds = [*sorted({0, *(cut for cut in cuts if cut < size)}), size]
     return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
 
@@ -513,15 +516,19 @@ def _check_duplicates(records: list[StoredRecord], names: list, policy: str) -> 
 
 
 class _SpoolReader:
-    """Random access to the spool files (pread: no mmap lifetimes to manage)."""
+    """Random access to every spool file (pread and descriptors: no mmap lifetimes to manage)."""
 
     def __init__(self, directory: Path):
-        self.directory, self.fds = directory, {}
+        self.fds = {path.name: os.open(path, os.O_RDONLY) for path in sorted(directory.iterdir())}
 
-    def record_bytes(self, record: StoredRecord) -> bytes:
-        if record.spool not in self.fds:
-            self.fds[record.spool] = os.open(self.directory / record.spool, os.O_RDONLY)
-        return os.pread(self.fds[record.spool], sum(record.lengths), record.offset)
+    def fd(self, record: StoredRecord) -> int:
+        return self.fds[record.spool]
+
+    def chunks(self, record: StoredRecord, size: int = 1 << 24) -> Iterator[bytes]:
+        """The record's bytes in pieces of at most `size` (bounded memory for huge records)."""
+        end = record.offset + sum(record.lengths)
+        for start in range(record.offset, end, size):
+            yield os.pread(self.fd(record), min(size, end - start), start)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -533,7 +540,10 @@ def canonical_order(records: list[StoredRecord], spools: _SpoolReader) -> list[S
     """Records sorted by (input, id); records sharing both are ordered by a digest of their bytes."""
 
     def digest(record: StoredRecord) -> bytes:
-        return hashlib.blake2b(spools.record_bytes(record), digest_size=16).digest()
+        hasher = hashlib.blake2b(digest_size=16)
+        for chunk in spools.chunks(record):
+            hasher.update(chunk)
+        return hasher.digest()
 
     ordered = sorted(records, key=lambda r: (r.input_index, r.id))
     out, start = [], 0
@@ -545,14 +555,24 @@ def canonical_order(records: list[StoredRecord], spools: _SpoolReader) -> list[S
     return out
 
 
-def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> None:
-    with IndexedDatasetWriter(prefix) as writer:
-        for record in canonical_order(records, spools):
-            data = memoryview(spools.record_bytes(record))
-            offset = 0
-            for length in record.lengths:
-                writer.add_bytes(data[offset : offset + length])
-                offset += length
+def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> str:
+    """Write one split in canonical order; returns the sha256 of its .bin. The kernel copies the bytes while
+    a second thread hashes them from the spool (hashlib and pread release the GIL): no copy in Python."""
+    digest = hashlib.sha256()
+
+    def hash_record(record: StoredRecord) -> None:
+        for chunk in spools.chunks(record):
+            digest.update(chunk)
+
+    with IndexedDatasetWriter(prefix) as writer, ThreadPoolExecutor(1) as hasher:
+        # One hashing thread takes the records in submission order, which is the order of the file.
+        ordered = canonical_order(records, spools)
+        hashed = [hasher.submit(hash_record, record) for record in ordered]
+        for record in ordered:
+            writer.add_documents_from(spools.fd(record), record.offset, record.lengths)
+        for future in hashed:
+            future.result()
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- manifest
@@ -596,7 +616,10 @@ def _split_summary(stats: SplitStats) -> dict:
     }
 
 
-def _manifest(cfg: PreprocessConfig, names: list, results: list[TaskResult], directory: Path) -> dict:
+def _manifest(
+    cfg: PreprocessConfig, names: list, results: list[TaskResult], directory: Path, digests: dict[str, str]
+) -> dict:
+    """`digests`: sha256 of files already hashed while they were written, by file name."""
     splits = [SplitStats() for _ in SPLITS]
     dropped: dict[str, int] = {}
     problems = []
@@ -612,7 +635,8 @@ def _manifest(cfg: PreprocessConfig, names: list, results: list[TaskResult], dir
     files = {}
     for path in sorted(directory.iterdir()):
         if path.suffix in (".bin", ".idx"):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            digest = digests.get(path.name) or sha256_file(path)
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
     return {
         "tool": "evo2-cli",
         "version": __version__,
@@ -647,15 +671,17 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         results = _execute(tasks, Job(cfg, tags, spool_dir), cfg.workers, console)
         records = [record for result in results for record in result.records]
         _check_duplicates(records, names, cfg.duplicate_ids)
-        spools = _SpoolReader(spool_dir)
+        spools, digests = _SpoolReader(spool_dir), {}
         try:
             for index, name in enumerate(SPLITS):
                 in_split = [record for record in records if record.split == index]
-                _write_split(tmp / f"{cfg.prefix}_{name}", in_split, spools)
+                digests[f"{cfg.prefix}_{name}.bin"] = _write_split(
+                    tmp / f"{cfg.prefix}_{name}", in_split, spools
+                )
         finally:
             spools.close()
         shutil.rmtree(spool_dir)
-        manifest = _manifest(cfg, names, results, tmp)
+        manifest = _manifest(cfg, names, results, tmp, digests)
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 

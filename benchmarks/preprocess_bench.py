@@ -1,0 +1,227 @@
+"""Throughput of `evo2 preprocess` against the plain Biopython baseline and bare gzip decompression.
+
+Generates a synthetic FASTA (60-column lines, mixed case, some N runs; --mbases million bases), then in one
+run measures, on the same files from the page cache:
+  - Biopython: `SeqIO.parse` then each sequence's bytes into numpy (plain and gzip input)
+  - bare gzip decompression of the .gz file: Python's zlib (what our reader uses) and the `gzip -dc` tool
+  - `evo2 preprocess` end to end (the CLI as a user runs it, process start included), plain and gzip input,
+    one worker and --workers N, with the peak RSS of the run (largest process)
+Prints a rich table and JSON (also written to --json PATH).
+
+    .venv/bin/python benchmarks/preprocess_bench.py --mbases 200 --json runs/bench/preprocess.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+WIDTH = 60
+
+
+def generate(path: Path, mbases: int, seed: int = 0) -> int:
+    """Records of 0.2-5 Mbases: uppercase with lowercase stretches (soft-masked repeats) and N runs."""
+    rng = np.random.default_rng(seed)
+    target, total, index = mbases * 1_000_000, 0, 0
+    letters = np.frombuffer(b"ACGT", dtype=np.uint8)
+    with open(path, "wb") as handle:
+        while total < target:
+            length = int(min(rng.integers(200_000, 5_000_000), target - total))
+            sequence = letters[rng.integers(0, 4, length)]
+            for start in rng.integers(0, length, max(1, length // 50_000)):  # soft-masked stretches
+                sequence[start : start + int(rng.integers(100, 5_000))] |= 0x20
+            for start in rng.integers(0, length, max(1, length // 500_000)):  # assembly gaps
+                sequence[start : start + int(rng.integers(10, 2_000))] = ord("N")
+            rows = -(-length // WIDTH)
+            lines = np.full((rows, WIDTH + 1), ord("\n"), dtype=np.uint8)
+            padded = np.zeros(rows * WIDTH, dtype=np.uint8)
+            padded[:length] = sequence
+            lines[:, :WIDTH] = padded.reshape(rows, WIDTH)
+            body = lines.tobytes()
+            tail = rows * WIDTH - length  # the last line is short: drop its padding
+            body = body[: len(body) - tail - 1] + b"\n" if tail else body
+            handle.write(f">chr{index} synthetic record {index}\n".encode() + body)
+            total += length
+            index += 1
+    return total
+
+
+class Usage(NamedTuple):
+    cpu_seconds: float  # user + system, every thread and child process
+    peak_rss_kb: int | None  # the largest process, for runs in a child process
+
+
+def in_process(function) -> Usage:
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    function()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, None)
+
+
+# Runs a command in a fresh process; prints its children's CPU time and largest peak RSS (workers included).
+_CHILD_USAGE = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_utime + u.ru_stime, u.ru_maxrss)"
+)
+
+
+def child_process(command: list[str]) -> Usage:
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_USAGE, *command], check=True, capture_output=True, text=True
+    )
+    cpu, rss = done.stdout.split()[-2:]
+    return Usage(float(cpu), int(rss))
+
+
+def biopython(path: Path) -> None:
+    from Bio import SeqIO
+
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as handle:
+        for record in SeqIO.parse(handle, "fasta"):
+            np.frombuffer(bytes(record.seq), dtype=np.uint8)
+
+
+def our_reader(path: Path) -> None:
+    from evo2_cli.data.fasta import read_fasta
+
+    for record in read_fasta(path):
+        np.frombuffer(record.sequence, dtype=np.uint8)
+
+
+def zlib_decompress(path: Path) -> None:
+    inflater = zlib.decompressobj(31)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            inflater.decompress(chunk)
+
+
+def evo2_preprocess(path: Path, out: Path, workers: int) -> Usage:
+    evo2 = Path(sys.executable).with_name("evo2")
+    usage = child_process([str(evo2), "preprocess", str(path), "-o", str(out), "--workers", str(workers)])
+    shutil.rmtree(out)
+    return usage
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model or platform.processor(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mbases", type=int, default=200, help="size of the synthetic FASTA (million bases)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="workers of the parallel run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    work = Path(args.dir or tempfile.mkdtemp(prefix="evo2-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    plain, packed = work / "bench.fa", work / "bench.fa.gz"
+    try:
+        with console.status(f"generating {args.mbases} Mbases"):
+            bases = generate(plain, args.mbases)
+            with open(plain, "rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
+                shutil.copyfileobj(source, target, 1 << 22)
+        rows: list[dict] = []
+
+        def measure(name: str, kind: str, function) -> float:
+            """Times `function` (which returns its Usage); returns Mbases/s."""
+            with console.status(f"{name} ({kind})"):
+                start = time.perf_counter()
+                usage = function()
+                seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "name": name,
+                    "input": kind,
+                    "seconds": round(seconds, 3),
+                    "mbases_per_s": round(bases / seconds / 1e6, 1),
+                    "cpu_seconds": round(usage.cpu_seconds, 3) if usage else None,
+                    "peak_rss_mb": round(usage.peak_rss_kb / 1024, 1)
+                    if usage and usage.peak_rss_kb
+                    else None,
+                }
+            )
+            return bases / seconds / 1e6
+
+        out, n = work / "out", args.workers
+        bio_plain = measure("biopython SeqIO.parse", "plain", lambda: in_process(lambda: biopython(plain)))
+        reader = measure(
+            "evo2_cli read_fasta (reader only)", "plain", lambda: in_process(lambda: our_reader(plain))
+        )
+        ours_1 = measure("evo2 preprocess --workers 1", "plain", lambda: evo2_preprocess(plain, out, 1))
+        ours_n = measure(f"evo2 preprocess --workers {n}", "plain", lambda: evo2_preprocess(plain, out, n))
+        measure("biopython SeqIO.parse", "gzip", lambda: in_process(lambda: biopython(packed)))
+        zlib_rate = measure(
+            "bare decompression: python zlib", "gzip", lambda: in_process(lambda: zlib_decompress(packed))
+        )
+        tool_rate = measure(
+            "bare decompression: gzip -dc", "gzip", lambda: child_process(["gzip", "-dc", str(packed)])
+        )
+        measure("evo2_cli read_fasta (reader only)", "gzip", lambda: in_process(lambda: our_reader(packed)))
+        # One gzip stream is read by one worker (several files spread over workers).
+        ours_gzip = measure("evo2 preprocess --workers 1", "gzip", lambda: evo2_preprocess(packed, out, 1))
+        result = {
+            "machine": machine(),
+            "mbases": bases / 1e6,
+            "plain_bytes": plain.stat().st_size,
+            "gzip_bytes": packed.stat().st_size,
+            "rows": rows,
+            "ratios": {
+                "preprocess_plain_workers_1_vs_biopython": round(ours_1 / bio_plain, 2),
+                f"preprocess_plain_workers_{n}_vs_biopython": round(ours_n / bio_plain, 2),
+                "reader_plain_vs_biopython": round(reader / bio_plain, 2),
+                "preprocess_gzip_vs_bare_decompression": round(ours_gzip / max(zlib_rate, tool_rate), 2),
+            },
+            "targets": {"plain_vs_biopython": 3.0, "gzip_vs_bare_decompression": 0.7},
+        }
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    table = Table(title=f"preprocess throughput, {bases / 1e6:.0f} Mbases")
+    for column in ("run", "input", "seconds", "Mbases/s", "CPU s", "peak RSS MB"):
+        table.add_column(column, justify="left" if column in ("run", "input") else "right")
+    for row in result["rows"]:
+        cells = [row["seconds"], row["mbases_per_s"], row["cpu_seconds"], row["peak_rss_mb"]]
+        table.add_row(row["name"], row["input"], *("" if cell is None else str(cell) for cell in cells))
+    console.print(table)
+    for name, value in result["ratios"].items():
+        console.print(f"{name}: {value}x")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
