@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 from evo2_cli import __version__
 from evo2_cli.commands import config_cmd, convert, finetune, infer
 from evo2_cli.commands.preprocess import preprocess as preprocess_command
+from evo2_cli.commands.train import train as train_command
 from evo2_cli.errors import Evo2Error
 
 
@@ -60,6 +61,7 @@ def _root(
 
 app.add_typer(config_cmd.app, name="config")
 app.command("preprocess")(preprocess_command)
+app.command("train")(train_command)
 app.add_typer(convert.app, name="convert")
 app.add_typer(finetune.app, name="finetune")
 app.add_typer(infer.app, name="infer")

@@ -15,6 +15,8 @@ from evo2_cli.config import build_config, to_yaml
 from evo2_cli.data.alphabet import EOD_ID, reverse_complement
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
+from evo2_cli.model import StripedHyena, load_model, preset_config
+from evo2_cli.model.checkpoint import write_model_files
 from evo2_cli.train.checkpoint import (
     claim_run_dir,
     latest_checkpoint,
@@ -184,17 +186,13 @@ def test_config_rejects_bad_values():
 # ---------------------------------------------------------------- checkpoint files
 
 
-def fake_weights(directory: Path) -> None:
-    (directory / "model.safetensors").write_bytes(b"weights")
+def toy_model_files(directory: Path, meta: dict) -> None:
+    write_model_files(StripedHyena(preset_config("test")), directory, meta=meta)
 
 
-def save(
-    run_dir: Path, step: int, keep_last: int = 2, is_best: bool = False, write_model=fake_weights
-) -> Path:
+def save(run_dir: Path, step: int, keep_last=2, is_best=False, write_model=toy_model_files) -> Path:
     state = {"loop": {"step": step}, "optimizer": {"state": {"w": {"exp_avg": torch.ones(2)}}}}
-    return write_checkpoint(
-        run_dir, step, write_model, state, "model: {}\n", {"tokens_seen": 1}, keep_last, is_best
-    )
+    return write_checkpoint(run_dir, step, write_model, state, {"tokens_seen": 1}, keep_last, is_best)
 
 
 def test_checkpoints_rotate_keep_best_and_point_latest(tmp_path):
@@ -207,11 +205,8 @@ def test_checkpoints_rotate_keep_best_and_point_latest(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000040"
     assert (tmp_path / "checkpoints" / "best").resolve().name == "step_00000010"
     meta = verify_checkpoint(tmp_path / "checkpoints" / "latest")
-    assert meta["step"] == 40 and set(meta["sha256"]) == {
-        "model.safetensors",
-        "train_state.pt",
-        "config.yaml",
-    }
+    assert meta["step"] == 40 and set(meta["files"]) == {"model.safetensors", "train_state.pt", "config.yaml"}
+    assert load_model(tmp_path / "checkpoints").config.hidden_size == 8  # the model package reads it
     state = torch.load(tmp_path / "checkpoints" / "latest" / "train_state.pt", weights_only=True)
     assert state["loop"]["step"] == 40
     (tmp_path / "checkpoints" / "step_00000040" / "model.safetensors").write_bytes(b"flipped")
@@ -222,7 +217,7 @@ def test_checkpoints_rotate_keep_best_and_point_latest(tmp_path):
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
     save(tmp_path, 5)
 
-    def full_disk(directory: Path) -> None:
+    def full_disk(directory: Path, meta: dict) -> None:
         (directory / "model.safetensors").write_bytes(b"part")
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -3,11 +3,11 @@
     RUN_DIR/config.yaml                 the resolved config of the run (its identity is checked on resume)
     RUN_DIR/metrics.jsonl               one JSON object per logged step and per evaluation
     RUN_DIR/checkpoints/step_00000100/  one directory per save:
-        model.safetensors, config.yaml    the model package's format (`load_model` reads the directory);
-                                          config.yaml is the full resolved run config, `model:` included
+        model.safetensors, config.yaml,   the model package's checkpoint (`load_model` reads the directory);
+        meta.json                         config.yaml is the full resolved run config, `model:` included;
+                                          meta.json: step, tokens seen, metrics, sha256 of every file
         train_state.pt                    optimizer (parameter names as keys), step, data position, guard,
                                           RNG; plain tensors and numbers, `torch.load(weights_only=True)`
-        meta.json                         step, tokens seen, metrics, sha256 of every file
     RUN_DIR/checkpoints/latest, best    symlinks to a step directory, replaced atomically
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash, a full disk or a signal
@@ -31,7 +31,7 @@ from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file
 
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
-CONFIG = "config.yaml"
+CONFIG = "config.yaml"  # in a run directory: the run's resolved config
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
@@ -59,26 +59,24 @@ def _point(link: Path, target_name: str) -> None:
 def write_checkpoint(
     run_dir: Path,
     step: int,
-    write_model: Callable[[Path], None],
+    write_model: Callable[[Path, dict[str, Any]], None],
     train_state: dict[str, Any],
-    config_yaml: str,
     meta: dict[str, Any],
     keep_last: int,
     is_best: bool = False,
 ) -> Path:
-    """Write checkpoint `step` (model files by `write_model(directory)`), point `latest` (and `best`) at
-    it and delete old ones beyond `keep_last`, never the best. An OSError (disk full, permissions) leaves the
-    previous checkpoints as they were and is reported as an Evo2Error."""
+    """Write checkpoint `step`: train_state.pt, then the model files and meta.json by
+    `write_model(directory, meta)` (the model package's `write_model_files`, which adds its files' sha256 to
+    `meta["files"]`). Point `latest` (and `best`) at it and delete old ones beyond `keep_last`, never the
+    best. An OSError (disk full, permissions) leaves the previous checkpoints as they were and is reported as
+    an Evo2Error."""
     root = Path(run_dir) / CHECKPOINTS
     name = step_name(step)
     try:
         root.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(root / name, overwrite=True) as tmp:
-            write_model(tmp)
             torch.save(train_state, tmp / TRAIN_STATE)
-            (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != META}
-            (tmp / META).write_text(json.dumps({**meta, "step": step, "sha256": files}, indent=2) + "\n")
+            write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
         _point(root / "latest", name)
         if is_best:
             _point(root / "best", name)
@@ -111,7 +109,7 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         raise InputError(f"{directory}: not a training checkpoint (no {META})") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{meta_path}: unreadable: {exc}") from None
-    for name, digest in meta.get("sha256", {}).items():
+    for name, digest in meta.get("files", {}).items():
         path = directory / name
         if not path.is_file() or sha256_file(path) != digest:
             raise InputError(

@@ -9,6 +9,7 @@ the number of processes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def start_runtime(device: str, precision: str) -> Runtime:
 
 def stop_runtime(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
+        gc.collect()  # objects holding the process group (a DDP reducer) go first
         dist.destroy_process_group()
 
 

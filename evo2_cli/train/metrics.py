@@ -72,7 +72,7 @@ def progress_line(record: dict[str, Any], max_steps: int) -> str:
         f"{record['bits_per_base']:.3f} bits/base",
         f"lr {record['lr']:.2e}",
         f"grad {record['grad_norm']:.3g}",
-        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s",
+        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s" if math.isfinite(record["tokens_per_s"]) else "- tok/s",
         f"MFU {100 * mfu:.1f}%" if mfu is not None and math.isfinite(mfu) else "MFU n/a",
         f"ETA {format_duration(record['eta_s'])}",
     ]
@@ -89,7 +89,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.tensorboard_missing = True
+                pass  # the loop says so; metrics.jsonl is always written
             else:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 

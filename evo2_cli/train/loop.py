@@ -1,0 +1,547 @@
+"""The training loop: one function, `train`, read top to bottom. `evo2 finetune` and `evo2 diagnose-grads`
+reuse it through its keyword arguments:
+
+    model=      start from this module instead of a fresh `StripedHyena(job.model)` (a loaded checkpoint, a
+                model with adapters); it must have `.blocks` and `.activation_checkpointing` like StripedHyena
+    trainable=  `(name, parameter) -> bool`; parameters it rejects are frozen (no grad, not in the optimizer)
+    hooks=      `TrainHooks(after_backward=..., after_step=...)`, called with a `StepInfo` on every rank
+    write_model_files=  `(model, directory, *, config, meta)` writing model.safetensors, config.yaml and
+                meta.json of a checkpoint (default: the model package's); resume loads `model.safetensors`
+                back into the model with `load_state_dict`
+
+Per step: lr from the schedule (times the guard's backoff), `global_batch / micro_batch` micro-batches split
+over the processes (micro-batch k of a step holds sample indices data_position + k * micro_batch + j; rank r
+runs k = r, r + world, ...), forward under autocast, weighted loss, backward (gradient sync on the last
+micro-batch only), clip, guard verdict, optimizer step or skip, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from rich.console import Console
+from torch import nn
+
+from evo2_cli.config import to_yaml
+from evo2_cli.errors import Evo2Error, InputError
+from evo2_cli.model import StripedHyena, estimate_flops
+from evo2_cli.model.checkpoint import build_model
+from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
+from evo2_cli.train.checkpoint import (
+    claim_run_dir,
+    latest_checkpoint,
+    read_train_state,
+    truncate_metrics,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from evo2_cli.train.config import TrainJob
+from evo2_cli.train.data import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    Batch,
+    WindowSampler,
+    resolve_split,
+    token_losses,
+    weighted_loss,
+)
+from evo2_cli.train.distributed import (
+    Runtime,
+    all_reduce_sum,
+    full_tensor,
+    gradient_sync,
+    parallelize,
+    run_on_main,
+    start_runtime,
+    stop_runtime,
+)
+from evo2_cli.train.guard import GradientGuard, GuardState, Verdict
+from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
+from evo2_cli.train.optim import build_optimizer, learning_rate
+
+LN2 = math.log(2)
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SLURM sends SIGUSR1 (--signal) before the time limit
+
+
+@dataclass
+class StepInfo:
+    """What a hook sees. `model` is the unwrapped module; gradients are present in `after_backward`."""
+
+    step: int
+    model: nn.Module
+    lr: float
+    loss: float
+    grad_norm: float | None = None
+    verdict: Verdict | None = None
+
+
+@dataclass
+class TrainHooks:
+    after_backward: Callable[[StepInfo], None] | None = None  # gradients accumulated, before clipping
+    after_step: Callable[[StepInfo], None] | None = None  # after the optimizer step (or the skip)
+
+
+@dataclass
+class LoopState:
+    """The loop's position; saved in every checkpoint so a resume continues exactly."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    data_position: int = 0  # first sample index of the next step
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    guard: GuardState = field(default_factory=GuardState)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path  # the last checkpoint written
+    best_checkpoint: Path | None
+    step: int
+    stop_reason: str  # "max_steps", "early_stopping" or "signal"
+    is_main: bool  # rank 0 (the one that prints and writes)
+    last_val: dict[str, float] | None
+    losses: list[float]  # the training loss of every step this call ran
+
+
+def train(
+    job: TrainJob,
+    *,
+    resume: str = "auto",
+    overwrite: bool = False,
+    model: nn.Module | None = None,
+    trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    hooks: TrainHooks | None = None,
+    write_model_files: Callable[..., object] = package_write_model_files,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
+    if any) or a checkpoint directory."""
+    cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
+    runtime = start_runtime(cfg.device, cfg.precision)
+    wrapped = None
+    try:
+        micro_batches = job.optim.global_batch // cfg.micro_batch
+        if micro_batches % runtime.world_size:
+            raise InputError(
+                f"optim.global_batch={job.optim.global_batch} is not a multiple of train.micro_batch x "
+                f"processes = {cfg.micro_batch} x {runtime.world_size}; change one of them"
+            )
+        accumulation = micro_batches // runtime.world_size
+        job_yaml = to_yaml(job)
+        say = functools.partial(console.print, highlight=False, soft_wrap=True) if runtime.is_main else _quiet
+
+        # ---- data: every dataset problem surfaces before anything is written
+        data = job.data
+        weights = [source.weight for source in data.datasets]
+        train_windows = WindowSampler(
+            [resolve_split(s.path, "train") for s in data.datasets],
+            weights,
+            data.seq_len,
+            cfg.seed,
+            TRAIN_STREAM,
+            data.lowercase_weight,
+            data.reverse_complement_prob,
+        )
+        val_windows = None
+        if data.val_windows and cfg.eval_interval:
+            val_windows = WindowSampler(
+                [resolve_split(s.path, "val") for s in data.datasets],
+                weights,
+                data.seq_len,
+                cfg.seed,
+                VAL_STREAM,
+                data.lowercase_weight,
+            )
+
+        # ---- run directory, model, starting point
+        run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite))
+        start = latest_checkpoint(cfg.run_dir) if resume == "auto" else Path(resume)
+        torch.manual_seed(cfg.seed)
+        model = model if model is not None else StripedHyena(job.model)
+        if start is not None:
+            verify_checkpoint(start)
+            _load_weights(model, start)
+        if trainable is not None:
+            for name, param in model.named_parameters():
+                param.requires_grad_(trainable(name, param))
+        model.activation_checkpointing = cfg.activation_checkpointing
+        model.to(runtime.device)
+        fsdp = runtime.distributed and cfg.parallelism == "fsdp"
+        wrapped = parallelize(model, runtime, cfg.parallelism)
+        optimizer = build_optimizer(model, job.optim)
+        params = [p for p in model.parameters() if p.requires_grad]
+        state = LoopState()
+        if start is not None:
+            saved = read_train_state(start)
+            _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
+            state = _loop_state(saved["loop"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
+            say(f"resumed from {start} at step {state.step}")
+        guard = GradientGuard(job.guard, state.guard)
+        autocast = torch.autocast(
+            runtime.device.type,
+            dtype=runtime.autocast_dtype or torch.float32,
+            enabled=runtime.autocast_dtype is not None,
+        )
+        log = MetricsLog(cfg.run_dir, cfg.tensorboard) if runtime.is_main else None
+        if log is not None and cfg.tensorboard and log.writer is None:
+            say("[yellow]tensorboard not installed; logging to metrics.jsonl only[/]")
+        tokens_per_step = job.optim.global_batch * data.seq_len
+        train_flops_per_step = 3 * estimate_flops(job.model, data.seq_len) * job.optim.global_batch
+        device_peak = peak_flops(runtime.device, runtime.autocast_dtype is not None, cfg.peak_flops)
+
+        def save(is_best: bool = False, metrics: dict | None = None) -> Path:
+            gathered = _full_model_state(model) if fsdp else None  # collective: every rank takes part
+            train_state = {
+                "optimizer": _full_optimizer_state(model, optimizer),  # collective too
+                "loop": asdict(state),
+                "rng": {"torch": torch.get_rng_state()},
+            }
+            meta = {
+                "tokens_seen": state.tokens_seen,
+                "data_position": state.data_position,
+                "world_size": runtime.world_size,
+                "metrics": metrics or {},
+            }
+
+            def write() -> Path:  # rank 0
+                _refuse_non_finite(state.step, gathered or model.state_dict(), train_state, cfg.run_dir)
+                plain = build_model(job.model, gathered) if fsdp else model
+                return write_checkpoint(
+                    cfg.run_dir,
+                    state.step,
+                    lambda directory, meta: write_model_files(plain, directory, config=job, meta=meta),
+                    train_state,
+                    meta,
+                    cfg.keep_last,
+                    is_best,
+                )
+
+            return run_on_main(runtime, write)
+
+        last_checkpoint = start if start is not None else save()  # step 0: a rollback target from the outset
+        say(
+            f"training {sum(p.numel() for p in params):,} parameters on {runtime.world_size} x "
+            f"{runtime.device.type} ({'bf16 autocast' if runtime.autocast_dtype else 'fp32'}), "
+            f"{accumulation} micro-batch(es) of {cfg.micro_batch} x {data.seq_len} per process per step"
+        )
+
+        stop_reason, last_val, losses = "max_steps", None, []
+        timed_seconds, timed_steps = 0.0, 0  # compute time of the steps since the last log line
+        with _stop_on_signals() as stop_requested:
+            while state.step < cfg.max_steps:
+                step_started = time.perf_counter()
+                lr = learning_rate(state.step, job.optim, cfg.max_steps) * guard.state.lr_scale
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # ---- forward and backward over this process's micro-batches
+                wrapped.train()
+                totals = torch.zeros(
+                    4, dtype=torch.float64, device=runtime.device
+                )  # loss, base nll, bases, stop
+                for micro in range(accumulation):
+                    first = (
+                        state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
+                    )
+                    batch = train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device)
+                    with gradient_sync(wrapped, micro == accumulation - 1):
+                        with autocast:
+                            nll = token_losses(wrapped(batch.input_ids), batch.labels)
+                            loss = weighted_loss(nll, batch)
+                        (loss / accumulation).backward()
+                    totals[:3] += torch.stack(_loss_sums(loss, nll, batch))
+                totals[3] = float(stop_requested.is_set())
+                all_reduce_sum(totals, runtime)
+                step_loss = totals[0].item() / micro_batches
+                info = StepInfo(state.step, model, lr, step_loss)
+                if hooks.after_backward:
+                    hooks.after_backward(info)
+
+                # ---- judge, clip, step
+                total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                grad_norm = full_tensor(total_norm).item()
+                verdict = guard.assess(step_loss, grad_norm)
+                if verdict.problem:
+                    say(_describe_bad_step(state.step, verdict, step_loss, grad_norm, model))
+                if verdict.apply_step:
+                    if job.optim.grad_clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.data_position += job.optim.global_batch
+                state.tokens_seen += tokens_per_step
+                losses.append(step_loss)
+                info.grad_norm, info.verdict = grad_norm, verdict
+                if hooks.after_step:
+                    hooks.after_step(info)
+                if len(losses) > 1 or state.step == cfg.max_steps:  # the first step of a process warms up
+                    timed_seconds += time.perf_counter() - step_started
+                    timed_steps += 1
+
+                if verdict.roll_back:
+                    lr_scale, rollbacks = (
+                        guard.state.lr_scale * job.guard.lr_backoff,
+                        guard.state.rollbacks + 1,
+                    )
+                    if rollbacks > job.guard.max_rollbacks:
+                        raise Evo2Error(
+                            f"training diverged: {job.guard.max_bad_steps} bad steps in a row after "
+                            f"{job.guard.max_rollbacks} rollback(s); lower optim.lr, check the data, or run "
+                            f"`evo2 diagnose-grads`. Last good checkpoint: {last_checkpoint}"
+                        )
+                    _load_weights(model, last_checkpoint, fsdp)
+                    saved = read_train_state(last_checkpoint)
+                    _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
+                    # Back to the checkpoint's weights and step; forward in data (no replay of bad windows).
+                    state = replace(
+                        _loop_state(saved["loop"]),
+                        data_position=state.data_position,
+                        tokens_seen=state.tokens_seen,
+                    )
+                    state.guard.lr_scale, state.guard.rollbacks = lr_scale, rollbacks
+                    guard = GradientGuard(job.guard, state.guard)
+                    say(
+                        f"[yellow]rolled back to {last_checkpoint} (step {state.step}); lr x{lr_scale:.3g}[/]"
+                    )
+                    continue
+
+                # ---- log
+                if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                    step_seconds = timed_seconds / max(1, timed_steps) if timed_steps else math.nan
+                    record = {
+                        "kind": "train",
+                        "step": state.step,
+                        "loss": step_loss,
+                        "bits_per_base": (totals[1] / totals[2].clamp_min(1)).item() / LN2,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_seen": state.tokens_seen,
+                        "tokens_per_s": tokens_per_step / step_seconds,
+                        "mfu": train_flops_per_step / step_seconds / (device_peak * runtime.world_size),
+                        "eta_s": step_seconds * (cfg.max_steps - state.step),
+                        "skipped": not verdict.apply_step,
+                    }
+                    if log is not None:
+                        log.write(record)
+                    say(progress_line(record, cfg.max_steps))
+                    timed_seconds, timed_steps = 0.0, 0
+
+                # ---- evaluate (keeping the best), stop early or on a signal, save
+                improved, stop = False, totals[3].item() > 0
+                if stop:
+                    stop_reason = "signal"
+                if val_windows is not None and (
+                    state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
+                ):
+                    last_val = _evaluate(
+                        wrapped, val_windows, data.val_windows, cfg.micro_batch, runtime, autocast
+                    )
+                    improved = last_val["val_loss"] < state.best_val_loss
+                    if improved:
+                        state.best_val_loss, state.evals_without_improvement = last_val["val_loss"], 0
+                    else:
+                        state.evals_without_improvement += 1
+                    if log is not None:
+                        log.write({"kind": "val", "step": state.step, **last_val})
+                    best = " (best)" if improved else ""
+                    val_loss, val_bits = last_val["val_loss"], last_val["val_bits_per_base"]
+                    say(f"  val loss {val_loss:.4f} | {val_bits:.3f} bits/base{best}")
+                    patience = cfg.early_stopping_patience
+                    if patience and state.evals_without_improvement >= patience and not stop:
+                        stop_reason, stop = "early_stopping", True
+                due = cfg.save_interval > 0 and state.step % cfg.save_interval == 0
+                if improved or due or stop or state.step == cfg.max_steps:
+                    metrics = {"loss": step_loss, **(last_val or {})}
+                    last_checkpoint = save(is_best=improved, metrics=metrics)
+                    say(f"  saved {last_checkpoint}")
+                if stop:
+                    say(
+                        f"stopping at step {state.step} ({stop_reason.replace('_', ' ')}); "
+                        "resume with the same command"
+                    )
+                    break
+
+        if log is not None:
+            log.close()
+        best = Path(cfg.run_dir) / "checkpoints" / "best"
+        return TrainResult(
+            Path(cfg.run_dir),
+            last_checkpoint,
+            best.resolve() if best.exists() else None,
+            state.step,
+            stop_reason,
+            runtime.is_main,
+            last_val,
+            losses,
+        )
+    finally:
+        wrapped = None  # DDP's reducer must be gone before its process group, also when unwinding an error
+        stop_runtime(runtime)
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Ranks other than 0 print nothing."""
+
+
+def _loss_sums(loss: torch.Tensor, nll: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """(objective, NLL summed over nucleotide labels, number of nucleotide labels), fp64, detached."""
+    bases = batch.counts_as_base
+    return loss.detach().double(), (nll.detach() * bases).sum().double(), bases.sum().double()
+
+
+@torch.no_grad()
+def _evaluate(
+    model, windows: WindowSampler, count: int, micro_batch: int, runtime: Runtime, autocast
+) -> dict:
+    """Validation loss (weighted like training) and bits per base over the fixed windows 0..count-1, split
+    evenly over the processes."""
+    model.eval()
+    usable = max(runtime.world_size, count - count % runtime.world_size)
+    mine = range(runtime.rank, usable, runtime.world_size)
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
+    for first in range(0, len(mine), micro_batch):
+        batch = windows.batch(mine[first : first + micro_batch]).to(runtime.device)
+        with autocast:
+            nll = token_losses(model(batch.input_ids), batch.labels)
+        totals += torch.stack(
+            [
+                (nll * batch.loss_weights).sum().double(),
+                batch.loss_weights.sum().double(),
+                (nll * batch.counts_as_base).sum().double(),
+                batch.counts_as_base.sum().double(),
+            ]
+        )
+    all_reduce_sum(totals, runtime)
+    model.train()
+    return {
+        "val_loss": (totals[0] / totals[1]).item(),
+        "val_bits_per_base": (totals[2] / totals[3]).item() / LN2,
+    }
+
+
+def _loop_state(saved: dict) -> LoopState:
+    return LoopState(**{**saved, "guard": GuardState(**saved["guard"])})
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM / SIGUSR1 set an event; the loop saves a checkpoint at the end of the step and returns."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _load_weights(model: nn.Module, directory: Path, fsdp: bool = False) -> None:
+    path = Path(directory) / "model.safetensors"
+    try:
+        weights = safetensors.torch.load_file(path)
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise InputError(f"{path}: cannot read model weights: {exc}") from None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        return
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit the configured model: {exc}") from None
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, fsdp: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=fsdp))
+
+
+def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict on rank 0; empty on the other ranks. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name, unsharded, on CPU (rank 0): loadable on any process count."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def _non_finite_tensors(tree, prefix: str = "") -> list[str]:
+    if isinstance(tree, torch.Tensor):
+        return [] if not tree.is_floating_point() or torch.isfinite(tree).all() else [prefix]
+    if isinstance(tree, dict):
+        return [
+            n for k, v in tree.items() for n in _non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+        ]
+    if isinstance(tree, (list, tuple)):
+        return [n for i, v in enumerate(tree) for n in _non_finite_tensors(v, f"{prefix}.{i}")]
+    return []
+
+
+def _describe_bad_step(step: int, verdict: Verdict, loss: float, grad_norm: float, model: nn.Module) -> str:
+    """Which parameters were non-finite, or which layers carried the spike. Collective under FSDP."""
+    norms = {
+        name: full_tensor(p.grad).float().norm().item()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
+    head = f"[yellow]step {step + 1}: {verdict.problem} (loss {loss:.4g}, grad norm {grad_norm:.4g}"
+    head += f", threshold {verdict.threshold:.4g})" if verdict.threshold is not None else ")"
+    head += ", step skipped" if not verdict.apply_step else ", step applied"
+    if verdict.problem == "non-finite":
+        bad = [name for name, norm in norms.items() if not math.isfinite(norm)]
+        return f"{head}; non-finite gradients in {len(bad)} parameter(s): {', '.join(bad[:12])}[/]"
+    by_layer: dict[str, float] = {}
+    for name, norm in norms.items():
+        parts = name.split(".")
+        layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
+    top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
+    return (
+        f"{head}; largest gradients: "
+        + ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
+        + "[/]"
+    )
+
+
+def _refuse_non_finite(step: int, weights: dict, train_state: dict, run_dir: Path) -> None:
+    """A checkpoint never holds a NaN or an inf."""
+    bad = _non_finite_tensors(weights) + _non_finite_tensors(train_state["optimizer"], "optimizer")
+    if bad:
+        raise Evo2Error(
+            f"refusing to save step {step}: non-finite values in {', '.join(bad[:8])}; the latest checkpoint "
+            f"in {run_dir}/checkpoints is the last good one"
+        )

@@ -1,0 +1,248 @@
+"""`evo2 train` end to end on the `test` preset: resume, signals, guard, processes, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.config import build_config
+from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.errors import Evo2Error
+from evo2_cli.model import load_model
+from evo2_cli.train.config import TrainJob
+from evo2_cli.train.loop import StepInfo, TrainHooks, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small mixed-case dataset with a tagged record: toy_train / toy_val."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    bases = np.frombuffer(b"ACGTACGTacgt", np.uint8)
+    for split, length in (("train", 6000), ("val", 1500)):
+        with IndexedDatasetWriter(root / f"toy_{split}") as writer:
+            for _ in range(3):
+                writer.add_document(np.concatenate([rng.choice(bases, length), [0]]).astype(np.uint8))
+            tag = np.frombuffer(b"|d__Bacteria;s__toy|", np.uint8)
+            writer.add_document(np.concatenate([tag, rng.choice(bases, 300), [0]]).astype(np.uint8))
+    return root / "toy"
+
+
+def make_job(dataset: Path, run_dir: Path, **sections) -> TrainJob:
+    raw = {
+        "model": {"preset": "test"},
+        "data": {"datasets": [{"path": str(dataset)}], "seq_len": 32, "val_windows": 4},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "global_batch": 4},
+        "train": {
+            "run_dir": str(run_dir),
+            "max_steps": 6,
+            "micro_batch": 2,
+            "log_interval": 1,
+            "eval_interval": 3,
+            "save_interval": 3,
+            "device": "cpu",
+        },
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return build_config(TrainJob, raw)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
+    job = make_job(dataset, tmp_path / "run", train={"max_steps": 12, "eval_interval": 6, "save_interval": 6})
+    result = train(job, console=quiet())
+    assert result.step == 12 and result.stop_reason == "max_steps"
+    assert result.losses[-1] < result.losses[0] - 0.5
+    model = load_model(result.checkpoint)  # the model package reads our checkpoint directories
+    assert model.config.hidden_size == 8
+    meta = json.loads((result.checkpoint / "meta.json").read_text())
+    assert meta["step"] == 12 and meta["tokens_seen"] == 12 * 4 * 32
+    assert set(meta["files"]) == {"model.safetensors", "config.yaml", "train_state.pt"}
+    state = torch.load(result.checkpoint / "train_state.pt", weights_only=True)
+    assert state["loop"]["data_position"] == 12 * 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [6, 12] and val[-1]["val_bits_per_base"] < 8
+    assert {"loss", "bits_per_base", "lr", "grad_norm", "tokens_per_s", "mfu", "eta_s"} <= set(records[0])
+    assert result.best_checkpoint is not None
+
+
+def test_interrupted_and_resumed_run_logs_the_same_losses(dataset, tmp_path):
+    reference = train(make_job(dataset, tmp_path / "straight"), console=quiet()).losses
+
+    def sigterm_after_second_step(info: StepInfo) -> None:
+        if info.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    job = make_job(dataset, tmp_path / "resumed")
+    first = train(job, hooks=TrainHooks(after_step=sigterm_after_second_step), console=quiet())
+    assert first.stop_reason == "signal" and first.step == 3  # noticed at the end of the next step, saved
+    second = train(job, console=quiet())
+    assert second.step == 6
+    np.testing.assert_allclose(first.losses + second.losses, reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(logged_losses(tmp_path / "resumed"), reference, rtol=0, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_losses(dataset, tmp_path):
+    plain = train(make_job(dataset, tmp_path / "a", train={"max_steps": 2}), console=quiet()).losses
+    job = make_job(dataset, tmp_path / "b", train={"max_steps": 2, "activation_checkpointing": True})
+    np.testing.assert_allclose(train(job, console=quiet()).losses, plain, rtol=0, atol=1e-6)
+
+
+def test_guard_skips_spikes_rolls_back_and_gives_up(dataset, tmp_path):
+    """Gradients poisoned from step 4 on: steps are skipped, the run rolls back twice, then gives up."""
+
+    def poison(info: StepInfo) -> None:
+        if info.step == 1:
+            for p in info.model.parameters():
+                p.grad.mul_(1e4)  # a spike
+        if info.step >= 3:
+            next(info.model.parameters()).grad.fill_(float("nan"))
+
+    job = make_job(
+        dataset,
+        tmp_path / "run",
+        train={"max_steps": 30, "eval_interval": 0, "save_interval": 2},
+        guard={"warmup_steps": 1, "max_bad_steps": 2, "max_rollbacks": 2, "spike_factor": 100},
+    )
+    out = io.StringIO()
+    with pytest.raises(Evo2Error, match="training diverged"):
+        train(job, hooks=TrainHooks(after_backward=poison), console=Console(file=out, width=300))
+    text = out.getvalue()
+    assert "step 2: spike" in text and "largest gradients: " in text
+    assert "non-finite gradients in 1 parameter(s): embedding_layer.weight" in text
+    assert text.count("rolled back to") == 2 and "lr x0.25" in text
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        load_model(checkpoint)  # strict: refuses non-finite values
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(job_args: list[str], processes: int) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m",
+        "evo2_cli",
+        "train",
+        *job_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
+    """1 process to step 3, 2 processes (torchrun, gloo) to step 6, 1 process to step 9 = 9 steps in one
+    process. Constant lr, so a run may stop early and continue with more steps on another process count."""
+
+    def args(run_dir: Path, steps: int) -> list[str]:
+        sets = {
+            "model.preset": "test",
+            "data.datasets": f"[{{path: {dataset}}}]",
+            "data.seq_len": 32,
+            "data.val_windows": 4,
+            "optim.lr": 3e-3,
+            "optim.min_lr": 3e-3,
+            "optim.warmup_steps": 0,
+            "optim.global_batch": 4,
+            "train.micro_batch": 1,
+            "train.max_steps": steps,
+            "train.save_interval": 3,
+            "train.log_interval": 1,
+            "train.eval_interval": 3,
+            "train.run_dir": run_dir,
+        }
+        return [*(f"--set={k}={v}" for k, v in sets.items()), "--device=cpu"]
+
+    def one_process(run_dir: Path, steps: int) -> None:
+        result = CliRunner().invoke(app, ["train", *args(run_dir, steps)])
+        assert result.exit_code == 0, result.output
+
+    one_process(tmp_path / "one", 9)
+    one_process(tmp_path / "mixed", 3)
+    two = torchrun(args(tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
+    one_process(tmp_path / "mixed", 9)  # resumes a 2-process checkpoint
+
+    np.testing.assert_allclose(logged_losses(tmp_path / "mixed"), logged_losses(tmp_path / "one"), atol=1e-5)
+    val, ref = (
+        [
+            json.loads(x)["val_loss"]
+            for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "val"
+        ]
+        for run in ("mixed", "one")
+    )
+    assert len(val) == 3 and val == pytest.approx(ref, abs=1e-5)
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["train", *args])
+    return result.exit_code, " ".join(result.output.split())  # messages wrap at the terminal width
+
+
+def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
+    base = [
+        "--set=model.preset=test",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        "--set=data.seq_len=32",
+        f"--set=data.datasets=[{{path: {dataset}}}]",
+        "--set=train.max_steps=1",
+        "--device=cpu",
+    ]
+    code, out = cli(*base, "--set=optim.lr=0")
+    assert code == 2 and "optim.lr" in out
+    code, out = cli(*base, "--set=optim.global_batch=6", "--set=train.micro_batch=4")
+    assert code == 2 and "global_batch" in out
+    code, out = cli(*base, f"--set=data.datasets=[{{path: {tmp_path / 'nope'}}}]")
+    assert code == 2 and "nope" in out
+    code, out = cli(*base, "--set=data.seq_len=100000")
+    assert code == 2 and "shorter than one window" in out
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out = cli(*base, f"--set=train.run_dir={blocker / 'run'}")
+    assert code == 2 and "cannot write the run directory" in out
+    code, out = cli(*base)
+    assert code == 0, out
+    code, out = cli(*base, "--set=optim.lr=1e-2")
+    assert code == 2 and "different config (optim.lr differ)" in out
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # nothing lost
+    code, out = cli(*base, "--set=optim.lr=1e-2", "--overwrite")
+    assert code == 0, out
