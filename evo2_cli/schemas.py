@@ -15,6 +15,7 @@ from evo2_cli.errors import InputError
 SCHEMAS: dict[str, str] = {
     "preprocess": "evo2_cli.data.preprocess:PreprocessJob",
     "model": "evo2_cli.model.config:ModelJob",
+    "train": "evo2_cli.train.config:TrainJob",
     "finetune": "evo2_cli.finetune.config:FinetuneJob",
 }
 
