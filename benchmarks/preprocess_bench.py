@@ -111,7 +111,8 @@ def zlib_decompress(path: Path) -> None:
 
 def evo2_preprocess(path: Path, out: Path, workers: int) -> Usage:
     evo2 = Path(sys.executable).with_name("evo2")
-    usage = child_process([str(evo2), "preprocess", str(path), "-o", str(out), "--workers", str(workers)])
+    command = [str(evo2), "preprocess", str(path), "-o", str(out), "--workers", str(workers), "--overwrite"]
+    usage = child_process(command)
     shutil.rmtree(out)
     return usage
 

@@ -241,19 +241,25 @@ def test_existing_output_and_interrupts_leave_nothing_half_written(tmp_path):
 
 
 def test_sigterm_removes_the_temporary_output(tmp_path):
-    big = write_fasta(tmp_path / "big.fa", [(f"r{i}", b"ACGT" * 250_000) for i in range(40)])  # 40 Mbases
+    source = write_fasta(tmp_path / "in.fa", random_records(3, length=(1, 50)))
+    # The real CLI in a child process whose tasks stall, so the signal surely lands mid-run.
+    stall = (
+        "import time, evo2_cli.data.preprocess as p; run = p.run_task; "
+        "p.run_task = lambda *args: (time.sleep(60), run(*args))[1]; "
+        "from evo2_cli.cli import main; main()"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "evo2_cli", "preprocess", str(big), "-o", str(tmp_path / "out")],
+        [sys.executable, "-c", stall, "preprocess", str(source), "-o", str(tmp_path / "out")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 20
+    deadline = time.time() + 60
     while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    process.wait(timeout=60)
     assert process.returncode != 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.fa"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
 
 
 def test_config_validation():

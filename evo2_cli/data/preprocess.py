@@ -15,6 +15,7 @@ ranges tasks were cut into or the worker count, so those give byte-identical dat
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -35,7 +36,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from evo2_cli import __version__
-from evo2_cli.config import check, to_dict
+from evo2_cli.config import FieldError, check, to_dict
 from evo2_cli.data.alphabet import EOD_ID, PAD_ID, VOCAB_SIZE
 from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
 from evo2_cli.data.indexed import IndexedDatasetWriter
@@ -66,11 +67,7 @@ class RegionSource:
             try:
                 parse_interval(text)
             except ValueError as exc:
-                raise_field(f"intervals.{i}", str(exc))
-
-
-def raise_field(name: str, message: str) -> None:
-    check(False, name, message)
+                raise FieldError(f"intervals.{i}", str(exc)) from None
 
 
 @dataclass
@@ -129,7 +126,7 @@ class PreprocessConfig:
             try:
                 re.compile(self.group_regex.encode())
             except re.error as exc:
-                raise_field("group_regex", f"not a valid regular expression: {exc}")
+                raise FieldError("group_regex", f"not a valid regular expression: {exc}") from None
 
     def recipe(self) -> Recipe:
         return Recipe(
@@ -433,8 +430,7 @@ def plan_tasks(cfg: PreprocessConfig) -> tuple[list[Path | str], list[Task]]:
 
 
 def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskResult]:
-    total = sum(task.size for task in tasks)
-    with _progress_bar(console, total) as advance:
+    with _progress_bar(console, sum(task.size for task in tasks)) as advance:
         if workers == 1 or len(tasks) == 1:
             return [run_task(task, job, advance) for task in tasks]
         context = multiprocessing.get_context("spawn")  # no fork: the parent runs threads (progress, reader)
@@ -443,28 +439,26 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
         try:
             pending = [pool.apply_async(_run_task_in_worker, (task, job)) for task in tasks]
             reported = (0, 0)
-            while True:
-                finished = all(result.ready() for result in pending)
+            while not all(result.ready() for result in pending):
+                if any(result.ready() and not result.successful() for result in pending):
+                    break
+                time.sleep(0.1)
                 now = (done_bytes.value, done_records.value)
                 advance(now[0] - reported[0], now[1] - reported[1])
                 reported = now
-                failed = [result for result in pending if result.ready() and not result.successful()]
-                if failed or finished:
-                    break
-                time.sleep(0.1)
-            if failed:
-                failed[0].get()  # re-raises the worker's error (the first task to fail, in task order)
-            results = [result.get() for result in pending]
+            # get() re-raises a worker's error: the first failed task in task order.
+            return [result.get() for result in pending]
         finally:
-            pool.terminate()
+            pool.terminate()  # also stops the other workers after an error or Ctrl-C
             pool.join()
-    return results
 
 
-def _progress_bar(console, total: int):
-    """A context manager yielding advance(bytes, records); silent without a console."""
-    import contextlib
-
+@contextlib.contextmanager
+def _progress_bar(console, total: int) -> Iterator[Callable[[int, int], None]]:
+    """Yields advance(bytes, records) driving a rich progress bar; silent without a console."""
+    if console is None:
+        yield lambda count, records: None
+        return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -474,32 +468,25 @@ def _progress_bar(console, total: int):
         TransferSpeedColumn,
     )
 
-    @contextlib.contextmanager
-    def bar():
-        if console is None:
-            yield lambda count, records: None
-            return
-        columns = (
-            TextColumn("[bold]preprocess"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TextColumn("{task.fields[records]:,} records"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("preprocess", total=total, records=0)
-            records = 0
+    columns = (
+        TextColumn("[bold]preprocess"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[records]:,} records"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("preprocess", total=total, records=0)
+        records = 0
 
-            def advance(count: int, new_records: int) -> None:
-                nonlocal records
-                records += new_records
-                progress.update(task, advance=count, records=records)
+        def advance(count: int, new_records: int) -> None:
+            nonlocal records
+            records += new_records
+            progress.update(task, advance=count, records=records)
 
-            yield advance
-            progress.update(task, completed=total)
-
-    return bar()
+        yield advance
+        progress.update(task, completed=total)
 
 
 def _check_duplicates(records: list[StoredRecord], names: list, policy: str) -> None:
