@@ -371,3 +371,16 @@ def test_loader_errors(tmp_path, test_model):
         load_inference_model(tmp_path / "ck", CONFIG)
     with pytest.raises(InputError, match="--dtype"):
         load_inference_model(tmp_path / "ck", dtype="fp8")
+
+
+def test_bf16_keeps_hyena_filters_fp32():
+    model = load_inference_model(WEIGHTS, CONFIG, dtype="bf16")
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert (
+        dtypes["blocks.2.filter.p"] == torch.float32
+        and dtypes["blocks.2.projections.weight"] == torch.bfloat16
+    )
+    tokens = _dna(64, 3)
+    low = next(score_sequences(model, [Sequence("x", tokens)]))
+    full = next(score_sequences(load_inference_model(WEIGHTS, CONFIG), [Sequence("x", tokens)]))
+    assert low.mean_ll == pytest.approx(full.mean_ll, abs=0.05)

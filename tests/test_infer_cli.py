@@ -180,6 +180,23 @@ def test_score_bad_input(checkpoint, tmp_path, fasta):
         assert not (tmp_path / "s.parquet").exists()
 
 
+def test_score_output_is_atomic(checkpoint, tmp_path):
+    bad = tmp_path / "late.fa"
+    bad.write_text(">a\nACGTACGT\n>b\nACGT\n>c\nAC.GT\n")
+    out = tmp_path / "scores.tsv"
+    result = invoke("score", checkpoint, bad, "-o", out, "--per-token", tmp_path / "pt.tsv")
+    assert result.exit_code == 2 and "late.fa:6" in said(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.fa"]  # nothing half-written
+
+
+def test_score_parquet(checkpoint, fasta, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    result = invoke("score", checkpoint, fasta, "-o", tmp_path / "s.parquet")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column("id").to_pylist() == ["rec0", "rec1", "rec2"]
+
+
 def test_embed_npy_and_safetensors(checkpoint, fasta, tmp_path):
     from safetensors.torch import load_file
 

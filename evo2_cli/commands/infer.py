@@ -57,11 +57,8 @@ FastaArgument = Annotated[Path, typer.Argument(help="FASTA file (plain, .gz, bgz
 
 
 def _model(path: Path, vortex_config: Path | None, device: str, dtype: str, clamp_poles: float | None = None):
-    import torch
-
     from evo2_cli.infer.loading import load_inference_model
 
-    torch.manual_seed(0)  # nothing below draws from the global generator; this only pins stray kernels
     model = load_inference_model(path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles)
     parameter = next(model.parameters())
     console.print(

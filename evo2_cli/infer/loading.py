@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from evo2_cli.errors import InputError
-from evo2_cli.model.model import StripedHyena
+from evo2_cli.model.model import StripedHyena, is_filter_parameter
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -88,7 +88,8 @@ def load_inference_model(
     hcl_form: str | None = None,
     clamp_poles: float | None = None,
 ) -> StripedHyena:
-    """The model at `path` (see module docstring) on `device` in `dtype`, in eval mode, gradients off.
+    """The model at `path` (see module docstring) on `device` in `dtype` (hyena filter parameters stay fp32),
+    in eval mode, gradients off.
 
     `vortex_config` is required for a Vortex `.pt` and refused for our checkpoints (they carry their own
     config). `hcl_form` / `clamp_poles` apply to Vortex imports (see `evo2_cli.model.vortex.load_vortex`).
@@ -113,7 +114,13 @@ def load_inference_model(
         from evo2_cli.model.checkpoint import load_model
 
         model = load_model(source)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            # Hyena filters stay fp32 (the operators compute in fp32 anyway; bf16 poles would shift the
+            # decay rates of slow modes), as in the released bf16 checkpoints.
+            if not is_filter_parameter(name):
+                parameter.data = parameter.data.to(dtype)
     model.eval()
     model.requires_grad_(False)
     return model
