@@ -351,7 +351,8 @@ class ModelConfig:
         return [i for i in range(len(self.layout)) if self.kind(i) == kind]
 
     def to_release_dict(self) -> dict[str, Any]:
-        """This config in the Evo 2 release YAML schema (what `export_vortex` writes next to the weights)."""
+        """This config in the Evo 2 release YAML schema, as `export_vortex` writes it next to the weights:
+        every key of the release files, so Vortex loads it; flash attention and fp8 projections off."""
         out: dict[str, Any] = {
             "model_name": f"evo2-cli-{self.preset or 'custom'}",
             "vocab_size": self.vocab_size,
@@ -367,10 +368,15 @@ class ModelConfig:
             "short_filter_length": self.short_filter_length,
             "num_attention_heads": self.num_attention_heads,
             "short_filter_bias": False,
+            "mlp_init_method": "torch.nn.init.zeros_",
+            "mlp_output_init_method": "torch.nn.init.zeros_",
             "eps": self.eps,
             "state_size": self.state_size,
             "rotary_emb_base": self.rotary_emb_base,
+            "make_vocab_size_divisible_by": 8,
+            "inner_size_multiple_of": 16,
             "inner_mlp_size": self.inner_mlp_size,
+            "log_intermediate_values": False,
             "proj_groups": 1,
             "hyena_filter_groups": 1,
             "column_split_hyena": False,
@@ -385,12 +391,19 @@ class ModelConfig:
             "hyena_flip_x1x2": False,
             "qkv_proj_bias": False,
             "use_fp8_input_projections": False,
+            "max_seqlen": 8192,
+            "max_batch_size": 1,
             "final_norm": True,
             "use_flash_attn": False,
+            "use_flash_rmsnorm": False,
+            "use_flash_depthwise": False,
+            "use_flashfft": False,
+            "use_laughing_hyena": False,
             "inference_mode": True,
             "tokenizer_type": "CharLevelTokenizer",
             "prefill_style": "fft",
             "mlp_activation": self.mlp_activation,
+            "print_activations": False,
         }
         if self.rotary_scaling_factor != 1.0:
             out["use_interpolated_rotary_pos_emb"] = True
