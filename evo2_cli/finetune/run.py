@@ -45,10 +45,7 @@ from evo2_cli.model.checkpoint import (
     save_model,
     write_model_files,
 )
-from evo2_cli.model.vortex import export_vortex, load_vortex
-
-VORTEX_SUFFIXES = (".pt", ".pth", ".bin")
-
+from evo2_cli.model.vortex import export_vortex
 
 # ---------------------------------------------------------------- the starting point
 
@@ -60,10 +57,14 @@ class StartingPoint:
     vortex_config: Path | None  # the release YAML of a Vortex .pt; None for our checkpoint directories
 
     def load(self, clamp_poles: float | None = None) -> StripedHyena:
-        """The weights in fp32 on CPU (the loop moves them to the device)."""
-        if self.vortex_config is not None:
-            return load_vortex(self.config, self.path, clamp_poles=clamp_poles)
-        return load_model(self.path)
+        """The weights in fp32 on CPU, in train mode (the loop moves them to the device), through the
+        inference package's loader, the one way a model is read from what the user pointed at."""
+        from evo2_cli.infer.loading import load_inference_model
+
+        model = load_inference_model(
+            self.path, self.vortex_config, "cpu", torch.float32, clamp_poles=clamp_poles
+        )
+        return model.train().requires_grad_(True)
 
 
 def resolve_start(section: FinetuneSection) -> StartingPoint:
@@ -74,7 +75,7 @@ def resolve_start(section: FinetuneSection) -> StartingPoint:
             "finetune.init_from is not set: pass --from (or --set finetune.init_from=...) with a checkpoint "
             "directory, a run directory, or an Evo 2 / Vortex .pt"
         )
-    if path.is_file() and path.suffix in VORTEX_SUFFIXES:
+    if path.is_file() and path.suffix != ".safetensors":
         config_path = section.init_config or _sibling_config(path)
         return StartingPoint(path, load_model_config(config_path), config_path)
     path = checkpoint_dir(path)
@@ -87,17 +88,11 @@ def resolve_start(section: FinetuneSection) -> StartingPoint:
 
 
 def checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory, its `latest` pointer, or a run directory (RUN_DIR/checkpoints: its latest
-    complete checkpoint) -> the checkpoint directory."""
-    from evo2_cli.train.checkpoint import latest_checkpoint
+    """A checkpoint directory, its `latest` pointer or `model.safetensors`, or a run directory (its latest
+    complete checkpoint) -> the checkpoint directory (the inference package's resolution)."""
+    from evo2_cli.infer.loading import resolve_checkpoint
 
-    path = Path(path)
-    if (path / "checkpoints").is_dir() and not (path / WEIGHTS_FILE).exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise InputError(f"{path}: a run directory without any complete checkpoint yet")
-        return found
-    return resolve_checkpoint_dir(path)
+    return resolve_checkpoint_dir(resolve_checkpoint(Path(path)))
 
 
 def _sibling_config(weights: Path) -> Path:

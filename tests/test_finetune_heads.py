@@ -1,0 +1,146 @@
+"""Sequence classification / regression heads: metrics against hand-computed values, labels from headers or a
+CSV, `evo2 finetune --task classify|regress` end to end on the `test` preset, bad labels."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.config import build_config
+from evo2_cli.errors import InputError
+from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned
+from evo2_cli.finetune.config import LabelsSection
+from evo2_cli.finetune.heads import (
+    auroc,
+    classification_metrics,
+    rankdata,
+    read_labeled,
+    sequence_outputs,
+    spearman,
+)
+from evo2_cli.model import StripedHyena, preset_config, save_model
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_rankdata_auroc_and_spearman_match_hand_computed_values():
+    np.testing.assert_array_equal(rankdata(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1.0, 3.5, 2.0])
+    # 4 (positive, negative) pairs, 3 ordered correctly
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    # ties count half: positives {0.5, 0.9} vs negatives {0.5, 0.5} -> (0.5 + 0.5 + 1 + 1) / 4
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.9]), np.array([0, 1, 0, 1])) == 0.75
+    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+    # ranks of y: [1, 2, 3.5, 5, 3.5]; covariance of centred ranks 8, variances 10 and 9.5
+    assert spearman(np.array([1, 2, 3, 4, 5.0]), np.array([5, 6, 7, 8, 7.0])) == pytest.approx(8 / math.sqrt(95))
+    assert spearman(np.array([1, 2, 3.0]), np.array([3, 2, 1.0])) == pytest.approx(-1.0)
+    # three classes: accuracy 2/3; one-vs-rest AUROCs: class 0 1, class 1 (1 + 0.5) / 2 (a tie with
+    # row 2), class 2 0.5 (all scores tie) -> macro 0.75
+    logits = np.array([[2.0, 0, 0], [0, 2.0, 0], [0, 2.0, 0.0]])
+    metrics = classification_metrics(logits, np.array([0, 1, 2]))
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["auroc"] == pytest.approx(0.75)
+
+
+def labeled_fasta(path: Path, records: int = 24, length: int = 32, seed: int = 0) -> None:
+    """Records whose GC content spreads over 0.1..0.9: header `label=gc|at` (GC above or below one half)
+    and `gc=FRACTION`."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(records):
+        p_gc = 0.1 + 0.8 * ((7 * i) % records) / (records - 1)
+        bases = rng.choice(list("GCAT"), size=length, p=[p_gc / 2, p_gc / 2, (1 - p_gc) / 2, (1 - p_gc) / 2])
+        fraction = float(np.isin(bases, ["G", "C"]).mean())
+        lines += [f">r{i} label={'gc' if fraction > 0.5 else 'at'} gc={fraction:.4f}", "".join(bases)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("base") / "ckpt"
+    save_model(StripedHyena(preset_config("test")), directory)
+    return directory
+
+
+def task_job(fasta: Path, base: Path, run_dir: Path, task: str, regex: str, **finetune) -> FinetuneJob:
+    raw = {
+        "data": {"seq_len": 32},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "global_batch": 8, "weight_decay": 0.0},
+        "train": {
+            "run_dir": str(run_dir),
+            "max_steps": 12,
+            "micro_batch": 8,
+            "log_interval": 4,
+            "eval_interval": 0,
+            "save_interval": 0,
+            "device": "cpu",
+        },
+        "finetune": {
+            "init_from": str(base),
+            "task": task,
+            "labels": {"fasta": [str(fasta)], "header_regex": regex, "val_fraction": 0.25},
+            **finetune,
+        },
+    }
+    return build_config(FinetuneJob, raw)
+
+
+def test_classify_head_learns_gc_content(base, tmp_path):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta)
+    job = task_job(fasta, base, tmp_path / "run", "classify", r"label=(\S+)")
+    result = finetune(job, console=quiet())
+    assert result.classes == ["at", "gc"] and result.step == 12
+    assert result.last_val["accuracy"] == 1.0 and result.last_val["auroc"] == 1.0
+    model = load_finetuned(result.checkpoint)  # the head comes back with its classes
+    assert model.task_classes == ["at", "gc"] and model.task_head.out_features == 2
+    ids = torch.tensor([list(b"GCGCGGCCGC"), list(b"ATATTAATAT")])
+    with torch.no_grad():
+        assert sequence_outputs(model, ids, torch.ones_like(ids, dtype=torch.bool)).argmax(1).tolist() == [1, 0]
+    assert finetune(job, console=quiet()).step == 12  # resumes at its last checkpoint: nothing left to do
+
+
+def test_regress_head_with_lora_ranks_gc_content(base, tmp_path):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta)
+    job = task_job(fasta, base, tmp_path / "run", "regress", r"gc=(\S+)", method="lora")
+    result = finetune(job, console=quiet())
+    assert result.classes is None
+    assert result.last_val["spearman"] > 0.7 and result.last_val["mse"] < 0.05  # random: ~0 and ~0.1
+    weights = load_finetuned(result.checkpoint).state_dict()
+    frozen = StripedHyena(preset_config("test")).state_dict().keys()
+    assert frozen <= weights.keys() and {"task_head.weight", "task_head.bias"} <= weights.keys()
+
+
+def test_labels_from_a_csv_and_missing_labels(tmp_path):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta, records=8)
+    table = tmp_path / "labels.csv"
+    table.write_text("id,label\n" + "".join(f"r{i},{i % 3}\n" for i in range(8)))
+    train, val, classes = read_labeled(LabelsSection(fasta=[fasta], csv=table), "classify", 16, 0)
+    assert classes == ["0", "1", "2"] and len(train.ids) + len(val.ids) == 8
+    assert all(len(s) == 16 for s in train.sequences)  # cut to seq_len
+    table.write_text("id,label\n" + "".join(f"r{i},{i}\n" for i in range(6)))
+    with pytest.raises(InputError, match=r"2 record\(s\) have no label from labels.csv .*r6, .*r7"):
+        read_labeled(LabelsSection(fasta=[fasta], csv=table), "regress", 16, 0)
+    with pytest.raises(InputError, match="numeric labels; got 'gc'"):
+        read_labeled(LabelsSection(fasta=[fasta], header_regex=r"label=(\S+)"), "regress", 16, 0)
+
+
+def test_cli_refuses_unlabeled_records_with_exit_2(base, tmp_path):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta, records=6)
+    fasta.write_text(fasta.read_text() + ">unlabeled\nACGT\n")
+    args = ["finetune", "--from", str(base), "--task", "classify", "--set", f"finetune.labels.fasta=[{fasta}]"]
+    args += ["--set", "finetune.labels.header_regex=label=(\\S+)", "--set", f"train.run_dir={tmp_path / 'r'}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "1 record(s) have no label" in result.output and "unlabeled" in result.output
