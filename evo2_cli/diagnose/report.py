@@ -1,0 +1,510 @@
+"""What a diagnosis writes: report.json, per-step CSVs, PNG plots (when matplotlib is installed), report.html
+(self-contained, charts as inline SVG), and the rich summary tables printed in the terminal.
+
+    report.json       verdict, config, model, per-variant explosion (step, layer, parameter, why), summaries and
+                      the main per-step series (non-finite numbers written as the strings "nan", "inf", "-inf")
+    steps.csv         one row per variant and step: loss, lr, total and per-block-type gradient norms, largest
+                      update ratio, non-finite counts, hcl pole summary, largest activation
+    parameters.csv    one row per variant, step and parameter: layer, block type, kind, gradient norm, parameter
+                      norm, update-to-parameter ratio, non-finite gradient / parameter entries
+    activations.csv   one row per variant, step and watched module: max |x|, rms, non-finite entries
+    hcl.csv           one row per variant, step and hcl layer: max lambda, fraction of modes with lambda >= 0,
+                      max |h[t]|
+    grad_norms.png    gradient norm per block type over steps, log scale, one panel per variant
+    hcl_lambda.png    max lambda of each hcl layer over steps, with the fp32 overflow line 88.72 / (L - 1)
+    report.html       all of the above in one file
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from evo2_cli import __version__
+from evo2_cli.config import to_dict
+from evo2_cli.diagnose.detect import block_series
+from evo2_cli.diagnose.record import BLOCK_TYPES, FP32_EXP_LIMIT
+from evo2_cli.diagnose.run import Diagnosis, VariantResult
+from evo2_cli.fsio import atomic_output_dir
+
+REPORT_FILES = ("report.json", "steps.csv", "parameters.csv", "activations.csv", "hcl.csv", "report.html")
+
+
+# ---------------------------------------------------------------- plain data
+
+
+def finite_or_text(value: Any) -> Any:
+    """JSON-safe: non-finite floats become "nan", "inf" or "-inf"; containers are converted recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): finite_or_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_text(v) for v in value]
+    return value
+
+
+def _nanmax(values: Iterable[float]) -> float:
+    """Largest value, inf if any is inf, NaN only when all are NaN (or none)."""
+    best = math.nan
+    for v in values:
+        if math.isinf(v) and v > 0:
+            return v
+        if not math.isnan(v) and (math.isnan(best) or v > best):
+            best = v
+    return best
+
+
+def hcl_series(result: VariantResult) -> dict[int, dict[str, list[float]]]:
+    layers = sorted({layer for s in result.steps for layer in s.hcl})
+    return {
+        layer: {
+            "max_lambda": [s.hcl[layer].max_lambda for s in result.steps],
+            "frac_nonneg": [s.hcl[layer].frac_nonneg for s in result.steps],
+            "max_abs_h": [s.hcl[layer].max_abs_h for s in result.steps],
+        }
+        for layer in layers
+    }
+
+
+def variant_summary(result: VariantResult) -> dict[str, Any]:
+    steps = result.steps
+    blocks = block_series(steps, result.params)
+    explosion = result.explosion
+    return {
+        "name": result.variant.name,
+        "settings": result.variant.settings(),
+        "healthy": result.healthy,
+        "explosion": None if explosion is None else to_dict(explosion),
+        "steps_run": len(steps),
+        "stop_reason": result.stop_reason,
+        "seconds": round(result.seconds, 3),
+        "first_loss": steps[0].loss if steps else math.nan,
+        "final_loss": steps[-1].loss if steps else math.nan,
+        "max_grad_norm": _nanmax(blocks["grad_norm"]),
+        "max_grad_norm_by_block": {
+            name.removeprefix("grad_norm[").removesuffix("]"): _nanmax(values)
+            for name, values in blocks.items()
+            if name != "grad_norm"
+        },
+        "hcl": {
+            str(layer): {
+                "max_lambda": _nanmax(series["max_lambda"]),
+                "max_frac_nonneg": _nanmax(series["frac_nonneg"]),
+                "max_abs_h": _nanmax(series["max_abs_h"]),
+            }
+            for layer, series in hcl_series(result).items()
+        },
+        "series": {
+            "loss": [s.loss for s in steps],
+            "lr": [s.lr for s in steps],
+            **blocks,
+            **{
+                f"hcl[{layer}].{key}": values
+                for layer, series in hcl_series(result).items()
+                for key, values in series.items()
+            },
+        },
+    }
+
+
+def report_data(diagnosis: Diagnosis) -> dict[str, Any]:
+    seq_len = diagnosis.seq_len
+    return finite_or_text(
+        {
+            "tool": "evo2-cli",
+            "version": __version__,
+            "command": "diagnose-grads",
+            "healthy": diagnosis.healthy,
+            "exploded": [v.variant.name for v in diagnosis.variants if not v.healthy],
+            "device": diagnosis.device,
+            "source": diagnosis.source,
+            "seq_len": seq_len,
+            "overflow_lambda": FP32_EXP_LIMIT / max(seq_len - 1, 1),
+            "model": to_dict(diagnosis.model_config),
+            "config": to_dict(diagnosis.job),
+            "variants": [variant_summary(v) for v in diagnosis.variants],
+        }
+    )
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_csvs(diagnosis: Diagnosis, directory: Path) -> None:
+    blocks = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
+
+    def step_rows():
+        for v in diagnosis.variants:
+            series = block_series(v.steps, v.params)
+            for n, s in enumerate(v.steps):
+                hcl = list(s.hcl.values())
+                yield [
+                    v.variant.name,
+                    s.step,
+                    s.lr,
+                    s.loss,
+                    s.grad_norm,
+                    *(series.get(f"grad_norm[{b}]", [math.nan] * len(v.steps))[n] for b in blocks),
+                    _nanmax(s.update_ratio),
+                    sum(s.grad_nonfinite),
+                    sum(s.param_nonfinite),
+                    _nanmax(h.max_lambda for h in hcl),
+                    _nanmax(h.frac_nonneg for h in hcl),
+                    _nanmax(h.max_abs_h for h in hcl),
+                    _nanmax(a[0] for a in s.activations),
+                ]
+
+    _write_csv(
+        directory / "steps.csv",
+        [
+            "variant",
+            "step",
+            "lr",
+            "loss",
+            "grad_norm",
+            *(f"grad_norm_{b}" for b in blocks),
+            "max_update_ratio",
+            "nonfinite_grads",
+            "nonfinite_params",
+            "hcl_max_lambda",
+            "hcl_frac_nonneg",
+            "hcl_max_abs_h",
+            "max_abs_activation",
+        ],
+        step_rows(),
+    )
+    _write_csv(
+        directory / "parameters.csv",
+        [
+            "variant",
+            "step",
+            "parameter",
+            "layer",
+            "block",
+            "kind",
+            "grad_norm",
+            "param_norm",
+            "update_ratio",
+            "nonfinite_grad",
+            "nonfinite_param",
+        ],
+        (
+            [v.variant.name, s.step, p.name, "" if p.layer is None else p.layer, p.block, p.kind]
+            + [s.grad[i], s.param_norm[i], s.update_ratio[i], s.grad_nonfinite[i], s.param_nonfinite[i]]
+            for v in diagnosis.variants
+            for s in v.steps
+            for i, p in enumerate(v.params)
+        ),
+    )
+    _write_csv(
+        directory / "activations.csv",
+        ["variant", "step", "module", "layer", "block", "role", "max_abs", "rms", "nonfinite"],
+        (
+            [v.variant.name, s.step, site.name, "" if site.layer is None else site.layer, site.block, site.role]
+            + list(s.activations[i])
+            for v in diagnosis.variants
+            for s in v.steps
+            for i, site in enumerate(v.sites)
+        ),
+    )
+    _write_csv(
+        directory / "hcl.csv",
+        ["variant", "step", "layer", "max_lambda", "frac_nonneg", "max_abs_h"],
+        (
+            [v.variant.name, s.step, layer, h.max_lambda, h.frac_nonneg, h.max_abs_h]
+            for v in diagnosis.variants
+            for s in v.steps
+            for layer, h in s.hcl.items()
+        ),
+    )
+
+
+# ---------------------------------------------------------------- terminal
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def explosion_text(result: VariantResult) -> str:
+    e = result.explosion
+    if e is None:
+        return "healthy"
+    where = f"layer {e.layer} ({e.block})" if e.layer is not None else e.block
+    return f"step {e.step}: {e.problem} in {e.series}; started {where}, {e.parameter or e.site} [{e.origin}]"
+
+
+def summary_tables(diagnosis: Diagnosis) -> list[Table]:
+    table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
+    for column in ("variant", "verdict", "steps", "loss first -> last", "max grad norm", "hcl max λ", "λ>=0", "max |h|"):
+        table.add_column(column, overflow="fold")
+    for v in diagnosis.variants:
+        s = variant_summary(v)
+        hcl = s["hcl"].values()
+        verdict = "[green]healthy[/]" if v.healthy else f"[bold red]EXPLODED[/] {explosion_text(v)}"
+        table.add_row(
+            v.variant.name,
+            verdict,
+            f"{s['steps_run']}" + (" (stopped)" if v.stop_reason == "non-finite" else ""),
+            f"{_fmt(s['first_loss'], 4)} -> {_fmt(s['final_loss'], 4)}",
+            _fmt(s["max_grad_norm"]),
+            _fmt(_nanmax(h["max_lambda"] for h in hcl)),
+            f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
+            _fmt(_nanmax(h["max_abs_h"] for h in hcl)),
+        )
+    blocks = Table(title="largest gradient norm per block type")
+    present = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
+    blocks.add_column("variant")
+    for b in present:
+        blocks.add_column(b, justify="right")
+    for v in diagnosis.variants:
+        by_block = variant_summary(v)["max_grad_norm_by_block"]
+        blocks.add_row(v.variant.name, *(_fmt(by_block.get(b, math.nan)) for b in present))
+    tables = [table, blocks]
+    details = [v for v in diagnosis.variants if v.explosion is not None]
+    if details:
+        why = Table(title="where each explosion started", show_lines=True)
+        why.add_column("variant")
+        why.add_column("detail", overflow="fold")
+        for v in details:
+            why.add_row(v.variant.name, v.explosion.detail)
+        tables.append(why)
+    return tables
+
+
+# ---------------------------------------------------------------- charts
+
+
+def _log_values(values: Sequence[float]) -> list[float | None]:
+    return [math.log10(v) if math.isfinite(v) and v > 0 else None for v in values]
+
+
+def svg_chart(
+    lines: dict[str, Sequence[float | None]],
+    title: str,
+    y_label: str,
+    marks: Sequence[tuple[float, str]] = (),
+    hlines: Sequence[tuple[float, str]] = (),
+    log: bool = False,
+    width: int = 460,
+    height: int = 260,
+) -> str:
+    """A small line chart as inline SVG (no dependency). `marks`: vertical lines at x; `hlines`: horizontal
+    lines at y (in data units). None or non-finite points break a line."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    data = {k: (_log_values(v) if log else [x if x is not None and math.isfinite(x) else None for x in v]) for k, v in lines.items()}
+    hl = [((math.log10(y) if log and y > 0 else y), label) for y, label in hlines if not log or y > 0]
+    ys = [y for v in data.values() for y in v if y is not None] + [y for y, _ in hl]
+    n = max((len(v) for v in data.values()), default=1)
+    left, right, top, bottom = 56, 10, 24, 34
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" font-family="sans-serif">']
+    out.append(f'<text x="{width / 2}" y="14" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>')
+    if not ys:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no finite values</text></svg>')
+        return "".join(out)
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 1, hi + 1
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+
+    def px(i: float) -> float:
+        return left + (width - left - right) * (i / max(n - 1, 1))
+
+    def py(y: float) -> float:
+        return top + (height - top - bottom) * (1 - (y - lo) / (hi - lo))
+
+    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#999"/>')
+    for k in range(5):
+        y = lo + (hi - lo) * k / 4
+        label = f"1e{y:.1f}" if log else f"{y:.3g}"
+        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{label}</text>')
+    out.append(f'<text x="{left}" y="{height - 6}">step 0</text>')
+    out.append(f'<text x="{width - right}" y="{height - 6}" text-anchor="end">step {n - 1}  ({html.escape(y_label)})</text>')
+    for y, label in hl:
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
+        out.append(f'<text x="{width - right - 2}" y="{py(y) - 3:.1f}" text-anchor="end" fill="#666">{html.escape(label)}</text>')
+    for x, label in marks:
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{height - bottom}" stroke="#d62728" stroke-dasharray="2 2"/>')
+        out.append(f'<text x="{px(x) + 3:.1f}" y="{top + 10}" fill="#d62728">{html.escape(label)}</text>')
+    for j, (name, values) in enumerate(data.items()):
+        color = colors[j % len(colors)]
+        segment: list[str] = []
+        segments = []
+        for i, y in enumerate(values):
+            if y is None:
+                if segment:
+                    segments.append(segment)
+                segment = []
+            else:
+                segment.append(f"{px(i):.1f},{py(y):.1f}")
+        if segment:
+            segments.append(segment)
+        for seg in segments:
+            if len(seg) == 1:
+                x, y = seg[0].split(",")
+                out.append(f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>')
+            else:
+                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{" ".join(seg)}"/>')
+        out.append(f'<text x="{left + 6 + 80 * (j % 5)}" y="{top + 14 + 12 * (j // 5)}" fill="{color}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _grad_lines(result: VariantResult) -> dict[str, list[float]]:
+    series = block_series(result.steps, result.params)
+    return {name.removeprefix("grad_norm[").removesuffix("]"): v for name, v in series.items() if name != "grad_norm"}
+
+
+def _explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
+    return [] if result.explosion is None else [(result.explosion.step, f"explosion (step {result.explosion.step})")]
+
+
+def html_report(diagnosis: Diagnosis) -> str:
+    data = report_data(diagnosis)
+    overflow = FP32_EXP_LIMIT / max(diagnosis.seq_len - 1, 1)
+    verdict = (
+        '<p class="ok">Every variant stayed healthy (exit code 0).</p>'
+        if diagnosis.healthy
+        else f'<p class="bad">Explosion in: {html.escape(", ".join(data["exploded"]))} (exit code 3).</p>'
+    )
+    rows = []
+    for v in diagnosis.variants:
+        s = variant_summary(v)
+        hcl = s["hcl"].values()
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    v.variant.name,
+                    explosion_text(v),
+                    s["steps_run"],
+                    f"{_fmt(s['first_loss'], 4)} → {_fmt(s['final_loss'], 4)}",
+                    _fmt(s["max_grad_norm"]),
+                    _fmt(_nanmax(h["max_lambda"] for h in hcl)),
+                    f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
+                )
+            )
+            + "</tr>"
+        )
+    details = "".join(
+        f"<li><b>{html.escape(v.variant.name)}</b>: {html.escape(v.explosion.detail)}</li>"
+        for v in diagnosis.variants
+        if v.explosion is not None
+    )
+    charts = []
+    for v in diagnosis.variants:
+        charts.append(
+            svg_chart(_grad_lines(v), f"{v.variant.name}: gradient norm per block type", "log10", _explosion_marks(v), log=True)
+        )
+        lam = {f"layer {layer}": s["max_lambda"] for layer, s in hcl_series(v).items()}
+        if lam:
+            charts.append(
+                svg_chart(
+                    lam,
+                    f"{v.variant.name}: max lambda per hcl layer",
+                    "lambda",
+                    _explosion_marks(v),
+                    hlines=[(0.0, "0"), (overflow, "fp32 overflow 88.7/(L-1)")],
+                )
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        ".ok{color:#2a7a2a;font-weight:bold}.bad{color:#b22;font-weight:bold}svg{margin:4px}"
+        "pre{background:#f6f6f6;padding:8px;overflow:auto}"
+    )
+    header = "".join(f"<th>{h}</th>" for h in ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0"))
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>evo2 diagnose-grads</title>"
+        f"<style>{style}</style></head><body><h1>evo2 diagnose-grads</h1>"
+        f"<p>{html.escape(diagnosis.source)}; sequence length {diagnosis.seq_len}; {html.escape(diagnosis.device)}; "
+        f"fp32 overflow of exp(λt) once λ &gt; {overflow:.4g}.</p>{verdict}"
+        f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+        + (f"<h2>Where it started</h2><ul>{details}</ul>" if details else "")
+        + f"<h2>Charts</h2><div>{''.join(charts)}</div>"
+        "<h2>Config</h2><pre>"
+        + html.escape(json.dumps(data["config"], indent=1))
+        + "</pre></body></html>"
+    )
+
+
+def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
+    """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    variants = diagnosis.variants
+    written = []
+    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], variants, strict=True):
+        for name, values in _grad_lines(v).items():
+            ax.plot(range(len(values)), [x if math.isfinite(x) and x > 0 else math.nan for x in values], label=name)
+        if v.explosion is not None:
+            ax.axvline(v.explosion.step, color="red", linestyle=":", label=f"explosion (step {v.explosion.step})")
+        ax.set_yscale("log")
+        ax.set_title(v.variant.name)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("gradient norm (before clipping)")
+    fig.tight_layout()
+    fig.savefig(directory / "grad_norms.png", dpi=110)
+    plt.close(fig)
+    written.append("grad_norms.png")
+    if any(hcl_series(v) for v in variants):
+        overflow = FP32_EXP_LIMIT / max(diagnosis.seq_len - 1, 1)
+        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
+        for ax, v in zip(axes[0], variants, strict=True):
+            for layer, series in hcl_series(v).items():
+                ax.plot(range(len(series["max_lambda"])), series["max_lambda"], label=f"layer {layer} max λ")
+            ax.axhline(0.0, color="gray", linewidth=0.8)
+            ax.axhline(overflow, color="red", linestyle="--", linewidth=0.8, label="fp32 overflow 88.7/(L-1)")
+            ax.set_yscale("symlog", linthresh=1e-4)
+            ax.set_title(v.variant.name)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("max λ over modes")
+        fig.tight_layout()
+        fig.savefig(directory / "hcl_lambda.png", dpi=110)
+        plt.close(fig)
+        written.append("hcl_lambda.png")
+    return written
+
+
+# ---------------------------------------------------------------- all outputs
+
+
+def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False) -> list[str]:
+    """Write every output into `directory` atomically; returns the file names written."""
+    with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report_data(diagnosis), indent=1) + "\n", encoding="utf-8")
+        write_csvs(diagnosis, tmp)
+        (tmp / "report.html").write_text(html_report(diagnosis), encoding="utf-8")
+        plots = write_plots(diagnosis, tmp) if diagnosis.job.diagnose.plots else []
+    return [*REPORT_FILES, *plots]

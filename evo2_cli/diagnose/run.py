@@ -1,0 +1,236 @@
+"""Run the variants of a diagnosis: K plain training steps each, with the recorder's hooks.
+
+Every variant starts from the same weights (a fresh `model:` at `diagnose.seed`, or `diagnose.checkpoint`;
+converted to the variant's hcl form exactly, and with the slow-mode init applied before the copy) and sees the
+same windows (window i of step s is sample s * global_batch + i of the training stream at `diagnose.seed`).
+A step is the training loop's step without its guard: forward under the variant's precision, the weighted
+loss, backward, clip (when the variant clips), AdamW step. Every step is applied, bad or not, as a training
+stack without a guard would; a variant stops after the step whose loss or weights went non-finite.
+
+Reused, not re-derived: the training windows and loss weighting (evo2_cli/train/data.py), AdamW over the
+model package's weight-decay groups and the lr schedule (evo2_cli/train/optim.py), the spike rule
+(evo2_cli/train/guard.py, through detect.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evo2_cli.diagnose.config import DiagnoseJob, Variant
+from evo2_cli.diagnose.detect import DetectorSettings, Explosion, locate_explosion
+from evo2_cli.diagnose.record import ParamInfo, Recorder, SiteInfo, StepRecord, hcl_stats
+from evo2_cli.errors import InputError
+from evo2_cli.model import ModelConfig, StripedHyena
+from evo2_cli.model.checkpoint import build_model
+from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses, weighted_loss
+from evo2_cli.train.optim import build_optimizer, learning_rate
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    params: list[ParamInfo]
+    sites: list[SiteInfo]
+    steps: list[StepRecord]
+    explosion: Explosion | None
+    stop_reason: str  # "steps" (ran them all) or "non-finite" (stopped after a non-finite loss or weights)
+    seconds: float
+
+    @property
+    def healthy(self) -> bool:
+        return self.explosion is None
+
+
+@dataclass
+class Diagnosis:
+    job: DiagnoseJob
+    model_config: ModelConfig
+    source: str  # "preset <name>" / "model config" / the checkpoint path
+    device: str
+    seq_len: int
+    variants: list[VariantResult]
+
+    @property
+    def healthy(self) -> bool:
+        return all(v.healthy for v in self.variants)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("diagnose.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- the starting weights
+
+
+@torch.no_grad()
+def place_slow_modes(model: nn.Module, count: int, lam: float) -> int:
+    """Move the `count` slowest poles (largest lambda) of every hcl channel to `lam` < 0, in the model's own
+    parameterization (vortex: lambda itself; modal: p = log(-lam) - gamma, gamma kept). Returns the number
+    of poles moved. Trained Evo 2 checkpoints hold such near-zero modes; the training-stack init does not."""
+    if count <= 0:
+        return 0
+    moved = 0
+    for block in model.blocks:
+        if getattr(block, "kind", None) != "hcl":
+            continue
+        f = block.filter
+        poles = f.poles()  # (D, S)
+        slowest = poles.topk(count, dim=1).indices  # (D, count)
+        mask = torch.zeros_like(poles, dtype=torch.bool).scatter_(1, slowest, True)
+        if f.form == "modal":
+            target = math.log(-lam) - f.gamma.float()
+            f.p.copy_(torch.where(mask, target, f.p.float()).to(f.p.dtype))
+        else:
+            f.log_poles.copy_(torch.where(mask, torch.full_like(poles, lam), f.log_poles.float()))
+        moved += int(mask.sum())
+    return moved
+
+
+def starting_model(job: DiagnoseJob) -> tuple[StripedHyena, str]:
+    """The weights every variant starts from (CPU, fp32), and where they came from."""
+    d = job.diagnose
+    if d.checkpoint is not None:
+        from evo2_cli.model import load_model
+
+        model = load_model(d.checkpoint)
+        if d.slow_modes > model.config.state_size:
+            raise InputError(
+                f"diagnose.slow_modes={d.slow_modes} is more than the checkpoint's state_size "
+                f"{model.config.state_size}"
+            )
+        source = str(d.checkpoint)
+    else:
+        torch.manual_seed(d.seed)
+        model = StripedHyena(job.model)
+        source = f"preset {job.model.preset}" if job.model.preset else "model config"
+    place_slow_modes(model, d.slow_modes, d.slow_mode_lambda)
+    return model.float(), source
+
+
+def variant_model(base: StripedHyena, form: str) -> StripedHyena:
+    """A copy of `base` with hcl form `form`; the same function (poles mapped exactly, as `evo2 convert`)."""
+    from evo2_cli.model.vortex import state_dict_from_vortex, vortex_state_dict
+
+    config = dataclasses.replace(base.config, hcl_form=form)
+    state = base.state_dict()
+    if form != base.config.hcl_form:
+        state = state_dict_from_vortex(vortex_state_dict(base), config, source="the starting weights")
+    return build_model(config, {k: v.detach().clone() for k, v in state.items()})  # never shares storage
+
+
+# ---------------------------------------------------------------- one variant
+
+
+def run_variant(
+    job: DiagnoseJob,
+    variant: Variant,
+    base: StripedHyena,
+    windows: WindowSampler,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> VariantResult:
+    d, seq_len = job.diagnose, job.data.seq_len
+    optim = job.optim_for(variant)
+    model = variant_model(base, variant.hcl_form).to(device)
+    model.train()
+    optimizer = build_optimizer(model, optim)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    recorder = Recorder(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16")
+    accumulation = optim.global_batch // d.micro_batch
+    steps: list[StepRecord] = []
+    stop_reason = "steps"
+    started = time.perf_counter()
+    try:
+        for step in range(d.steps):
+            lr = learning_rate(step, optim, d.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            hcl = hcl_stats(model, seq_len)  # the poles this step's forward uses
+            recorder.start_step()
+            loss_sum = 0.0
+            for micro in range(accumulation):
+                first = step * optim.global_batch + micro * d.micro_batch
+                batch = windows.batch(range(first, first + d.micro_batch)).to(device)
+                with autocast:
+                    nll = token_losses(model(batch.input_ids), batch.labels)
+                    loss = weighted_loss(nll, batch)
+                (loss / accumulation).backward()
+                loss_sum += loss.item()
+            grad, grad_bad = recorder.gradients()
+            total = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if variant.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(trainable, variant.grad_clip, total)
+            recorder.before_update()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            param_norm, ratio, param_bad = recorder.after_update()
+            record = StepRecord(
+                step=step,
+                lr=lr,
+                loss=loss_sum / accumulation,
+                grad_norm=float(total),
+                grad=grad,
+                grad_nonfinite=grad_bad,
+                param_norm=param_norm,
+                update_ratio=ratio,
+                param_nonfinite=param_bad,
+                activations=recorder.activations(),
+                forward_order=list(recorder.forward_order),
+                backward_order=list(recorder.backward_order),
+                hcl=hcl,
+            )
+            steps.append(record)
+            if progress is not None:
+                progress(
+                    f"{variant.name}: step {step + 1}/{d.steps} loss {record.loss:.4g} grad {record.grad_norm:.3g}"
+                )
+            if not math.isfinite(record.loss) or any(param_bad):
+                stop_reason = "non-finite"
+                break
+    finally:
+        recorder.close()
+    settings = DetectorSettings(d.spike_factor, d.median_window, d.spike_warmup)
+    explosion = locate_explosion(steps, recorder.params, recorder.sites, seq_len, settings)
+    return VariantResult(
+        variant, recorder.params, recorder.sites, steps, explosion, stop_reason, time.perf_counter() - started
+    )
+
+
+# ---------------------------------------------------------------- all variants
+
+
+def training_windows(job: DiagnoseJob) -> WindowSampler:
+    data = job.data
+    return WindowSampler(
+        [resolve_split(Path(s.path), "train") for s in data.datasets],
+        [s.weight for s in data.datasets],
+        data.seq_len,
+        job.diagnose.seed,
+        TRAIN_STREAM,
+        data.lowercase_weight,
+        data.reverse_complement_prob,
+    )
+
+
+def run_diagnosis(job: DiagnoseJob, progress: Callable[[str], None] | None = None) -> Diagnosis:
+    """Every variant of `job`, one after the other, from the same weights and windows."""
+    windows = training_windows(job)  # dataset problems surface before any training
+    device = resolve_device(job.diagnose.device)
+    base, source = starting_model(job)
+    results = []
+    for variant in job.variant_list(base.config.hcl_form):
+        results.append(run_variant(job, variant, base, windows, device, progress))
+    return Diagnosis(job, base.config, source, str(device), job.data.seq_len, results)
