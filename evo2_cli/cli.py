@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from evo2_cli import __version__
 from evo2_cli.commands import config_cmd, convert, finetune, infer
+from evo2_cli.commands.doctor import doctor as doctor_command
 from evo2_cli.commands.preprocess import preprocess as preprocess_command
 from evo2_cli.commands.train import train as train_command
 from evo2_cli.errors import Evo2Error
@@ -65,6 +66,7 @@ app.command("train")(train_command)
 app.add_typer(convert.app, name="convert")
 app.add_typer(finetune.app, name="finetune")
 app.add_typer(infer.app, name="infer")
+app.command("doctor")(doctor_command)
 
 
 def _raise_interrupt(signum, frame):

@@ -33,3 +33,19 @@ def test_config_error_exits_2(tmp_path):
     result = runner.invoke(app, ["config", "validate", str(bad)])
     assert result.exit_code == 2
     assert "bad.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_doctor_reports_versions_and_passes_the_self_test():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "torch" in result.output and "self-test cpu" in result.output
+
+
+def test_self_test_catches_a_broken_decoder(monkeypatch):
+    from evo2_cli import doctor
+    from evo2_cli.model import StripedHyena
+
+    real_step = StripedHyena.step
+    monkeypatch.setattr(StripedHyena, "step", lambda self, ids, cache: real_step(self, ids, cache) + 1e-3)
+    check = doctor.self_test("cpu")
+    assert not check.ok and "1.0e-03" in check.detail
