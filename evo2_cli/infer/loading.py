@@ -7,7 +7,8 @@ Accepted sources (first match wins):
 - a directory holding a `latest` pointer to such a directory;
 - a training run directory (RUN_DIR/checkpoints/...): its `latest` checkpoint, else the newest complete one.
 
-Finetune and every `evo2 infer` subcommand use this function; device and dtype names are parsed here too.
+Every `evo2 infer` subcommand uses this function, and finetune resolves its starting point with
+`resolve_checkpoint`; device and dtype names are parsed here too.
 """
 
 from __future__ import annotations
