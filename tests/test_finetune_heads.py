@@ -41,7 +41,9 @@ def test_rankdata_auroc_and_spearman_match_hand_computed_values():
     assert auroc(np.array([0.5, 0.5, 0.5, 0.9]), np.array([0, 1, 0, 1])) == 0.75
     assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
     # ranks of y: [1, 2, 3.5, 5, 3.5]; covariance of centred ranks 8, variances 10 and 9.5
-    assert spearman(np.array([1, 2, 3, 4, 5.0]), np.array([5, 6, 7, 8, 7.0])) == pytest.approx(8 / math.sqrt(95))
+    assert spearman(np.array([1, 2, 3, 4, 5.0]), np.array([5, 6, 7, 8, 7.0])) == pytest.approx(
+        8 / math.sqrt(95)
+    )
     assert spearman(np.array([1, 2, 3.0]), np.array([3, 2, 1.0])) == pytest.approx(-1.0)
     # three classes: accuracy 2/3; one-vs-rest AUROCs: class 0 1, class 1 (1 + 0.5) / 2 (a tie with
     # row 2), class 2 0.5 (all scores tie) -> macro 0.75
@@ -105,7 +107,10 @@ def test_classify_head_learns_gc_content(base, tmp_path):
     assert model.task_classes == ["at", "gc"] and model.task_head.out_features == 2
     ids = torch.tensor([list(b"GCGCGGCCGC"), list(b"ATATTAATAT")])
     with torch.no_grad():
-        assert sequence_outputs(model, ids, torch.ones_like(ids, dtype=torch.bool)).argmax(1).tolist() == [1, 0]
+        assert sequence_outputs(model, ids, torch.ones_like(ids, dtype=torch.bool)).argmax(1).tolist() == [
+            1,
+            0,
+        ]
     assert finetune(job, console=quiet()).step == 12  # resumes at its last checkpoint: nothing left to do
 
 
@@ -132,15 +137,32 @@ def test_labels_from_a_csv_and_missing_labels(tmp_path):
     table.write_text("id,label\n" + "".join(f"r{i},{i}\n" for i in range(6)))
     with pytest.raises(InputError, match=r"2 record\(s\) have no label from labels.csv .*r6, .*r7"):
         read_labeled(LabelsSection(fasta=[fasta], csv=table), "regress", 16, 0)
-    with pytest.raises(InputError, match="numeric labels; got 'gc'"):
+    # every header label is 'at' or 'gc': the first record is named with its file and line
+    expected = r"numeric labels; record r0 \(\S*labeled.fa:1\) has label 'at' .*and 7 other record\(s\)"
+    with pytest.raises(InputError, match=expected):
         read_labeled(LabelsSection(fasta=[fasta], header_regex=r"label=(\S+)"), "regress", 16, 0)
+    table.write_text("id,label\n" + "".join(f"r{i},{'nan' if i == 5 else i}\n" for i in range(8)))
+    with pytest.raises(InputError, match=r"record r5 \(\S*labeled.fa:11\) has label 'nan'"):
+        read_labeled(LabelsSection(fasta=[fasta], csv=table), "regress", 16, 0)
 
 
 def test_cli_refuses_unlabeled_records_with_exit_2(base, tmp_path):
     fasta = tmp_path / "labeled.fa"
     labeled_fasta(fasta, records=6)
     fasta.write_text(fasta.read_text() + ">unlabeled\nACGT\n")
-    args = ["finetune", "--from", str(base), "--task", "classify", "--set", f"finetune.labels.fasta=[{fasta}]"]
+    args = [
+        "finetune",
+        "--from",
+        str(base),
+        "--task",
+        "classify",
+        "--set",
+        f"finetune.labels.fasta=[{fasta}]",
+    ]
     args += ["--set", "finetune.labels.header_regex=label=(\\S+)", "--set", f"train.run_dir={tmp_path / 'r'}"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "1 record(s) have no label" in result.output and "unlabeled" in result.output
+    assert (
+        result.exit_code == 2
+        and "1 record(s) have no label" in result.output
+        and "unlabeled" in result.output
+    )

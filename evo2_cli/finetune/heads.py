@@ -147,7 +147,7 @@ def read_labeled(
     """(train, val, classes) from the labeled FASTA files; classes is None for regression."""
     table = _csv_labels(section.csv) if section.csv is not None else None
     pattern = re.compile(section.header_regex) if section.header_regex is not None else None
-    ids, raw_labels, sequences, missing = [], [], [], []
+    ids, raw_labels, sequences, places, missing = [], [], [], [], []
     for path in section.fasta:
         if not Path(path).is_file():
             raise InputError(f"{path}: labeled FASTA file not found (finetune.labels.fasta)")
@@ -165,6 +165,7 @@ def read_labeled(
                 continue
             ids.append(record_id)
             raw_labels.append(label)
+            places.append(f"{path}:{record.line}")
             tokens = UPPERCASE[np.frombuffer(record.sequence, dtype=np.uint8)][:seq_len]
             sequences.append(tokens)
     source = (
@@ -188,11 +189,15 @@ def read_labeled(
             raise InputError(f"task classify needs at least 2 classes; every record is labeled {classes}")
         targets = np.array([classes.index(label) for label in raw_labels], dtype=np.int64)
     else:
-        try:
-            targets = np.array([float(label) for label in raw_labels], dtype=np.float32)
-        except ValueError:
-            bad = next(label for label in raw_labels if not _is_number(label))
-            raise InputError(f"task regress needs numeric labels; got {bad!r} from {source}") from None
+        bad = [i for i, label in enumerate(raw_labels) if not _is_number(label)]
+        if bad:
+            first = bad[0]
+            raise InputError(
+                f"task regress needs finite numeric labels; record {ids[first]} ({places[first]}) has "
+                f"label {raw_labels[first]!r} from {source}, and {len(bad) - 1} other record(s) are not "
+                "finite numbers either; use --task classify for categories"
+            )
+        targets = np.array([float(label) for label in raw_labels], dtype=np.float32)
     fraction = section.val_fraction
     in_val = np.array([split_of(i.encode(), seed, (1 - fraction, fraction, 0.0)) == 1 for i in ids])
     if in_val.all() or not in_val.any():
@@ -209,11 +214,11 @@ def read_labeled(
 
 
 def _is_number(text: str) -> bool:
+    """A finite float: 'nan' and 'inf' are no regression targets."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def collate(records: LabeledRecords, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:

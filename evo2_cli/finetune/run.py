@@ -45,7 +45,7 @@ from evo2_cli.model.checkpoint import (
     save_model,
     write_model_files,
 )
-from evo2_cli.model.vortex import export_vortex
+from evo2_cli.model.vortex import export_vortex, load_vortex
 
 # ---------------------------------------------------------------- the starting point
 
@@ -57,13 +57,20 @@ class StartingPoint:
     vortex_config: Path | None  # the release YAML of a Vortex .pt; None for our checkpoint directories
 
     def load(self, clamp_poles: float | None = None) -> StripedHyena:
-        """The weights in fp32 on CPU, in train mode (the loop moves them to the device), through the
-        inference package's loader, the one way a model is read from what the user pointed at."""
-        from evo2_cli.infer.loading import load_inference_model
-
-        model = load_inference_model(
-            self.path, self.vortex_config, "cpu", torch.float32, clamp_poles=clamp_poles
-        )
+        """The weights in fp32 on CPU, in train mode (the loop moves them to the device and sets dtypes). A
+        LoRA checkpoint of ours is merged first, so a finetune can start from another one's result.
+        Read with the model package directly: the inference loader's device move, eval mode and frozen
+        gradients would all be undone here, and its move cannot take the shape-only (meta) checkpoints the
+        model package accepts."""
+        if self.vortex_config is not None:
+            return load_vortex(self.config, self.path, clamp_poles=clamp_poles).train().requires_grad_(True)
+        model = load_finetuned(self.path)
+        if hasattr(model, HEAD_NAME):
+            raise InputError(
+                f"{self.path}: holds a task head; start from the backbone checkpoint it was trained from, "
+                "or continue its run with the same train.run_dir (resume)"
+            )
+        merge_lora(model)
         return model.train().requires_grad_(True)
 
 
