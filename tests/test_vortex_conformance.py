@@ -20,7 +20,13 @@ from torch.testing import assert_close
 
 from evo2_cli.errors import InputError
 from evo2_cli.model import StripedHyena, load_vortex, preset_config
-from evo2_cli.model.vortex import export_vortex, read_vortex_checkpoint, vortex_state_dict
+from evo2_cli.model.model import modal_poles
+from evo2_cli.model.vortex import (
+    export_vortex,
+    modal_from_poles,
+    read_vortex_checkpoint,
+    vortex_state_dict,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 CONFIG = FIXTURE / "tiny_config.yml"
@@ -71,6 +77,21 @@ def test_export_reproduces_the_file_bit_for_bit(tiny):
     assert list(exported) == list(original) or set(exported) == set(original)
     for key, value in original.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_every_negative_fp32_pole_maps_to_the_modal_form_exactly():
+    # exp over fp32 p does not reach every fp32 lambda (15 of the fixture's 1024 poles need gamma != 0).
+    # Checked on every float of a binade slice, every float next to powers of two, log-uniform random poles.
+    dense = torch.arange(2**17, dtype=torch.int32) + torch.tensor(1.5).view(torch.int32)
+    edges = torch.tensor([2.0**e for e in range(-24, 10)]).view(torch.int32)[:, None] + torch.arange(-20, 20)
+    torch.manual_seed(0)
+    spread = torch.exp(torch.empty(4096).uniform_(-25.0, 8.0))
+    for magnitude in (dense.view(torch.float32) * 2.0**-9, edges.view(torch.float32), spread):
+        lam = -magnitude.reshape(-1, 16)
+        p, gamma = modal_from_poles(lam)
+        assert torch.equal(modal_poles(p, gamma), lam)
+        # exp(gamma) only mends the last ulps: |gamma| within a few ulps of p
+        assert (gamma.abs() <= 3 * 2.0**-23 * p.abs().clamp(min=1)).all()
 
 
 # ---------------------------------------------------------------- other configs in the same schema

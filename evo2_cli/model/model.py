@@ -438,7 +438,7 @@ class LongFilter(HyenaOperator):
     def poles(self) -> Tensor:
         """lambda (D, S) in fp32."""
         if self.form == "modal":
-            return -torch.exp(self.p.float()) * torch.exp(self.gamma.float())
+            return modal_poles(self.p, self.gamma)
         return self.log_poles.float()
 
     def filter(self, length: int) -> Tensor:
@@ -458,6 +458,11 @@ class LongFilter(HyenaOperator):
         state = poles * state + u.to(state.dtype).unsqueeze(-1)  # (B, D, S)
         y = torch.einsum("bds,ds->bd", state, self.residues.to(state.dtype)).float()
         return y + self.D.float() * u, state
+
+
+def modal_poles(p: Tensor, gamma: Tensor) -> Tensor:
+    """The modal form's poles lambda = -exp(p) * exp(gamma) (D, S), in fp32; always < 0."""
+    return -torch.exp(p.float()) * torch.exp(gamma.float())
 
 
 def _state_dtype(device: torch.device) -> torch.dtype:

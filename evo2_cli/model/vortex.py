@@ -6,9 +6,10 @@ The Vortex layout (DESIGN.md section 5) differs from our state dict in four plac
 - `Wqkv.weight` rows are ordered (head, {q, k, v}, head_dim) in the file, ({q, k, v}, head, head_dim) at
   runtime (Vortex permutes at load time; we store the runtime order);
 - hcl stores `log_poles` (lambda) [D, S, 1]; our modal form stores p, gamma [D, S] with
-  lambda = -exp(p) * exp(gamma). Import maps lambda < 0 to p = log(-lambda), gamma = 0 (p nudged by an ulp
-  where that makes -exp(p) reproduce lambda bit for bit); lambda >= 0 has no modal form and is refused, or
-  clamped with a warning when `clamp_poles` is given. Export writes lambda = -exp(p) * exp(gamma).
+  lambda = -exp(p) * exp(gamma). Import maps lambda < 0 to p ~ log(-lambda) and gamma = 0, or a gamma of
+  ~1e-7 where exp alone cannot reproduce lambda bit for bit (`modal_from_poles`); lambda >= 0 has no modal
+  form and is refused, or clamped with a warning when `clamp_poles` is given. Export writes
+  lambda = -exp(p) * exp(gamma), so import -> export reproduces the file exactly.
 - files may hold FP8 `*._extra_state` entries (ignored) and are mostly bf16 (log_poles and residues fp32);
   we compute in fp32.
 
@@ -31,7 +32,7 @@ from torch import Tensor
 from evo2_cli.fsio import atomic_write_bytes, atomic_write_text
 from evo2_cli.model.checkpoint import CheckpointError, build_model, check_tensors, expected_shapes
 from evo2_cli.model.config import ModelConfig, load_model_config
-from evo2_cli.model.model import AttentionBlock, LongFilter, StripedHyena
+from evo2_cli.model.model import AttentionBlock, LongFilter, StripedHyena, modal_poles
 
 _FP32_KEYS = ("filter.log_poles", "filter.residues")  # kept in fp32 in the released bf16 files
 
@@ -80,18 +81,52 @@ def _qkv_runtime_to_checkpoint(w: Tensor, heads: int) -> Tensor:
 
 
 def modal_from_poles(lam: Tensor) -> tuple[Tensor, Tensor]:
-    """(p, gamma) with -exp(p) * exp(gamma) == lam for lam < 0: gamma = 0, p = log(-lam), nudged by one ulp
-    where that reproduces lam exactly in fp32."""
+    """(p, gamma) with `modal_poles(p, gamma) == lam` bit for bit, for lam < 0 (fp32, (D, S) each).
+
+    gamma = 0, p = log(-lam) is exact for most poles, but not for all: for |p| > 1 neighbouring fp32 values
+    of p are more than one fp32 ulp apart after exp, so some lambdas are no exp(p) at all. A tiny gamma
+    (exp(gamma) = 1 - k 2^-24, steps finer than one ulp of lambda) makes up the rest. Candidates: p within
+    two ulps of log(-lam), each with gamma = 0 and the three gammas around the ratio still missing; the
+    closest wins, gamma = 0 on ties.
+    """
     lam = lam.float()
-    target = -lam
-    p = torch.log(target)
-    best, err = p, (torch.exp(p) - target).abs()
+    p_rounded = torch.log(-lam.double()).float()
+    best_p, best_gamma = p_rounded, torch.zeros_like(lam)
+    best_err = (modal_poles(best_p, best_gamma) - lam).abs()
+    for p in _ulp_neighbours(p_rounded, 2):
+        missing = lam.double() / modal_poles(p, torch.zeros_like(p)).double()  # exp(gamma) wanted, ~1
+        steps = torch.round((missing - 1) * 2**24)
+        gammas = [torch.zeros_like(lam)]
+        gammas += [torch.log1p((steps + shift) * 2**-24).float() for shift in (-1, 0, 1)]
+        for gamma in gammas:
+            err = (modal_poles(p, gamma) - lam).abs()
+            better = err < best_err
+            best_p = torch.where(better, p, best_p)
+            best_gamma = torch.where(better, gamma, best_gamma)
+            best_err = torch.where(better, err, best_err)
+    return best_p, best_gamma
+
+
+def _ulp_neighbours(x: Tensor, count: int) -> list[Tensor]:
+    """x and its fp32 neighbours up to `count` ulps away on either side."""
+    out = [x]
     for direction in (float("inf"), float("-inf")):
-        candidate = torch.nextafter(p, torch.full_like(p, direction))
-        cand_err = (torch.exp(candidate) - target).abs()
-        better = cand_err < err
-        best, err = torch.where(better, candidate, best), torch.where(better, cand_err, err)
-    return best, torch.zeros_like(lam)
+        y = x
+        for _ in range(count):
+            y = torch.nextafter(y, torch.full_like(y, direction))
+            out.append(y)
+    return out
+
+
+def _poles_for_export(f: LongFilter) -> Tensor:
+    """lambda (D, S), computed on the CPU like in `modal_from_poles` (another device's exp may round
+    differently), so that exporting an imported checkpoint reproduces its log_poles bit for bit."""
+    if f.form == "vortex":
+        return f.log_poles.detach().float()
+    p, gamma = f.p.detach(), f.gamma.detach()
+    if not p.is_meta:
+        p, gamma = p.cpu(), gamma.cpu()
+    return modal_poles(p, gamma)
 
 
 def vortex_state_dict(model: StripedHyena, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -111,8 +146,7 @@ def vortex_state_dict(model: StripedHyena, dtype: torch.dtype | None = None) -> 
         elif isinstance(block.filter, LongFilter):
             for name in ("p", "gamma", "log_poles"):
                 out.pop(prefix + f"filter.{name}", None)
-            with torch.no_grad():
-                out[prefix + "filter.log_poles"] = block.filter.poles().unsqueeze(-1)  # (D, S, 1)
+            out[prefix + "filter.log_poles"] = _poles_for_export(block.filter).unsqueeze(-1)  # (D, S, 1)
     if dtype is not None:
         out = {
             k: v if (k.endswith(_FP32_KEYS) or k.endswith("inv_freq")) else v.to(dtype)
