@@ -294,6 +294,7 @@ def test_variants_delta_equals_direct_scoring(test_model, tmp_path):
     ref_sum = float(np.sum(score_reference(test_model, chrom[80:120])[1:]))
     alt_sum = float(np.sum(score_reference(test_model, mutated[80:120])[1:]))
     assert results[0].window_start == 80 and results[0].status == "ok"
+    assert results[0].ref_sum_ll == results[1].ref_sum_ll  # one site, one reference window scored once
     assert results[0].delta_sum_ll == pytest.approx(alt_sum - ref_sum, abs=1e-4)
     assert results[1].delta_sum_ll == pytest.approx(
         float(

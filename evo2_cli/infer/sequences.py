@@ -65,7 +65,9 @@ def read_sequences(path: Path, on_bytes=None) -> Iterator[Sequence]:
             # The reader's hint is about preprocess options; keep only the diagnosis.
             raise InputError(record.problem.split("; fix the record")[0] + "; fix the record")
         if not record.sequence:
-            raise InputError(f"{path}:{record.line}: record '{display(record.id)}' is empty")
+            raise InputError(
+                f"{path}:{record.line}: record '{display(record.id)}' is empty; remove it or give it bases"
+            )
         tokens = UPPERCASE[np.frombuffer(record.sequence, dtype=np.uint8)]
         header = display(record.header)
         words = header.split(None, 1)

@@ -152,7 +152,21 @@ def score_variants(
     if window < 2:
         raise InputError(f"--window must be >= 2, got {window}")
     planned = [variant_windows(v, reference[v.chrom], window, source, on_mismatch) for v in variants]
-    arrays = [a for p in planned if p is not None for a in p[1:]]
+    # Alleles of one site share their reference window: score it once (every row shows the same ref_sum_ll).
+    arrays: list[np.ndarray] = []
+    ref_slots: dict[tuple[str, int], int] = {}
+    slots: list[tuple[int, int, int] | None] = []  # (window start, ref array, alt array) per variant
+    for variant, plan in zip(variants, planned, strict=True):
+        if plan is None:
+            slots.append(None)
+            continue
+        start, ref_window, alt_window = plan
+        key = (variant.chrom, start)
+        if key not in ref_slots:
+            ref_slots[key] = len(arrays)
+            arrays.append(ref_window)
+        slots.append((start, ref_slots[key], len(arrays)))
+        arrays.append(alt_window)
     longest = max((len(a) for a in arrays), default=2)
     per_token = run_windows(
         model,
@@ -163,15 +177,15 @@ def score_variants(
         batch_tokens=batch_tokens,
         on_tokens=on_tokens,
     )
-    results, at = [], 0
-    for variant, plan in zip(variants, planned, strict=True):
-        if plan is None:
+    results = []
+    for variant, slot in zip(variants, slots, strict=True):
+        if slot is None:
             results.append(VariantScore(variant, "ref_mismatch"))
             continue
-        ref_lp, alt_lp = per_token[at], per_token[at + 1]
-        at += 2
+        start, ref_at, alt_at = slot
+        ref_lp, alt_lp = per_token[ref_at], per_token[alt_at]
         ref_sum = float(np.sum(ref_lp[1:], dtype=np.float64))
         alt_sum = float(np.sum(alt_lp[1:], dtype=np.float64))
         delta_mean = alt_sum / max(len(alt_lp) - 1, 1) - ref_sum / max(len(ref_lp) - 1, 1)
-        results.append(VariantScore(variant, "ok", plan[0], ref_sum, alt_sum, alt_sum - ref_sum, delta_mean))
+        results.append(VariantScore(variant, "ok", start, ref_sum, alt_sum, alt_sum - ref_sum, delta_mean))
     return results
