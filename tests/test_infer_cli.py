@@ -250,6 +250,18 @@ def test_vortex_checkpoint_and_mismatching_config(tmp_path, fasta):
     assert result.exit_code == 2 and "shape" in said(result) and "Traceback" not in said(result)
 
 
+def test_checkpoint_not_matching_its_config_exits_2(checkpoint, tmp_path):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = edited / "config.yaml"
+    config.write_text(config.read_text().replace("inner_mlp_size: 16", "inner_mlp_size: 24"))
+    result = invoke("generate", edited, "-p", "ACGT", "-n", 2)
+    assert result.exit_code == 2, result.output
+    assert "has shape (16, 8), expected (24, 8)" in said(result) and "Traceback" not in said(result)
+
+
 def test_run_directory_resolves_latest(checkpoint, tmp_path, fasta):
     import shutil
 
