@@ -24,7 +24,8 @@ from evo2_cli.errors import InputError
 from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned, merge, prepare
 from evo2_cli.finetune.freeze import frozen_names
 from evo2_cli.finetune.lora import LoRALinear
-from evo2_cli.finetune.memory import estimate_memory
+from evo2_cli.finetune.memory import estimate_memory, fake_mode
+from evo2_cli.finetune.run import adapt
 from evo2_cli.model import StripedHyena, load_model, load_vortex, preset_config, save_model
 from evo2_cli.model.vortex import vortex_expected_shapes
 from evo2_cli.train.data import WindowSampler, resolve_split, token_losses, weighted_loss
@@ -207,7 +208,9 @@ def test_evo2_1b_layout_on_the_meta_device(tmp_path):
     job = build_config(
         FinetuneJob,
         {
-            "train": {"device": "cpu"},
+            "data": {"seq_len": 1024},
+            "optim": {"global_batch": 1},
+            "train": {"device": "cpu", "micro_batch": 1},
             "finetune": {"init_from": str(tmp_path / "evo2-1b.pt"), "method": "lora"},
         },
     )
@@ -220,21 +223,39 @@ def test_evo2_1b_layout_on_the_meta_device(tmp_path):
     assert prepared.estimate.trainable == prepared.estimate.adapters
     lora_layers = [m for m in prepared.model.modules() if isinstance(m, LoRALinear)]
     assert len(lora_layers) == 50 and lora_layers[0].weight.is_meta
-    # The documented budget: CUDA dtypes (frozen matmul weights bf16), fp32 adapters + AdamW.
-    from evo2_cli.finetune.run import adapt
+    # fp32 on CPU: 4.16 GiB of weights, adapters + AdamW, and 3.29 MiB of saved activations per token
+    assert prepared.estimate.static_bytes == 4_469_683_200
+    assert prepared.estimate.activation_bytes == 3_527_892_996  # 3.29 GiB at 1 x 1024 tokens
 
-    with torch.device("meta"):
-        skeleton = StripedHyena(config)
-    estimate = estimate_memory(adapt(skeleton, job, low_precision=True)[0])
-    assert estimate.total_bytes == estimate.weight_bytes + 12 * 2_304_000
-    assert estimate.total_bytes == 2_257_843_200  # 2.10 GiB (docs/finetune.md)
-    assert prepared.estimate.total_bytes == 4_469_683_200  # fp32 on CPU: 4.16 GiB
+    # The documented CUDA budget (docs/finetune.md): frozen matmul weights bf16, filters, norms and the
+    # embedding fp32, fp32 adapters + AdamW; bf16 autocast activations.
+    with fake_mode():
+        skeleton, _ = adapt(StripedHyena(config), job, low_precision=True)
+        dtypes = {name: p.dtype for name, p in skeleton.named_parameters()}
+        estimate = estimate_memory(skeleton, 1, 1024, bf16_autocast=True)
+        checkpointed = estimate_memory(skeleton, 1, 1024, bf16_autocast=True, activation_checkpointing=True)
+    assert dtypes["blocks.0.projections.weight"] == dtypes["blocks.3.attn.Wqkv.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.mlp.l1.weight"] == torch.bfloat16
+    for name in ("blocks.2.filter.p", "blocks.1.filter.h", "blocks.0.filter.short_filter_weight"):
+        assert dtypes[name] == torch.float32, name
+    assert dtypes["embedding_layer.weight"] == dtypes["blocks.0.projections.lora_A"] == torch.float32
+    assert estimate.static_bytes == estimate.weight_bytes + 12 * 2_304_000 == 2_257_843_200  # 2.10 GiB
+    assert estimate.activation_bytes == 2_723_592_196  # 2.54 GiB
+    assert checkpointed.activation_bytes == 339_918_852  # 0.32 GiB
 
 
 def test_memory_estimate_refuses_what_does_not_fit(dataset, base, tmp_path):
+    # 7,628 parameters x (4 weights + 4 gradients + 8 AdamW) bytes = 119.19 KiB, + 1.26 MiB of activations
     job = make_job(dataset, base, tmp_path / "run", memory_limit_gb=1e-6)
-    expected = r"needs about 119.19 KiB .* than the 1.05 KiB finetune.memory_limit_gb=1e-06: parameters 7,628"
-    with pytest.raises(InputError, match=expected):  # 7,628 x (4 weights + 4 gradients + 8 AdamW) bytes
+    expected = (
+        r"needs about 1.38 MiB, more than the 1.05 KiB finetune.memory_limit_gb=1e-06: parameters 7,628 .*"
+        r"weights 29.80 KiB \+ gradients 29.80 KiB \+ AdamW state 59.59 KiB \+ activations 1.26 MiB "
+        r"\(micro_batch 4 x seq_len 64\)\. Use method: lora"
+    )
+    with pytest.raises(InputError, match=expected):
+        finetune(job, console=quiet())
+    job = make_job(dataset, base, tmp_path / "run", memory_limit_gb=1e-3)  # 1 MiB: only activations miss
+    with pytest.raises(InputError, match=r"Lower train.micro_batch or data.seq_len, or set train.activation"):
         finetune(job, console=quiet())
     assert not (tmp_path / "run").exists()
 

@@ -1,6 +1,6 @@
 """`evo2 finetune`: the training loop of `evo2 train`, started from a checkpoint, with adapters.
 
-    prepare(job)      resolve the starting point, adapt a meta-device copy of the model (LoRA, freeze, head,
+    prepare(job)      resolve the starting point, adapt a fake-tensor copy of the model (LoRA, freeze, head,
                       dtypes), estimate memory and refuse when it does not fit, then load the weights and
                       adapt them the same way; returns the model, the trainable names and the estimate
     finetune(job)     prepare, then `evo2_cli.train.loop.train` (language modelling) or the task trainer of
@@ -31,7 +31,7 @@ from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
 from evo2_cli.finetune.freeze import trainable_names
 from evo2_cli.finetune.heads import HEAD_NAME, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
-from evo2_cli.finetune.memory import MemoryEstimate, check_memory, estimate_memory
+from evo2_cli.finetune.memory import MemoryEstimate, check_memory, estimate_memory, fake_mode
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
@@ -135,7 +135,7 @@ def adapt(
 ) -> tuple[StripedHyena, set[str]]:
     """Add the task head (`outputs` > 0), the LoRA adapters, mark the trainable parameters, and on CUDA
     hold frozen matmul weights in bf16 (filters, norms, embedding and trainable weights stay fp32).
-    The same function runs on the meta-device copy (for the memory estimate) and on the real weights."""
+    The same function runs on the fake-tensor copy (for the memory estimate) and on the real weights."""
     section = job.finetune
     if outputs:
         attach_head(model, outputs, seed=job.train.seed)
@@ -165,7 +165,7 @@ class Prepared:
 
 
 def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) -> Prepared:
-    """Resolve, estimate (on a meta-device model), refuse when it does not fit, then load and adapt."""
+    """Resolve, estimate (on a fake-tensor model), refuse when it does not fit, then load and adapt."""
     from evo2_cli.train.distributed import choose_device
 
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -176,10 +176,15 @@ def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) 
         raise InputError("method: lora runs with train.parallelism ddp (or one process), not fsdp")
     device = choose_device(job.train.device)
     low_precision = _low_precision(job, device)
-    with torch.device("meta"):
-        skeleton = StripedHyena(config)
-    skeleton, _ = adapt(skeleton, job, low_precision, outputs)
-    estimate = estimate_memory(skeleton)
+    with fake_mode():
+        skeleton, _ = adapt(StripedHyena(config), job, low_precision, outputs)
+        estimate = estimate_memory(
+            skeleton,
+            job.train.micro_batch,
+            job.data.seq_len,
+            bf16_autocast=low_precision,
+            activation_checkpointing=job.train.activation_checkpointing,
+        )
     say(
         f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"
     )
