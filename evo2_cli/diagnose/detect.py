@@ -172,8 +172,9 @@ def locate_explosion(
             if stats is not None and pole is not None and stats.overflows(seq_len):
                 parameter, kind = pole.name, pole.kind
                 detail = (
-                    f"forward overflow in the hcl filter of layer {site.layer}: max lambda {stats.max_lambda:.4g} "
-                    f"x (L - 1) = {stats.max_lambda * (seq_len - 1):.4g} > 88.7, exp(lambda t) is inf in fp32 "
+                    f"forward overflow in the hcl filter of layer {site.layer}: max lambda "
+                    f"{stats.max_lambda:.4g} x (L - 1) = {stats.max_lambda * (seq_len - 1):.4g} > 88.7, "
+                    "exp(lambda t) is inf in fp32 "
                     f"({100 * stats.frac_nonneg:.0f}% of its modes have lambda >= 0)"
                 )
         if parameter is None:
@@ -217,7 +218,10 @@ def locate_explosion(
             if why.problem == "non-finite"
             else f"gradient norm {why.value:.3g}, {why.ratio * settings.factor:.0f}x its running median"
         )
-        detail = f"{params[i].name}: {what}; the first bad gradient in backward order ({len(bad)} parameter(s) bad at this step)"
+        detail = (
+            f"{params[i].name}: {what}; the first bad gradient in backward order "
+            f"({len(bad)} parameter(s) bad at this step)"
+        )
     else:
         if not jumps:
             return Explosion(
@@ -231,7 +235,10 @@ def locate_explosion(
                 detail=f"{series} went bad at step {step}; no parameter history to compare",
             )
         i, origin = max(jumps, key=lambda k: jumps[k]), "largest jump"
-        detail = f"no single parameter is bad on its own; {params[i].name} rose most: {jumps[i]:.1f}x its running median"
+        detail = (
+            f"no single parameter is bad on its own; {params[i].name} rose most: "
+            f"{jumps[i]:.1f}x its running median"
+        )
     p = params[i]
     return Explosion(
         **head,

@@ -4,10 +4,11 @@ hcl pole statistics.
 
 Grouping. Every parameter gets a layer (None for the embedding and the final norm), a block type and a kind:
 
-    block type  embedding (tied embedding = unembedding, final norm), hcs, hcm, hcl, attn (the mixer of a layer:
-                its pre-norm, in/out projections and filter), mlp (the layer's MLP and its post-norm)
-    kind        poles (vortex lambda), p, gamma (modal lambda = -exp(p) exp(gamma)), residues, D, taps (hcs/hcm
-                explicit filter), featurizer (the 3-tap short conv), projection, bias, norm, embedding, other
+    block type  embedding (tied embedding = unembedding, final norm), hcs, hcm, hcl, attn (the mixer of a
+                layer: its pre-norm, in/out projections and filter), mlp (the layer's MLP and its post-norm)
+    kind        poles (vortex lambda), p, gamma (modal lambda = -exp(p) exp(gamma)), residues, D, taps
+                (hcs/hcm explicit filter), featurizer (the 3-tap short conv), projection, bias, norm,
+                embedding, other
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class Recorder:
 
     @torch.no_grad()
     def after_update(self) -> tuple[list[float], list[float], list[int]]:
-        """Parameter norm, update-to-parameter ratio ||new - old|| / ||old||, non-finite count (after the step)."""
+        """Parameter norm, update-to-parameter ratio ||new - old|| / ||old||, non-finite count (after the
+        step)."""
         stats = []
         for p, old in zip(self.tensors, self._snapshot, strict=True):
             new, old = p.detach().float(), old.float()

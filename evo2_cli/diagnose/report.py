@@ -1,12 +1,13 @@
 """What a diagnosis writes: report.json, per-step CSVs, PNG plots (when matplotlib is installed), report.html
 (self-contained, charts as inline SVG), and the rich summary tables printed in the terminal.
 
-    report.json       verdict, config, model, per-variant explosion (step, layer, parameter, why), summaries and
-                      the main per-step series (non-finite numbers written as the strings "nan", "inf", "-inf")
-    steps.csv         one row per variant and step: loss, lr, total and per-block-type gradient norms, largest
-                      update ratio, non-finite counts, hcl pole summary, largest activation
-    parameters.csv    one row per variant, step and parameter: layer, block type, kind, gradient norm, parameter
-                      norm, update-to-parameter ratio, non-finite gradient / parameter entries
+    report.json       verdict, config, model, per-variant explosion (step, layer, parameter, why),
+                      summaries and the main per-step series (non-finite numbers written as the strings
+                      "nan", "inf", "-inf")
+    steps.csv         one row per variant and step: loss, lr, total and per-block-type gradient norms,
+                      largest update ratio, non-finite counts, hcl pole summary, largest activation
+    parameters.csv    one row per variant, step and parameter: layer, block type, kind, gradient norm,
+                      parameter norm, update-to-parameter ratio, non-finite gradient / parameter entries
     activations.csv   one row per variant, step and watched module: max |x|, rms, non-finite entries
     hcl.csv           one row per variant, step and hcl layer: max lambda, fraction of modes with lambda >= 0,
                       max |h[t]|
@@ -204,8 +205,19 @@ def write_csvs(diagnosis: Diagnosis, directory: Path) -> None:
             "nonfinite_param",
         ],
         (
-            [v.variant.name, s.step, p.name, "" if p.layer is None else p.layer, p.block, p.kind]
-            + [s.grad[i], s.param_norm[i], s.update_ratio[i], s.grad_nonfinite[i], s.param_nonfinite[i]]
+            [
+                v.variant.name,
+                s.step,
+                p.name,
+                "" if p.layer is None else p.layer,
+                p.block,
+                p.kind,
+                s.grad[i],
+                s.param_norm[i],
+                s.update_ratio[i],
+                s.grad_nonfinite[i],
+                s.param_nonfinite[i],
+            ]
             for v in diagnosis.variants
             for s in v.steps
             for i, p in enumerate(v.params)
@@ -215,8 +227,15 @@ def write_csvs(diagnosis: Diagnosis, directory: Path) -> None:
         directory / "activations.csv",
         ["variant", "step", "module", "layer", "block", "role", "max_abs", "rms", "nonfinite"],
         (
-            [v.variant.name, s.step, site.name, "" if site.layer is None else site.layer, site.block, site.role]
-            + list(s.activations[i])
+            [
+                v.variant.name,
+                s.step,
+                site.name,
+                "" if site.layer is None else site.layer,
+                site.block,
+                site.role,
+                *s.activations[i],
+            ]
             for v in diagnosis.variants
             for s in v.steps
             for i, site in enumerate(v.sites)
@@ -257,7 +276,16 @@ def explosion_text(result: VariantResult) -> str:
 
 def summary_tables(diagnosis: Diagnosis) -> list[Table]:
     table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
-    for column in ("variant", "verdict", "steps", "loss first -> last", "max grad norm", "hcl max λ", "λ>=0", "max |h|"):
+    for column in (
+        "variant",
+        "verdict",
+        "steps",
+        "loss first -> last",
+        "max grad norm",
+        "hcl max λ",
+        "λ>=0",
+        "max |h|",
+    ):
         table.add_column(column, overflow="fold")
     for v in diagnosis.variants:
         s = variant_summary(v)
@@ -300,6 +328,14 @@ def _log_values(values: Sequence[float]) -> list[float | None]:
     return [math.log10(v) if math.isfinite(v) and v > 0 else None for v in values]
 
 
+def _svg(tag: str, text: str | None = None, **attrs: object) -> str:
+    """One SVG element; attribute names use '_' for '-' (stroke_width -> stroke-width)."""
+    attributes = " ".join(f'{k.replace("_", "-")}="{v}"' for k, v in attrs.items())
+    if text is None:
+        return f"<{tag} {attributes}/>"
+    return f"<{tag} {attributes}>{html.escape(text)}</{tag}>"
+
+
 def svg_chart(
     lines: dict[str, Sequence[float | None]],
     title: str,
@@ -313,72 +349,85 @@ def svg_chart(
     """A small line chart as inline SVG (no dependency). `marks`: vertical lines at x; `hlines`: horizontal
     lines at y (in data units). None or non-finite points break a line."""
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    data = {k: (_log_values(v) if log else [x if x is not None and math.isfinite(x) else None for x in v]) for k, v in lines.items()}
+    data = {
+        k: (_log_values(v) if log else [x if x is not None and math.isfinite(x) else None for x in v])
+        for k, v in lines.items()
+    }
     hl = [((math.log10(y) if log and y > 0 else y), label) for y, label in hlines if not log or y > 0]
     ys = [y for v in data.values() for y in v if y is not None] + [y for y, _ in hl]
     n = max((len(v) for v in data.values()), default=1)
     left, right, top, bottom = 56, 10, 24, 34
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" font-family="sans-serif">']
-    out.append(f'<text x="{width / 2}" y="14" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>')
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+        'font-family="sans-serif">',
+        _svg("text", title, x=width / 2, y=14, text_anchor="middle", font_weight="bold"),
+    ]
     if not ys:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no finite values</text></svg>')
-        return "".join(out)
+        out.append(_svg("text", "no finite values", x=width / 2, y=height / 2, text_anchor="middle"))
+        return "".join([*out, "</svg>"])
     lo, hi = min(ys), max(ys)
     if hi - lo < 1e-12:
         lo, hi = lo - 1, hi + 1
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
 
-    def px(i: float) -> float:
-        return left + (width - left - right) * (i / max(n - 1, 1))
+    def px(i: float) -> str:
+        return f"{left + (width - left - right) * (i / max(n - 1, 1)):.1f}"
 
-    def py(y: float) -> float:
-        return top + (height - top - bottom) * (1 - (y - lo) / (hi - lo))
+    def py(y: float) -> str:
+        return f"{top + (height - top - bottom) * (1 - (y - lo) / (hi - lo)):.1f}"
 
-    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#999"/>')
+    frame = dict(width=width - left - right, height=height - top - bottom)
+    out.append(_svg("rect", x=left, y=top, **frame, fill="none", stroke="#999"))
     for k in range(5):
         y = lo + (hi - lo) * k / 4
         label = f"1e{y:.1f}" if log else f"{y:.3g}"
-        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{label}</text>')
-    out.append(f'<text x="{left}" y="{height - 6}">step 0</text>')
-    out.append(f'<text x="{width - right}" y="{height - 6}" text-anchor="end">step {n - 1}  ({html.escape(y_label)})</text>')
+        out.append(_svg("text", label, x=left - 4, y=f"{float(py(y)) + 4:.1f}", text_anchor="end"))
+    out.append(_svg("text", "step 0", x=left, y=height - 6))
+    out.append(_svg("text", f"step {n - 1}  ({y_label})", x=width - right, y=height - 6, text_anchor="end"))
     for y, label in hl:
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{width - right - 2}" y="{py(y) - 3:.1f}" text-anchor="end" fill="#666">{html.escape(label)}</text>')
+        dash = dict(stroke="#888", stroke_dasharray="4 3")
+        out.append(_svg("line", x1=left, x2=width - right, y1=py(y), y2=py(y), **dash))
+        out.append(_svg("text", label, x=width - right - 2, y=py(y), text_anchor="end", fill="#666"))
     for x, label in marks:
-        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{height - bottom}" stroke="#d62728" stroke-dasharray="2 2"/>')
-        out.append(f'<text x="{px(x) + 3:.1f}" y="{top + 10}" fill="#d62728">{html.escape(label)}</text>')
+        dash = dict(stroke="#d62728", stroke_dasharray="2 2")
+        out.append(_svg("line", x1=px(x), x2=px(x), y1=top, y2=height - bottom, **dash))
+        out.append(_svg("text", label, x=f"{float(px(x)) + 3:.1f}", y=top + 10, fill="#d62728"))
     for j, (name, values) in enumerate(data.items()):
         color = colors[j % len(colors)]
-        segment: list[str] = []
-        segments = []
+        segments: list[list[tuple[str, str]]] = [[]]
         for i, y in enumerate(values):
             if y is None:
-                if segment:
-                    segments.append(segment)
-                segment = []
+                segments.append([])
             else:
-                segment.append(f"{px(i):.1f},{py(y):.1f}")
-        if segment:
-            segments.append(segment)
+                segments[-1].append((px(i), py(y)))
         for seg in segments:
             if len(seg) == 1:
-                x, y = seg[0].split(",")
-                out.append(f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>')
-            else:
-                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{" ".join(seg)}"/>')
-        out.append(f'<text x="{left + 6 + 80 * (j % 5)}" y="{top + 14 + 12 * (j // 5)}" fill="{color}">{html.escape(name)}</text>')
+                out.append(_svg("circle", cx=seg[0][0], cy=seg[0][1], r=2, fill=color))
+            elif seg:
+                points = " ".join(f"{x},{y}" for x, y in seg)
+                out.append(_svg("polyline", fill="none", stroke=color, stroke_width=1.5, points=points))
+        legend = dict(x=left + 6 + 80 * (j % 5), y=top + 14 + 12 * (j // 5), fill=color)
+        out.append(_svg("text", name, **legend))
     out.append("</svg>")
     return "".join(out)
 
 
 def _grad_lines(result: VariantResult) -> dict[str, list[float]]:
     series = block_series(result.steps, result.params)
-    return {name.removeprefix("grad_norm[").removesuffix("]"): v for name, v in series.items() if name != "grad_norm"}
+    return {
+        name.removeprefix("grad_norm[").removesuffix("]"): v
+        for name, v in series.items()
+        if name != "grad_norm"
+    }
 
 
 def _explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
-    return [] if result.explosion is None else [(result.explosion.step, f"explosion (step {result.explosion.step})")]
+    return (
+        []
+        if result.explosion is None
+        else [(result.explosion.step, f"explosion (step {result.explosion.step})")]
+    )
 
 
 def html_report(diagnosis: Diagnosis) -> str:
@@ -417,7 +466,13 @@ def html_report(diagnosis: Diagnosis) -> str:
     charts = []
     for v in diagnosis.variants:
         charts.append(
-            svg_chart(_grad_lines(v), f"{v.variant.name}: gradient norm per block type", "log10", _explosion_marks(v), log=True)
+            svg_chart(
+                _grad_lines(v),
+                f"{v.variant.name}: gradient norm per block type",
+                "log10",
+                _explosion_marks(v),
+                log=True,
+            )
         )
         lam = {f"layer {layer}": s["max_lambda"] for layer, s in hcl_series(v).items()}
         if lam:
@@ -436,18 +491,19 @@ def html_report(diagnosis: Diagnosis) -> str:
         ".ok{color:#2a7a2a;font-weight:bold}.bad{color:#b22;font-weight:bold}svg{margin:4px}"
         "pre{background:#f6f6f6;padding:8px;overflow:auto}"
     )
-    header = "".join(f"<th>{h}</th>" for h in ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0"))
+    header = "".join(
+        f"<th>{h}</th>" for h in ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0")
+    )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>evo2 diagnose-grads</title>"
         f"<style>{style}</style></head><body><h1>evo2 diagnose-grads</h1>"
-        f"<p>{html.escape(diagnosis.source)}; sequence length {diagnosis.seq_len}; {html.escape(diagnosis.device)}; "
+        f"<p>{html.escape(diagnosis.source)}; sequence length {diagnosis.seq_len}; "
+        f"{html.escape(diagnosis.device)}; "
         f"fp32 overflow of exp(λt) once λ &gt; {overflow:.4g}.</p>{verdict}"
         f"<table><tr>{header}</tr>{''.join(rows)}</table>"
         + (f"<h2>Where it started</h2><ul>{details}</ul>" if details else "")
         + f"<h2>Charts</h2><div>{''.join(charts)}</div>"
-        "<h2>Config</h2><pre>"
-        + html.escape(json.dumps(data["config"], indent=1))
-        + "</pre></body></html>"
+        "<h2>Config</h2><pre>" + html.escape(json.dumps(data["config"], indent=1)) + "</pre></body></html>"
     )
 
 
@@ -465,9 +521,15 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
     for ax, v in zip(axes[0], variants, strict=True):
         for name, values in _grad_lines(v).items():
-            ax.plot(range(len(values)), [x if math.isfinite(x) and x > 0 else math.nan for x in values], label=name)
+            ax.plot(
+                range(len(values)),
+                [x if math.isfinite(x) and x > 0 else math.nan for x in values],
+                label=name,
+            )
         if v.explosion is not None:
-            ax.axvline(v.explosion.step, color="red", linestyle=":", label=f"explosion (step {v.explosion.step})")
+            ax.axvline(
+                v.explosion.step, color="red", linestyle=":", label=f"explosion (step {v.explosion.step})"
+            )
         ax.set_yscale("log")
         ax.set_title(v.variant.name)
         ax.set_xlabel("step")
@@ -479,7 +541,9 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
     written.append("grad_norms.png")
     if any(hcl_series(v) for v in variants):
         overflow = FP32_EXP_LIMIT / max(diagnosis.seq_len - 1, 1)
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True
+        )
         for ax, v in zip(axes[0], variants, strict=True):
             for layer, series in hcl_series(v).items():
                 ax.plot(range(len(series["max_lambda"])), series["max_lambda"], label=f"layer {layer} max λ")
@@ -503,7 +567,9 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
 def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False) -> list[str]:
     """Write every output into `directory` atomically; returns the file names written."""
     with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
-        (tmp / "report.json").write_text(json.dumps(report_data(diagnosis), indent=1) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(
+            json.dumps(report_data(diagnosis), indent=1) + "\n", encoding="utf-8"
+        )
         write_csvs(diagnosis, tmp)
         (tmp / "report.html").write_text(html_report(diagnosis), encoding="utf-8")
         plots = write_plots(diagnosis, tmp) if diagnosis.job.diagnose.plots else []

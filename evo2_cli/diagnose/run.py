@@ -195,7 +195,8 @@ def run_variant(
             steps.append(record)
             if progress is not None:
                 progress(
-                    f"{variant.name}: step {step + 1}/{d.steps} loss {record.loss:.4g} grad {record.grad_norm:.3g}"
+                    f"{variant.name}: step {step + 1}/{d.steps} loss {record.loss:.4g} "
+                    f"grad {record.grad_norm:.3g}"
                 )
             if not math.isfinite(record.loss) or any(param_bad):
                 stop_reason = "non-finite"
