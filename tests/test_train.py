@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,37 +164,40 @@ def torchrun(job_args: list[str], processes: int) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+def cli_args(dataset: Path, run_dir: Path, steps: int) -> list[str]:
+    """`evo2 train` arguments of a tiny CPU run with a constant lr, so that a run may stop early and continue
+    with more steps (max_steps is not part of a run's identity)."""
+    sets = {
+        "model.preset": "test",
+        "data.datasets": f"[{{path: {dataset}}}]",
+        "data.seq_len": 32,
+        "data.val_windows": 4,
+        "optim.lr": 3e-3,
+        "optim.min_lr": 3e-3,
+        "optim.warmup_steps": 0,
+        "optim.global_batch": 4,
+        "train.micro_batch": 1,
+        "train.max_steps": steps,
+        "train.save_interval": 3,
+        "train.log_interval": 1,
+        "train.eval_interval": 3,
+        "train.run_dir": run_dir,
+    }
+    return [*(f"--set={k}={v}" for k, v in sets.items()), "--device=cpu"]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
     """1 process to step 3, 2 processes (torchrun, gloo) to step 6, 1 process to step 9 = 9 steps in one
     process. Constant lr, so a run may stop early and continue with more steps on another process count."""
 
-    def args(run_dir: Path, steps: int) -> list[str]:
-        sets = {
-            "model.preset": "test",
-            "data.datasets": f"[{{path: {dataset}}}]",
-            "data.seq_len": 32,
-            "data.val_windows": 4,
-            "optim.lr": 3e-3,
-            "optim.min_lr": 3e-3,
-            "optim.warmup_steps": 0,
-            "optim.global_batch": 4,
-            "train.micro_batch": 1,
-            "train.max_steps": steps,
-            "train.save_interval": 3,
-            "train.log_interval": 1,
-            "train.eval_interval": 3,
-            "train.run_dir": run_dir,
-        }
-        return [*(f"--set={k}={v}" for k, v in sets.items()), "--device=cpu"]
-
     def one_process(run_dir: Path, steps: int) -> None:
-        result = CliRunner().invoke(app, ["train", *args(run_dir, steps)])
+        result = CliRunner().invoke(app, ["train", *cli_args(dataset, run_dir, steps)])
         assert result.exit_code == 0, result.output
 
     one_process(tmp_path / "one", 9)
     one_process(tmp_path / "mixed", 3)
-    two = torchrun(args(tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
+    two = torchrun(cli_args(dataset, tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
     one_process(tmp_path / "mixed", 9)  # resumes a 2-process checkpoint
@@ -208,6 +212,80 @@ def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(datas
         for run in ("mixed", "one")
     )
     assert len(val) == 3 and val == pytest.approx(ref, abs=1e-5)
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun on one node: drop srun's own options, run the command in its place (signals reach it directly)
+while [[ $1 == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+    show) echo localhost ;;
+    requeue) echo "$2" >> "$REQUEUE_LOG" ;;
+esac
+"""
+
+
+def run_sbatch(
+    arguments: list[str], bin_dir: Path, requeue_log: Path, *, signal_when=None
+) -> tuple[int, str]:
+    """Run examples/slurm/train.sbatch outside SLURM (fake srun/scontrol, one node, one process); send it
+    SIGUSR1, as `--signal=B:USR1@...` would, once `signal_when()` is true."""
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "GPUS_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "EVO2_PYTHON": sys.executable,
+        "REQUEUE_LOG": str(requeue_log),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = REPO / "examples" / "slurm" / "train.sbatch"
+    with subprocess.Popen(
+        ["bash", str(script), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
+        if signal_when is not None:
+            deadline = time.monotonic() + 240
+            while not signal_when() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            process.send_signal(signal.SIGUSR1)
+        output, _ = process.communicate(timeout=240)
+    return process.returncode, output.decode()
+
+
+@pytest.mark.slow
+def test_slurm_script_checkpoints_on_usr1_requeues_and_resumes(dataset, tmp_path):
+    """What examples/slurm/train.sbatch relies on: USR1 to the batch script reaches the training through
+    torchrun, the loop saves and exits cleanly, the script requeues; the requeued script resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir, requeues = tmp_path / "run", tmp_path / "requeues"
+
+    def trained_a_step() -> bool:
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.is_file() and '"kind": "train"' in metrics.read_text()
+
+    code, out = run_sbatch(cli_args(dataset, run_dir, 100_000), bin_dir, requeues, signal_when=trained_a_step)
+    assert code == 0, out[-3000:]
+    assert "USR1: time limit near" in out and "stopping at step" in out and "requeueing job 42" in out
+    assert requeues.read_text() == "42\n"
+    stopped_at = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["step"]
+    assert 1 <= stopped_at < 100_000
+
+    code, out = run_sbatch(cli_args(dataset, run_dir, stopped_at + 1), bin_dir, requeues)
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and f"at step {stopped_at}" in out
+    assert "training exited with status 0" in out and requeues.read_text() == "42\n"
+    assert (
+        json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["step"] == stopped_at + 1
+    )
 
 
 # ---------------------------------------------------------------- bad input through the CLI

@@ -131,6 +131,9 @@ def train(
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = None
+    # From the start: a signal while loading or validating still ends in a checkpoint after one step.
+    signals = contextlib.ExitStack()
+    stop_requested = signals.enter_context(_stop_on_signals())
     try:
         micro_batches = job.optim.global_batch // cfg.micro_batch
         if micro_batches % runtime.world_size:
@@ -241,140 +244,133 @@ def train(
 
         stop_reason, last_val, losses = "max_steps", None, []
         timed_seconds, timed_steps = 0.0, 0  # compute time of the steps since the last log line
-        with _stop_on_signals() as stop_requested:
-            while state.step < cfg.max_steps:
-                step_started = time.perf_counter()
-                lr = learning_rate(state.step, job.optim, cfg.max_steps) * guard.state.lr_scale
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        while state.step < cfg.max_steps:
+            step_started = time.perf_counter()
+            lr = learning_rate(state.step, job.optim, cfg.max_steps) * guard.state.lr_scale
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-                # ---- forward and backward over this process's micro-batches
-                wrapped.train()
-                totals = torch.zeros(
-                    4, dtype=torch.float64, device=runtime.device
-                )  # loss, base nll, bases, stop
-                for micro in range(accumulation):
-                    first = (
-                        state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
-                    )
-                    batch = train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device)
-                    with gradient_sync(wrapped, micro == accumulation - 1):
-                        with autocast:
-                            nll = token_losses(wrapped(batch.input_ids), batch.labels)
-                            loss = weighted_loss(nll, batch)
-                        (loss / accumulation).backward()
-                    totals[:3] += torch.stack(_loss_sums(loss, nll, batch))
-                totals[3] = float(stop_requested.is_set())
-                all_reduce_sum(totals, runtime)
-                step_loss = totals[0].item() / micro_batches
-                info = StepInfo(state.step, model, lr, step_loss)
-                if hooks.after_backward:
-                    hooks.after_backward(info)
+            # ---- forward and backward over this process's micro-batches
+            wrapped.train()
+            totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, base nll, bases, stop
+            for micro in range(accumulation):
+                first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
+                batch = train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device)
+                with gradient_sync(wrapped, micro == accumulation - 1):
+                    with autocast:
+                        nll = token_losses(wrapped(batch.input_ids), batch.labels)
+                        loss = weighted_loss(nll, batch)
+                    (loss / accumulation).backward()
+                totals[:3] += torch.stack(_loss_sums(loss, nll, batch))
+            totals[3] = float(stop_requested.is_set())
+            all_reduce_sum(totals, runtime)
+            step_loss = totals[0].item() / micro_batches
+            info = StepInfo(state.step, model, lr, step_loss)
+            if hooks.after_backward:
+                hooks.after_backward(info)
 
-                # ---- judge, clip, step
-                total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                grad_norm = full_tensor(total_norm).item()
-                verdict = guard.assess(step_loss, grad_norm)
-                if verdict.problem:
-                    say(_describe_bad_step(state.step, verdict, step_loss, grad_norm, model))
-                if verdict.apply_step:
-                    if job.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.data_position += job.optim.global_batch
-                state.tokens_seen += tokens_per_step
-                losses.append(step_loss)
-                info.grad_norm, info.verdict = grad_norm, verdict
-                if hooks.after_step:
-                    hooks.after_step(info)
-                if len(losses) > 1 or state.step == cfg.max_steps:  # the first step of a process warms up
-                    timed_seconds += time.perf_counter() - step_started
-                    timed_steps += 1
+            # ---- judge, clip, step
+            total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = full_tensor(total_norm).item()
+            verdict = guard.assess(step_loss, grad_norm)
+            if verdict.problem:
+                say(_describe_bad_step(state.step, verdict, step_loss, grad_norm, model))
+            if verdict.apply_step:
+                if job.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.data_position += job.optim.global_batch
+            state.tokens_seen += tokens_per_step
+            losses.append(step_loss)
+            info.grad_norm, info.verdict = grad_norm, verdict
+            if hooks.after_step:
+                hooks.after_step(info)
+            if len(losses) > 1 or state.step == cfg.max_steps:  # the first step of a process warms up
+                timed_seconds += time.perf_counter() - step_started
+                timed_steps += 1
 
-                if verdict.roll_back:
-                    lr_scale, rollbacks = (
-                        guard.state.lr_scale * job.guard.lr_backoff,
-                        guard.state.rollbacks + 1,
+            if verdict.roll_back:
+                lr_scale, rollbacks = (
+                    guard.state.lr_scale * job.guard.lr_backoff,
+                    guard.state.rollbacks + 1,
+                )
+                if rollbacks > job.guard.max_rollbacks:
+                    raise Evo2Error(
+                        f"training diverged: {job.guard.max_bad_steps} bad steps in a row after "
+                        f"{job.guard.max_rollbacks} rollback(s); lower optim.lr, check the data, or run "
+                        f"`evo2 diagnose-grads`. Last good checkpoint: {last_checkpoint}"
                     )
-                    if rollbacks > job.guard.max_rollbacks:
-                        raise Evo2Error(
-                            f"training diverged: {job.guard.max_bad_steps} bad steps in a row after "
-                            f"{job.guard.max_rollbacks} rollback(s); lower optim.lr, check the data, or run "
-                            f"`evo2 diagnose-grads`. Last good checkpoint: {last_checkpoint}"
-                        )
-                    _load_weights(model, last_checkpoint, fsdp)
-                    saved = read_train_state(last_checkpoint)
-                    _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
-                    # Back to the checkpoint's weights and step; forward in data (no replay of bad windows).
-                    state = replace(
-                        _loop_state(saved["loop"]),
-                        data_position=state.data_position,
-                        tokens_seen=state.tokens_seen,
-                    )
-                    state.guard.lr_scale, state.guard.rollbacks = lr_scale, rollbacks
-                    guard = GradientGuard(job.guard, state.guard)
-                    say(
-                        f"[yellow]rolled back to {last_checkpoint} (step {state.step}); lr x{lr_scale:.3g}[/]"
-                    )
-                    continue
+                _load_weights(model, last_checkpoint, fsdp)
+                saved = read_train_state(last_checkpoint)
+                _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
+                # Back to the checkpoint's weights and step; forward in data (no replay of bad windows).
+                state = replace(
+                    _loop_state(saved["loop"]),
+                    data_position=state.data_position,
+                    tokens_seen=state.tokens_seen,
+                )
+                state.guard.lr_scale, state.guard.rollbacks = lr_scale, rollbacks
+                guard = GradientGuard(job.guard, state.guard)
+                say(f"[yellow]rolled back to {last_checkpoint} (step {state.step}); lr x{lr_scale:.3g}[/]")
+                continue
 
-                # ---- log
-                if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
-                    step_seconds = timed_seconds / max(1, timed_steps) if timed_steps else math.nan
-                    record = {
-                        "kind": "train",
-                        "step": state.step,
-                        "loss": step_loss,
-                        "bits_per_base": (totals[1] / totals[2].clamp_min(1)).item() / LN2,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_seen": state.tokens_seen,
-                        "tokens_per_s": tokens_per_step / step_seconds,
-                        "mfu": train_flops_per_step / step_seconds / (device_peak * runtime.world_size),
-                        "eta_s": step_seconds * (cfg.max_steps - state.step),
-                        "skipped": not verdict.apply_step,
-                    }
-                    if log is not None:
-                        log.write(record)
-                    say(progress_line(record, cfg.max_steps))
-                    timed_seconds, timed_steps = 0.0, 0
+            # ---- log
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                step_seconds = timed_seconds / max(1, timed_steps) if timed_steps else math.nan
+                record = {
+                    "kind": "train",
+                    "step": state.step,
+                    "loss": step_loss,
+                    "bits_per_base": (totals[1] / totals[2].clamp_min(1)).item() / LN2,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": tokens_per_step / step_seconds,
+                    "mfu": train_flops_per_step / step_seconds / (device_peak * runtime.world_size),
+                    "eta_s": step_seconds * (cfg.max_steps - state.step),
+                    "skipped": not verdict.apply_step,
+                }
+                if log is not None:
+                    log.write(record)
+                say(progress_line(record, cfg.max_steps))
+                timed_seconds, timed_steps = 0.0, 0
 
-                # ---- evaluate (keeping the best), stop early or on a signal, save
-                improved, stop = False, totals[3].item() > 0
-                if stop:
-                    stop_reason = "signal"
-                if val_windows is not None and (
-                    state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
-                ):
-                    last_val = _evaluate(
-                        wrapped, val_windows, data.val_windows, cfg.micro_batch, runtime, autocast
-                    )
-                    improved = last_val["val_loss"] < state.best_val_loss
-                    if improved:
-                        state.best_val_loss, state.evals_without_improvement = last_val["val_loss"], 0
-                    else:
-                        state.evals_without_improvement += 1
-                    if log is not None:
-                        log.write({"kind": "val", "step": state.step, **last_val})
-                    best = " (best)" if improved else ""
-                    val_loss, val_bits = last_val["val_loss"], last_val["val_bits_per_base"]
-                    say(f"  val loss {val_loss:.4f} | {val_bits:.3f} bits/base{best}")
-                    patience = cfg.early_stopping_patience
-                    if patience and state.evals_without_improvement >= patience and not stop:
-                        stop_reason, stop = "early_stopping", True
-                due = cfg.save_interval > 0 and state.step % cfg.save_interval == 0
-                if improved or due or stop or state.step == cfg.max_steps:
-                    metrics = {"loss": step_loss, **(last_val or {})}
-                    last_checkpoint = save(is_best=improved, metrics=metrics)
-                    say(f"  saved {last_checkpoint}")
-                if stop:
-                    say(
-                        f"stopping at step {state.step} ({stop_reason.replace('_', ' ')}); "
-                        "resume with the same command"
-                    )
-                    break
+            # ---- evaluate (keeping the best), stop early or on a signal, save
+            improved, stop = False, totals[3].item() > 0
+            if stop:
+                stop_reason = "signal"
+            if val_windows is not None and (
+                state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
+            ):
+                last_val = _evaluate(
+                    wrapped, val_windows, data.val_windows, cfg.micro_batch, runtime, autocast
+                )
+                improved = last_val["val_loss"] < state.best_val_loss
+                if improved:
+                    state.best_val_loss, state.evals_without_improvement = last_val["val_loss"], 0
+                else:
+                    state.evals_without_improvement += 1
+                if log is not None:
+                    log.write({"kind": "val", "step": state.step, **last_val})
+                best = " (best)" if improved else ""
+                val_loss, val_bits = last_val["val_loss"], last_val["val_bits_per_base"]
+                say(f"  val loss {val_loss:.4f} | {val_bits:.3f} bits/base{best}")
+                patience = cfg.early_stopping_patience
+                if patience and state.evals_without_improvement >= patience and not stop:
+                    stop_reason, stop = "early_stopping", True
+            due = cfg.save_interval > 0 and state.step % cfg.save_interval == 0
+            if improved or due or stop or state.step == cfg.max_steps:
+                metrics = {"loss": step_loss, **(last_val or {})}
+                last_checkpoint = save(is_best=improved, metrics=metrics)
+                say(f"  saved {last_checkpoint}")
+            if stop:
+                say(
+                    f"stopping at step {state.step} ({stop_reason.replace('_', ' ')}); "
+                    "resume with the same command"
+                )
+                break
 
         if log is not None:
             log.close()
@@ -392,6 +388,7 @@ def train(
     finally:
         wrapped = None  # DDP's reducer must be gone before its process group, also when unwinding an error
         stop_runtime(runtime)
+        signals.close()
 
 
 # ---------------------------------------------------------------- helpers of the loop
