@@ -3,8 +3,8 @@
     prepare(job)      resolve the starting point, adapt a fake-tensor copy of the model (LoRA, freeze, head,
                       dtypes), estimate memory and refuse when it does not fit, then load the weights and
                       adapt them the same way; returns the model, the trainable names and the estimate
-    finetune(job)     prepare, then `evo2_cli.train.loop.train` (language modelling) or the task trainer of
-                      heads.py (classify / regress); both resume from the run directory
+    finetune(job)     prepare, then `evo2_cli.train.loop.train` (language modelling, `train_language_model`)
+                      or the task trainer of heads.py (classify / regress); both resume from the run directory
     load_finetuned(path)   a checkpoint written by finetune (plain, LoRA, or with a task head) as a model
     merge(path, out)  fold LoRA adapters into the weights and write a plain checkpoint directory (and
                       optionally a Vortex .pt + release YAML for the official engine)
@@ -211,9 +211,22 @@ def finetune(
         from evo2_cli.finetune.heads import train_task
 
         return train_task(job, resume=resume, overwrite=overwrite, console=console)
+    return train_language_model(
+        prepare(job, console=console), resume=resume, overwrite=overwrite, hooks=hooks, console=console
+    )
+
+
+def train_language_model(
+    prepared: Prepared,
+    *,
+    resume: str = "auto",
+    overwrite: bool = False,
+    hooks=None,
+    console: Console | None = None,
+):
+    """The training loop on a prepared model (language modelling); `finetune` = `prepare` + this."""
     from evo2_cli.train.loop import train
 
-    prepared = prepare(job, console=console)
     return train(
         prepared.job,
         resume=resume,
