@@ -56,10 +56,11 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
-    try:
+        # mkdir inside the try: a signal landing just after it (SIGTERM -> KeyboardInterrupt) still cleans up.
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
         yield tmp
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():
