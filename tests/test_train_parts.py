@@ -249,3 +249,103 @@ def test_run_dir_of_another_config_is_refused(tmp_path):
     with pytest.raises(InputError, match="not empty"):
         claim_run_dir(stranger, job, to_yaml(job), overwrite=False)
     assert json.dumps(job.identity())  # plain data
+
+
+# ---------------------------------------------------------------- optimizer, BioNeMo datasets, logging
+
+
+def test_weight_decay_only_on_matrices_of_projections_mlp_and_attention():
+    from evo2_cli.train.optim import build_optimizer
+
+    model = StripedHyena(preset_config("test"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, OptimSection(weight_decay=0.1))
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    matrix = ("projections.weight", "out_filter_dense.weight", "mlp.l1.weight", "mlp.l2.weight")
+    matrix += ("mlp.l3.weight", "attn.Wqkv.weight", "attn.out_proj.weight")
+    assert decayed == {n for n in names.values() if n.endswith(matrix)}
+    assert plain == set(names.values()) - decayed  # norms, biases, embedding, every filter parameter
+    assert {"embedding_layer.weight", "norm.scale", "blocks.2.filter.p", "blocks.1.filter.h"} <= plain
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_bionemo_datasets_train_like_ours(tmp_path):
+    """`preprocess_evo2` names its files PREFIX_byte-level_{train,val,test} and may store int32 tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(3)
+    documents = [rng.choice(list(b"ACGTacgt"), 300).astype(np.uint8) for _ in range(3)]
+    (tmp_path / "bionemo").mkdir()
+    for split in ("train", "val", "test"):
+        builder = IndexedDatasetBuilder(
+            str(tmp_path / "bionemo" / f"promoters_byte-level_{split}.bin"), np.int32
+        )
+        for doc in documents:
+            builder.add_item(torch.from_numpy(np.append(doc, EOD_ID).astype(np.int32)))
+            builder.end_document()
+        builder.finalize(str(tmp_path / "bionemo" / f"promoters_byte-level_{split}.idx"))
+    ours = write_dataset(tmp_path / "ours_train", [bytes(d) + b"\x00" for d in documents])
+    theirs = resolve_split(tmp_path / "bionemo", "train")
+    assert theirs.name == "promoters_byte-level_train"
+    a, b = sampler([ours]).batch(range(8)), sampler([theirs]).batch(range(8))
+    for field_name in ("input_ids", "labels", "loss_weights", "counts_as_base"):
+        torch.testing.assert_close(getattr(a, field_name), getattr(b, field_name))
+
+
+def test_metrics_log_writes_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from evo2_cli.train.metrics import MetricsLog
+
+    scalars = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter)
+    )
+    log = MetricsLog(tmp_path, tensorboard=True)
+    assert log.writer.log_dir == str(tmp_path / "tensorboard")
+    log.write({"kind": "train", "step": 5, "loss": 1.5, "skipped": False})
+    log.write({"kind": "val", "step": 5, "val_loss": 1.25})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"kind": "train", "step": 5, "loss": 1.5, "skipped": False},
+        {"kind": "val", "step": 5, "val_loss": 1.25},
+    ]
+    assert scalars == [
+        ("train/loss", 1.5, 5),
+        ("train/skipped", False, 5),
+        ("val/val_loss", 1.25, 5),
+        "closed",
+    ]
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: jsonl only
+    assert MetricsLog(tmp_path, tensorboard=True).writer is None
+
+
+def test_peak_flops_prefers_the_configured_value_then_a_measurement():
+    from evo2_cli.train.metrics import peak_flops
+
+    assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == 1e12
+    measured = peak_flops(torch.device("cpu"), bf16=False, configured=0)
+    assert 1e8 < measured < 1e14
+
+
+def test_example_configs_validate():
+    from evo2_cli.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    job = load_config(TrainJob, root / "ecoli" / "train.yaml")
+    assert job.model.hidden_size == 128 and job.data.seq_len == 1024
