@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from evo2_cli.cli import app
 from evo2_cli.config import build_config
 from evo2_cli.errors import InputError
-from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned
+from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned, prepare
 from evo2_cli.finetune.config import LabelsSection
 from evo2_cli.finetune.heads import (
     auroc,
@@ -112,6 +112,9 @@ def test_classify_head_learns_gc_content(base, tmp_path):
             0,
         ]
     assert finetune(job, console=quiet()).step == 12  # resumes at its last checkpoint: nothing left to do
+    again = task_job(fasta, result.checkpoint, tmp_path / "again", "classify", r"label=(\S+)")
+    with pytest.raises(InputError, match="holds a task head; start from the backbone checkpoint"):
+        prepare(again)
 
 
 def test_regress_head_with_lora_ranks_gc_content(base, tmp_path):
