@@ -37,7 +37,7 @@ _OTHER_COMPRESSION = {
 @dataclass(slots=True)
 class FastaRecord:
     header: bytes  # the header line without '>' and line end (raw bytes: need not be UTF-8)
-    sequence: bytes  # the sequence letters, line ends removed; empty when `problem` is set
+    sequence: bytearray  # the sequence letters, line ends removed; empty when `problem` is set
     line: int  # 1-based line of the header
     problem: str | None = None  # why the record is unusable, with file and line
 
@@ -212,7 +212,9 @@ class _RecordBuilder:
     path: Path
     header: bytes
     line: int
-    pieces: list[bytes] = field(default_factory=list)
+    # One growing buffer, not a list of pieces joined at the end: a record costs its size once, not twice
+    # (large bytearrays grow in place through realloc/mremap).
+    sequence: bytearray = field(default_factory=bytearray)
     problem: str | None = None
 
     def add(self, body: bytes, first_line: int) -> int:
@@ -233,16 +235,15 @@ class _RecordBuilder:
                 f"{describe_byte(body[at])}; fix the record, or skip bad records with "
                 "--set preprocess.on_bad_record=skip"
             )
-            self.pieces = []
+            self.sequence = bytearray()
         else:
-            self.pieces.append(piece)
+            self.sequence += piece
         return newlines
 
     def finish(self) -> FastaRecord:
         if not self.header.strip() and not self.problem:
             self.problem = f"{self.path}:{self.line}: empty header line (a record needs an id after '>')"
-        sequence = b"".join(self.pieces) if not self.problem else b""
-        return FastaRecord(self.header, sequence, self.line, self.problem)
+        return FastaRecord(self.header, self.sequence, self.line, self.problem)
 
 
 def make_record(path: Path, header: bytes, line: int, sequence: bytes) -> FastaRecord:
