@@ -289,6 +289,26 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path):
     (tmp_path / "w.yml").write_text((FIXTURE / "tiny_config.yml").read_text().replace("176", "192"))
     result = run("--from", str(tmp_path / "w.pt"), *common)
     assert result.exit_code == 2 and "mlp.l1.weight' has shape (176, 64), expected (192, 64)" in result.output
+    # a growing hcl mode (lambda >= 0) has no stable form: refused unless clamped
+    tensors = torch.load(FIXTURE / "state_dict_checkpoint_layout.pt", weights_only=True)
+    pole = next(key for key in tensors if key.endswith("log_poles"))
+    tensors[pole][0, 0, 0] = 0.5
+    torch.save(tensors, tmp_path / "grows.pt")
+    shutil.copy(FIXTURE / "tiny_config.yml", tmp_path / "grows.yml")
+    result = run("--from", str(tmp_path / "grows.pt"), *common)
+    assert result.exit_code == 2 and "1 pole(s) with lambda >= 0" in result.output
+    result = run("--from", str(tmp_path / "grows.pt"), "--clamp-poles", "0.5", *common)
+    assert result.exit_code == 2 and "clamp_poles" in result.output and "must be negative" in result.output
+    clamped = build_config(
+        FinetuneJob,
+        {
+            "train": {"device": "cpu"},
+            "finetune": {"init_from": str(tmp_path / "grows.pt"), "clamp_poles": -0.01},
+        },
+    )
+    with pytest.warns(UserWarning, match="clamped 1 pole"):
+        poles = prepare(clamped).model.blocks[int(pole.split(".")[1])].filter.poles()
+    assert poles[0, 0].item() == pytest.approx(-0.01) and (poles < 0).all()
     # a model section that contradicts the checkpoint
     result = run("--from", str(base), "--set", "model.preset=small", *common)
     assert result.exit_code == 2 and "does not match the starting checkpoint" in result.output

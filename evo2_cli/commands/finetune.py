@@ -35,6 +35,13 @@ def finetune(
         Path | None,
         typer.Option("--init-config", help="Release config YAML of a Vortex .pt (finetune.init_config)."),
     ] = None,
+    clamp_poles: Annotated[
+        float | None,
+        typer.Option(
+            "--clamp-poles",
+            help="Vortex .pt: clamp hcl poles with lambda >= 0 to this value (finetune.clamp_poles).",
+        ),
+    ] = None,
     method: Annotated[str | None, typer.Option("--method", help="full or lora (finetune.method).")] = None,
     freeze: Annotated[
         str | None,
@@ -62,6 +69,8 @@ def finetune(
         flags.append(f"finetune.init_from={init_from}")
     if init_config is not None:
         flags.append(f"finetune.init_config={init_config}")
+    if clamp_poles is not None:
+        flags.append(f"finetune.clamp_poles={clamp_poles!r}")
     if method is not None:
         flags.append(f"finetune.method={method}")
     if freeze is not None:
