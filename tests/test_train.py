@@ -108,6 +108,45 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(dataset, tmp_path):
     np.testing.assert_allclose(logged_losses(tmp_path / "resumed"), reference, rtol=0, atol=1e-6)
 
 
+def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path):
+    """Weights wrecked after step 2: validation gets worse, patience 2 stops at step 4, best stays step 2."""
+
+    def wreck(info: StepInfo) -> None:
+        if info.step >= 2:
+            with torch.no_grad():
+                for p in info.model.parameters():
+                    p.add_(torch.randn_like(p))
+
+    job = make_job(
+        dataset,
+        tmp_path / "run",
+        train={
+            "max_steps": 50,
+            "eval_interval": 1,
+            "save_interval": 0,
+            "keep_last": 1,
+            "early_stopping_patience": 2,
+        },
+    )
+    result = train(job, hooks=TrainHooks(after_step=wreck), console=quiet())
+    assert result.stop_reason == "early_stopping" and result.step == 4
+    assert result.best_checkpoint.name == "step_00000002"
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000002", "step_00000004"]  # keep_last 1 plus the best
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_losses = {r["step"]: r["val_loss"] for r in val if r["kind"] == "val"}
+    meta = json.loads((result.best_checkpoint / "meta.json").read_text())
+    assert meta["metrics"]["val_loss"] == min(val_losses.values()) == val_losses[2]
+
+
+def test_accumulation_matches_one_big_micro_batch(dataset, tmp_path):
+    big = make_job(dataset, tmp_path / "a", train={"max_steps": 2, "micro_batch": 4, "eval_interval": 0})
+    small = make_job(dataset, tmp_path / "b", train={"max_steps": 2, "micro_batch": 1, "eval_interval": 0})
+    np.testing.assert_allclose(
+        train(small, console=quiet()).losses, train(big, console=quiet()).losses, rtol=0, atol=1e-6
+    )
+
+
 def test_activation_checkpointing_gives_the_same_losses(dataset, tmp_path):
     plain = train(make_job(dataset, tmp_path / "a", train={"max_steps": 2}), console=quiet()).losses
     job = make_job(dataset, tmp_path / "b", train={"max_steps": 2, "activation_checkpointing": True})
@@ -164,7 +203,7 @@ def torchrun(job_args: list[str], processes: int) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-def cli_args(dataset: Path, run_dir: Path, steps: int) -> list[str]:
+def cli_args(dataset: Path, run_dir: Path, steps: int, micro_batch: int = 1) -> list[str]:
     """`evo2 train` arguments of a tiny CPU run with a constant lr, so that a run may stop early and continue
     with more steps (max_steps is not part of a run's identity)."""
     sets = {
@@ -176,7 +215,7 @@ def cli_args(dataset: Path, run_dir: Path, steps: int) -> list[str]:
         "optim.min_lr": 3e-3,
         "optim.warmup_steps": 0,
         "optim.global_batch": 4,
-        "train.micro_batch": 1,
+        "train.micro_batch": micro_batch,
         "train.max_steps": steps,
         "train.save_interval": 3,
         "train.log_interval": 1,
@@ -189,13 +228,14 @@ def cli_args(dataset: Path, run_dir: Path, steps: int) -> list[str]:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
     """1 process to step 3, 2 processes (torchrun, gloo) to step 6, 1 process to step 9 = 9 steps in one
-    process. Constant lr, so a run may stop early and continue with more steps on another process count."""
+    process with the global batch in one micro-batch. Constant lr, so a run may stop early and continue with
+    more steps on another process count."""
 
-    def one_process(run_dir: Path, steps: int) -> None:
-        result = CliRunner().invoke(app, ["train", *cli_args(dataset, run_dir, steps)])
+    def one_process(run_dir: Path, steps: int, micro_batch: int = 1) -> None:
+        result = CliRunner().invoke(app, ["train", *cli_args(dataset, run_dir, steps, micro_batch)])
         assert result.exit_code == 0, result.output
 
-    one_process(tmp_path / "one", 9)
+    one_process(tmp_path / "one", 9, micro_batch=4)
     one_process(tmp_path / "mixed", 3)
     two = torchrun(cli_args(dataset, tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
     assert two.returncode == 0, two.stderr[-3000:]

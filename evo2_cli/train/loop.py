@@ -11,8 +11,8 @@ reuse it through its keyword arguments:
 
 Per step: lr from the schedule (times the guard's backoff), `global_batch / micro_batch` micro-batches split
 over the processes (micro-batch k of a step holds sample indices data_position + k * micro_batch + j; rank r
-runs k = r, r + world, ...), forward under autocast, weighted loss, backward (gradient sync on the last
-micro-batch only), clip, guard verdict, optimizer step or skip, log, evaluate, checkpoint.
+runs k = r, r + world, ...), forward under autocast, weighted loss normalized over the global batch, backward
+(gradient sync on the last micro-batch only), clip, guard verdict, optimizer step or skip, log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from evo2_cli.train.data import (
     WindowSampler,
     resolve_split,
     token_losses,
-    weighted_loss,
 )
 from evo2_cli.train.distributed import (
     Runtime,
@@ -250,21 +249,28 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # ---- forward and backward over this process's micro-batches
+            # ---- forward and backward over this process's micro-batches. The objective is the weighted
+            # mean over the whole global batch (all micro-batches of all processes), so neither accumulation
+            # nor the process count changes a step.
             wrapped.train()
-            totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, base nll, bases, stop
+            batches = []
             for micro in range(accumulation):
                 first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
-                batch = train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device)
+                batches.append(train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device))
+            step_weight = torch.stack([b.loss_weights.sum() for b in batches]).sum().double()
+            step_weight = all_reduce_sum(step_weight, runtime).clamp_min(1e-8)
+            totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, base nll, bases, stop
+            for micro, batch in enumerate(batches):
                 with gradient_sync(wrapped, micro == accumulation - 1):
                     with autocast:
                         nll = token_losses(wrapped(batch.input_ids), batch.labels)
-                        loss = weighted_loss(nll, batch)
-                    (loss / accumulation).backward()
-                totals[:3] += torch.stack(_loss_sums(loss, nll, batch))
+                        loss_sum = (nll * batch.loss_weights).sum()
+                    # DDP and FSDP average gradients over processes: scale the sum back up.
+                    (loss_sum * (runtime.world_size / step_weight)).backward()
+                totals[:3] += torch.stack(_loss_sums(loss_sum / step_weight, nll, batch))
             totals[3] = float(stop_requested.is_set())
             all_reduce_sum(totals, runtime)
-            step_loss = totals[0].item() / micro_batches
+            step_loss = totals[0].item()
             info = StepInfo(state.step, model, lr, step_loss)
             if hooks.after_backward:
                 hooks.after_backward(info)
@@ -399,7 +405,8 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def _loss_sums(loss: torch.Tensor, nll: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """(objective, NLL summed over nucleotide labels, number of nucleotide labels), fp64, detached."""
+    """(this micro-batch's share of the objective, NLL summed over nucleotide labels, number of nucleotide
+    labels), fp64, detached."""
     bases = batch.counts_as_base
     return loss.detach().double(), (nll.detach() * bases).sum().double(), bases.sum().double()
 
