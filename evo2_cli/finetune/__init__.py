@@ -4,12 +4,13 @@ the one training loop of evo2_cli/train/loop.py; full, partial freeze or LoRA; L
 Public API:
     FinetuneJob, FinetuneSection, LoraSection, LabelsSection   (config.py; kind `finetune`)
     finetune(job, resume='auto', overwrite=False, console=None) -> TrainResult | TaskResult   (run.py)
+    train_language_model(prepared, ...)   the loop on a prepared model (finetune = prepare + this)
     prepare(job, outputs=0) -> Prepared      the adapted model, trainable names, memory estimate
     load_finetuned(path) -> StripedHyena      plain, LoRA or task-head checkpoints of ours
     merge(path, out, vortex=None, ...)        fold LoRA into the weights; plain checkpoint (+ Vortex .pt)
     inject_lora / merge_lora / LoRALinear     (lora.py)
     frozen_names / trainable_names / selector grammar   (freeze.py)
-    estimate_memory / check_memory / MemoryEstimate     (memory.py)
+    estimate_memory / check_memory / MemoryEstimate / fake_mode   (memory.py)
     auroc / spearman / rankdata, train_task   (heads.py)
 """
 
