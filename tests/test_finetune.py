@@ -277,6 +277,10 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path):
     # everything frozen
     result = run("--from", str(base), "--freeze", "embedding,norm,blocks.*", *common)
     assert result.exit_code == 2 and "freezes every parameter" in result.output
+    result = run("--from", str(base), "--method", "lora", "--freeze", "embedding", *common)
+    assert result.exit_code == 2 and "LoRA already freezes every base weight" in " ".join(
+        result.output.split()
+    )
     # a LoRA target that matches no module (this model has no attention layer)
     torch.manual_seed(0)
     save_model(StripedHyena(preset_config("test", layout="SDH")), tmp_path / "noattn")
