@@ -22,7 +22,7 @@ from evo2_cli.cli import app
 from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import Evo2Error
-from evo2_cli.model import load_model
+from evo2_cli.model import estimate_flops, load_model
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.loop import StepInfo, TrainHooks, train
 
@@ -74,7 +74,11 @@ def logged_losses(run_dir: Path) -> list[float]:
 
 
 def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
-    job = make_job(dataset, tmp_path / "run", train={"max_steps": 12, "eval_interval": 6, "save_interval": 6})
+    job = make_job(
+        dataset,
+        tmp_path / "run",
+        train={"max_steps": 12, "eval_interval": 6, "save_interval": 6, "peak_flops": 1e9},
+    )
     result = train(job, console=quiet())
     assert result.step == 12 and result.stop_reason == "max_steps"
     assert result.losses[-1] < result.losses[0] - 0.5
@@ -89,6 +93,10 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in val] == [6, 12] and val[-1]["val_bits_per_base"] < 8
     assert {"loss", "bits_per_base", "lr", "grad_norm", "tokens_per_s", "mfu", "eta_s"} <= set(records[0])
+    train_flops_per_token = 3 * estimate_flops(job.model, 32) / 32  # forward + backward
+    for record in records[1:]:
+        if record["kind"] == "train":
+            assert record["mfu"] == pytest.approx(train_flops_per_token * record["tokens_per_s"] / 1e9)
     assert result.best_checkpoint is not None
 
 
@@ -145,6 +153,19 @@ def test_accumulation_matches_one_big_micro_batch(dataset, tmp_path):
     np.testing.assert_allclose(
         train(small, console=quiet()).losses, train(big, console=quiet()).losses, rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trains_under_bf16_autocast_with_fp32_master_weights(dataset, tmp_path):
+    cpu = train(make_job(dataset, tmp_path / "cpu", train={"max_steps": 4}), console=quiet())
+    out = io.StringIO()
+    job = make_job(dataset, tmp_path / "cuda", train={"max_steps": 4, "device": "auto"})
+    cuda = train(job, console=Console(file=out, width=300))
+    assert "1 x cuda (bf16 autocast)" in out.getvalue()
+    np.testing.assert_allclose(cuda.losses, cpu.losses, rtol=0, atol=0.05)  # bf16 matmuls, fp32 filters
+    weights = load_model(cuda.checkpoint).state_dict()
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
 def test_activation_checkpointing_gives_the_same_losses(dataset, tmp_path):
