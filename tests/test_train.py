@@ -248,20 +248,22 @@ def cli_args(dataset: Path, run_dir: Path, steps: int, micro_batch: int = 1) -> 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
-    """1 process to step 3, 2 processes (torchrun, gloo) to step 6, 1 process to step 9 = 9 steps in one
-    process with the global batch in one micro-batch. Constant lr, so a run may stop early and continue with
-    more steps on another process count."""
+    """1 process to step 3, 2 processes (torchrun, gloo, DDP) to step 6, 2 processes with FSDP2 to step 9,
+    1 process to step 12 = 12 steps in one process with the global batch in one micro-batch. Constant lr, so
+    a run may stop early and continue with more steps on another process count."""
 
     def one_process(run_dir: Path, steps: int, micro_batch: int = 1) -> None:
         result = CliRunner().invoke(app, ["train", *cli_args(dataset, run_dir, steps, micro_batch)])
         assert result.exit_code == 0, result.output
 
-    one_process(tmp_path / "one", 9, micro_batch=4)
+    one_process(tmp_path / "one", 12, micro_batch=4)
     one_process(tmp_path / "mixed", 3)
-    two = torchrun(cli_args(dataset, tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
-    one_process(tmp_path / "mixed", 9)  # resumes a 2-process checkpoint
+    ddp = torchrun(cli_args(dataset, tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
+    fsdp = torchrun([*cli_args(dataset, tmp_path / "mixed", 9), "--set=train.parallelism=fsdp"], 2)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    one_process(tmp_path / "mixed", 12)  # resumes a checkpoint that FSDP2 gathered
 
     np.testing.assert_allclose(logged_losses(tmp_path / "mixed"), logged_losses(tmp_path / "one"), atol=1e-5)
     val, ref = (
@@ -272,7 +274,7 @@ def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(datas
         ]
         for run in ("mixed", "one")
     )
-    assert len(val) == 3 and val == pytest.approx(ref, abs=1e-5)
+    assert len(val) == 4 and val == pytest.approx(ref, abs=1e-5)
 
 
 FAKE_SRUN = """#!/bin/bash
