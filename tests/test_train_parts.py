@@ -123,6 +123,13 @@ def test_bad_datasets_are_input_errors(tmp_path):
     short = write_dataset(tmp_path / "s_train", [b"ACGT"])
     with pytest.raises(InputError, match="shorter than one window"):
         sampler([short], seq_len=16)
+    empty = write_dataset(tmp_path / "e_train", [])
+    with pytest.raises(InputError, match="0 tokens, shorter than one window"):
+        sampler([empty])
+    no_bin = write_dataset(tmp_path / "n_train", [b"ACGT" * 10])
+    Path(f"{no_bin}.bin").unlink()
+    with pytest.raises(InputError, match=r"n_train\.bin: not found"):
+        sampler([no_bin])
     with pytest.raises(InputError, match="not found"):
         sampler([tmp_path / "missing_train"])
     corrupt = write_dataset(tmp_path / "c_train", [b"ACGT" * 10])
