@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from evo2_cli import __version__
 from evo2_cli.commands import config_cmd, convert, finetune, infer
+from evo2_cli.commands.diagnose import diagnose_grads as diagnose_grads_command
 from evo2_cli.commands.doctor import doctor as doctor_command
 from evo2_cli.commands.preprocess import preprocess as preprocess_command
 from evo2_cli.commands.train import train as train_command
@@ -66,6 +67,7 @@ app.command("train")(train_command)
 app.add_typer(convert.app, name="convert")
 app.add_typer(finetune.app, name="finetune")
 app.add_typer(infer.app, name="infer")
+app.command("diagnose-grads")(diagnose_grads_command)
 app.command("doctor")(doctor_command)
 
 

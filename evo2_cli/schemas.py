@@ -17,6 +17,7 @@ SCHEMAS: dict[str, str] = {
     "model": "evo2_cli.model.config:ModelJob",
     "train": "evo2_cli.train.config:TrainJob",
     "finetune": "evo2_cli.finetune.config:FinetuneJob",
+    "diagnose": "evo2_cli.diagnose.config:DiagnoseJob",
 }
 
 

@@ -6,7 +6,8 @@
     optim:     AdamW and its schedule, as in `evo2 train`; `optim.lr` and `optim.grad_clip` are the defaults
                of every variant that does not set its own
     diagnose:  steps, seed, the variants compared side by side, the explosion detector, the slow-mode init,
-               the output directory
+               the output directory; or `run_dir`, an `evo2 train` run to judge post hoc (then only the
+               detector and the output directory are used)
 
 Variants. `diagnose.variants` is a list of specs; a spec is terms joined by `+`:
 
@@ -177,6 +178,8 @@ class DiagnoseSection:
     micro_batch: int = 1  # windows per forward pass (optim.global_batch windows per step)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: Path | None = None  # start from this checkpoint directory instead of `model:`
+    # Post-hoc mode: judge this `evo2 train` run directory (metrics.jsonl, checkpoints) instead of training.
+    run_dir: Path | None = None
     variants: list[str] = field(default_factory=lambda: ["vortex", "modal"])
     lr: list[float] = field(default_factory=list)  # axis: every variant at each lr (default optim.lr)
     precision: list[Literal["fp32", "bf16"]] = field(default_factory=list)  # axis (default fp32)
@@ -226,6 +229,13 @@ class DiagnoseJob:
 
     def __post_init__(self) -> None:
         d = self.diagnose
+        if d.run_dir is not None:
+            check(
+                self.model is None and d.checkpoint is None,
+                "diagnose.run_dir",
+                "post-hoc mode reads a finished run; leave out the model section and diagnose.checkpoint",
+            )
+            return
         check(
             (self.model is None) != (d.checkpoint is None),
             "model" if self.model is not None else "diagnose.checkpoint",

@@ -31,8 +31,10 @@ from rich.table import Table
 from evo2_cli import __version__
 from evo2_cli.config import to_dict
 from evo2_cli.diagnose.detect import block_series
-from evo2_cli.diagnose.record import BLOCK_TYPES, FP32_EXP_LIMIT
+from evo2_cli.diagnose.posthoc import RunReview
+from evo2_cli.diagnose.record import BLOCK_TYPES, FP32_EXP_LIMIT, ParamInfo, StepRecord, group_norm
 from evo2_cli.diagnose.run import Diagnosis, VariantResult
+from evo2_cli.errors import InputError
 from evo2_cli.fsio import atomic_output_dir
 
 REPORT_FILES = ("report.json", "steps.csv", "parameters.csv", "activations.csv", "hcl.csv", "report.html")
@@ -75,6 +77,14 @@ def hcl_series(result: VariantResult) -> dict[int, dict[str, list[float]]]:
     }
 
 
+def layer_series(steps: Sequence[StepRecord], params: Sequence[ParamInfo]) -> dict[int | None, list[float]]:
+    """Gradient norm of each layer (None: the embedding and final norm), per step."""
+    layers: dict[int | None, list[int]] = {}
+    for i, p in enumerate(params):
+        layers.setdefault(p.layer, []).append(i)
+    return {layer: [group_norm(s.grad, members) for s in steps] for layer, members in layers.items()}
+
+
 def variant_summary(result: VariantResult) -> dict[str, Any]:
     steps = result.steps
     blocks = block_series(steps, result.params)
@@ -94,6 +104,10 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
             name.removeprefix("grad_norm[").removesuffix("]"): _nanmax(values)
             for name, values in blocks.items()
             if name != "grad_norm"
+        },
+        "max_grad_norm_by_layer": {
+            "embedding" if layer is None else str(layer): _nanmax(values)
+            for layer, values in layer_series(steps, result.params).items()
         },
         "hcl": {
             str(layer): {
@@ -275,48 +289,44 @@ def explosion_text(result: VariantResult) -> str:
 
 
 def summary_tables(diagnosis: Diagnosis) -> list[Table]:
+    """The verdict per variant, the largest gradient norm per block type, and where each explosion started."""
     table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
-    for column in (
-        "variant",
-        "verdict",
-        "steps",
-        "loss first -> last",
-        "max grad norm",
-        "hcl max λ",
-        "λ>=0",
-        "max |h|",
-    ):
-        table.add_column(column, overflow="fold")
+    for column in ("variant", "verdict", "steps", "loss", "max grad", "hcl max λ", "λ>=0", "max |h|"):
+        table.add_column(column)
     for v in diagnosis.variants:
         s = variant_summary(v)
         hcl = s["hcl"].values()
-        verdict = "[green]healthy[/]" if v.healthy else f"[bold red]EXPLODED[/] {explosion_text(v)}"
+        verdict = "[green]healthy[/]" if v.explosion is None else f"[bold red]EXPLODED[/] @{v.explosion.step}"
         table.add_row(
             v.variant.name,
             verdict,
-            f"{s['steps_run']}" + (" (stopped)" if v.stop_reason == "non-finite" else ""),
-            f"{_fmt(s['first_loss'], 4)} -> {_fmt(s['final_loss'], 4)}",
-            _fmt(s["max_grad_norm"]),
-            _fmt(_nanmax(h["max_lambda"] for h in hcl)),
+            f"{s['steps_run']}" + ("*" if v.stop_reason == "non-finite" else ""),
+            f"{_fmt(s['first_loss'], 3)}→{_fmt(s['final_loss'], 3)}",
+            _fmt(s["max_grad_norm"], 2),
+            _fmt(_nanmax(h["max_lambda"] for h in hcl), 2),
             f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
-            _fmt(_nanmax(h["max_abs_h"] for h in hcl)),
+            _fmt(_nanmax(h["max_abs_h"] for h in hcl), 2),
         )
-    blocks = Table(title="largest gradient norm per block type")
+    if any(v.stop_reason == "non-finite" for v in diagnosis.variants):
+        table.caption = "* stopped early: the loss or the weights went non-finite"
+    blocks = Table(title="largest gradient norm per block type (before clipping)")
     present = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
     blocks.add_column("variant")
     for b in present:
         blocks.add_column(b, justify="right")
     for v in diagnosis.variants:
         by_block = variant_summary(v)["max_grad_norm_by_block"]
-        blocks.add_row(v.variant.name, *(_fmt(by_block.get(b, math.nan)) for b in present))
+        blocks.add_row(v.variant.name, *(_fmt(by_block.get(b, math.nan), 2) for b in present))
     tables = [table, blocks]
-    details = [v for v in diagnosis.variants if v.explosion is not None]
-    if details:
+    exploded = [v for v in diagnosis.variants if v.explosion is not None]
+    if exploded:
         why = Table(title="where each explosion started", show_lines=True)
-        why.add_column("variant")
-        why.add_column("detail", overflow="fold")
-        for v in details:
-            why.add_row(v.variant.name, v.explosion.detail)
+        for column in ("variant", "step", "layer", "parameter", "why"):
+            why.add_column(column, overflow="fold")
+        for v in exploded:
+            e = v.explosion
+            layer = f"{e.layer} ({e.block})" if e.layer is not None else e.block or "-"
+            why.add_row(v.variant.name, str(e.step), layer, e.parameter or e.site or "-", e.detail)
         tables.append(why)
     return tables
 
@@ -443,20 +453,15 @@ def html_report(diagnosis: Diagnosis) -> str:
         s = variant_summary(v)
         hcl = s["hcl"].values()
         rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(c))}</td>"
-                for c in (
-                    v.variant.name,
-                    explosion_text(v),
-                    s["steps_run"],
-                    f"{_fmt(s['first_loss'], 4)} → {_fmt(s['final_loss'], 4)}",
-                    _fmt(s["max_grad_norm"]),
-                    _fmt(_nanmax(h["max_lambda"] for h in hcl)),
-                    f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
-                )
+            (
+                v.variant.name,
+                explosion_text(v),
+                s["steps_run"],
+                f"{_fmt(s['first_loss'], 4)} → {_fmt(s['final_loss'], 4)}",
+                _fmt(s["max_grad_norm"]),
+                _fmt(_nanmax(h["max_lambda"] for h in hcl)),
+                f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
             )
-            + "</tr>"
         )
     details = "".join(
         f"<li><b>{html.escape(v.variant.name)}</b>: {html.escape(v.explosion.detail)}</li>"
@@ -485,36 +490,55 @@ def html_report(diagnosis: Diagnosis) -> str:
                     hlines=[(0.0, "0"), (overflow, "fp32 overflow 88.7/(L-1)")],
                 )
             )
-    style = (
-        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        ".ok{color:#2a7a2a;font-weight:bold}.bad{color:#b22;font-weight:bold}svg{margin:4px}"
-        "pre{background:#f6f6f6;padding:8px;overflow:auto}"
-    )
-    header = "".join(
-        f"<th>{h}</th>" for h in ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0")
-    )
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>evo2 diagnose-grads</title>"
-        f"<style>{style}</style></head><body><h1>evo2 diagnose-grads</h1>"
+    header = ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0")
+    return _html_page(
         f"<p>{html.escape(diagnosis.source)}; sequence length {diagnosis.seq_len}; "
         f"{html.escape(diagnosis.device)}; "
         f"fp32 overflow of exp(λt) once λ &gt; {overflow:.4g}.</p>{verdict}"
-        f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+        + _table_html(header, rows)
         + (f"<h2>Where it started</h2><ul>{details}</ul>" if details else "")
         + f"<h2>Charts</h2><div>{''.join(charts)}</div>"
-        "<h2>Config</h2><pre>" + html.escape(json.dumps(data["config"], indent=1)) + "</pre></body></html>"
+        "<h2>Config</h2><pre>" + html.escape(json.dumps(data["config"], indent=1)) + "</pre>"
     )
 
 
-def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
-    """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    ".ok{color:#2a7a2a;font-weight:bold}.bad{color:#b22;font-weight:bold}svg{margin:4px}"
+    "pre{background:#f6f6f6;padding:8px;overflow:auto}"
+)
+
+
+def _html_page(body: str) -> str:
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>evo2 diagnose-grads</title>"
+        f"<style>{_STYLE}</style></head><body><h1>evo2 diagnose-grads</h1>{body}</body></html>"
+    )
+
+
+def _table_html(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only backend, or None when matplotlib (the `plot` extra) is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
+    """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
+    plt = pyplot()
+    if plt is None:
         return []
     variants = diagnosis.variants
     written = []
@@ -564,6 +588,15 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
 # ---------------------------------------------------------------- all outputs
 
 
+def check_output_dir(directory: Path, overwrite: bool) -> None:
+    """Refuse an existing output before any training rather than after it."""
+    if Path(directory).exists() and not overwrite:
+        raise InputError(
+            f"{directory}: output already exists; pass --overwrite to replace it or choose another "
+            "directory (-o / diagnose.output_dir)"
+        )
+
+
 def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False) -> list[str]:
     """Write every output into `directory` atomically; returns the file names written."""
     with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
@@ -574,3 +607,152 @@ def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False)
         (tmp / "report.html").write_text(html_report(diagnosis), encoding="utf-8")
         plots = write_plots(diagnosis, tmp) if diagnosis.job.diagnose.plots else []
     return [*REPORT_FILES, *plots]
+
+
+# ---------------------------------------------------------------- post-hoc mode (an existing run)
+
+REVIEW_FILES = ("report.json", "steps.csv", "checkpoints.csv", "report.html")
+
+
+def review_data(review: RunReview) -> dict[str, Any]:
+    s = review.settings
+    return finite_or_text(
+        {
+            "tool": "evo2-cli",
+            "version": __version__,
+            "command": "diagnose-grads",
+            "mode": "run",
+            "run_dir": str(review.run_dir),
+            "healthy": review.healthy,
+            "seq_len": review.seq_len,
+            "detector": {"spike_factor": s.factor, "median_window": s.window, "spike_warmup": s.warmup},
+            "logged_steps": len(review.steps),
+            "spikes": [{**to_dict(spike), "ratio": spike.ratio} for spike in review.spikes],
+            "checkpoints": [
+                {
+                    "step": c.step,
+                    "path": str(c.path),
+                    "param_norm": c.param_norm,
+                    "nonfinite_params": c.nonfinite_params,
+                    "hcl": {str(layer): to_dict(h) for layer, h in c.hcl.items()},
+                }
+                for c in review.checkpoints
+            ],
+            "series": {
+                "step": [x.step for x in review.steps],
+                "loss": [x.loss for x in review.steps],
+                "grad_norm": [x.grad_norm for x in review.steps],
+            },
+        }
+    )
+
+
+def review_tables(review: RunReview) -> list[Table]:
+    n = len(review.spikes)
+    verdict = "[green]no spikes[/]" if review.healthy else f"[bold red]{n} spike(s)[/]"
+    spikes = Table(title=f"{review.run_dir}: {len(review.steps)} logged steps, {verdict}")
+    for column in ("step", "problem", "grad norm", "x running median", "loss", "skipped by the guard"):
+        spikes.add_column(column, justify="right")
+    for spike in review.spikes:
+        ratio = spike.ratio * review.settings.factor
+        spikes.add_row(
+            str(spike.step),
+            spike.problem,
+            _fmt(spike.grad_norm),
+            _fmt(ratio, 2) if math.isfinite(ratio) else "-",
+            _fmt(spike.loss, 4),
+            "yes" if spike.skipped else "no",
+        )
+    tables = [spikes]
+    if review.checkpoints:
+        ckpts = Table(title="checkpoints (hcl poles at the run's sequence length)")
+        for column in ("step", "param norm", "non-finite", "hcl max λ", "λ>=0", "max |h|"):
+            ckpts.add_column(column, justify="right")
+        for c in review.checkpoints:
+            hcl = c.hcl.values()
+            ckpts.add_row(
+                str(c.step),
+                _fmt(c.param_norm),
+                str(c.nonfinite_params),
+                _fmt(_nanmax(h.max_lambda for h in hcl)),
+                f"{100 * _nanmax(h.frac_nonneg for h in hcl):.0f}%" if hcl else "-",
+                _fmt(_nanmax(h.max_abs_h for h in hcl)),
+            )
+        tables.append(ckpts)
+    return tables
+
+
+def _write_review_plot(review: RunReview, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    steps = [x.step for x in review.steps]
+    norms = [
+        x.grad_norm if math.isfinite(x.grad_norm) and x.grad_norm > 0 else math.nan for x in review.steps
+    ]
+    ax.plot(steps, norms, label="grad norm (logged steps)")
+    for spike in review.spikes:
+        ax.axvline(spike.step, color="red", linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm (before clipping)")
+    ax.set_title(f"{review.run_dir.name}: {len(review.spikes)} spike(s) (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_review(
+    review: RunReview, directory: Path, overwrite: bool = False, plots: bool = True
+) -> list[str]:
+    """Write the post-hoc outputs into `directory` atomically; returns the file names written."""
+    flagged = {spike.step: spike for spike in review.spikes}
+    with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
+        data = review_data(review)
+        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        _write_csv(
+            tmp / "steps.csv",
+            ["step", "loss", "lr", "grad_norm", "skipped", "problem"],
+            (
+                [
+                    x.step,
+                    x.loss,
+                    x.lr,
+                    x.grad_norm,
+                    int(x.skipped),
+                    getattr(flagged.get(x.step), "problem", ""),
+                ]
+                for x in review.steps
+            ),
+        )
+        _write_csv(
+            tmp / "checkpoints.csv",
+            ["step", "param_norm", "nonfinite_params", "layer", "max_lambda", "frac_nonneg", "max_abs_h"],
+            (
+                [c.step, c.param_norm, c.nonfinite_params, layer, h.max_lambda, h.frac_nonneg, h.max_abs_h]
+                for c in review.checkpoints
+                for layer, h in c.hcl.items()
+            ),
+        )
+        chart = svg_chart(
+            {"grad norm": [x.grad_norm for x in review.steps]},
+            "gradient norm per logged step",
+            "log10",
+            [(i, "spike") for i, x in enumerate(review.steps) if x.step in flagged],
+            log=True,
+        )
+        verdict = (
+            '<p class="ok">No spikes (exit code 0).</p>'
+            if review.healthy
+            else f'<p class="bad">{len(review.spikes)} spike(s) (exit code 3).</p>'
+        )
+        spikes = _table_html(
+            ("step", "problem", "grad norm", "loss", "skipped"),
+            ((s.step, s.problem, _fmt(s.grad_norm), _fmt(s.loss, 4), s.skipped) for s in review.spikes),
+        )
+        page = f"<p>run {html.escape(str(review.run_dir))}</p>{verdict}{spikes}<div>{chart}</div>"
+        (tmp / "report.html").write_text(_html_page(page), encoding="utf-8")
+        plotted = plots and _write_review_plot(review, tmp / "grad_norm.png")
+    return [*REVIEW_FILES, *(["grad_norm.png"] if plotted else [])]

@@ -1,0 +1,132 @@
+"""`evo2 diagnose-grads`: which layer's gradients explode, why, and whether the stable hcl form fixes it.
+
+Two modes: train K steps per variant with recording hooks (the default), or judge an existing run directory
+post hoc (`--run DIR`). Exit code 0 when healthy, 3 when an explosion or spike was found, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+
+
+def _list_option(name: str, help: str):
+    return Annotated[str | None, typer.Option(name, help=help, metavar="A,B,...")]
+
+
+VariantsOption = _list_option(
+    "--variants",
+    "Variants compared on the same seed, data and weights: specs joined by commas, each spec terms joined "
+    "by '+': vortex|modal, fp32|bf16, lr=X, clip=X|noclip (e.g. vortex,modal or vortex+bf16,modal+bf16).",
+)
+LrOption = _list_option("--lr", "Cross every variant with these peak learning rates (e.g. 1e-2,3e-3).")
+PrecisionOption = _list_option("--precision", "Cross every variant with these precisions: fp32,bf16.")
+ClipOption = _list_option("--clip", "Cross every variant with these clipping norms (0: off), e.g. 1,0.")
+StepsOption = Annotated[
+    int | None, typer.Option("--steps", "-k", help="Training steps per variant (diagnose.steps).")
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint", help="Start every variant from this checkpoint directory (then no model: section)."
+    ),
+]
+RunOption = Annotated[
+    Path | None,
+    typer.Option("--run", help="Post-hoc mode: judge this `evo2 train` run directory instead of training."),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu or cuda; overrides diagnose.device.")
+]
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output directory (diagnose.output_dir).")
+]
+
+
+def _as_list(text: str) -> str:
+    """'a, b' -> a flow list the config validator parses like a YAML list (each item kept as written)."""
+    return "[" + ", ".join(json.dumps(item.strip()) for item in text.split(",")) + "]"
+
+
+def diagnose_grads(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    variants: VariantsOption = None,
+    lr: LrOption = None,
+    precision: PrecisionOption = None,
+    clip: ClipOption = None,
+    steps: StepsOption = None,
+    checkpoint: CheckpointOption = None,
+    run: RunOption = None,
+    device: DeviceOption = None,
+    output: OutputOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Per-layer gradient diagnostics: hcl forms, precisions, lrs and clipping side by side (exit 3 on an
+    explosion), or spikes of an existing run (--run)."""
+    from evo2_cli.diagnose.config import DiagnoseJob
+    from evo2_cli.diagnose.detect import DetectorSettings
+    from evo2_cli.diagnose.report import check_output_dir
+    from evo2_cli.errors import DiagnosisFailed
+
+    flags = [
+        f"diagnose.{key}={value}"
+        for key, value in (
+            ("variants", variants and _as_list(variants)),
+            ("lr", lr and _as_list(lr)),
+            ("precision", precision and _as_list(precision)),
+            ("grad_clip", clip and _as_list(clip)),
+            ("steps", steps),
+            ("checkpoint", checkpoint),
+            ("run_dir", run),
+            ("device", device),
+            ("output_dir", output),
+        )
+        if value is not None
+    ]
+    job = resolve_config(DiagnoseJob, config, set_, flags)
+    d = job.diagnose
+    check_output_dir(d.output_dir, overwrite)
+    settings = DetectorSettings(d.spike_factor, d.median_window, d.spike_warmup)
+    if d.run_dir is not None:
+        healthy, written = _review(d.run_dir, settings, d.output_dir, overwrite, d.plots)
+        problem = f"grad-norm spikes in {d.run_dir}"
+    else:
+        healthy, written = _diagnose(job, overwrite)
+        problem = "gradient explosion"
+    console.print(f"[green]report:[/] {d.output_dir} ({', '.join(written)})")
+    if d.plots and not any(name.endswith(".png") for name in written):
+        console.print(
+            "[yellow]no PNG plots: matplotlib is not installed[/] (pip install 'evo2-cli[plot]'); "
+            "report.html has the same charts"
+        )
+    if not healthy:
+        raise DiagnosisFailed(f"{problem} found; see {d.output_dir / 'report.json'}")
+
+
+def _diagnose(job, overwrite: bool) -> tuple[bool, list[str]]:
+    from evo2_cli.diagnose.report import summary_tables, write_report
+    from evo2_cli.diagnose.run import run_diagnosis
+
+    with console.status("diagnose-grads: starting") as status:
+        diagnosis = run_diagnosis(job, progress=status.update)
+    for table in summary_tables(diagnosis):
+        console.print(table)
+    return diagnosis.healthy, write_report(diagnosis, job.diagnose.output_dir, overwrite)
+
+
+def _review(
+    run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool
+) -> tuple[bool, list[str]]:
+    from evo2_cli.diagnose.posthoc import review_run
+    from evo2_cli.diagnose.report import review_tables, write_review
+
+    review = review_run(run_dir, settings)
+    for table in review_tables(review):
+        console.print(table)
+    return review.healthy, write_review(review, output_dir, overwrite, plots)
