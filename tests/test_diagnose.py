@@ -1,0 +1,304 @@
+"""`evo2 diagnose-grads`: the detector on synthetic series, the real vortex-vs-modal explosion on the sample
+E. coli slice, the outputs, post-hoc review of an `evo2 train` run, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evo2_cli.cli import app
+from evo2_cli.config import build_config
+from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.diagnose import report
+from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
+from evo2_cli.diagnose.detect import DetectorSettings, first_flag, locate_explosion
+from evo2_cli.diagnose.record import HclStats, ParamInfo, SiteInfo, StepRecord
+from evo2_cli.diagnose.run import place_slow_modes, starting_model, variant_model
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "samples" / "ecoli_k12_mg1655_slice.fa.gz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These models are tiny: a second thread only adds synchronization (and the CI has 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ecoli(tmp_path_factory) -> Path:
+    """The shipped E. coli slice as a dataset prefix (ecoli_train / ecoli_val), read directly."""
+    with gzip.open(SAMPLE, "rt") as handle:
+        text = handle.read().splitlines()
+    bases = np.frombuffer("".join(line for line in text if not line.startswith(">")).encode(), np.uint8)
+    root = tmp_path_factory.mktemp("ecoli")
+    for split, part in (("train", bases[:150_000]), ("val", bases[150_000:])):
+        with IndexedDatasetWriter(root / f"ecoli_{split}") as writer:
+            writer.add_document(np.concatenate([part, [0]]).astype(np.uint8))
+    return root / "ecoli"
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["diagnose-grads", *args])
+    return result.exit_code, " ".join(result.output.split())  # messages wrap at the terminal width
+
+
+def reproduction_args(dataset: Path, output: Path, steps: int = 12) -> list[str]:
+    """The explosion at test size: the `test` preset (d = 8, S = 4), L = 2048, lr 1e-2 from step 0."""
+    return [
+        "--set=model.preset=test",
+        f"--set=data.datasets=[{{path: {dataset}}}]",
+        "--set=data.seq_len=2048",
+        "--set=optim.lr=1e-2",
+        "--set=optim.warmup_steps=0",
+        "--set=optim.global_batch=1",
+        f"--steps={steps}",
+        "--device=cpu",
+        f"--output={output}",
+    ]
+
+
+# ---------------------------------------------------------------- the detector on synthetic series
+
+SETTINGS = DetectorSettings(factor=10.0, window=50, warmup=3)
+
+
+def test_detector_flags_the_first_spike_and_non_finite_values():
+    assert first_flag([1.0, 1.2, 0.9, 9.5, 1.0], SETTINGS) is None  # 9.5 < 10 x median(1, 1.2, 0.9)
+    flag = first_flag([1.0, 1.2, 0.9, 1.1, 12.5, 1e6], SETTINGS)
+    assert (flag.step, flag.problem) == (4, "spike")
+    assert flag.threshold == pytest.approx(10 * 1.05)  # median of 1.0, 1.2, 0.9, 1.1
+    assert first_flag([100.0, 1.0, 1.0], SETTINGS) is None  # no judgement before warmup values are known
+    flag = first_flag([1.0, math.nan], SETTINGS)
+    assert (flag.step, flag.problem) == (1, "non-finite")  # non-finite is bad even during warmup
+
+
+PARAMS = [
+    ParamInfo("embedding_layer.weight", None, "embedding", "embedding"),
+    ParamInfo("blocks.0.filter.h", 0, "hcs", "taps"),
+    ParamInfo("blocks.1.filter.log_poles", 1, "hcl", "poles"),
+    ParamInfo("blocks.1.filter.residues", 1, "hcl", "residues"),
+    ParamInfo("blocks.2.mlp.l3.weight", 2, "mlp", "projection"),
+]
+SITES = [
+    SiteInfo("embedding_layer", None, "embedding", "embedding"),
+    SiteInfo("blocks.0.filter", 0, "hcs", "mixer"),
+    SiteInfo("blocks.1.filter", 1, "hcl", "mixer"),
+    SiteInfo("blocks.2.mlp", 2, "mlp", "mlp"),
+]
+BACKWARD = [4, 3, 2, 1, 0]  # autograd finishes the parameters nearest the loss first; the tied embedding last
+
+
+def synthetic_steps(grads: list[list[float]], bad_site: tuple[int, int] | None = None) -> list[StepRecord]:
+    """Step records with the given per-parameter gradient norms; `bad_site` = (step, site) makes that
+    site's output non-finite at that step, with the hcl poles of layer 1 past the fp32 limit."""
+    steps = []
+    for step, grad in enumerate(grads):
+        overflow = bad_site is not None and step == bad_site[0]
+        activations = [(1.0, 0.5, 0)] * len(SITES)
+        if overflow:
+            activations[bad_site[1]] = (math.inf, math.inf, 7)
+        lam = 0.1 if overflow else -0.01
+        steps.append(
+            StepRecord(
+                step=step,
+                lr=1e-3,
+                loss=math.nan if overflow else 5.0,
+                grad_norm=math.hypot(*grad),
+                grad=grad,
+                grad_nonfinite=[0] * len(PARAMS),
+                param_norm=[1.0] * len(PARAMS),
+                update_ratio=[1e-3] * len(PARAMS),
+                param_nonfinite=[0] * len(PARAMS),
+                activations=activations,
+                forward_order=[0, 1, 2, 3],
+                backward_order=BACKWARD,
+                hcl={1: HclStats(lam, 0.25 if overflow else 0.0, math.inf if overflow else 1.0)},
+            )
+        )
+    return steps
+
+
+def test_locate_names_the_first_bad_parameter_in_backward_order():
+    calm = [1.0, 1.0, 1.0, 1.0, 1.0]
+    # Step 4: the hcl residues (layer 1) blow up, and the hcs taps and embedding that autograd computes
+    # from them afterwards; the MLP nearer the loss is still calm.
+    burst = [500.0, 300.0, 1.0, 800.0, 1.0]
+    explosion = locate_explosion(synthetic_steps([calm] * 4 + [burst]), PARAMS, SITES, 2048, SETTINGS)
+    assert (explosion.step, explosion.origin, explosion.problem) == (4, "backward", "spike")
+    assert (explosion.layer, explosion.block) == (1, "hcl")
+    assert explosion.parameter == "blocks.1.filter.residues"
+    assert "3 parameter(s) bad" in explosion.detail
+    assert locate_explosion(synthetic_steps([calm] * 6), PARAMS, SITES, 2048, SETTINGS) is None
+
+
+def test_locate_names_a_forward_overflow_by_the_first_site_and_its_poles():
+    calm = [1.0] * 5
+    steps = synthetic_steps([calm] * 3 + [[math.nan] * 5], bad_site=(3, 2))
+    explosion = locate_explosion(steps, PARAMS, SITES, 2048, SETTINGS)
+    assert (explosion.step, explosion.origin, explosion.problem) == (3, "forward", "non-finite")
+    assert (explosion.layer, explosion.block, explosion.site) == (1, "hcl", "blocks.1.filter")
+    assert explosion.parameter == "blocks.1.filter.log_poles"
+    assert "> 88.7" in explosion.detail and "25% of its modes" in explosion.detail
+
+
+def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
+    variants = expand_variants(["vortex", "modal+bf16"], [1e-2, 3e-3], [], [], 3e-4, 1.0)
+    assert [v.name for v in variants] == [
+        "vortex+fp32+lr=0.01",
+        "vortex+fp32+lr=0.003",
+        "modal+bf16+lr=0.01",
+        "modal+bf16+lr=0.003",
+    ]
+    assert variants[2].settings() == {"hcl_form": "modal", "precision": "bf16", "lr": 1e-2, "grad_clip": 1.0}
+    assert parse_spec("vortex+noclip+lr=3e-3") == {"hcl_form": "vortex", "grad_clip": 0.0, "lr": 3e-3}
+    with pytest.raises(ValueError, match="did you mean 'vortex'"):
+        parse_spec("vortx")
+    with pytest.raises(ValueError, match=r"sets lr and diagnose\.lr"):
+        expand_variants(["vortex+lr=1e-3"], [1e-2], [], [], 3e-4, 1.0)
+
+
+def test_every_variant_starts_from_the_same_function():
+    job = build_config(
+        DiagnoseJob, {"model": {"preset": "test"}, "diagnose": {"slow_modes": 1, "slow_mode_lambda": -1e-4}}
+    )
+    base, _ = starting_model(job)
+    assert base.blocks[2].filter.poles().max().item() == pytest.approx(-1e-4)  # one slow mode per channel
+    ids = torch.randint(0, 256, (1, 64))
+    vortex, modal = variant_model(base, "vortex"), variant_model(base, "modal")
+    assert vortex.config.hcl_form == "vortex" and modal.config.hcl_form == "modal"
+    torch.testing.assert_close(vortex(ids), modal(ids), rtol=1e-5, atol=1e-5)
+    assert place_slow_modes(modal, 0, -1e-4) == 0
+
+
+# ---------------------------------------------------------------- the real explosion, through the CLI
+
+
+def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_path):
+    out = tmp_path / "diag"
+    code, text = cli(*reproduction_args(ecoli, out), "--variants=vortex,modal")
+    assert code == 3, text
+    assert "gradient explosion found" in text
+    data = json.loads((out / "report.json").read_text())
+    assert data["healthy"] is False and data["exploded"] == ["vortex"]
+    vortex, modal = data["variants"]
+    e = vortex["explosion"]
+    assert (e["block"], e["layer"]) == ("hcl", 2)  # layout SDH*: layer 2 is the hcl layer
+    assert e["parameter"].startswith("blocks.2.filter.")
+    assert e["step"] <= 5
+    assert vortex["hcl"]["2"]["max_lambda"] > 0  # its poles crossed zero
+    assert modal["healthy"] and modal["steps_run"] == 12
+    assert modal["hcl"]["2"]["max_lambda"] < 0 and modal["max_grad_norm"] < 10
+    assert modal["final_loss"] < modal["first_loss"]  # and it learns
+
+    # every output is there and consistent
+    for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "grad_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "steps.csv").open()))
+    assert [r["variant"] for r in rows].count("modal") == 12
+    assert {"grad_norm_hcl", "hcl_max_lambda", "max_update_ratio"} <= set(rows[0])
+    params = list(csv.DictReader((out / "parameters.csv").open()))
+    assert {r["kind"] for r in params if r["block"] == "hcl"} >= {"poles", "p", "gamma", "residues", "D"}
+    hcl = list(csv.DictReader((out / "hcl.csv").open()))
+    assert all(r["layer"] == "2" for r in hcl)
+    assert "<svg" in (out / "report.html").read_text()
+
+    # exit 0 when healthy; an existing output is refused before any training
+    code, text = cli(*reproduction_args(ecoli, out, steps=3), "--variants=modal", "--overwrite")
+    assert code == 0, text
+    assert json.loads((out / "report.json").read_text())["healthy"] is True
+    code, text = cli(*reproduction_args(ecoli, out, steps=3), "--variants=modal")
+    assert code == 2 and "already exists" in text
+
+
+def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "pyplot", lambda: None)
+    out = tmp_path / "diag"
+    code, text = cli(*reproduction_args(ecoli, out, steps=2), "--variants=modal")
+    assert code == 0, text
+    assert "matplotlib is not installed" in text
+    assert not list(out.glob("*.png")) and (out / "report.html").exists()
+
+
+# ---------------------------------------------------------------- post-hoc review of a training run
+
+
+def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--set=model.preset=test",
+            f"--set=data.datasets=[{{path: {ecoli}}}]",
+            "--set=data.seq_len=32",
+            "--set=data.val_windows=2",
+            "--set=optim.global_batch=2",
+            "--set=train.micro_batch=2",
+            "--set=train.max_steps=8",
+            "--set=train.log_interval=1",
+            "--set=train.eval_interval=4",
+            "--set=train.save_interval=4",
+            f"--set=train.run_dir={run_dir}",
+            "--device=cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'ok'}")
+    assert code == 0, text
+    data = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert data["healthy"] and data["logged_steps"] == 8 and data["spikes"] == []
+    assert [c["step"] for c in data["checkpoints"]] == [4, 8]
+    assert data["checkpoints"][0]["hcl"]["2"]["max_lambda"] < 0
+
+    # the same run with one logged step's gradient norm 100x: reported as a spike, exit 3
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train = [r for r in records if r["kind"] == "train"]
+    train[5]["grad_norm"] *= 100
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'bad'}")
+    assert code == 3 and "spikes" in text
+    data = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert [(s["step"], s["problem"]) for s in data["spikes"]] == [(6, "spike")]
+    flagged = [r for r in csv.DictReader((tmp_path / "bad" / "steps.csv").open()) if r["problem"]]
+    assert [r["step"] for r in flagged] == ["6"]
+
+    (run_dir / "metrics.jsonl").write_text("{not json\n")
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'broken'}")
+    assert code == 2 and "metrics.jsonl" in text and "not a metrics record" in text
+    assert not (tmp_path / "broken").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_exits_2_with_a_message(ecoli, tmp_path):
+    base = reproduction_args(ecoli, tmp_path / "out", steps=2)
+    code, text = cli(*base, "--steps=0")
+    assert code == 2 and "diagnose.steps" in text and ">= 1" in text
+    code, text = cli(*base, "--variants=vortex,moda")
+    assert code == 2 and "unknown variant term 'moda'" in text and "did you mean 'modal'" in text
+    code, text = cli(*base, f"--set=data.datasets=[{{path: {tmp_path / 'nope'}}}]")
+    assert code == 2 and "nope" in text
+    code, text = cli(*base[1:], f"--checkpoint={tmp_path / 'missing'}")
+    assert code == 2 and "missing" in text
+    code, text = cli(*base, f"--checkpoint={tmp_path / 'missing'}")
+    assert code == 2 and "not both" in text
+    code, text = cli(*base[1:])
+    assert code == 2 and "no model to diagnose" in text
+    code, text = cli(f"--run={tmp_path / 'norun'}", f"--output={tmp_path / 'o'}")
+    assert code == 2 and "no such run directory" in text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
