@@ -6,7 +6,9 @@ run measures, on the same files from the page cache:
   - bare gzip decompression of the .gz file: Python's zlib (what our reader uses) and the `gzip -dc` tool
   - `evo2 preprocess` end to end (the CLI as a user runs it, process start included), plain and gzip input,
     one worker and --workers N, with the peak RSS of the run (largest process)
-Prints a rich table and JSON (also written to --json PATH).
+  - the memory check: `evo2 preprocess` on a FASTA of one --big-record-mbases record (peak RSS minus the
+    largest record must stay under 512 MB, whatever the record and the file size)
+Prints a rich table, the targets of the issue with a verdict, and JSON (also written to --json PATH).
 
     .venv/bin/python benchmarks/preprocess_bench.py --mbases 200 --json runs/bench/preprocess.json
 """
@@ -33,14 +35,16 @@ import numpy as np
 WIDTH = 60
 
 
-def generate(path: Path, mbases: int, seed: int = 0) -> int:
-    """Records of 0.2-5 Mbases: uppercase with lowercase stretches (soft-masked repeats) and N runs."""
+def generate(path: Path, mbases: int, seed: int = 0, lengths=(200_000, 5_000_000)) -> tuple[int, int]:
+    """Records of 0.2-5 Mbases (`lengths`): uppercase with lowercase stretches (soft-masked repeats) and N
+    runs. Returns (bases, bases of the largest record)."""
     rng = np.random.default_rng(seed)
-    target, total, index = mbases * 1_000_000, 0, 0
+    target, total, index, largest = mbases * 1_000_000, 0, 0, 0
     letters = np.frombuffer(b"ACGT", dtype=np.uint8)
     with open(path, "wb") as handle:
         while total < target:
-            length = int(min(rng.integers(200_000, 5_000_000), target - total))
+            length = int(min(rng.integers(*lengths), target - total))
+            largest = max(largest, length)
             sequence = letters[rng.integers(0, 4, length)]
             for start in rng.integers(0, length, max(1, length // 50_000)):  # soft-masked stretches
                 sequence[start : start + int(rng.integers(100, 5_000))] |= 0x20
@@ -57,7 +61,7 @@ def generate(path: Path, mbases: int, seed: int = 0) -> int:
             handle.write(f">chr{index} synthetic record {index}\n".encode() + body)
             total += length
             index += 1
-    return total
+    return total, largest
 
 
 class Usage(NamedTuple):
@@ -134,6 +138,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mbases", type=int, default=200, help="size of the synthetic FASTA (million bases)")
+    parser.add_argument(
+        "--big-record-mbases", type=int, default=100, help="size of the one-record FASTA of the memory check"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="workers of the parallel run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
@@ -142,36 +149,38 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=130)
     work = Path(args.dir or tempfile.mkdtemp(prefix="evo2-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    plain, packed = work / "bench.fa", work / "bench.fa.gz"
+    plain, packed, big = work / "bench.fa", work / "bench.fa.gz", work / "one_record.fa"
     try:
         with console.status(f"generating {args.mbases} Mbases"):
-            bases = generate(plain, args.mbases)
+            bases, largest = generate(plain, args.mbases)
             with open(plain, "rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
                 shutil.copyfileobj(source, target, 1 << 22)
+            big_bases, _ = generate(big, args.big_record_mbases, lengths=(10**12, 10**12 + 1))
         rows: list[dict] = []
 
-        def measure(name: str, kind: str, function) -> float:
-            """Times `function` (which returns its Usage); returns Mbases/s."""
+        def measure(name: str, kind: str, function, size: int = bases, record: int = largest) -> dict:
+            """Times `function` (which returns its Usage) on `size` bases whose largest record is `record`."""
             with console.status(f"{name} ({kind})"):
                 start = time.perf_counter()
                 usage = function()
                 seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "name": name,
-                    "input": kind,
-                    "seconds": round(seconds, 3),
-                    "mbases_per_s": round(bases / seconds / 1e6, 1),
-                    "cpu_seconds": round(usage.cpu_seconds, 3) if usage else None,
-                    "peak_rss_mb": round(usage.peak_rss_kb / 1024, 1)
-                    if usage and usage.peak_rss_kb
-                    else None,
-                }
-            )
-            return bases / seconds / 1e6
+            row = {
+                "name": name,
+                "input": kind,
+                "seconds": round(seconds, 3),
+                "mbases_per_s": round(size / seconds / 1e6, 1),
+                "cpu_seconds": round(usage.cpu_seconds, 3) if usage else None,
+                "peak_rss_mb": round(usage.peak_rss_kb / 1024, 1) if usage and usage.peak_rss_kb else None,
+                "largest_record_mb": round(record / 2**20, 1),
+            }
+            rows.append(row)
+            return row
+
+        def rate(row: dict) -> float:
+            return row["mbases_per_s"]
 
         out, n = work / "out", args.workers
         bio_plain = measure("biopython SeqIO.parse", "plain", lambda: in_process(lambda: biopython(plain)))
@@ -181,42 +190,74 @@ def main() -> None:
         ours_1 = measure("evo2 preprocess --workers 1", "plain", lambda: evo2_preprocess(plain, out, 1))
         ours_n = measure(f"evo2 preprocess --workers {n}", "plain", lambda: evo2_preprocess(plain, out, n))
         measure("biopython SeqIO.parse", "gzip", lambda: in_process(lambda: biopython(packed)))
-        zlib_rate = measure(
+        zlib_row = measure(
             "bare decompression: python zlib", "gzip", lambda: in_process(lambda: zlib_decompress(packed))
         )
-        tool_rate = measure(
+        tool_row = measure(
             "bare decompression: gzip -dc", "gzip", lambda: child_process(["gzip", "-dc", str(packed)])
         )
         measure("evo2_cli read_fasta (reader only)", "gzip", lambda: in_process(lambda: our_reader(packed)))
         # One gzip stream is read by one worker (several files spread over workers).
         ours_gzip = measure("evo2 preprocess --workers 1", "gzip", lambda: evo2_preprocess(packed, out, 1))
+        measure(
+            "evo2 preprocess --workers 1",
+            "plain, 1 record",
+            lambda: evo2_preprocess(big, out, 1),
+            size=big_bases,
+            record=big_bases,
+        )
+        best_plain = max(ours_1, ours_n, key=rate)
+        bare = max(zlib_row, tool_row, key=rate)
+        ours = [row for row in rows if row["name"].startswith("evo2 preprocess")]
+        rss_margin = max(row["peak_rss_mb"] - row["largest_record_mb"] for row in ours)
+        targets = [
+            {
+                "target": "plain input >= 3x Biopython",
+                "measured": round(rate(best_plain) / rate(bio_plain), 2),
+                "goal": 3.0,
+                "note": f"best evo2 preprocess run ({best_plain['name']})",
+            },
+            {
+                "target": "gzip input >= 0.7x bare decompression",
+                "measured": round(rate(ours_gzip) / rate(bare), 2),
+                "goal": 0.7,
+                "note": f"against the faster bare decompression ({bare['name']})",
+            },
+            {
+                "target": "peak RSS <= largest record + 512 MB",
+                "measured": round(rss_margin, 1),
+                "goal": 512.0,
+                "note": "the worst evo2 preprocess run: peak RSS minus its largest record, MB",
+            },
+        ]
+        for target in targets:
+            ok = target["measured"] <= target["goal"] if "RSS" in target["target"] else None
+            target["met"] = ok if ok is not None else target["measured"] >= target["goal"]
         result = {
             "machine": machine(),
             "mbases": bases / 1e6,
             "plain_bytes": plain.stat().st_size,
             "gzip_bytes": packed.stat().st_size,
             "rows": rows,
-            "ratios": {
-                "preprocess_plain_workers_1_vs_biopython": round(ours_1 / bio_plain, 2),
-                f"preprocess_plain_workers_{n}_vs_biopython": round(ours_n / bio_plain, 2),
-                "reader_plain_vs_biopython": round(reader / bio_plain, 2),
-                "preprocess_gzip_vs_bare_decompression": round(ours_gzip / max(zlib_rate, tool_rate), 2),
-            },
-            "targets": {"plain_vs_biopython": 3.0, "gzip_vs_bare_decompression": 0.7},
+            "reader_plain_vs_biopython": round(rate(reader) / rate(bio_plain), 2),
+            "targets": targets,
         }
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     table = Table(title=f"preprocess throughput, {bases / 1e6:.0f} Mbases")
-    for column in ("run", "input", "seconds", "Mbases/s", "CPU s", "peak RSS MB"):
+    for column in ("run", "input", "seconds", "Mbases/s", "CPU s", "peak RSS MB", "largest record MB"):
         table.add_column(column, justify="left" if column in ("run", "input") else "right")
     for row in result["rows"]:
-        cells = [row["seconds"], row["mbases_per_s"], row["cpu_seconds"], row["peak_rss_mb"]]
+        cells = [row[key] for key in ("seconds", "mbases_per_s", "cpu_seconds", "peak_rss_mb")]
+        cells.append(row["largest_record_mb"])
         table.add_row(row["name"], row["input"], *("" if cell is None else str(cell) for cell in cells))
     console.print(table)
-    for name, value in result["ratios"].items():
-        console.print(f"{name}: {value}x")
+    console.print(f"reader only vs Biopython (plain): {result['reader_plain_vs_biopython']}x")
+    for target in result["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        console.print(f"{target['target']}: {target['measured']} ({verdict}; {target['note']})")
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
