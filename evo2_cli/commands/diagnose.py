@@ -6,7 +6,6 @@ post hoc (`--run DIR`). Exit code 0 when healthy, 3 when an explosion or spike w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +48,8 @@ OutputOption = Annotated[
 
 
 def _as_list(text: str) -> str:
-    """'a, b' -> a flow list the config validator parses like a YAML list (each item kept as written)."""
-    return "[" + ", ".join(json.dumps(item.strip()) for item in text.split(",")) + "]"
+    """'a,b' -> '[a, b]': a flow list that the config validator reads like a YAML list in a config file."""
+    return "[" + ", ".join(item.strip() for item in text.split(",")) + "]"
 
 
 def diagnose_grads(

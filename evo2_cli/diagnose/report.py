@@ -292,7 +292,7 @@ def summary_tables(diagnosis: Diagnosis) -> list[Table]:
     """The verdict per variant, the largest gradient norm per block type, and where each explosion started."""
     table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
     for column in ("variant", "verdict", "steps", "loss", "max grad", "hcl max λ", "λ>=0", "max |h|"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # wrap, never cut, on a narrow terminal
     for v in diagnosis.variants:
         s = variant_summary(v)
         hcl = s["hcl"].values()
@@ -311,7 +311,7 @@ def summary_tables(diagnosis: Diagnosis) -> list[Table]:
         table.caption = "* stopped early: the loss or the weights went non-finite"
     blocks = Table(title="largest gradient norm per block type (before clipping)")
     present = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
-    blocks.add_column("variant")
+    blocks.add_column("variant", overflow="fold")
     for b in present:
         blocks.add_column(b, justify="right")
     for v in diagnosis.variants:
