@@ -232,6 +232,20 @@ def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path
     assert not list(out.glob("*.png")) and (out / "report.html").exists()
 
 
+def test_axis_flags_cross_the_variants(ecoli, tmp_path):
+    out = tmp_path / "diag"
+    args = reproduction_args(ecoli, out, steps=1)
+    code, text = cli(*args, "--variants=modal,vortex+noclip", "--lr=1e-2,2e-3", "--precision=bf16")
+    assert code == 0, text
+    variants = json.loads((out / "report.json").read_text())["variants"]
+    assert [(v["name"], v["settings"]["lr"], v["settings"]["precision"]) for v in variants] == [
+        ("modal+lr=0.01+clip=1", 1e-2, "bf16"),
+        ("modal+lr=0.002+clip=1", 2e-3, "bf16"),
+        ("vortex+lr=0.01+noclip", 1e-2, "bf16"),
+        ("vortex+lr=0.002+noclip", 2e-3, "bf16"),
+    ]
+
+
 # ---------------------------------------------------------------- post-hoc review of a training run
 
 
