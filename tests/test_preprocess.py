@@ -354,3 +354,137 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, messa
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert sorted(os.listdir(tmp_path)) == ["in.fa"]
+
+
+def test_split_hash_is_golden():
+    # Fixed forever: a change here reshuffles every user's train/val/test split.
+    assert "".join(str(split_of(b"rec%d" % i, 1234, (0.5, 0.25, 0.25))) for i in range(30)) == (
+        "102010200100012001021020201200"
+    )
+    assert "".join(str(split_of(b"rec%d" % i, 7, (0.5, 0.25, 0.25))) for i in range(30)) == (
+        "020000012222000022220001010011"
+    )
+
+
+def test_more_options(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("r", b"acguACGUAC")])
+
+    def docs(name: str, **options) -> list[bytes]:
+        out, _ = run(tmp_path, [source], name, split=(1, 0, 0), **options)
+        return split_contents(out)["train"]
+
+    assert docs("back", rna="back_transcribe") == [b"acgtACGTAC\x00"]
+    # Each window is followed by its own reverse complement.
+    assert docs(
+        "rc_chunks", rna="back_transcribe", chunk_length=6, chunk_overlap=2, reverse_complement=True
+    ) == [
+        b"acgtAC\x00",
+        b"GTacgt\x00",
+        b"ACGTAC\x00",
+        b"GTACGT\x00",
+    ]
+    out, manifest = run(tmp_path, [source], "prefixed", prefix="genome", split=(1, 0, 0))
+    assert sorted(manifest["files"]) == sorted(f"genome_{s}.{x}" for s in pre.SPLITS for x in ("bin", "idx"))
+    assert IndexedDataset(out / "genome_train")[0].tobytes() == b"acguACGUAC\x00"
+
+
+def test_group_regex_that_does_not_match_is_a_bad_record(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("genome1_a", b"ACGT"), ("stray", b"GG")])
+    with pytest.raises(InputError, match=r"in\.fa:3: header does not match group_regex"):
+        run(tmp_path, [source], group_regex=r"^(genome\d+)_")
+    _, manifest = run(tmp_path, [source], "skip", group_regex=r"^(genome\d+)_", on_bad_record="skip")
+    assert manifest["dropped"] == {"bad_record": 1}
+    assert sum(s["records"] for s in manifest["splits"].values()) == 1
+
+
+def regions_config(tmp_path: Path, fasta: Path, bed: Path | None = None, intervals=()) -> PreprocessConfig:
+    return PreprocessConfig(
+        regions=[pre.RegionSource(fasta, bed, list(intervals))],
+        output_dir=tmp_path / f"out_{fasta.name}",
+        split=(1, 0, 0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bed_text", "message"),
+    [
+        ("chr1\t5\n", r"bad\.bed:1: a BED line needs chrom, start and end"),
+        ("# header\nchr1\tx\t9\n", r"bad\.bed:2: a BED line needs chrom, start and end"),
+        ("chr1\t9\t9\n", r"bad\.bed:1: need 0 <= start < end"),
+        ("track name=x\n", r"bad\.bed: no regions"),
+        ("chr1\t0\t5\nchr1\t10\t99\n", r"bad\.bed:2: region ends at 99 but 'chr1' has 20 bases"),
+        ("chrX\t0\t5\n", r"bad\.bed:1: sequence 'chrX' is not in .*g\.fa \(it has chr1, chr2\)"),
+    ],
+)
+def test_bad_regions_name_the_bed_line(tmp_path, bed_text, message):
+    fasta = write_fasta(tmp_path / "g.fa", [("chr1", b"ACGT" * 5), ("chr2", b"GG")])
+    bed = tmp_path / "bad.bed"
+    bed.write_text(bed_text)
+    with pytest.raises(InputError, match=message):
+        run_preprocess(regions_config(tmp_path, fasta, bed))
+    assert not (tmp_path / "out_g.fa").exists()
+
+
+def test_regions_of_bgzip_and_refusals(tmp_path):
+    bgz = shutil.copy(SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz", tmp_path / "cp.fa.bgz")
+    run_preprocess(regions_config(tmp_path, Path(bgz), intervals=["NC_000932.1:1-12"]))
+    assert split_contents(tmp_path / "out_cp.fa.bgz")["train"] == [b"ATGGGCGAACGA\x00"]
+    plain_gzip = tmp_path / "g.fa.gz"
+    plain_gzip.write_bytes(gzip.compress(b">chr1\nACGT\n"))
+    with pytest.raises(InputError, match=r"g\.fa\.gz: cannot index for region access.*BGZF"):
+        run_preprocess(regions_config(tmp_path, plain_gzip, intervals=["chr1"]))
+    # A region's letters are checked like a parsed record's; the message names where the region was given.
+    bad = write_fasta(tmp_path / "bad.fa", [("chr1", b"ACGT*ACGT")])
+    bed = tmp_path / "r.bed"
+    bed.write_text("chr1\t0\t3\nchr1\t2\t6\n")
+    with pytest.raises(InputError, match=r"r\.bed:2: record 'chr1:3-6' has '\*'"):
+        run_preprocess(regions_config(tmp_path, bad, bed))
+
+
+def test_progress_bar_shows_bytes_and_records():
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with pre._progress_bar(console, total=2_000_000) as advance:
+        advance(1_000_000, 7)
+        advance(1_000_000, 5)
+    text = console.file.getvalue()
+    assert "12 records" in text and "2.0/2.0 MB" in text
+
+
+def test_cli_prints_the_summary_table_and_handles_non_utf8(tmp_path):
+    source = tmp_path / "in.fa"
+    source.write_bytes(b">caf\xe9 x\nACGT\n>ok\nAC*G\n>b\xff\nGGCC\n")
+    out = tmp_path / "out"
+    args = ["preprocess", str(source), "-o", str(out), "--split", "1,0,0"]
+    result = runner.invoke(app, [*args, "--set", "preprocess.on_bad_record=skip"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "evo2 preprocess" in text and "train │ 2 │ 2 │ 10" in text and "dropped: bad_record 1" in text
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["dropped_examples"] == [
+        f"{source}:4: record 'ok' has '*' (a stop codon or mask: protein or masked alignment input?); "
+        "fix the record, or skip bad records with --set preprocess.on_bad_record=skip"
+    ]
+    assert split_contents(out)["train"] == [b"GGCC\x00", b"ACGT\x00"]  # ids b"b\xff" < b"caf\xe9"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"@r1\nACGT\n+\nIIII\n", "in.fa:1: FASTQ"),
+        (b"\x00\x01\x02garbage\n", "in.fa:1: binary data"),
+        (b">a\nAC\n>b\nGG\n>a\nTT\n", "in.fa:5: duplicate record id 'a'"),
+        (b">\xff\xfe\nAC\n>\xff\xfe\nTT\n", "in.fa:3: duplicate record id '\\xff\\xfe'"),
+        (gzip.compress(b">a\n" + b"ACGT" * 30_000)[:-100], "in.fa: truncated gzip"),
+    ],
+)
+def test_cli_more_bad_inputs_exit_2(tmp_path, content, message):
+    source = tmp_path / "in.fa"
+    source.write_bytes(content)
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == ["in.fa"]
