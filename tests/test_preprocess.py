@@ -488,3 +488,22 @@ def test_cli_more_bad_inputs_exit_2(tmp_path, content, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert sorted(os.listdir(tmp_path)) == ["in.fa"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("r\n", r"tags\.tsv:1: expected ID_REGEX<TAB>\|lineage\|"),
+        ("# c\nr(\t|d__X|\n", r"tags\.tsv:2: bad regex"),
+        ("r\td__X\n", r"tags\.tsv:1: a lineage is ASCII between two '\|'"),
+        ("r\t|d__Bactéria|\n", r"tags\.tsv:1: a lineage is ASCII"),
+        ("r\t|Bacteria|\n", r"tags\.tsv:1: a lineage needs rank prefixes"),
+        ("r\t|d__" + "x" * 600 + "|\n", r"tags\.tsv:1: lineage is 605 bytes; at most 512"),
+        ("# only a comment\n", r"tags\.tsv: no tag rules"),
+    ],
+)
+def test_bad_tags_file_names_the_line(tmp_path, text, message):
+    tags = tmp_path / "tags.tsv"
+    tags.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        pre.load_tags(tags)

@@ -37,7 +37,7 @@ import numpy as np
 
 from evo2_cli import __version__
 from evo2_cli.config import FieldError, check, to_dict
-from evo2_cli.data.alphabet import EOD_ID, PAD_ID, VOCAB_SIZE
+from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, VOCAB_SIZE
 from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
@@ -193,6 +193,13 @@ def load_tags(path: Path) -> tuple[TagRule, ...]:
             raise InputError(
                 f"{path}:{number}: a lineage is ASCII between two '|', like |d__Bacteria;s__Escherichia coli|"
             )
+        if not any(marker in inner for marker in TAG_MARKERS.decode()):
+            raise InputError(
+                f"{path}:{number}: a lineage needs rank prefixes such as d__ or ';' separators, like "
+                "|d__Bacteria;s__Escherichia coli| (training finds tags by them to mask them out of the loss)"
+            )
+        if len(lineage) > MAX_TAG_BYTES:
+            raise InputError(f"{path}:{number}: lineage is {len(lineage)} bytes; at most {MAX_TAG_BYTES}")
         rules.append(TagRule(pattern, lineage.encode(), number))
     if not rules:
         raise InputError(f"{path}: no tag rules")
