@@ -1,6 +1,6 @@
 """Model speed on a CPU in fp32: forward, forward + backward, cached decoding, the official engine as anchor.
 
-    .venv/bin/python benchmarks/model_bench.py [--json benchmarks/results/model.json]
+    .venv/bin/python benchmarks/model_bench.py [--json runs/bench/model.json]
         [--vtx-path DIR ...]    directories holding the `vortex` package of `vtx` (and its einops/tqdm),
                                 for example an unpacked `pip download vtx --no-deps` wheel
 
@@ -10,11 +10,15 @@ What it measures, on the `small` preset with one fixed random init (batch 1):
 - cached decoding ms/token after a prompt of 1k and 32k tokens (prefill, then 32 single-token steps),
   against the naive baseline of a full re-forward of the whole context per new token; also for the same
   model without attention layers, whose hyena layers must be O(1) per token;
-- `vtx` (Vortex, the official Evo 2 engine) full-sequence forward on the same weights and input, run in a
-  subprocess with its CUDA-only pieces stubbed (benchmarks/vtx_cpu.py says how to get vtx and what is
-  stubbed); its logits are compared with ours first, so the figures compare the same computation.
+- `vtx` (Vortex, the official Evo 2 engine) full-sequence forward on the same weights (exported with
+  `export_vortex`) and the same input, loaded in this process with its CUDA-only pieces stubbed
+  (benchmarks/vtx_cpu.py says how to get vtx and what is stubbed). Its logits are compared with ours first,
+  so the figures compare the same computation; then the two forwards are timed alternately, run by run, so
+  that load from other jobs on the machine hits both alike. A length whose vtx attention scores would not
+  fit in memory (its CPU path materializes (heads, L, L) fp32 scores and probabilities) is skipped.
 
-The figures depend on what else runs on the machine: the load average before and after is recorded.
+Each figure is the best of a few runs (fewer at long lengths). The load average before and after is
+recorded: other jobs on the machine lower the absolute rates; the ratios of one run are the figures to trust.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -42,15 +47,18 @@ from evo2_cli.model.vortex import export_vortex  # noqa: E402
 SEED = 0
 
 
-def _best_time(fn, repeats: int, warmup: bool) -> float:
+def _best_times(runs: dict[str, Callable[[], object]], repeats: int, warmup: bool) -> dict[str, float]:
+    """Best wall time of each function, the functions taking turns run by run."""
     if warmup:
-        fn()
-    times = []
+        for fn in runs.values():
+            fn()
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _repeats(length: int) -> tuple[int, bool]:
@@ -58,22 +66,44 @@ def _repeats(length: int) -> tuple[int, bool]:
 
 
 def _ids(length: int) -> torch.Tensor:
-    """A random ACGT byte sequence (1, length), the same for a given length here and in the vtx worker."""
+    """A random ACGT byte sequence (1, length), the same for a given length."""
     bases = torch.randint(0, 4, (1, length), generator=torch.Generator().manual_seed(length))
     return torch.tensor([65, 67, 71, 84])[bases]
 
 
-def bench_forward(model: StripedHyena, lengths: list[int]) -> dict[int, float]:
-    out = {}
+def _available_memory() -> int:
+    with open("/proc/meminfo") as handle:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+    return fields["MemAvailable"]
+
+
+def bench_forward(model: StripedHyena, lengths: list[int], vtx=None) -> tuple[dict, dict]:
+    """Forward tokens/s of our model and, when given, vtx's, timed alternately at each length."""
+    ours, theirs, skipped = {}, {}, {}
     model.eval()
     for length in lengths:
         ids = _ids(length)
-        repeats, warmup = _repeats(length)
+        runs = {"ours": lambda ids=ids: model(ids)}
+        if vtx is not None:
+            need = 2 * model.config.num_attention_heads * length * length * 4
+            if need > 0.6 * _available_memory():
+                skipped[str(length)] = (
+                    f"vtx's CPU attention would materialize {need / 2**30:.0f} GiB of (heads, L, L) fp32 "
+                    f"scores and probabilities; {_available_memory() / 2**30:.0f} GiB available"
+                )
+            else:
+                runs["vtx"] = lambda ids=ids: vtx(ids)
         with torch.inference_mode():
-            seconds = _best_time(lambda ids=ids: model(ids), repeats, warmup)
-        out[length] = length / seconds
-        print(f"  forward L={length}: {out[length]:,.0f} tokens/s", flush=True)
-    return out
+            seconds = _best_times(runs, *_repeats(length))
+        ours[str(length)] = length / seconds["ours"]
+        line = f"  forward L={length}: ours {ours[str(length)]:,.0f} tokens/s"
+        if "vtx" in seconds:
+            theirs[str(length)] = length / seconds["vtx"]
+            line += f", vtx {theirs[str(length)]:,.0f} tokens/s"
+        print(
+            line + (f" (vtx skipped: {skipped[str(length)]})" if str(length) in skipped else ""), flush=True
+        )
+    return ours, {"forward_tokens_per_s": theirs, "skipped": skipped}
 
 
 def bench_train_step(model: StripedHyena, lengths: list[int]) -> dict[int, float]:
@@ -87,8 +117,7 @@ def bench_train_step(model: StripedHyena, lengths: list[int]) -> dict[int, float
             logits = model(ids[:, :-1])
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
 
-        repeats, warmup = _repeats(length)
-        out[length] = length / _best_time(step, repeats, warmup)
+        out[length] = length / _best_times({"ours": step}, *_repeats(length))["ours"]
         print(f"  forward+backward L={length}: {out[length]:,.0f} tokens/s", flush=True)
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -110,7 +139,8 @@ def bench_decode(model: StripedHyena, contexts: list[int], steps: int) -> dict[i
             model.step(ids[:, t], cache)
         per_token = (time.perf_counter() - start) / (steps - 1)
         with torch.inference_mode():  # naive baseline: the whole context again for each new token
-            naive = _best_time(lambda n=context + 1, ids=ids: model(ids[:, :n]), 1, context <= 8192)
+            full = {"ours": lambda n=context + 1, ids=ids: model(ids[:, :n])}
+            naive = _best_times(full, 1, context <= 8192)["ours"]
         out[context] = {
             "prefill_tokens_per_s": context / prefill,
             "decode_ms_per_token": per_token * 1e3,
@@ -124,34 +154,22 @@ def bench_decode(model: StripedHyena, contexts: list[int], steps: int) -> dict[i
     return out
 
 
-# ---------------------------------------------------------------- vtx, in a subprocess
+# ---------------------------------------------------------------- vtx, in this process
 
 
-def bench_vtx(model: StripedHyena, paths: list[str], lengths: list[int]) -> dict:
-    """vtx's forward on our weights, in a subprocess (benchmarks/vtx_cpu.py); first checks its logits."""
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, config, ids_path, out = (Path(tmp) / name for name in ("w.pt", "c.yml", "ids.pt", "out.pt"))
-        export_vortex(model, weights, config)
-        ids = _ids(1024)
-        torch.save(ids, ids_path)
-        request = {"paths": paths, "config": str(config), "weights": str(weights), "ids": str(ids_path)}
-        request |= {"out": str(out), "bench_lengths": lengths}
-        script = Path(__file__).with_name("vtx_cpu.py")
-        proc = subprocess.run(
-            [sys.executable, str(script), json.dumps(request)], capture_output=True, text=True, timeout=3600
-        )
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-            return {"error": tail}
-        result = torch.load(out, weights_only=True)
-    for line in proc.stderr.splitlines():
-        if line.startswith("  vtx"):
-            print(line)
+def load_vtx(model: StripedHyena, paths: list[str], tmp: Path):
+    """vtx's StripedHyena holding our model's weights (exported to the Vortex layout), and the max abs
+    difference of its logits from ours on a 1k input."""
+    import vtx_cpu
+
+    vtx_cpu.install_cpu_shims(paths)
+    weights, config = tmp / "w.pt", tmp / "c.yml"
+    export_vortex(model, weights, config)
+    vtx, _ = vtx_cpu.load_model(str(config), str(weights))
+    ids = _ids(1024)
     with torch.inference_mode():
-        result["max_abs_diff_vs_ours"] = float((result.pop("logits") - model.eval()(ids)).abs().max())
-    result["forward_tokens_per_s"] = {str(k): v for k, v in result["forward_tokens_per_s"].items()}
-    result["skipped"] = {str(k): v for k, v in result["skipped"].items()}
-    return result
+        diff = float((vtx(ids)[0].float() - model.eval()(ids)).abs().max())
+    return lambda ids: vtx(ids)[0], diff
 
 
 # ---------------------------------------------------------------- report
@@ -192,9 +210,12 @@ def print_table(result: dict) -> None:
 
     row(table, "forward", result["forward_tokens_per_s"], lengths)
     vtx = result.get("vtx", {})
-    row(table, "vtx forward (same weights)", vtx.get("forward_tokens_per_s", {}), lengths)
+    theirs = vtx.get("forward_tokens_per_s", {})
+    row(table, "vtx forward (same weights)", theirs, lengths)
+    ratio = {k: result["forward_tokens_per_s"][k] / v for k, v in theirs.items()}
+    row(table, "forward speed-up, ours / vtx", ratio, lengths, "{:.2f}x")
     row(table, "forward + backward", result["train_tokens_per_s"], lengths)
-    Console().print(table)
+    Console(width=120).print(table)
 
     contexts = list(result["decode"])
     table = Table(title=f"cached decoding, {title}")
@@ -213,7 +234,7 @@ def print_table(result: dict) -> None:
         row(
             table, f"full re-forward{name}", {k: v["naive_ms_per_token"] for k, v in values.items()}, contexts
         )
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 def main() -> None:
@@ -222,7 +243,7 @@ def main() -> None:
     parser.add_argument("--decode-contexts", default="1024,32768")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--vtx-path", action="append", default=[], help="directory holding vtx's `vortex`")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "model.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "model.json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     contexts = [int(x) for x in args.decode_contexts.split(",")]
@@ -236,14 +257,18 @@ def main() -> None:
     no_attention = StripedHyena(preset_config("small", layout="SDHSDHSD"))
     result = {"machine": info, "preset": "small", "parameters": model.num_parameters(), "lengths": lengths}
 
-    print("vtx (official engine), same weights:", flush=True)
+    vtx = None
     if args.vtx_path:
-        result["vtx"] = bench_vtx(model, [str(Path(p).resolve()) for p in args.vtx_path], lengths)
-    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            vtx, diff = load_vtx(model, [str(Path(p).resolve()) for p in args.vtx_path], Path(tmp))
+        print(f"vtx (official engine) on the same weights: max |logits - ours| = {diff:.2e} at L=1024")
+    print("forward:", flush=True)
+    result["forward_tokens_per_s"], result["vtx"] = bench_forward(model, lengths, vtx)
+    if vtx is None:
         result["vtx"] = {"error": "not run: pass --vtx-path DIR (an unpacked vtx wheel and its einops, tqdm)"}
-    print(f"  {json.dumps({k: v for k, v in result['vtx'].items() if k != 'forward_tokens_per_s'})}")
+    else:
+        result["vtx"]["version"], result["vtx"]["max_abs_diff_vs_ours"] = version("vtx"), diff
     print("ours:", flush=True)
-    result["forward_tokens_per_s"] = {str(k): v for k, v in bench_forward(model, lengths).items()}
     result["train_tokens_per_s"] = {str(k): v for k, v in bench_train_step(model, lengths).items()}
     result["decode"] = {str(k): v for k, v in bench_decode(model, contexts, args.decode_steps).items()}
     print("ours without attention layers (layout SDHSDHSD):", flush=True)
