@@ -225,6 +225,26 @@ def test_convert_both_ways(tmp_path):
     assert read_vortex_checkpoint(back)["embedding_layer.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    "write, words",
+    [
+        (lambda t, p: torch.save({**t, "extra.weight": torch.zeros(1)}, p), "unexpected key(s) extra.weight"),
+        (lambda t, p: torch.save({**t, "norm.scale": torch.full((64,), torch.nan)}, p), "has 64 non-finite"),
+        (lambda t, p: torch.save({**t, "norm.scale": Payload()}, p), "pickled Python objects"),
+        (lambda t, p: p.write_bytes(b"not a checkpoint"), "cannot read as a PyTorch checkpoint"),
+    ],
+    ids=["unexpected", "non-finite", "pickled", "garbage"],
+)
+def test_convert_bad_vortex_file_exits_2_naming_the_problem(tmp_path, write, words):
+    bad = tmp_path / "bad.pt"
+    write(read_vortex_checkpoint(WEIGHTS), bad)
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["convert", "from-vortex", str(bad), "-c", str(CONFIG), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_convert_bad_input_exits_2(tmp_path):
     bad = _vortex_with(tmp_path, _with_growing_pole)
     result = runner.invoke(
