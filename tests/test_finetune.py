@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +394,38 @@ def test_lora_on_cuda_holds_frozen_weights_in_bf16_and_filters_in_fp32(dataset, 
         # frozen matmul weights were held in bf16: the checkpoint has them rounded, nothing else changed
         expected = value.bfloat16().float() if dtypes.get(name) == torch.bfloat16 else value
         assert torch.equal(weights[name], expected), name
+
+
+VTX_PATH = os.environ.get("EVO2_VTX_PATH")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VTX_PATH, reason="set EVO2_VTX_PATH to an unpacked vtx (see benchmarks/vtx_cpu.py)")
+def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path):
+    """LoRA finetune -> merge -> Vortex .pt: vtx (the official engine, on CPU) gives our logits."""
+    torch.manual_seed(0)
+    config = preset_config("test", hcs_filter_groups=4, hcm_filter_groups=4, inner_mlp_size=40, state_size=16)
+    save_model(StripedHyena(config), tmp_path / "base")
+    job = make_job(
+        dataset, tmp_path / "base", tmp_path / "run", method="lora", lora={"targets": ["mlp", "Wqkv"]}
+    )
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=4, eval_interval=0))
+    result = finetune(job, console=quiet())
+    merge(result.checkpoint, tmp_path / "merged", vortex=tmp_path / "ft.pt")
+    ids = torch.randint(0, 512, (2, 77), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "ids.pt")
+    request = {
+        "paths": VTX_PATH.split(os.pathsep),
+        "config": str(tmp_path / "ft.yml"),
+        "weights": str(tmp_path / "ft.pt"),
+        "ids": str(tmp_path / "ids.pt"),
+        "out": str(tmp_path / "out.pt"),
+    }
+    script = REPO / "benchmarks" / "vtx_cpu.py"
+    subprocess.run([sys.executable, str(script), json.dumps(request)], check=True, capture_output=True)
+    with torch.no_grad():
+        ours = load_finetuned(result.checkpoint)(ids)  # the adapted model, adapters unmerged
+        moved = (load_model(tmp_path / "base")(ids) - ours).abs().max().item()
+    assert moved > 1e-2, moved  # the adapters changed the logits, far beyond the tolerance below
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)["logits"]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
