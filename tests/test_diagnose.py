@@ -197,7 +197,9 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert (e["block"], e["layer"]) == ("hcl", 2)  # layout SDH*: layer 2 is the hcl layer
     assert e["parameter"].startswith("blocks.2.filter.")
     assert e["step"] <= 5
-    assert vortex["hcl"]["2"]["max_lambda"] > 0  # its poles crossed zero
+    assert vortex["hcl"]["2"]["max_lambda"] > 0  # its poles crossed zero, after Adam's first step
+    assert vortex["hcl"]["2"]["first_step_lambda_nonneg"] == 1
+    assert modal["hcl"]["2"]["first_step_lambda_nonneg"] is None
     assert modal["healthy"] and modal["steps_run"] == 12
     assert modal["hcl"]["2"]["max_lambda"] < 0 and modal["max_grad_norm"] < 10
     assert modal["final_loss"] < modal["first_loss"]  # and it learns
@@ -211,6 +213,9 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert {"grad_norm_hcl", "hcl_max_lambda", "max_update_ratio"} <= set(rows[0])
     params = list(csv.DictReader((out / "parameters.csv").open()))
     assert {r["kind"] for r in params if r["block"] == "hcl"} >= {"poles", "p", "gamma", "residues", "D"}
+    first = {r["parameter"]: r for r in params if r["variant"] == "modal" and r["step"] == "0"}
+    assert first["blocks.0.out_filter_dense.bias"]["update_ratio"] == "nan"  # zero at init: no ratio
+    assert 0 < float(first["blocks.0.mlp.l1.weight"]["update_ratio"]) < 0.5
     hcl = list(csv.DictReader((out / "hcl.csv").open()))
     assert all(r["layer"] == "2" for r in hcl)
     assert "<svg" in (out / "report.html").read_text()

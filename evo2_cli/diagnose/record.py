@@ -220,15 +220,10 @@ class Recorder:
         stats = []
         for p, old in zip(self.tensors, self._snapshot, strict=True):
             new, old = p.detach().float(), old.float()
-            stats.append(
-                torch.stack(
-                    (
-                        new.norm(),
-                        (new - old).norm() / old.norm().clamp_min(1e-30),
-                        (~torch.isfinite(new)).sum().float(),
-                    )
-                )
-            )
+            old_norm = old.norm()
+            # A zero-initialized parameter (a bias at step 0) has no meaningful ratio: NaN, not 1e30.
+            ratio = torch.where(old_norm > 0, (new - old).norm() / old_norm, torch.nan)
+            stats.append(torch.stack((new.norm(), ratio, (~torch.isfinite(new)).sum().float())))
         self._snapshot = []
         table = torch.stack(stats).cpu().tolist() if stats else []
         return [r[0] for r in table], [r[1] for r in table], [int(r[2]) for r in table]

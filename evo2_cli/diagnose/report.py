@@ -111,6 +111,9 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
         },
         "hcl": {
             str(layer): {
+                "first_step_lambda_nonneg": next(
+                    (s.step for s, frac in zip(steps, series["frac_nonneg"], strict=True) if frac > 0), None
+                ),
                 "max_lambda": _nanmax(series["max_lambda"]),
                 "max_frac_nonneg": _nanmax(series["frac_nonneg"]),
                 "max_abs_h": _nanmax(series["max_abs_h"]),
@@ -288,6 +291,16 @@ def explosion_text(result: VariantResult) -> str:
     return f"step {e.step}: {e.problem} in {e.series}; started {where}, {e.parameter or e.site} [{e.origin}]"
 
 
+def _nonneg_text(hcl: Iterable[dict[str, Any]]) -> str:
+    """Largest fraction of hcl modes with lambda >= 0, and the first step any was."""
+    hcl = list(hcl)
+    if not hcl:
+        return "-"
+    firsts = [h["first_step_lambda_nonneg"] for h in hcl if h["first_step_lambda_nonneg"] is not None]
+    text = f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%"
+    return f"{text} from step {min(firsts)}" if firsts else text
+
+
 def summary_tables(diagnosis: Diagnosis) -> list[Table]:
     """The verdict per variant, the largest gradient norm per block type, and where each explosion started."""
     table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
@@ -304,7 +317,7 @@ def summary_tables(diagnosis: Diagnosis) -> list[Table]:
             f"{_fmt(s['first_loss'], 3)}→{_fmt(s['final_loss'], 3)}",
             _fmt(s["max_grad_norm"], 2),
             _fmt(_nanmax(h["max_lambda"] for h in hcl), 2),
-            f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
+            _nonneg_text(hcl),
             _fmt(_nanmax(h["max_abs_h"] for h in hcl), 2),
         )
     if any(v.stop_reason == "non-finite" for v in diagnosis.variants):
@@ -460,7 +473,7 @@ def html_report(diagnosis: Diagnosis) -> str:
                 f"{_fmt(s['first_loss'], 4)} → {_fmt(s['final_loss'], 4)}",
                 _fmt(s["max_grad_norm"]),
                 _fmt(_nanmax(h["max_lambda"] for h in hcl)),
-                f"{100 * _nanmax(h['max_frac_nonneg'] for h in hcl):.0f}%" if hcl else "-",
+                _nonneg_text(hcl),
             )
         )
     details = "".join(
