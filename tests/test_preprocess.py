@@ -164,6 +164,7 @@ def test_options_shape_the_documents(tmp_path):
         b"NNNNACGT\x00",
         b"GTAC\x00",
     ]
+    assert docs("tag_once", tags_file=tags) == [b"|d__X;s__Y|acgtRNNNNNACGTAC\x00"]
     assert docs("tags", tags_file=tags, tag_every=6) == [
         b"|d__X;s__Y|acgtRN|d__X;s__Y|NNNNAC|d__X;s__Y|GTAC\x00"
     ]
