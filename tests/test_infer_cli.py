@@ -101,7 +101,18 @@ def test_generate_to_stdout_and_file(checkpoint, tmp_path):
 
 def test_generate_prompts_from_fasta_and_greedy(checkpoint, fasta):
     result = invoke(
-        "generate", checkpoint, "--prompt-fasta", fasta, "-n", 5, "--top-k", 1, "--temperature", 0
+        "generate",
+        checkpoint,
+        "--prompt-fasta",
+        fasta,
+        "-n",
+        5,
+        "--top-k",
+        1,
+        "--temperature",
+        0,
+        "--threads",
+        1,
     )
     assert result.exit_code == 0, result.output
     assert [h.split()[0] for h, _ in _fasta_records(result.stdout)] == [
@@ -121,6 +132,7 @@ def test_generate_prompts_from_fasta_and_greedy(checkpoint, fasta):
         (["-p", "AC", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
         (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
         (["-p", "AC", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["-p", "AC", "--threads", "-1"], "--threads must be >= 0"),
         ([], "no prompt"),
         (
             ["-p", "AC", "--device", "cuda:7"]

@@ -40,6 +40,14 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when pre
 DtypeOption = Annotated[
     str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
 ]
+ThreadsOption = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        help="CPU threads for torch (0 = torch's default, one per core). Small models decode faster with 1, "
+        "and so does any model on a machine whose cores are busy with other jobs.",
+    ),
+]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Output file ('-' = stdout).")]
 WindowOption = Annotated[
     int, typer.Option("--window", help="Context window in tokens; longer records are scored in windows.")
@@ -56,9 +64,22 @@ BatchTokensOption = Annotated[
 FastaArgument = Annotated[Path, typer.Argument(help="FASTA file (plain, .gz, bgzip).", dir_okay=False)]
 
 
-def _model(path: Path, vortex_config: Path | None, device: str, dtype: str, clamp_poles: float | None = None):
+def _model(
+    path: Path,
+    vortex_config: Path | None,
+    device: str,
+    dtype: str,
+    clamp_poles: float | None = None,
+    threads: int = 0,
+):
+    import torch
+
     from evo2_cli.infer.loading import load_inference_model
 
+    if threads < 0:
+        raise InputError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     model = load_inference_model(path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles)
     parameter = next(model.parameters())
     console.print(
@@ -126,6 +147,7 @@ def generate(
     clamp_poles: ClampPolesOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    threads: ThreadsOption = 0,
 ) -> None:
     """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
 
@@ -159,7 +181,7 @@ def generate(
             prompts.append(record.tokens)
     if not prompts:
         raise InputError("no prompt: give --prompt ACGT... (repeatable) or --prompt-fasta FILE")
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     with _progress("generating", len(prompts) * num_samples * max_new_tokens) as advance:
         results = run_generate(
             model,
@@ -228,6 +250,7 @@ def score(
     clamp_poles: ClampPolesOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    threads: ThreadsOption = 0,
 ) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
@@ -242,7 +265,7 @@ def score(
     overlap = _overlap(window, overlap)
     check_window(window, overlap)
     chosen = table_format(output, fmt)
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
         if token_handle is not None:
@@ -298,6 +321,7 @@ def embed(
     clamp_poles: ClampPolesOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    threads: ThreadsOption = 0,
 ) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
@@ -313,7 +337,7 @@ def embed(
     if output.suffix.lower() not in (".safetensors", ".npy"):
         raise InputError(f"{output}: embeddings are written as .safetensors or .npy; change the suffix")
     sequences = list(read_sequences(fasta))
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     resolve_layer(model, layer)  # a bad --layer fails before any work
     with _progress("embedding (bases)", sum(len(s.tokens) for s in sequences)) as advance:
         result = embed_sequences(
@@ -370,6 +394,7 @@ def variants(
     clamp_poles: ClampPolesOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    threads: ThreadsOption = 0,
 ) -> None:
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
@@ -381,7 +406,7 @@ def variants(
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     with _progress("variants (bases)", None) as advance:
         results = score_variants(
             model,
