@@ -282,6 +282,20 @@ def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
     assert [c["step"] for c in data["checkpoints"]] == [4, 8]
     assert data["checkpoints"][0]["hcl"]["2"]["max_lambda"] < 0
 
+    # the run's latest checkpoint as the starting point of a diagnosis
+    code, text = cli(
+        f"--checkpoint={run_dir}",
+        f"--set=data.datasets=[{{path: {ecoli}}}]",
+        "--set=data.seq_len=32",
+        "--steps=2",
+        "--device=cpu",
+        f"--output={tmp_path / 'from-ckpt'}",
+    )
+    assert code == 0, text
+    data = json.loads((tmp_path / "from-ckpt" / "report.json").read_text())
+    assert data["source"].endswith("step_00000008") and data["model"]["hcl_form"] == "modal"
+    assert [v["name"] for v in data["variants"]] == ["vortex", "modal"]
+
     # the same run with one logged step's gradient norm 100x: reported as a spike, exit 3
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]

@@ -177,7 +177,10 @@ class DiagnoseSection:
     seed: int = 0  # initial weights and data windows; the same for every variant
     micro_batch: int = 1  # windows per forward pass (optim.global_batch windows per step)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint: Path | None = None  # start from this checkpoint directory instead of `model:`
+    # Start from this checkpoint instead of `model:`: one of ours (a checkpoint or run directory), or a
+    # Vortex / Evo 2 .pt together with its model YAML in `vortex_config`.
+    checkpoint: Path | None = None
+    vortex_config: Path | None = None
     # Post-hoc mode: judge this `evo2 train` run directory (metrics.jsonl, checkpoints) instead of training.
     run_dir: Path | None = None
     variants: list[str] = field(default_factory=lambda: ["vortex", "modal"])

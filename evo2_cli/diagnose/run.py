@@ -102,15 +102,16 @@ def starting_model(job: DiagnoseJob) -> tuple[StripedHyena, str]:
     """The weights every variant starts from (CPU, fp32), and where they came from."""
     d = job.diagnose
     if d.checkpoint is not None:
-        from evo2_cli.model import load_model
+        from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 
-        model = load_model(d.checkpoint)
+        # A Vortex .pt keeps its free poles as they are; each variant then converts to its own form.
+        model = load_inference_model(d.checkpoint, d.vortex_config, hcl_form="vortex").requires_grad_(True)
+        source = str(resolve_checkpoint(d.checkpoint))
         if d.slow_modes > model.config.state_size:
             raise InputError(
                 f"diagnose.slow_modes={d.slow_modes} is more than the checkpoint's state_size "
                 f"{model.config.state_size}"
             )
-        source = str(d.checkpoint)
     else:
         torch.manual_seed(d.seed)
         model = StripedHyena(job.model)
