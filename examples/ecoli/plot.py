@@ -42,7 +42,7 @@ def main() -> None:
     ax.axhline(2.0, color="grey", linestyle="--", label="uniform baseline (2 bits)")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("bits per base")
-    ax.set_title("`small` preset on E. coli K-12, CPU")
+    ax.set_title("small preset on E. coli K-12 (CPU, 2 cores)")
     ax.legend()
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
