@@ -11,8 +11,9 @@ reuse it through its keyword arguments:
 
 Per step: lr from the schedule (times the guard's backoff), `global_batch / micro_batch` micro-batches split
 over the processes (micro-batch k of a step holds sample indices data_position + k * micro_batch + j; rank r
-runs k = r, r + world, ...), forward under autocast, weighted loss normalized over the global batch, backward
-(gradient sync on the last micro-batch only), clip, guard verdict, optimizer step or skip, log, evaluate, checkpoint.
+runs k = r, r + world, ...), forward under autocast, weighted loss normalized over the global batch,
+backward (gradient sync on the last micro-batch only), clip, guard verdict, optimizer step or skip, log,
+evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -384,7 +386,7 @@ def train(
         return TrainResult(
             Path(cfg.run_dir),
             last_checkpoint,
-            best.resolve() if best.exists() else None,
+            best.parent / os.readlink(best) if best.is_symlink() else None,  # as run_dir was given
             state.step,
             stop_reason,
             runtime.is_main,
