@@ -2,8 +2,9 @@
 
 A value is bad when it is non-finite, or when it is above `factor` x the running median of the previous good
 values (at most `window` of them) once `warmup` good values are known. This is the training guard's rule
-(evo2_cli/train/guard.py), applied here to any series: the total gradient norm, the gradient norm of each
-block type, each parameter's gradient norm, or a finished run's logged grad_norm.
+(evo2_cli/train/guard.py), applied here to any series: a variant's loss and total gradient norm (which
+decide its first bad step), each parameter's gradient norm (which locate the origin), or a finished run's
+logged grad_norm.
 
 Where it started, at the first bad step s of a variant:
 1. Forward first. If an activation was non-finite at step s, the explosion is a forward overflow: it started
@@ -103,7 +104,7 @@ class Explosion:
 
     step: int
     problem: str  # "non-finite" or "spike"
-    series: str  # what flagged it: "loss", "grad_norm" or "grad_norm[<block type>]"
+    series: str  # what flagged it: "loss" (non-finite) or "grad_norm" (the total)
     value: float
     threshold: float | None
     origin: str  # "forward", "backward" or "largest jump" (see the module docstring)
@@ -125,23 +126,18 @@ def block_series(steps: Sequence[StepRecord], params: Sequence[ParamInfo]) -> di
     return out
 
 
-def _first_bad_step(
-    steps: Sequence[StepRecord], params: Sequence[ParamInfo], settings: DetectorSettings
-) -> tuple[int, str, Flag] | None:
-    """(step, series, flag) of the earliest bad value over the loss and the gradient-norm series."""
-    found: list[tuple[int, int, str, Flag]] = []
+def _first_bad_step(steps: Sequence[StepRecord], settings: DetectorSettings) -> tuple[int, str, Flag] | None:
+    """(step, series, flag) of the earliest bad loss or total gradient norm: the quantities the training
+    guard judges. Smaller groups (a block type, a parameter) only locate the origin: their norms are noisy
+    enough at small batch sizes that a 10x jump of a tiny group is no explosion."""
+    detector = SeriesDetector(settings)
     for s in steps:
         if not math.isfinite(s.loss):
-            found.append((s.step, 0, "loss", Flag(s.step, s.loss, None, "non-finite")))
-            break
-    for order, (name, values) in enumerate(block_series(steps, params).items(), start=1):
-        flag = first_flag(values, settings)
+            return s.step, "loss", Flag(s.step, s.loss, None, "non-finite")
+        flag = detector.judge(s.step, s.grad_norm)
         if flag is not None:
-            found.append((steps[flag.step].step, order, name, flag))
-    if not found:
-        return None
-    step, _, name, flag = min(found, key=lambda item: (item[0], item[1]))
-    return step, name, flag
+            return s.step, "grad_norm", flag
+    return None
 
 
 def locate_explosion(
@@ -152,7 +148,7 @@ def locate_explosion(
     settings: DetectorSettings,
 ) -> Explosion | None:
     """The first bad step of a recorded variant and where it started (module docstring); None if healthy."""
-    first = _first_bad_step(steps, params, settings)
+    first = _first_bad_step(steps, settings)
     if first is None:
         return None
     step, series, flag = first
