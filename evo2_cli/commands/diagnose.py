@@ -32,7 +32,9 @@ StepsOption = Annotated[
 CheckpointOption = Annotated[
     Path | None,
     typer.Option(
-        "--checkpoint", help="Start every variant from this checkpoint directory (then no model: section)."
+        "--checkpoint",
+        help="Start from this checkpoint or run directory instead of a model: section (a Vortex .pt needs "
+        "diagnose.vortex_config).",
     ),
 ]
 RunOption = Annotated[
