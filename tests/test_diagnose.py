@@ -251,6 +251,29 @@ def test_axis_flags_cross_the_variants(ecoli, tmp_path):
     ]
 
 
+def test_a_vortex_checkpoint_is_a_starting_point(ecoli, tmp_path):
+    from evo2_cli.model import export_vortex, preset_config
+    from evo2_cli.model.model import StripedHyena
+
+    torch.manual_seed(0)
+    export_vortex(
+        StripedHyena(preset_config("test", hcl_form="vortex")), tmp_path / "w.pt", tmp_path / "w.yml"
+    )
+    out = tmp_path / "diag"
+    args = [f"--set=data.datasets=[{{path: {ecoli}}}]", "--set=data.seq_len=64", "--steps=1", "--device=cpu"]
+    code, text = cli(*args, f"--checkpoint={tmp_path / 'w.pt'}", f"--output={out}")
+    assert code == 2 and "--vortex-config" in text  # a .pt needs its model YAML
+    code, text = cli(
+        *args,
+        f"--checkpoint={tmp_path / 'w.pt'}",
+        f"--vortex-config={tmp_path / 'w.yml'}",
+        f"--output={out}",
+    )
+    assert code == 0, text
+    data = json.loads((out / "report.json").read_text())
+    assert data["source"].endswith("w.pt") and [v["name"] for v in data["variants"]] == ["vortex", "modal"]
+
+
 # ---------------------------------------------------------------- post-hoc review of a training run
 
 

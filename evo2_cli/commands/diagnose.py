@@ -33,8 +33,14 @@ CheckpointOption = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="Start from this checkpoint or run directory instead of a model: section (a Vortex .pt needs "
-        "diagnose.vortex_config).",
+        help="Start from this checkpoint or run directory, or a Vortex .pt (with --vortex-config), instead "
+        "of a model: section.",
+    ),
+]
+VortexConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--vortex-config", help="The model YAML of a Vortex .pt --checkpoint (release schema or ours)."
     ),
 ]
 RunOption = Annotated[
@@ -63,6 +69,7 @@ def diagnose_grads(
     clip: ClipOption = None,
     steps: StepsOption = None,
     checkpoint: CheckpointOption = None,
+    vortex_config: VortexConfigOption = None,
     run: RunOption = None,
     device: DeviceOption = None,
     output: OutputOption = None,
@@ -84,6 +91,7 @@ def diagnose_grads(
             ("grad_clip", clip and _as_list(clip)),
             ("steps", steps),
             ("checkpoint", checkpoint),
+            ("vortex_config", vortex_config),
             ("run_dir", run),
             ("device", device),
             ("output_dir", output),
