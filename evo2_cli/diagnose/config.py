@@ -127,7 +127,7 @@ def expand_variants(
         base = parse_spec(spec)
         for axis, values in axes.items():
             if values and axis in base:
-                raise ValueError(f"variant '{spec}' sets {axis} and diagnose.{_AXIS_KEYS[axis]} lists it too")
+                raise ValueError(f"variant '{spec}' sets {axis} and diagnose.{axis} lists it too")
         lists = [values if values else [base.get(axis)] for axis, values in axes.items()]
         for combo in itertools.product(*lists):
             row = {
@@ -166,9 +166,6 @@ def expand_variants(
     if duplicates:
         raise ValueError(f"variant(s) {', '.join(duplicates)} listed more than once")
     return variants
-
-
-_AXIS_KEYS = {"lr": "lr", "precision": "precision", "grad_clip": "grad_clip"}
 
 
 @dataclass
