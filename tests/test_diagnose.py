@@ -7,6 +7,8 @@ import csv
 import gzip
 import json
 import math
+import re
+import xml.dom.minidom
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +220,10 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert 0 < float(first["blocks.0.mlp.l1.weight"]["update_ratio"]) < 0.5
     hcl = list(csv.DictReader((out / "hcl.csv").open()))
     assert all(r["layer"] == "2" for r in hcl)
-    assert "<svg" in (out / "report.html").read_text()
+    charts = re.findall(r"<svg.*?</svg>", (out / "report.html").read_text(), re.S)
+    assert len(charts) == 4  # per variant: gradient norm per block type, max lambda
+    for chart in charts:
+        xml.dom.minidom.parseString(chart)  # well-formed
 
     # exit 0 when healthy; an existing output is refused before any training
     code, text = cli(*reproduction_args(ecoli, out, steps=3), "--variants=modal", "--overwrite")
