@@ -24,7 +24,9 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import sys
+import tempfile
 import types
 
 
@@ -119,8 +121,14 @@ def load_model(config_path: str, weights_path: str):
 
     import torch
     import yaml
-    from vortex.model.model import StripedHyena
-    from vortex.model.utils import dotdict
+
+    cwd = os.getcwd()
+    os.chdir(tempfile.gettempdir())  # importing vortex creates activations_debug.log in the working dir
+    try:
+        from vortex.model.model import StripedHyena
+        from vortex.model.utils import dotdict
+    finally:
+        os.chdir(cwd)
 
     logging.disable(logging.WARNING)
     with open(config_path) as handle:
