@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -145,16 +144,25 @@ def measure_speed(dataset: Path, work: Path, seq_len: int, windows: int, steps: 
     }
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM). Not ru_maxrss: Linux carries that over fork and
+    exec, so a child would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def rss_child(dataset: Path, run_dir: Path, checkpointing: bool) -> None:
     """One training step at RSS_SEQ_LEN in this (fresh) process; prints peak RSS figures as JSON."""
     torch.manual_seed(SEED)
     StripedHyena(preset_config(PRESET))  # allocator and library warm-up that every run pays
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    before = peak_rss()
     job = make_job(dataset, run_dir, RSS_SEQ_LEN, 1, 1, checkpointing)
     start = time.perf_counter()
     train(job, console=Console(file=io.StringIO()))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(
         json.dumps(
             {"peak_rss_bytes": peak, "before_bytes": before, "step_bytes": peak - before, "s": seconds}
