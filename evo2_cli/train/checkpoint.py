@@ -125,7 +125,7 @@ def read_train_state(directory: Path) -> dict[str, Any]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     link = Path(run_dir) / CHECKPOINTS / "latest"
     if link.is_dir() and (link / META).is_file():
-        return link.resolve()
+        return link.parent / os.readlink(link)  # the step directory, under run_dir as given
     complete = step_dirs(run_dir)
     return complete[-1] if complete else None
 
