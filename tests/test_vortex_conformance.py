@@ -259,3 +259,25 @@ def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides):
     with torch.no_grad():
         ours = model(ids)
     assert_close(torch.load(tmp_path / "out.pt", weights_only=True)["logits"], ours, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fixture_on_cuda_fp32_bf16_and_cached():
+    model = load_vortex(CONFIG, WEIGHTS).eval().cuda()
+    ids = _load("input_ids.pt").cuda()
+    expected = _load("logits_fp32.pt")
+    with torch.no_grad():
+        assert_close(model(ids).cpu(), expected, atol=1e-3, rtol=0)  # TF32 matmuls may be on
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(ids).float().cpu()
+    assert (bf16.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    reference = _load("generation_greedy.pt")
+    generated, _ = model.generate_greedy(reference["prompt_ids"].cuda(), 32)
+    assert torch.equal(generated.cpu(), reference["generated_ids"])
+    exported = vortex_state_dict(model)  # poles computed on the CPU: the file comes back bit for bit
+    for key, value in read_vortex_checkpoint(WEIGHTS).items():
+        assert torch.equal(exported[key].cpu(), value), key

@@ -22,7 +22,7 @@ import dataclasses
 import io
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -118,15 +118,21 @@ def _ulp_neighbours(x: Tensor, count: int) -> list[Tensor]:
     return out
 
 
+def _on_cpu(compute: Callable[[torch.device], Tensor], device: torch.device) -> Tensor:
+    """`compute(d)` evaluated on the CPU (d = 'cpu', or 'meta' for a meta model) and moved to `device`:
+    derived tensors (poles, inv_freq) then have the same bits whatever device the model is on, and import ->
+    export reproduces a file exactly (another device's exp or pow may round differently)."""
+    if device.type == "meta":
+        return compute(device)
+    return compute(torch.device("cpu")).to(device)
+
+
 def _poles_for_export(f: LongFilter) -> Tensor:
-    """lambda (D, S), computed on the CPU like in `modal_from_poles` (another device's exp may round
-    differently), so that exporting an imported checkpoint reproduces its log_poles bit for bit."""
+    """lambda (D, S) as the Vortex file stores it."""
     if f.form == "vortex":
         return f.log_poles.detach().float()
     p, gamma = f.p.detach(), f.gamma.detach()
-    if not p.is_meta:
-        p, gamma = p.cpu(), gamma.cpu()
-    return modal_poles(p, gamma)
+    return _on_cpu(lambda d: modal_poles(p.to(d), gamma.to(d)), p.device)
 
 
 def vortex_state_dict(model: StripedHyena, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -141,8 +147,10 @@ def vortex_state_dict(model: StripedHyena, dtype: torch.dtype | None = None) -> 
         if isinstance(block, AttentionBlock):
             key = prefix + "inner_mha_cls.Wqkv.weight"
             out[key] = _qkv_runtime_to_checkpoint(out[key], c.num_attention_heads)
-            device = block.attn.Wqkv.weight.device
-            out[prefix + "inner_mha_cls.rotary_emb.inv_freq"] = block.attn.rotary_emb.inv_freq(device)
+            rotary = block.attn.rotary_emb
+            out[prefix + "inner_mha_cls.rotary_emb.inv_freq"] = _on_cpu(
+                rotary.inv_freq, block.attn.Wqkv.weight.device
+            )
         elif isinstance(block.filter, LongFilter):
             for name in ("p", "gamma", "log_poles"):
                 out.pop(prefix + f"filter.{name}", None)
