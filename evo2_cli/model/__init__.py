@@ -29,7 +29,8 @@ Model (evo2_cli.model.model)
     flops_breakdown(config, seq_len) -> {'matmul', 'conv', 'attention'}
 
 Vortex / Evo 2 checkpoints (evo2_cli.model.vortex)
-    load_vortex(config_path, checkpoint_path, hcl_form='modal', clamp_poles=None) -> StripedHyena
+    load_vortex(config_path, checkpoint_path, hcl_form=None, clamp_poles=None, dtype=None) -> StripedHyena
+                                    hcl_form None: the config's (modal unless it says vortex)
     vortex_state_dict(model) -> dict[str, Tensor]          our model in the Vortex .pt layout
     export_vortex(model, checkpoint_path, config_path)     writes the .pt and a release-style YAML atomically
 
