@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -75,7 +76,16 @@ def test_matches_biopython_on_the_samples():
         assert [(r.id.decode(), r.sequence.decode()) for r in read_fasta(path)] == expected
 
 
-def test_bgzip_and_concatenated_gzip(tmp_path):
+@pytest.fixture(params=["zlib", "isal"])
+def inflater(request, monkeypatch):
+    """Each gzip test runs on the zlib fallback and on ISA-L (the default where installed)."""
+    if request.param == "isal":
+        monkeypatch.setattr(fasta, "inflate_lib", pytest.importorskip("isal.isal_zlib"))
+    else:
+        monkeypatch.setattr(fasta, "inflate_lib", zlib)
+
+
+def test_bgzip_and_concatenated_gzip(tmp_path, inflater):
     chloroplast = list(read_fasta(SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz"))
     assert len(chloroplast) == 1 and len(chloroplast[0].sequence) == 154_478
     path = tmp_path / "two.fa.gz"
@@ -144,7 +154,7 @@ def test_bad_files_raise(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
-def test_truncated_and_corrupt_gzip(tmp_path):
+def test_truncated_and_corrupt_gzip(tmp_path, inflater):
     data = gzip.compress(b">a\n" + b"ACGT" * 50_000 + b"\n")
     path = tmp_path / "cut.fa.gz"
     path.write_bytes(data[: len(data) // 2])

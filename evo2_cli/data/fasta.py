@@ -1,7 +1,7 @@
 """Streaming FASTA reader: plain, gzip or bgzip (sniffed from the bytes, not the name), CRLF, any line width.
 
 Speed comes from doing no per-line Python work: the file is read in big blocks (read and decompressed in a
-background thread, so gzip inflation overlaps parsing; zlib releases the GIL), headers are found with
+background thread, so gzip inflation overlaps parsing; inflating releases the GIL), headers are found with
 `bytes.find` (memchr), line ends are removed with `bytes.replace` and the alphabet is checked with one
 `bytes.translate` per block. Memory holds one record plus a few blocks, whatever the file size.
 
@@ -22,6 +22,11 @@ from pathlib import Path
 
 from evo2_cli.data.alphabet import IUPAC_BYTES
 from evo2_cli.errors import InputError
+
+try:  # ISA-L inflates gzip about 3x faster than zlib, to the same bytes; zlib is the fallback
+    from isal import isal_zlib as inflate_lib
+except ImportError:  # pragma: no cover - depends on the environment
+    inflate_lib = zlib
 
 BLOCK_SIZE = 1 << 22  # plain-file read size; gzip reads a quarter of it (DNA inflates about 3.5x)
 _PREFETCH_BLOCKS = 4
@@ -84,20 +89,20 @@ def is_gzip(path: Path) -> bool:
 
 
 def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None]) -> Iterator[bytes]:
-    inflater, fed = zlib.decompressobj(31), False
+    inflater, fed = inflate_lib.decompressobj(31), False
     while chunk := handle.read(BLOCK_SIZE // 4):
         on_bytes(len(chunk))
         while chunk:
             fed = True
             try:
                 out = inflater.decompress(chunk)
-            except zlib.error as exc:
+            except inflate_lib.error as exc:
                 raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
             if out:
                 yield out
             chunk = b""
             if inflater.eof:  # a member ends; bgzip and concatenated gzip files hold more
-                chunk, inflater, fed = inflater.unused_data, zlib.decompressobj(31), False
+                chunk, inflater, fed = inflater.unused_data, inflate_lib.decompressobj(31), False
     if fed and not inflater.eof:
         raise InputError(f"{path}: truncated gzip file (ends mid-stream); re-download or recompress it")
 
