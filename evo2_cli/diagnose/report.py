@@ -548,6 +548,13 @@ def pyplot():
     return plt
 
 
+def _step_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+
+
 def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
     """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
     plt = pyplot()
@@ -569,7 +576,7 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
             )
         ax.set_yscale("log")
         ax.set_title(v.variant.name)
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("gradient norm (before clipping)")
     fig.tight_layout()
@@ -588,7 +595,7 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
             ax.axhline(overflow, color="red", linestyle="--", linewidth=0.8, label="fp32 overflow 88.7/(L-1)")
             ax.set_yscale("symlog", linthresh=1e-4)
             ax.set_title(v.variant.name)
-            ax.set_xlabel("step")
+            _step_axis(ax)
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel("max λ over modes")
         fig.tight_layout()
@@ -708,7 +715,7 @@ def _write_review_plot(review: RunReview, path: Path) -> bool:
     for spike in review.spikes:
         ax.axvline(spike.step, color="red", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    _step_axis(ax)
     ax.set_ylabel("gradient norm (before clipping)")
     ax.set_title(f"{review.run_dir.name}: {len(review.spikes)} spike(s) (red)")
     fig.tight_layout()
