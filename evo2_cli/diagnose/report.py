@@ -683,6 +683,10 @@ def review_tables(review: RunReview) -> list[Table]:
             _fmt(spike.loss, 4),
             "yes" if spike.skipped else "no",
         )
+    if review.healthy:
+        spikes.caption = (
+            f"no logged step is non-finite or above {review.settings.factor:g}x its running median"
+        )
     tables = [spikes]
     if review.checkpoints:
         ckpts = Table(title="checkpoints (hcl poles at the run's sequence length)")
