@@ -233,6 +233,17 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert code == 2 and "already exists" in text
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_explosion_on_cuda_under_bf16_autocast(ecoli, tmp_path):
+    out = tmp_path / "diag"
+    args = [a for a in reproduction_args(ecoli, out) if a != "--device=cpu"]
+    code, text = cli(*args, "--device=cuda", "--variants=vortex+bf16,modal+bf16")
+    assert code == 3, text
+    vortex, modal = json.loads((out / "report.json").read_text())["variants"]
+    assert vortex["explosion"]["block"] == "hcl" and modal["healthy"]
+
+
 def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "pyplot", lambda: None)
     out = tmp_path / "diag"
