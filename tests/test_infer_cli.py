@@ -201,6 +201,24 @@ def test_score_output_is_atomic(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.fa"]  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["score", "{fasta}", "-o", "{bad}"],
+        ["score", "{fasta}", "--per-token", "{bad}"],
+        ["embed", "{fasta}", "-o", "{bad}.npy"],
+        ["generate", "-p", "ACG", "--logprobs", "{bad}"],
+    ],
+)
+def test_unwritable_output_exits_2_before_any_work(checkpoint, fasta, tmp_path, command):
+    (tmp_path / "a_file").write_text("")
+    bad = tmp_path / "a_file" / "out.tsv"  # a file where a directory should be
+    result = invoke(command[0], checkpoint, *[a.format(fasta=fasta, bad=bad) for a in command[1:]])
+    assert result.exit_code == 2, result.output
+    assert "cannot write there" in said(result)
+    assert "parameters" not in said(result)  # it failed before loading the model
+
+
 def test_score_parquet(checkpoint, fasta, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     result = invoke("score", checkpoint, fasta, "-o", tmp_path / "s.parquet")

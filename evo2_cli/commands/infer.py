@@ -155,7 +155,7 @@ def generate(
     greedy). Log-probs are under the model's unmodified distribution (natural log)."""
     from evo2_cli.infer.generation import DNA_TOKENS
     from evo2_cli.infer.generation import generate as run_generate
-    from evo2_cli.infer.outputs import atomic_text_output, fasta_lines, write_table
+    from evo2_cli.infer.outputs import atomic_text_output, check_output, fasta_lines, write_table
     from evo2_cli.infer.sampling import SamplingSettings
     from evo2_cli.infer.sequences import encode_dna, read_sequences, tokens_to_text
 
@@ -181,6 +181,9 @@ def generate(
             prompts.append(record.tokens)
     if not prompts:
         raise InputError("no prompt: give --prompt ACGT... (repeatable) or --prompt-fasta FILE")
+    for path in (output, logprobs):
+        if path is not None:
+            check_output(path)
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     with _progress("generating", len(prompts) * num_samples * max_new_tokens) as advance:
         results = run_generate(
@@ -257,7 +260,7 @@ def score(
     Natural-log sums over positions 1..L-1 (the first base has no context). Records longer than --window
     are scored in windows: every position once, from the first window that holds it, with at least
     --overlap tokens of left context."""
-    from evo2_cli.infer.outputs import atomic_text_output, table_format, write_table
+    from evo2_cli.infer.outputs import atomic_text_output, check_output, table_format, write_table
     from evo2_cli.infer.scoring import score_sequences
     from evo2_cli.infer.sequences import read_sequences
     from evo2_cli.infer.windows import check_window
@@ -265,6 +268,9 @@ def score(
     overlap = _overlap(window, overlap)
     check_window(window, overlap)
     chosen = table_format(output, fmt)
+    for path in (output, per_token):
+        if path is not None:
+            check_output(path)
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
@@ -328,14 +334,13 @@ def embed(
     Per token, the vectors of all records are concatenated (record i: rows offset[i]..offset[i+1], see the
     index file and the safetensors `offsets` tensor)."""
     from evo2_cli.infer.embedding import embed_sequences, resolve_layer
-    from evo2_cli.infer.outputs import write_embeddings
+    from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
     from evo2_cli.infer.sequences import read_sequences
     from evo2_cli.infer.windows import check_window
 
     overlap = _overlap(window, overlap)
     check_window(window, overlap)
-    if output.suffix.lower() not in (".safetensors", ".npy"):
-        raise InputError(f"{output}: embeddings are written as .safetensors or .npy; change the suffix")
+    check_embeddings_output(output)
     sequences = list(read_sequences(fasta))
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     resolve_layer(model, layer)  # a bad --layer fails before any work
@@ -399,11 +404,12 @@ def variants(
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
     Columns: chrom pos ref alt status window_start ref_sum_ll alt_sum_ll delta_sum_ll delta_mean_ll."""
-    from evo2_cli.infer.outputs import write_table
+    from evo2_cli.infer.outputs import check_output, write_table
     from evo2_cli.infer.variants import load_reference, read_variants, score_variants
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
+    check_output(output)
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)

@@ -27,6 +27,27 @@ TableFormat = Literal["tsv", "csv", "parquet"]
 STDOUT = Path("-")
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def check_output(path: Path) -> None:
+    """InputError unless `path` ('-' = stdout) can be written: commands call it on every output before any
+    work, so a typo in an output path never costs a whole run. Creates missing parent directories."""
+    if str(path) == "-":
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give an output file name")
+    probe = _temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write there ({exc.strerror}); choose another output path") from None
+
+
 @contextlib.contextmanager
 def atomic_text_output(path: Path) -> Iterator[IO[str]]:
     """A text stream for `path`, streamed to a temporary sibling, fsynced and renamed on success (removed on
@@ -36,13 +57,8 @@ def atomic_text_output(path: Path) -> Iterator[IO[str]]:
         sys.stdout.flush()
         return
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; give an output file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{path.parent}: cannot create output directory: {exc.strerror}") from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    check_output(path)
+    tmp = _temporary(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             yield handle
@@ -106,6 +122,19 @@ def fasta_lines(header: str, sequence: str, width: int = 80) -> str:
     return f">{header}\n{body}\n"
 
 
+def embeddings_index(path: Path) -> Path:
+    """The id index written beside an embeddings file: OUT.ids.tsv."""
+    return path.with_name(path.name + ".ids.tsv")
+
+
+def check_embeddings_output(path: Path) -> None:
+    """InputError unless `path` is a writable .safetensors or .npy name (and its index can be written)."""
+    if Path(path).suffix.lower() not in (".safetensors", ".npy"):
+        raise InputError(f"{path}: embeddings are written as .safetensors or .npy; change the suffix")
+    check_output(path)
+    check_output(embeddings_index(Path(path)))
+
+
 def write_embeddings(
     path: Path,
     vectors: np.ndarray,
@@ -116,11 +145,8 @@ def write_embeddings(
 ) -> Path:
     """Write `vectors` (.safetensors or .npy, by suffix) and the index OUT.ids.tsv; returns the index path."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".npy"):
-        raise InputError(f"{path}: embeddings are written as .safetensors or .npy; change the suffix")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npy":
+    check_embeddings_output(path)
+    if path.suffix.lower() == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(vectors))
         atomic_write_bytes(path, buffer.getvalue())
@@ -132,7 +158,7 @@ def write_embeddings(
         if offsets is not None:
             tensors["offsets"] = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
         atomic_write_bytes(path, save(tensors, metadata=metadata))
-    index = path.with_name(path.name + ".ids.tsv")
+    index = embeddings_index(path)
     starts = offsets if offsets is not None else np.arange(len(ids))
     rows = (
         {"index": i, "id": name, "length": length, "offset": int(starts[i])}
