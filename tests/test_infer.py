@@ -385,3 +385,31 @@ def test_bf16_keeps_hyena_filters_fp32():
     low = next(score_sequences(model, [Sequence("x", tokens)]))
     full = next(score_sequences(load_inference_model(WEIGHTS, CONFIG), [Sequence("x", tokens)]))
     assert low.mean_ll == pytest.approx(full.mean_ll, abs=0.05)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_scoring_and_embeddings_match_the_cpu(tiny):
+    gpu = load_inference_model(WEIGHTS, CONFIG, device="cuda", dtype="fp32")
+    prompts = [_dna(7, 1), _dna(7, 2), _dna(3, 3)]
+    greedy = SamplingSettings(top_k=1)
+    on_cpu = generate(tiny, prompts, 16, greedy, alphabet=None)
+    on_gpu = generate(gpu, prompts, 16, greedy, alphabet=None)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)  # TF32 matmuls may be on
+    records = [Sequence("a", _dna(300, 4)), Sequence("b", _dna(40, 5))]
+    cpu_scores = list(score_sequences(tiny, records, window=128, overlap=32))
+    gpu_scores = list(score_sequences(gpu, records, window=128, overlap=32))
+    for a, b in zip(cpu_scores, gpu_scores, strict=True):
+        assert b.mean_ll == pytest.approx(a.mean_ll, abs=1e-3)
+    cpu_embeddings = embed_sequences(tiny, records, layer=5).vectors
+    np.testing.assert_allclose(embed_sequences(gpu, records, layer=5).vectors, cpu_embeddings, atol=1e-3)
+    bf16 = load_inference_model(WEIGHTS, CONFIG, device="cuda", dtype="bf16")
+    low = list(score_sequences(bf16, records))
+    assert low[0].mean_ll == pytest.approx(cpu_scores[0].mean_ll, abs=0.05)
+    sampled = [g.tokens for g in generate(bf16, prompts, 16, SamplingSettings(top_k=4), seed=3)]
+    assert all(len(t) == 16 and set(t.tolist()) <= set(b"ACGT") for t in sampled)
