@@ -57,8 +57,8 @@ class StartingPoint:
     vortex_config: Path | None  # the release YAML of a Vortex .pt; None for our checkpoint directories
 
     def load(self, clamp_poles: float | None = None) -> StripedHyena:
-        """The weights in fp32 on CPU, in train mode (the loop moves them to the device and sets dtypes). A
-        LoRA checkpoint of ours is merged first, so a finetune can start from another one's result.
+        """The weights in fp32 on CPU, in train mode (`adapt` sets the device's dtypes, the loop moves them).
+        A LoRA checkpoint of ours is merged first, so a finetune can start from another one's result.
         Read with the model package directly: the inference loader's device move, eval mode and frozen
         gradients would all be undone here, and its move cannot take the shape-only (meta) checkpoints the
         model package accepts."""
