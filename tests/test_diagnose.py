@@ -205,6 +205,9 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert modal["healthy"] and modal["steps_run"] == 12
     assert modal["hcl"]["2"]["max_lambda"] < 0 and modal["max_grad_norm"] < 10
     assert modal["final_loss"] < modal["first_loss"]  # and it learns
+    # the hcl layer's output grows with its filter; the modal one stays at the scale of the others
+    assert vortex["max_abs_activation_by_module"]["blocks.2.filter"] > 1e20
+    assert modal["max_abs_activation_by_module"]["blocks.2.filter"] < 100
 
     # every output is there and consistent
     for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):

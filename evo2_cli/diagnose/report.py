@@ -109,6 +109,9 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
             "embedding" if layer is None else str(layer): _nanmax(values)
             for layer, values in layer_series(steps, result.params).items()
         },
+        "max_abs_activation_by_module": {
+            site.name: _nanmax(s.activations[i][0] for s in steps) for i, site in enumerate(result.sites)
+        },
         "hcl": {
             str(layer): {
                 "first_step_lambda_nonneg": next(
