@@ -124,6 +124,9 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(dataset, tmp_path):
     assert second.step == 6
     np.testing.assert_allclose(first.losses + second.losses, reference, rtol=0, atol=1e-6)
     np.testing.assert_allclose(logged_losses(tmp_path / "resumed"), reference, rtol=0, atol=1e-6)
+    # --resume DIR: a new run directory continuing from another run's step-3 checkpoint
+    branch = train(make_job(dataset, tmp_path / "branch"), resume=str(first.checkpoint), console=quiet())
+    np.testing.assert_allclose(branch.losses, reference[3:], rtol=0, atol=1e-6)
 
 
 def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path):
