@@ -55,7 +55,7 @@ WindowOption = Annotated[
 OverlapOption = Annotated[
     int | None,
     typer.Option(
-        "--overlap", help="Left context every windowed position keeps at least [default: window/4]."
+        "--overlap", help="Left context every windowed position keeps at least.", show_default="window/4"
     ),
 ]
 BatchTokensOption = Annotated[
@@ -235,7 +235,8 @@ def score(
     fasta: FastaArgument,
     output: OutputOption = Path("-"),
     fmt: Annotated[
-        str | None, typer.Option("--format", help="tsv, csv or parquet [default: from the suffix, else tsv].")
+        str | None,
+        typer.Option("--format", help="tsv, csv or parquet.", show_default="from the suffix, else tsv"),
     ] = None,
     reverse_complement: Annotated[
         bool, typer.Option("--rc", help="Average with the reverse complement's score.")
@@ -314,7 +315,8 @@ def embed(
         str | None,
         typer.Option(
             "--layer",
-            help="Block index (negative from the end), blocks.N or final_norm [default: middle block].",
+            help="Block index (negative from the end), blocks.N or final_norm.",
+            show_default="the middle block",
         ),
     ] = None,
     pooling: Annotated[
