@@ -15,8 +15,7 @@ What the model computes (DESIGN.md section 4; every formula matches the Vortex i
   the training stacks' form); `hcl_form: vortex` stores lambda itself (`log_poles`, free; kept to reproduce
   and diagnose the gradient explosion). Both start from the training stacks' init, never lambda >= 0.
 - Attention block: fused Wqkv (rows q, k, v, each head-major), rotary over the full head dim (NeoX
-  half-split), causal `scaled_dot_product_attention` (a one-token decoding step: the explicit softmax),
-  out_proj with bias; then the MLP.
+  half-split), causal `scaled_dot_product_attention`, out_proj with bias; then the MLP.
 - MLP: `l3(act(l1 m) * l2 m)`, no biases; act is exact GELU in layer 0 and identity in every later layer when
   `evo2_style_activations` (the released models); each block stores its own `MLP.activation`.
 
@@ -157,8 +156,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """Explicit softmax attention, the reference for `scaled_dot_product_attention` (B, H, L, hd) each; also
-    the fast path for a single query."""
+    """Explicit softmax attention, the reference for `scaled_dot_product_attention`. (B, H, L, hd) each."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
@@ -283,13 +281,10 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + L, hd)
-        if q.shape[-2] == 1:
-            # One query (a decoding step): the explicit softmax is two matrix-vector products, several
-            # times faster than scaled_dot_product_attention's CPU kernel over a long cache.
-            return self._out(attention_reference(q, k, v, causal=False))  # (B, H, 1, hd) -> (B, 1, D)
-        if k.shape[-2] != q.shape[-2]:
+        causal = q.shape[-2] > 1
+        if causal and k.shape[-2] != q.shape[-2]:
             raise ValueError("chunked prefill after earlier tokens is not supported; prefill once, then step")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, hd)
         return self._out(y)
 
 
