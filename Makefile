@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the shipped samples: FASTA -> dataset -> a short CPU training -> generated sequences.
 demo: $(STAMP)
-	$(VENV)/bin/evo2 preprocess -c configs/preprocess/samples.yaml --set preprocess.output_dir=$(DEMO_DIR)/dataset --overwrite
+	$(VENV)/bin/evo2 preprocess -c configs/preprocess/samples.yaml \
+		--set preprocess.output_dir=$(DEMO_DIR)/dataset --overwrite
+	$(VENV)/bin/evo2 train -c configs/train/tiny-cpu.yaml --set train.run_dir=$(DEMO_DIR)/train \
+		--set "data.datasets=[{path: $(DEMO_DIR)/dataset}]" --overwrite
+	$(VENV)/bin/evo2 infer generate $(DEMO_DIR)/train -p ATGAAACGCATTAGCACCACCATTACCACC -n 120 \
+		--num-samples 2 --seed 0 --threads 1 -o $(DEMO_DIR)/generated.fa
+	@echo "demo outputs: $(DEMO_DIR)/dataset (dataset), $(DEMO_DIR)/train (checkpoints, metrics.jsonl),"
+	@echo "              $(DEMO_DIR)/generated.fa (sampled continuations)"
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

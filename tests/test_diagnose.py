@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "ecoli_k12_mg1655_slice.fa.gz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: a second thread only adds synchronization (and the CI has 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ecoli(tmp_path_factory) -> Path:
     """The shipped E. coli slice as a dataset prefix (ecoli_train / ecoli_val), read directly."""

@@ -28,15 +28,6 @@ CONFIG = FIXTURE / "tiny_config.yml"
 WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The Vortex conformance model: every layer kind, attention included."""

@@ -29,16 +29,6 @@ from evo2_cli.train.loop import StepInfo, TrainHooks, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models in one thread: several OpenMP threads on tiny tensors spin against each other (60x slower
-    on a loaded 2-core machine); results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A small mixed-case dataset with a tagged record: toy_train / toy_val."""

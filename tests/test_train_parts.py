@@ -30,16 +30,6 @@ from evo2_cli.train.guard import GradientGuard
 from evo2_cli.train.optim import learning_rate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models in one thread: several OpenMP threads on tiny tensors spin against each other (60x slower
-    on a loaded 2-core machine); results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_dataset(prefix: Path, documents: list[bytes]) -> Path:
     with IndexedDatasetWriter(prefix) as writer:
         for doc in documents:
