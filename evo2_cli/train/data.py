@@ -20,15 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evo2_cli.data.alphabet import EOD_ID, PAD_ID, UPPERCASE, reverse_complement
+from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, UPPERCASE, reverse_complement
 from evo2_cli.data.indexed import IndexedDataset, paths_of
 from evo2_cli.errors import InputError
 
 PIPE = ord("|")
-# Bytes that occur in a tag (`d__Bacteria;p__...`) and never in sequence.
-TAG_MARKERS = np.frombuffer(b"_;", dtype=np.uint8)
-# Tags are at most this long; a window reads this much context on each side to see a cut tag whole.
-TAG_CONTEXT = 512
+TAG_MARKER_IDS = np.frombuffer(TAG_MARKERS, dtype=np.uint8)  # the same bytes, for np.isin
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
@@ -82,7 +79,7 @@ def _tag_mask(tokens: np.ndarray) -> np.ndarray:
     if not is_pipe.any():
         return np.zeros(len(tokens), dtype=bool)
     segment = np.cumsum(is_pipe)  # stretches between pipes share an id
-    has_marker = np.bincount(segment, weights=np.isin(tokens, TAG_MARKERS), minlength=segment[-1] + 1) > 0
+    has_marker = np.bincount(segment, weights=np.isin(tokens, TAG_MARKER_IDS), minlength=segment[-1] + 1) > 0
     return is_pipe | has_marker[segment]
 
 
@@ -121,7 +118,8 @@ class WindowSampler:
         width = self.seq_len + 1
         start = int(rng.integers(0, len(tokens) - width + 1))
         flip = rng.random() < self.reverse_complement_prob
-        lo, hi = max(0, start - TAG_CONTEXT), min(len(tokens), start + width + TAG_CONTEXT)
+        # Tags are at most MAX_TAG_BYTES long: this much context on each side shows a cut tag whole.
+        lo, hi = max(0, start - MAX_TAG_BYTES), min(len(tokens), start + width + MAX_TAG_BYTES)
         context = np.asarray(tokens[lo:hi])
         if context.max() > 255:
             raise InputError(f"{dataset.bin_path}: token ids above 255; expected a byte-level dataset")
