@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,18 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.errors import InputError
+from evo2_cli.fsio import sha256_file
 from evo2_cli.model import (
     StripedHyena,
     load_checkpoint_config,
     load_model,
+    load_model_config,
     load_vortex,
     preset_config,
     save_model,
 )
-from evo2_cli.model.checkpoint import CheckpointError, write_model_files
-from evo2_cli.model.vortex import read_vortex_checkpoint
+from evo2_cli.model.checkpoint import CheckpointError, all_finite, check_tensors, write_model_files
+from evo2_cli.model.vortex import export_vortex, read_vortex_checkpoint, state_dict_from_vortex
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 CONFIG = FIXTURE / "tiny_config.yml"
@@ -103,6 +106,73 @@ def test_bad_checkpoint_names_the_key(tmp_path, model, change, words):
         load_model(directory)
     assert words in str(info.value)
     assert isinstance(info.value, ValueError) and isinstance(info.value, InputError)
+
+
+def test_weights_are_streamed_to_disk(tmp_path):
+    """Python-level allocations while writing stay far below the file size: no `bytes` of the whole file
+    (safetensors `save`, a BytesIO for torch.save) is built on the way, for either format."""
+    small = StripedHyena(preset_config("small"))  # 1.7 M parameters, 6.5 MiB in fp32
+    size = 4 * small.num_parameters()
+    tracemalloc.start()
+    try:
+        write_model_files(small, tmp_path)
+        written = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        export_vortex(small, tmp_path / "small.pt", tmp_path / "small.yml")
+        exported = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written < size / 2 and exported < size / 2, (written, exported, size)
+    assert sorted(os.listdir(tmp_path)) == [
+        "config.yaml",
+        "meta.json",
+        "model.safetensors",
+        "small.pt",
+        "small.yml",
+    ]  # no temporary names left behind
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["files"]["model.safetensors"] == sha256_file(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_matches_the_reference(dtype):
+    """The min/max check against `torch.isfinite(t).all()`, with one bad value at the start, in the
+    middle and in the tail of vectorized loops, for sizes around the vector widths."""
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 7, 16, 33, 1000, 4099):
+        clean = torch.randn(size, generator=generator).to(dtype)
+        assert all_finite(clean)
+        for position in sorted({0, size // 2, size - 1}):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                tensor = clean.clone()
+                tensor[position] = bad
+                assert all_finite(tensor) == bool(torch.isfinite(tensor).all()) is False, (size, position)
+    strided = torch.randn(6, 5, generator=generator).to(dtype).t()  # not contiguous
+    strided[3, 1] = float("nan")
+    assert not all_finite(strided)
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    assert all_finite(torch.empty(2, 3, dtype=dtype, device="meta"))
+
+
+def test_the_first_non_finite_key_is_named():
+    tensors = {name: torch.ones(4, 2) for name in ("a", "b", "c")}
+    tensors["b"][3, 1] = float("-inf")
+    tensors["c"][:] = float("nan")
+    shapes = {name: (4, 2) for name in tensors}
+    with pytest.raises(CheckpointError, match=r"x\.pt: key 'b' has 1 non-finite value\(s\)"):
+        check_tensors(tensors, shapes, "x.pt")
+    check_tensors(tensors, shapes, "x.pt", finite=False)  # keys and shapes only
+
+
+def test_vortex_import_copies_out_of_the_mapped_file():
+    """fp32 tensors of the file (the whole fixture, the poles and residues of released files) are copied:
+    a view would keep the memory-mapped .pt resident as long as the model lives."""
+    tensors = read_vortex_checkpoint(WEIGHTS)
+    mapped = {value.untyped_storage().data_ptr() for value in tensors.values()}
+    ours = state_dict_from_vortex(tensors, load_model_config(CONFIG), str(WEIGHTS))
+    shared = [key for key, value in ours.items() if value.untyped_storage().data_ptr() in mapped]
+    assert shared == []
+    assert ours["norm.scale"].dtype == torch.float32
 
 
 def test_not_a_checkpoint(tmp_path):
