@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
@@ -23,7 +25,16 @@ from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import DetectorSettings, first_flag, locate_explosion
 from evo2_cli.diagnose.record import HclStats, ParamInfo, SiteInfo, StepRecord
-from evo2_cli.diagnose.run import place_slow_modes, starting_model, variant_model
+from evo2_cli.diagnose.run import (
+    place_slow_modes,
+    run_diagnosis,
+    starting_model,
+    training_windows,
+    variant_model,
+)
+from evo2_cli.train.config import TrainJob
+from evo2_cli.train.data import token_losses
+from evo2_cli.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "ecoli_k12_mg1655_slice.fa.gz"
@@ -173,6 +184,56 @@ def test_every_variant_starts_from_the_same_function():
     assert vortex.config.hcl_form == "vortex" and modal.config.hcl_form == "modal"
     torch.testing.assert_close(vortex(ids), modal(ids), rtol=1e-5, atol=1e-5)
     assert place_slow_modes(modal, 0, -1e-4) == 0
+
+
+def test_a_diagnosis_step_is_the_training_loops_step_with_accumulation(tmp_path):
+    """Same weights, windows and objective as `evo2 train`: the weighted mean over the whole global batch
+    (4 windows as 4 micro-batches here, 2 x 2 there), not a mean of per-micro-batch means."""
+    rng = np.random.default_rng(1)
+    bases = np.frombuffer(b"ACGTacgtACGT", np.uint8)  # lowercase: micro-batches weigh differently
+    with IndexedDatasetWriter(tmp_path / "mixed_train") as writer:
+        writer.add_document(np.concatenate([rng.choice(bases, 4000), [0]]).astype(np.uint8))
+    shared = {
+        "model": {"preset": "test"},
+        "data": {"datasets": [{"path": str(tmp_path / "mixed")}], "seq_len": 64, "val_windows": 0},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "global_batch": 4},
+    }
+    train_job = build_config(
+        TrainJob,
+        {
+            **shared,
+            "train": {
+                "run_dir": str(tmp_path / "run"),
+                "max_steps": 2,
+                "micro_batch": 2,
+                "eval_interval": 0,
+                "seed": 3,
+                "device": "cpu",
+            },
+        },
+    )
+    diagnose_job = build_config(
+        DiagnoseJob,
+        {
+            **shared,
+            "diagnose": {"steps": 2, "micro_batch": 1, "seed": 3, "variants": ["modal"], "device": "cpu"},
+        },
+    )
+
+    trained = train(train_job, console=Console(file=io.StringIO()))
+    diagnosis = run_diagnosis(diagnose_job)
+    diagnosed = [s.loss for s in diagnosis.variants[0].steps]
+    np.testing.assert_allclose(diagnosed[:1], trained.losses[:1], rtol=0, atol=1e-6)
+
+    # step 0 by hand: sum of weighted NLL over the 4 windows / sum of their weights
+    base, _ = starting_model(diagnose_job)
+    batch = training_windows(diagnose_job).batch(range(4))
+    with torch.no_grad():
+        nll = token_losses(base(batch.input_ids), batch.labels)
+    weights = batch.loss_weights
+    assert diagnosed[0] == pytest.approx(((nll * weights).sum() / weights.sum()).item(), abs=1e-6)
+    per_window = ((nll * weights).sum(1) / weights.sum(1)).mean().item()
+    assert abs(diagnosed[0] - per_window) > 1e-4  # the two ways differ on this data: the test can fail
 
 
 # ---------------------------------------------------------------- the real explosion, through the CLI

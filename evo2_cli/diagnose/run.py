@@ -3,13 +3,14 @@
 Every variant starts from the same weights (a fresh `model:` at `diagnose.seed`, or `diagnose.checkpoint`;
 converted to the variant's hcl form exactly, and with the slow-mode init applied before the copy) and sees the
 same windows (window i of step s is sample s * global_batch + i of the training stream at `diagnose.seed`).
-A step is the training loop's step without its guard: forward under the variant's precision, the weighted
-loss, backward, clip (when the variant clips), AdamW step. Every step is applied, bad or not, as a training
-stack without a guard would; a variant stops after the step whose loss or weights went non-finite.
+A step is the training loop's step without its guard: forward and backward under the variant's precision
+through the loop's own `backward_global_batch` (the weighted mean over the global batch), clip (when the
+variant clips), AdamW step. Every step is applied, bad or not, as a training stack without a guard would; a
+variant stops after the step whose loss or weights went non-finite.
 
-Reused, not re-derived: the training windows and loss weighting (evo2_cli/train/data.py), AdamW over the
-model package's weight-decay groups and the lr schedule (evo2_cli/train/optim.py), the spike rule
-(evo2_cli/train/guard.py, through detect.py).
+Reused, not re-derived: the training windows and loss weighting (evo2_cli/train/data.py), the step's
+objective and backward (evo2_cli/train/loop.py), AdamW over the model package's weight-decay groups and the
+lr schedule (evo2_cli/train/optim.py), the spike rule (evo2_cli/train/guard.py, through detect.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from evo2_cli.diagnose.record import ParamInfo, Recorder, SiteInfo, StepRecord, 
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
-from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses, weighted_loss
+from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split
+from evo2_cli.train.distributed import Runtime
+from evo2_cli.train.loop import backward_global_batch
 from evo2_cli.train.optim import build_optimizer, learning_rate
 
 
@@ -151,6 +154,7 @@ def run_variant(
     recorder = Recorder(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16")
     accumulation = optim.global_batch // d.micro_batch
+    runtime = Runtime(device)  # one process
     steps: list[StepRecord] = []
     stop_reason = "steps"
     started = time.perf_counter()
@@ -161,15 +165,11 @@ def run_variant(
                 group["lr"] = lr
             hcl = hcl_stats(model, seq_len)  # the poles this step's forward uses
             recorder.start_step()
-            loss_sum = 0.0
+            batches = []
             for micro in range(accumulation):
                 first = step * optim.global_batch + micro * d.micro_batch
-                batch = windows.batch(range(first, first + d.micro_batch)).to(device)
-                with autocast:
-                    nll = token_losses(model(batch.input_ids), batch.labels)
-                    loss = weighted_loss(nll, batch)
-                (loss / accumulation).backward()
-                loss_sum += loss.item()
+                batches.append(windows.batch(range(first, first + d.micro_batch)).to(device))
+            loss = backward_global_batch(model, batches, autocast, runtime)[0].item()
             grad, grad_bad = recorder.gradients()
             total = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
             if variant.grad_clip > 0:
@@ -181,7 +181,7 @@ def run_variant(
             record = StepRecord(
                 step=step,
                 lr=lr,
-                loss=loss_sum / accumulation,
+                loss=loss,
                 grad_norm=float(total),
                 grad=grad,
                 grad_nonfinite=grad_bad,

@@ -251,26 +251,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # ---- forward and backward over this process's micro-batches. The objective is the weighted
-            # mean over the whole global batch (all micro-batches of all processes), so neither accumulation
-            # nor the process count changes a step.
+            # ---- forward and backward over this process's micro-batches
             wrapped.train()
             batches = []
             for micro in range(accumulation):
                 first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
                 batches.append(train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device))
-            step_weight = torch.stack([b.loss_weights.sum() for b in batches]).sum().double()
-            step_weight = all_reduce_sum(step_weight, runtime).clamp_min(1e-8)
-            totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, base nll, bases, stop
-            for micro, batch in enumerate(batches):
-                with gradient_sync(wrapped, micro == accumulation - 1):
-                    with autocast:
-                        nll = token_losses(wrapped(batch.input_ids), batch.labels)
-                        loss_sum = (nll * batch.loss_weights).sum()
-                    # DDP and FSDP average gradients over processes: scale the sum back up.
-                    (loss_sum * (runtime.world_size / step_weight)).backward()
-                totals[:3] += torch.stack(_loss_sums(loss_sum / step_weight, nll, batch))
-            totals[3] = float(stop_requested.is_set())
+            sums = backward_global_batch(wrapped, batches, autocast, runtime)
+            totals = torch.cat([sums, sums.new_tensor([float(stop_requested.is_set())])])  # one all-reduce
             all_reduce_sum(totals, runtime)
             step_loss = totals[0].item()
             info = StepInfo(state.step, model, lr, step_loss)
@@ -406,11 +394,35 @@ def _quiet(*args, **kwargs) -> None:
     """Ranks other than 0 print nothing."""
 
 
-def _loss_sums(loss: torch.Tensor, nll: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """(this micro-batch's share of the objective, NLL summed over nucleotide labels, number of nucleotide
-    labels), fp64, detached."""
-    bases = batch.counts_as_base
-    return loss.detach().double(), (nll.detach() * bases).sum().double(), bases.sum().double()
+def backward_global_batch(
+    model: nn.Module, batches: list[Batch], autocast: torch.autocast, runtime: Runtime
+) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one step, the gradient all-reduce on the last
+    one only. The objective is the weighted mean of per-token NLL over the whole global batch (every
+    micro-batch of every process), so neither accumulation nor the process count changes a step.
+
+    Returns this process's share, fp64 (3,): (objective, NLL summed over nucleotide labels, number of
+    nucleotide labels); summed over the processes, the first is the step's loss. The training loop and
+    `evo2 diagnose-grads` both take their steps through here."""
+    step_weight = torch.stack([b.loss_weights.sum() for b in batches]).sum().double()
+    step_weight = all_reduce_sum(step_weight, runtime).clamp_min(1e-8)
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    for micro, batch in enumerate(batches):
+        with gradient_sync(model, micro == len(batches) - 1):
+            with autocast:
+                nll = token_losses(model(batch.input_ids), batch.labels)
+                loss_sum = (nll * batch.loss_weights).sum()
+            # DDP and FSDP average gradients over processes: scale the sum back up.
+            (loss_sum * (runtime.world_size / step_weight)).backward()
+        bases = batch.counts_as_base
+        sums += torch.stack(
+            [
+                (loss_sum.detach() / step_weight).double(),
+                (nll.detach() * bases).sum().double(),
+                bases.sum().double(),
+            ]
+        )
+    return sums
 
 
 @torch.no_grad()
