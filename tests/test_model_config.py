@@ -26,6 +26,38 @@ def test_presets_build(name):
         StripedHyena(config)
 
 
+def test_evo2_40b_preset_is_the_8k_base_release():
+    """The published `evo2-40b-8k.yml` (model_name shc-evo2-40b-8k-11T-v2, Evo2 name `evo2_40b_base`), key by
+    key. The 1M-context `evo2-40b-1m.yml` is another shape (inner 22,528, rotary base 1e11, 128x
+    interpolation) and must be loaded from its own YAML."""
+    release = preset_config("evo2-40b").to_release_dict()
+    assert {key: release[key] for key in RELEASE_40B_8K} == RELEASE_40B_8K
+
+
+RELEASE_40B_8K = {
+    "vocab_size": 512,
+    "hidden_size": 8192,
+    "num_layers": 50,
+    "num_attention_heads": 64,
+    "inner_mlp_size": 21888,
+    "rotary_emb_base": 1e6,
+    "state_size": 16,
+    "short_filter_length": 3,
+    "hcs_filter_length": 7,
+    "hcm_filter_length": 128,
+    "hcs_filter_groups": 512,
+    "hcm_filter_groups": 512,
+    "hcl_filter_groups": 8192,
+    "attn_layer_idxs": [3, 10, 17, 24, 31, 35, 42, 49],
+    "hcs_layer_idxs": [0, 4, 7, 11, 14, 18, 21, 25, 28, 32, 36, 39, 43, 46],
+    "hcm_layer_idxs": [1, 5, 8, 12, 15, 19, 22, 26, 29, 33, 37, 40, 44, 47],
+    "hcl_layer_idxs": [2, 6, 9, 13, 16, 20, 23, 27, 30, 34, 38, 41, 45, 48],
+    "tie_embeddings": True,
+    "evo2_style_activations": True,
+    "mlp_activation": "gelu",
+}
+
+
 def test_test_preset_is_tiny_and_small_has_every_kind():
     assert 1_000 < StripedHyena(preset_config("test")).num_parameters() < 10_000
     small = preset_config("small")
