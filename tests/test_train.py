@@ -89,6 +89,8 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
     assert set(meta["files"]) == {"model.safetensors", "config.yaml", "train_state.pt"}
     state = torch.load(result.checkpoint / "train_state.pt", weights_only=True)
     assert state["loop"]["data_position"] == 12 * 4
+    # AdamW counted the 12 real steps only (not torch's lr-0 step that fills a fresh optimizer's state)
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {12.0}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in val] == [6, 12] and val[-1]["val_bits_per_base"] < 8

@@ -512,9 +512,16 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     """Optimizer state keyed by parameter name, unsharded, on CPU (rank 0): loadable on any process count."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    if fresh:
+        # torch fills an empty optimizer's state with one zero-gradient step at lr 0. Moments stay zero, but
+        # AdamW's step counter says 1, so the first real update's bias correction would make it 0.73 x lr.
+        for saved in (*optimizer.state.values(), *state["state"].values()):
+            saved["step"].zero_()
+    return state
 
 
 def _non_finite_tensors(tree, prefix: str = "") -> list[str]:
