@@ -49,7 +49,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `final`; on success it replaces `final`, on any error (or
-    KeyboardInterrupt/SystemExit from a signal) it is removed and `final` is left untouched."""
+    KeyboardInterrupt/SystemExit from a signal, also one during the swap) it is removed and `final` is left
+    as it was."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise InputError(
@@ -71,9 +72,16 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
             raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
         yield tmp
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # left by a crashed run with the same pid: not ours to restore
+        try:
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except BaseException:
+            # A signal between the two renames: put the old output back under its name.
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # only once the new output is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

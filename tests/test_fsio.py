@@ -1,0 +1,58 @@
+"""evo2_cli/fsio.py: an output directory is replaced whole or not at all, also on a signal mid-swap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from evo2_cli.errors import InputError
+from evo2_cli.fsio import atomic_output_dir
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def write_output(final: Path, text: str, overwrite: bool = True) -> None:
+    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+        (tmp / "result.txt").write_text(text)
+
+
+def test_overwrite_replaces_the_output_and_leaves_nothing_aside(tmp_path):
+    final = tmp_path / "out"
+    write_output(final, "old", overwrite=False)
+    write_output(final, "new")
+    assert (final / "result.txt").read_text() == "new"
+    assert leftovers(tmp_path) == []
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        write_output(final, "newer", overwrite=False)
+
+
+def test_an_interrupt_while_writing_keeps_the_old_output(tmp_path):
+    final = tmp_path / "out"
+    write_output(final, "old")
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(final, overwrite=True) as tmp:
+        (tmp / "result.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert (final / "result.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_an_interrupt_between_the_two_renames_restores_the_old_output(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    write_output(final, "old")
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        if Path(src) == final:  # the old output has just been moved aside; the new one is not in yet
+            monkeypatch.setattr(os, "replace", real_replace)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        write_output(final, "new")
+    assert (final / "result.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
