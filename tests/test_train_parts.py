@@ -27,6 +27,7 @@ from evo2_cli.train.checkpoint import (
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
 from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, weighted_loss
 from evo2_cli.train.guard import GradientGuard
+from evo2_cli.train.loop import micro_batches_per_process
 from evo2_cli.train.optim import learning_rate
 
 
@@ -356,3 +357,12 @@ def test_example_configs_validate():
     root = Path(__file__).resolve().parents[1] / "examples"
     job = load_config(TrainJob, root / "ecoli" / "train.yaml")
     assert job.model.hidden_size == 128 and job.data.seq_len == 1024
+
+
+def test_the_global_batch_must_split_evenly_over_the_processes():
+    assert micro_batches_per_process(8, 2, 2) == 2  # 4 micro-batches, 2 per process
+    assert micro_batches_per_process(8, 2, 1) == 4
+    with pytest.raises(
+        InputError, match=r"global_batch=6 is not a multiple of train.micro_batch x processes = 2 x 2"
+    ):
+        micro_batches_per_process(6, 2, 2)  # 3 micro-batches over 2 processes

@@ -136,13 +136,7 @@ def train(
     signals = contextlib.ExitStack()
     stop_requested = signals.enter_context(_stop_on_signals())
     try:
-        micro_batches = job.optim.global_batch // cfg.micro_batch
-        if micro_batches % runtime.world_size:
-            raise InputError(
-                f"optim.global_batch={job.optim.global_batch} is not a multiple of train.micro_batch x "
-                f"processes = {cfg.micro_batch} x {runtime.world_size}; change one of them"
-            )
-        accumulation = micro_batches // runtime.world_size
+        accumulation = micro_batches_per_process(job.optim.global_batch, cfg.micro_batch, runtime.world_size)
         job_yaml = to_yaml(job)
         say = functools.partial(console.print, highlight=False, soft_wrap=True) if runtime.is_main else _quiet
 
@@ -392,6 +386,17 @@ def train(
 
 def _quiet(*args, **kwargs) -> None:
     """Ranks other than 0 print nothing."""
+
+
+def micro_batches_per_process(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """How many micro-batches each process runs per step; the global batch must split evenly over them."""
+    micro_batches = global_batch // micro_batch  # the config checked that micro_batch divides it
+    if micro_batches % world_size:
+        raise InputError(
+            f"optim.global_batch={global_batch} is not a multiple of train.micro_batch x processes = "
+            f"{micro_batch} x {world_size}; change one of them"
+        )
+    return micro_batches // world_size
 
 
 def backward_global_batch(
