@@ -101,8 +101,13 @@ def _progress(description: str, total: int | None) -> Iterator[Callable[[int], N
         yield lambda n: progress.advance(task, n)
 
 
-def _overlap(window: int, overlap: int | None) -> int:
-    return overlap if overlap is not None else max(1, window // 4)
+def _checked_overlap(window: int, overlap: int | None) -> int:
+    """--overlap (default window / 4), checked against --window before anything loads."""
+    from evo2_cli.infer.windows import check_window
+
+    overlap = overlap if overlap is not None else max(1, window // 4)
+    check_window(window, overlap)
+    return overlap
 
 
 # ---------------------------------------------------------------- generate
@@ -264,10 +269,8 @@ def score(
     from evo2_cli.infer.outputs import atomic_text_output, check_output, table_format, write_table
     from evo2_cli.infer.scoring import score_sequences
     from evo2_cli.infer.sequences import read_sequences
-    from evo2_cli.infer.windows import check_window
 
-    overlap = _overlap(window, overlap)
-    check_window(window, overlap)
+    overlap = _checked_overlap(window, overlap)
     chosen = table_format(output, fmt)
     for path in (output, per_token):
         if path is not None:
@@ -338,10 +341,8 @@ def embed(
     from evo2_cli.infer.embedding import embed_sequences, resolve_layer
     from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
     from evo2_cli.infer.sequences import read_sequences
-    from evo2_cli.infer.windows import check_window
 
-    overlap = _overlap(window, overlap)
-    check_window(window, overlap)
+    overlap = _checked_overlap(window, overlap)
     check_embeddings_output(output)
     sequences = list(read_sequences(fasta))
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
