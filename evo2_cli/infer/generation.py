@@ -42,9 +42,15 @@ def allowed_mask(alphabet: bytes | None, vocab_size: int, device: torch.device) 
     return mask
 
 
-def _token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+def _draw(
+    logits: Tensor, mask: Tensor | None, settings: SamplingSettings, generators: list[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """One token per row from (B, V) logits, and its log-prob under the raw distribution: (B,), (B,).
+    Both decoders draw through here, so they can differ only in how they get the logits."""
+    token = sample(restrict(logits, mask), settings, generators)
     logits = logits.float()
-    return logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (B,)
+    logprob = logits.gather(-1, token[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return token, logprob
 
 
 def _batches(prompts: list[np.ndarray], num_samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -91,9 +97,9 @@ def generate(
         logits = model.prefill(ids, cache)[:, -1]  # (B, V)
         tokens, logprobs = [], []
         for n in range(max_new_tokens):
-            token = sample(restrict(logits, mask), settings, generators)  # (B,)
+            token, logprob = _draw(logits, mask, settings, generators)
             tokens.append(token)
-            logprobs.append(_token_logprobs(logits, token))
+            logprobs.append(logprob)
             if n + 1 < max_new_tokens:
                 logits = model.step(token, cache)
             if on_tokens is not None:
@@ -124,9 +130,9 @@ def generate_reference(
             tokens, logprobs = [], []
             for _ in range(max_new_tokens):
                 logits = model(ids)[:, -1]  # (1, V)
-                token = sample(restrict(logits, mask), settings, generators)
+                token, logprob = _draw(logits, mask, settings, generators)
                 tokens.append(token)
-                logprobs.append(_token_logprobs(logits, token))
+                logprobs.append(logprob)
                 ids = torch.cat((ids, token[:, None]), dim=1)
             results.extend(_collect([(p, s)], tokens, logprobs))
     return results
