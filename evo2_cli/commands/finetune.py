@@ -64,21 +64,19 @@ def finetune(
     from evo2_cli.finetune.freeze import parse_selectors
     from evo2_cli.finetune.run import finetune as run_finetune
 
-    flags = []
-    if init_from is not None:
-        flags.append(f"finetune.init_from={init_from}")
-    if init_config is not None:
-        flags.append(f"finetune.init_config={init_config}")
-    if clamp_poles is not None:
-        flags.append(f"finetune.clamp_poles={clamp_poles!r}")
-    if method is not None:
-        flags.append(f"finetune.method={method}")
-    if freeze is not None:
-        flags.append(f"finetune.freeze=[{', '.join(parse_selectors(freeze))}]")
-    if task is not None:
-        flags.append(f"finetune.task={task}")
-    if device is not None:
-        flags.append(f"train.device={device}")
+    flags = [
+        f"{key}={value}"
+        for key, value in (
+            ("finetune.init_from", init_from),
+            ("finetune.init_config", init_config),
+            ("finetune.clamp_poles", clamp_poles),
+            ("finetune.method", method),
+            ("finetune.freeze", None if freeze is None else f"[{', '.join(parse_selectors(freeze))}]"),
+            ("finetune.task", task),
+            ("train.device", device),
+        )
+        if value is not None
+    ]
     job = resolve_config(FinetuneJob, config, set_, flags)
     result = run_finetune(job, resume=resume, overwrite=overwrite, console=console)
     console.print(f"[green]checkpoint:[/] {result.checkpoint}")
