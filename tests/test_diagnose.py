@@ -25,15 +25,9 @@ from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import DetectorSettings, first_flag, locate_explosion
 from evo2_cli.diagnose.record import HclStats, ParamInfo, SiteInfo, StepRecord
-from evo2_cli.diagnose.run import (
-    place_slow_modes,
-    run_diagnosis,
-    starting_model,
-    training_windows,
-    variant_model,
-)
+from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.data import token_losses
+from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +221,7 @@ def test_a_diagnosis_step_is_the_training_loops_step_with_accumulation(tmp_path)
 
     # step 0 by hand: sum of weighted NLL over the 4 windows / sum of their weights
     base, _ = starting_model(diagnose_job)
-    batch = training_windows(diagnose_job).batch(range(4))
+    batch = split_windows(diagnose_job.data, "train", 3).batch(range(4))
     with torch.no_grad():
         nll = token_losses(base(batch.input_ids), batch.labels)
     weights = batch.loss_weights

@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from evo2_cli.diagnose.record import ParamInfo, Recorder, SiteInfo, StepRecord, 
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
-from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split
+from evo2_cli.train.data import WindowSampler, split_windows
 from evo2_cli.train.distributed import Runtime
 from evo2_cli.train.loop import backward_global_batch
 from evo2_cli.train.optim import build_optimizer, learning_rate
@@ -214,22 +213,9 @@ def run_variant(
 # ---------------------------------------------------------------- all variants
 
 
-def training_windows(job: DiagnoseJob) -> WindowSampler:
-    data = job.data
-    return WindowSampler(
-        [resolve_split(Path(s.path), "train") for s in data.datasets],
-        [s.weight for s in data.datasets],
-        data.seq_len,
-        job.diagnose.seed,
-        TRAIN_STREAM,
-        data.lowercase_weight,
-        data.reverse_complement_prob,
-    )
-
-
 def run_diagnosis(job: DiagnoseJob, progress: Callable[[str], None] | None = None) -> Diagnosis:
     """Every variant of `job`, one after the other, from the same weights and windows."""
-    windows = training_windows(job)  # dataset problems surface before any training
+    windows = split_windows(job.data, "train", job.diagnose.seed)  # dataset problems surface before training
     device = resolve_device(job.diagnose.device)
     base, source = starting_model(job)
     results = []

@@ -23,6 +23,7 @@ import torch
 from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, UPPERCASE, reverse_complement
 from evo2_cli.data.indexed import IndexedDataset, paths_of
 from evo2_cli.errors import InputError
+from evo2_cli.train.config import DataSection
 
 PIPE = ord("|")
 TAG_MARKER_IDS = np.frombuffer(TAG_MARKERS, dtype=np.uint8)  # the same bytes, for np.isin
@@ -145,6 +146,21 @@ class WindowSampler:
             loss_weights=torch.from_numpy(weights),
             counts_as_base=torch.from_numpy(~ignored & (labels_raw != EOD_ID)),
         )
+
+
+def split_windows(data: DataSection, split: str, seed: int) -> WindowSampler:
+    """The windows of `data`'s "train" split (stream 0, flipped as configured) or "val" split (stream 1,
+    never flipped), drawn at `seed`."""
+    train = split == "train"
+    return WindowSampler(
+        [resolve_split(source.path, split) for source in data.datasets],
+        [source.weight for source in data.datasets],
+        data.seq_len,
+        seed,
+        TRAIN_STREAM if train else VAL_STREAM,
+        data.lowercase_weight,
+        data.reverse_complement_prob if train else 0.0,
+    )
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

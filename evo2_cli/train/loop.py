@@ -48,14 +48,7 @@ from evo2_cli.train.checkpoint import (
     write_checkpoint,
 )
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.data import (
-    TRAIN_STREAM,
-    VAL_STREAM,
-    Batch,
-    WindowSampler,
-    resolve_split,
-    token_losses,
-)
+from evo2_cli.train.data import Batch, WindowSampler, split_windows, token_losses
 from evo2_cli.train.distributed import (
     Runtime,
     all_reduce_sum,
@@ -142,26 +135,8 @@ def train(
 
         # ---- data: every dataset problem surfaces before anything is written
         data = job.data
-        weights = [source.weight for source in data.datasets]
-        train_windows = WindowSampler(
-            [resolve_split(s.path, "train") for s in data.datasets],
-            weights,
-            data.seq_len,
-            cfg.seed,
-            TRAIN_STREAM,
-            data.lowercase_weight,
-            data.reverse_complement_prob,
-        )
-        val_windows = None
-        if data.val_windows and cfg.eval_interval:
-            val_windows = WindowSampler(
-                [resolve_split(s.path, "val") for s in data.datasets],
-                weights,
-                data.seq_len,
-                cfg.seed,
-                VAL_STREAM,
-                data.lowercase_weight,
-            )
+        train_windows = split_windows(data, "train", cfg.seed)
+        val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
 
         # ---- run directory, model, starting point
         run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite))
