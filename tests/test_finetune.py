@@ -31,7 +31,7 @@ from evo2_cli.finetune.memory import estimate_memory, fake_mode
 from evo2_cli.finetune.run import adapt
 from evo2_cli.model import StripedHyena, load_model, load_vortex, preset_config, save_model
 from evo2_cli.model.vortex import vortex_expected_shapes
-from evo2_cli.train.data import WindowSampler, resolve_split, token_losses, weighted_loss
+from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import StepInfo, TrainHooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,10 +88,10 @@ def make_job(dataset: Path, start: Path, run_dir: Path, **finetune) -> FinetuneJ
 
 def val_loss(model: torch.nn.Module, dataset: Path, job: FinetuneJob) -> float:
     """The loop's validation objective over the same fixed val windows."""
-    windows = WindowSampler([resolve_split(dataset, "val")], [1.0], job.data.seq_len, job.train.seed, 1, 0.1)
-    batch = windows.batch(range(job.data.val_windows))
+    batch = split_windows(job.data, "val", job.train.seed).batch(range(job.data.val_windows))
     with torch.no_grad():
-        return weighted_loss(token_losses(model(batch.input_ids), batch.labels), batch).item()
+        nll = token_losses(model(batch.input_ids), batch.labels)
+    return ((nll * batch.loss_weights).sum() / batch.loss_weights.sum()).item()
 
 
 def test_full_finetune_lowers_the_validation_loss(dataset, base, tmp_path):

@@ -25,9 +25,10 @@ from evo2_cli.train.checkpoint import (
     write_checkpoint,
 )
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
-from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, weighted_loss
+from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses
+from evo2_cli.train.distributed import Runtime
 from evo2_cli.train.guard import GradientGuard
-from evo2_cli.train.loop import micro_batches_per_process
+from evo2_cli.train.loop import backward_global_batch, micro_batches_per_process
 from evo2_cli.train.optim import learning_rate
 
 
@@ -81,11 +82,30 @@ def test_uppercase_lowercase_weight_and_eod(tmp_path):
     assert not batch.counts_as_base[0, -1] and batch.counts_as_base[0, :-1].all()
 
 
-def test_weighted_loss_is_a_weighted_mean(tmp_path):
-    prefix = write_dataset(tmp_path / "d_train", [b"ACgt"])
-    batch = sampler([prefix], seq_len=3, lowercase_weight=0.1).batch([0])  # labels C g t -> weights 1, .1, .1
-    nll = torch.tensor([[1.0, 2.0, 4.0]])
-    assert weighted_loss(nll, batch).item() == pytest.approx((1 + 0.2 + 0.4) / 1.2)
+def test_the_objective_is_the_weighted_mean_over_the_whole_global_batch(tmp_path):
+    prefix = write_dataset(tmp_path / "d_train", [b"ACGTACGTACGTACGTacgtacgtACGTACgtAC"])
+    windows = sampler([prefix], seq_len=8, lowercase_weight=0.1)
+    micro = [windows.batch([0, 1]), windows.batch([2])]  # unequal sizes and weights
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(512, 512)  # logits = a row per input token: a different NLL per position
+
+    sums = backward_global_batch(
+        model, micro, torch.autocast("cpu", enabled=False), Runtime(torch.device("cpu"))
+    )
+    grad = model.weight.grad.clone()
+
+    model.weight.grad = None
+    nll = torch.cat([token_losses(model(b.input_ids), b.labels) for b in micro])
+    weights = torch.cat([b.loss_weights for b in micro])
+    assert 0.1 in weights and len(set(weights.sum(1).tolist())) > 1  # the test can tell the two means apart
+    objective = (nll * weights).sum() / weights.sum()
+    objective.backward()
+    assert sums[0].item() == pytest.approx(objective.item(), abs=1e-6)
+    torch.testing.assert_close(grad, model.weight.grad)
+    bases = torch.cat([b.counts_as_base for b in micro])
+    assert sums[2].item() == bases.sum().item() and sums[1].item() == pytest.approx(
+        (nll * bases).sum().item()
+    )
 
 
 def test_tags_are_masked_pipes_included_even_when_cut(tmp_path):

@@ -168,8 +168,3 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), reduction="none"
     ).view_as(labels)
-
-
-def weighted_loss(nll: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The training objective: weighted mean of per-token NLL (lowercase labels down-weighted, tags 0)."""
-    return (nll * batch.loss_weights).sum() / batch.loss_weights.sum().clamp_min(1e-8)
