@@ -37,7 +37,7 @@ from torch import nn
 from evo2_cli.config import to_yaml
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
-from evo2_cli.model.checkpoint import build_model
+from evo2_cli.model.checkpoint import all_finite, build_model
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
     claim_run_dir,
@@ -506,7 +506,7 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def _non_finite_tensors(tree, prefix: str = "") -> list[str]:
     if isinstance(tree, torch.Tensor):
-        return [] if not tree.is_floating_point() or torch.isfinite(tree).all() else [prefix]
+        return [] if not tree.is_floating_point() or all_finite(tree) else [prefix]
     if isinstance(tree, dict):
         return [
             n for k, v in tree.items() for n in _non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
