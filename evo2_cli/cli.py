@@ -1,7 +1,12 @@
-"""The `evo2` command: one Typer app, one thin module per command (evo2_cli/commands/)."""
+"""The `evo2` command: one Typer app, one thin module per command (evo2_cli/commands/).
+
+Command modules are imported only when their command runs (or when the root help lists them): `evo2
+preprocess` and `evo2 --version` do not pay for the imports of the model, training and inference commands.
+"""
 
 from __future__ import annotations
 
+import importlib
 import signal
 from typing import Annotated
 
@@ -9,16 +14,44 @@ import typer
 from typer.core import TyperGroup
 
 from evo2_cli import __version__
-from evo2_cli.commands import config_cmd, convert, finetune, infer
-from evo2_cli.commands.diagnose import diagnose_grads as diagnose_grads_command
-from evo2_cli.commands.doctor import doctor as doctor_command
-from evo2_cli.commands.preprocess import preprocess as preprocess_command
-from evo2_cli.commands.train import train as train_command
 from evo2_cli.errors import Evo2Error
+
+# Command name -> "module:attribute" of a command function or a Typer sub-app, in the order `evo2 -h` lists.
+COMMANDS = {
+    "preprocess": "evo2_cli.commands.preprocess:preprocess",
+    "train": "evo2_cli.commands.train:train",
+    "diagnose-grads": "evo2_cli.commands.diagnose:diagnose_grads",
+    "doctor": "evo2_cli.commands.doctor:doctor",
+    "config": "evo2_cli.commands.config_cmd:app",
+    "convert": "evo2_cli.commands.convert:app",
+    "finetune": "evo2_cli.commands.finetune:app",
+    "infer": "evo2_cli.commands.infer:app",
+}
+
+
+def _load_command(name: str):
+    """Build one command exactly as registering it on the root app would."""
+    module, attribute = COMMANDS[name].split(":")
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer(add_completion=False)
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+        return typer.main.get_command(holder).commands[name]
+    holder.command(name)(target)
+    return typer.main.get_command(holder)  # one command and no callback: the command itself
 
 
 class _Evo2Group(TyperGroup):
-    """Turns an Evo2Error raised anywhere below into a message on stderr and its exit code."""
+    """Loads commands on first use, and turns an Evo2Error raised anywhere below into a message on stderr and
+    its exit code."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            self.commands[cmd_name] = _load_command(cmd_name)
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx):
         try:
@@ -59,16 +92,6 @@ def _root(
 
     Exit codes: 0 ok, 1 failure, 2 bad input or usage, 3 a diagnosis that found a problem.
     """
-
-
-app.add_typer(config_cmd.app, name="config")
-app.command("preprocess")(preprocess_command)
-app.command("train")(train_command)
-app.add_typer(convert.app, name="convert")
-app.add_typer(finetune.app, name="finetune")
-app.add_typer(infer.app, name="infer")
-app.command("diagnose-grads")(diagnose_grads_command)
-app.command("doctor")(doctor_command)
 
 
 def _raise_interrupt(signum, frame):

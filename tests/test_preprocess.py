@@ -317,6 +317,27 @@ def test_cli_quick_form(tmp_path):
     assert result.exit_code == 0
 
 
+def test_cli_start_up_imports_only_what_preprocess_needs(tmp_path):
+    """Command modules load on first use: `evo2 preprocess` imports no model, training or inference code."""
+    source = write_fasta(tmp_path / "in.fa", random_records(2, length=(1, 9)))
+    listing = tmp_path / "modules.txt"
+    probe = (
+        "import pathlib, sys; from evo2_cli.cli import main\n"
+        "try:\n    main()\n"
+        f"finally:\n    pathlib.Path({str(listing)!r}).write_text(' '.join(sys.modules))"
+    )
+    for args in (["--version"], ["preprocess", str(source), "-o", str(tmp_path / "out")]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        loaded = set(listing.read_text().split())
+        heavy = ("torch", "evo2_cli.model", "evo2_cli.train", "evo2_cli.infer", "evo2_cli.finetune")
+        assert not {name for name in loaded if name.startswith(heavy)}
+        commands = {name for name in loaded if name.startswith("evo2_cli.commands.")}
+        assert commands == (
+            {"evo2_cli.commands.common", "evo2_cli.commands.preprocess"} if len(args) > 1 else set()
+        )
+
+
 def test_cli_config_form_with_set(tmp_path):
     out = tmp_path / "demo"
     config = Path(__file__).parent.parent / "configs" / "preprocess" / "samples.yaml"
