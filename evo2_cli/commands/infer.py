@@ -336,8 +336,8 @@ def embed(
 ) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
-    Per token, the vectors of all records are concatenated (record i: rows offset[i]..offset[i+1], see the
-    index file and the safetensors `offsets` tensor)."""
+    Per token, the vectors of all records are concatenated: each record's rows start at its offset (in the
+    index file and the safetensors `offsets` tensor) and end where the next record's start."""
     from evo2_cli.infer.embedding import embed_sequences, resolve_layer
     from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
     from evo2_cli.infer.sequences import read_sequences
