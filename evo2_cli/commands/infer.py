@@ -311,7 +311,10 @@ def embed(
     output: Annotated[
         Path,
         typer.Option(
-            "--output", "-o", help="OUT.safetensors or OUT.npy (+ OUT.ids.tsv index).", dir_okay=False
+            "--output",
+            "-o",
+            help="OUT.safetensors or OUT.npy, plus an index OUT.safetensors.ids.tsv or OUT.npy.ids.tsv.",
+            dir_okay=False,
         ),
     ],
     layer: Annotated[
