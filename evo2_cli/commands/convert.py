@@ -50,7 +50,8 @@ def to_vortex(
         Path | None,
         typer.Option(
             "--config-out",
-            help="Release-style YAML to write [default: OUT with suffix .yml].",
+            help="Release-style YAML to write.",
+            show_default="OUT with suffix .yml",
             dir_okay=False,
         ),
     ] = None,
