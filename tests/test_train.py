@@ -121,6 +121,23 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(dataset, tmp_path):
     np.testing.assert_allclose(branch.losses, reference[3:], rtol=0, atol=1e-6)
 
 
+def test_first_ctrl_c_saves_and_a_second_aborts(dataset, tmp_path):
+    def interrupt(count: int):
+        def after_step(info: StepInfo) -> None:
+            if info.step == 1:
+                for _ in range(count):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return TrainHooks(after_step=after_step)
+
+    job = make_job(dataset, tmp_path / "once")
+    result = train(job, hooks=interrupt(1), console=quiet())
+    assert result.stop_reason == "signal" and result.step == 3 and result.checkpoint.name == "step_00000003"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_job(dataset, tmp_path / "twice"), hooks=interrupt(2), console=quiet())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path):
     """Weights wrecked after step 2: validation gets worse, patience 2 stops at step 4, best stays step 2."""
 

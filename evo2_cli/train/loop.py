@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -441,12 +442,20 @@ def _loop_state(saved: dict) -> LoopState:
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM / SIGUSR1 set an event; the loop saves a checkpoint at the end of the step and returns."""
+    """SIGTERM / SIGUSR1 / a first Ctrl-C set an event; the loop saves a checkpoint at the end of the step and
+    returns. A second Ctrl-C aborts at once (the last saved checkpoint stays)."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = {}
+
+    def on_interrupt(signum, frame) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nstopping after this step and saving a checkpoint; Ctrl-C again to abort", file=sys.stderr)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt)}
     for name in STOP_SIGNALS:
         number = getattr(signal, name, None)
         if number is not None:
