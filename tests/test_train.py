@@ -270,19 +270,19 @@ def cli_args(dataset: Path, run_dir: Path, steps: int, micro_batch: int = 1) -> 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
-    """1 process to step 3, 2 processes (torchrun, gloo, DDP) to step 6, 2 processes with FSDP2 to step 9,
-    1 process to step 12 = 12 steps in one process with the global batch in one micro-batch. Constant lr, so
-    a run may stop early and continue with more steps on another process count."""
+    """2 processes (torchrun, gloo, DDP) from scratch to step 3, 1 process to step 6, 2 processes with FSDP2
+    to step 9, 1 process to step 12 = 12 steps in one process with the global batch in one micro-batch.
+    Constant lr, so a run may stop early and continue with more steps on another process count."""
 
     def one_process(run_dir: Path, steps: int, micro_batch: int = 1) -> None:
         result = CliRunner().invoke(app, ["train", *cli_args(dataset, run_dir, steps, micro_batch)])
         assert result.exit_code == 0, result.output
 
     one_process(tmp_path / "one", 12, micro_batch=4)
-    one_process(tmp_path / "mixed", 3)
-    ddp = torchrun(cli_args(dataset, tmp_path / "mixed", 6), 2)  # resumes a 1-process checkpoint
+    ddp = torchrun(cli_args(dataset, tmp_path / "mixed", 3), 2)  # a fresh run: the step-0 save is collective
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
+    one_process(tmp_path / "mixed", 6)  # resumes a 2-process checkpoint
     fsdp = torchrun([*cli_args(dataset, tmp_path / "mixed", 9), "--set=train.parallelism=fsdp"], 2)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     one_process(tmp_path / "mixed", 12)  # resumes a checkpoint that FSDP2 gathered

@@ -508,7 +508,8 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     if fresh:
         # torch fills an empty optimizer's state with one zero-gradient step at lr 0. Moments stay zero, but
         # AdamW's step counter says 1, so the first real update's bias correction would make it 0.73 x lr.
-        for saved in (*optimizer.state.values(), *state["state"].values()):
+        # Only rank 0 receives the full state (the others get an empty dict).
+        for saved in (*optimizer.state.values(), *state.get("state", {}).values()):
             saved["step"].zero_()
     return state
 
