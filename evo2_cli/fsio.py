@@ -29,6 +29,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        # The umask's permissions, as for any other file: safetensors creates its files 0600, and a checkpoint
+        # the rest of the group cannot read is a surprise on a shared cluster.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

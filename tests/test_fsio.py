@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir
+from evo2_cli.fsio import atomic_output_dir, atomic_path
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -55,4 +55,18 @@ def test_an_interrupt_between_the_two_renames_restores_the_old_output(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         write_output(final, "new")
     assert (final / "result.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_files_written_by_name_get_the_umask_permissions(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))  # creates its own files 0600
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
     assert leftovers(tmp_path) == []

@@ -95,6 +95,14 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in val] == [6, 12] and val[-1]["val_bits_per_base"] < 8
     assert {"loss", "bits_per_base", "lr", "grad_norm", "tokens_per_s", "mfu", "eta_s"} <= set(records[0])
+    modes = {(result.checkpoint / name).stat().st_mode for name in ("model.safetensors", "config.yaml")}
+    assert (
+        len(modes) == 1
+    )  # the weights get the umask's permissions like every other file (safetensors: 0600)
+    exported = CliRunner().invoke(
+        app, ["convert", "to-vortex", str(tmp_path / "run"), "-o", str(tmp_path / "v.pt")]
+    )
+    assert exported.exit_code == 0, exported.output  # a run directory stands for its latest checkpoint
     train_flops_per_token = 3 * estimate_flops(job.model, 32) / 32  # forward + backward
     for record in records[1:]:
         if record["kind"] == "train":

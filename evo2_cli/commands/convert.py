@@ -43,7 +43,8 @@ def _check_free(path: Path, overwrite: bool) -> None:
 @app.command("to-vortex")
 def to_vortex(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Our checkpoint directory (model.safetensors + config.yaml).")
+        Path,
+        typer.Argument(help="Our checkpoint directory, or a training run directory (its latest checkpoint)."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Vortex-layout .pt to write.", dir_okay=False)],
     config_out: Annotated[
@@ -61,6 +62,7 @@ def to_vortex(
     """Export a checkpoint to an Evo 2 / Vortex .pt and a release-style config YAML.
 
     Modal hcl poles are written as lambda = -exp(p) * exp(gamma)."""
+    from evo2_cli.infer.loading import resolve_checkpoint
     from evo2_cli.model.checkpoint import load_model
     from evo2_cli.model.vortex import export_vortex
 
@@ -70,7 +72,7 @@ def to_vortex(
     for path in (out, config_out):
         _check_free(path, overwrite)
     torch_dtype = _dtype(dtype)
-    model = load_model(checkpoint)
+    model = load_model(resolve_checkpoint(checkpoint))
     export_vortex(model, out, config_out, dtype=torch_dtype)
     console.print(f"[green]wrote[/] {out} and {config_out} ({model.num_parameters():,} parameters)")
 
