@@ -275,16 +275,34 @@ def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
     path = tuple(key.split("."))
     node = raw
     for depth, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+        if isinstance(node, list):  # an item of a list the file already has: data.datasets.0.path=...
+            child = node[_list_index(node, path[: depth + 1])]
+        else:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(
                 ".".join(path[: depth + 1]), "is not a section, cannot set a key inside it", "--set"
             )
         node = child
-    node[path[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(node, path)] = value
+    else:
+        node[path[-1]] = value
     return path
+
+
+def _list_index(items: list, path: KeyPath) -> int:
+    part = path[-1]
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            ".".join(path),
+            f"the list {'.'.join(path[:-1])} has {len(items)} item(s), indexed from 0",
+            "--set",
+            f"set the whole list instead: --set '{'.'.join(path[:-1])}=[...]'",
+        )
+    return int(part)
 
 
 def build_config(

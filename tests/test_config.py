@@ -115,3 +115,22 @@ def test_round_trip_through_yaml(tmp_path):
 def test_field_error_message():
     with pytest.raises(FieldError, match="lr: must be > 0"):
         Optim(lr=0)
+
+
+def test_set_reaches_into_a_list_the_file_has(tmp_path):
+    path = write(tmp_path, "run:\n  tags: [a, b]\n")
+    assert load_config(Job, path, ["run.tags.1=c"]).run.tags == ["a", "c"]
+    hint = r"(?s)run.tags.2.*has 2 item\(s\).*--set 'run.tags=\[...\]'"
+    with pytest.raises(ConfigError, match=hint) as info:
+        load_config(Job, path, ["run.tags.2=c"])
+    assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match=r"run\.tags\.x"):
+        load_config(Job, path, ["run.tags.x=c"])
+
+
+def test_set_one_key_of_a_listed_dataset():
+    from evo2_cli.train.config import TrainJob
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny-cpu.yaml"
+    job = load_config(TrainJob, shipped, ["data.datasets.0.path=/data/mine"])
+    assert str(job.data.datasets[0].path) == "/data/mine"
