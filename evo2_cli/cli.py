@@ -7,6 +7,7 @@ preprocess` and `evo2 --version` do not pay for the imports of the model, traini
 from __future__ import annotations
 
 import importlib
+import inspect
 import signal
 from typing import Annotated
 
@@ -36,9 +37,20 @@ def _load_command(name: str):
     holder = typer.Typer(add_completion=False)
     if isinstance(target, typer.Typer):
         holder.add_typer(target, name=name)
-        return typer.main.get_command(holder).commands[name]
+        return _reflow_help(typer.main.get_command(holder).commands[name])
     holder.command(name)(target)
-    return typer.main.get_command(holder)  # one command and no callback: the command itself
+    return _reflow_help(typer.main.get_command(holder))  # one command and no callback: the command itself
+
+
+def _reflow_help(command):
+    """Join the line breaks inside each paragraph of a command's docstring (wrapped at 110 for the source),
+    so `-h` wraps at the terminal's width instead of keeping ragged source lines."""
+    if command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+    for subcommand in getattr(command, "commands", {}).values():
+        _reflow_help(subcommand)
+    return command
 
 
 class _Evo2Group(TyperGroup):

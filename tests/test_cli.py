@@ -49,3 +49,13 @@ def test_self_test_catches_a_broken_decoder(monkeypatch):
     monkeypatch.setattr(StripedHyena, "step", lambda self, ids, cache: real_step(self, ids, cache) + 1e-3)
     check = doctor.self_test("cpu")
     assert not check.ok and "1.0e-03" in check.detail
+
+
+def test_help_paragraphs_are_reflowed_to_the_terminal():
+    from evo2_cli.cli import COMMANDS, _load_command
+
+    for name in COMMANDS:
+        command = _load_command(name)
+        for each in [command, *getattr(command, "commands", {}).values()]:
+            for paragraph in (each.help or "").split("\n\n"):
+                assert "\n" not in paragraph, (name, each.name)
