@@ -103,6 +103,7 @@ def test_classify_head_learns_gc_content(base, tmp_path):
     result = finetune(job, console=quiet())
     assert result.classes == ["at", "gc"] and result.step == 12
     assert result.last_val["accuracy"] == 1.0 and result.last_val["auroc"] == 1.0
+    assert result.best_checkpoint.parent == tmp_path / "run" / "checkpoints"  # as run_dir was given
     model = load_finetuned(result.checkpoint)  # the head comes back with its classes
     assert model.task_classes == ["at", "gc"] and model.task_head.out_features == 2
     ids = torch.tensor([list(b"GCGCGGCCGC"), list(b"ATATTAATAT")])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -389,7 +390,7 @@ def train_task(
     return TaskResult(
         Path(cfg.run_dir),
         last,
-        best_link.resolve() if best_link.exists() else None,
+        best_link.parent / os.readlink(best_link) if best_link.is_symlink() else None,  # as run_dir was given
         step,
         last_val,
         losses,
