@@ -96,14 +96,15 @@ def task_job(fasta: Path, base: Path, run_dir: Path, task: str, regex: str, **fi
     return build_config(FinetuneJob, raw)
 
 
-def test_classify_head_learns_gc_content(base, tmp_path):
+def test_classify_head_learns_gc_content(base, tmp_path, monkeypatch):
     fasta = tmp_path / "labeled.fa"
     labeled_fasta(fasta)
-    job = task_job(fasta, base, tmp_path / "run", "classify", r"label=(\S+)")
+    monkeypatch.chdir(tmp_path)
+    job = task_job(fasta, base, Path("run"), "classify", r"label=(\S+)")
     result = finetune(job, console=quiet())
     assert result.classes == ["at", "gc"] and result.step == 12
     assert result.last_val["accuracy"] == 1.0 and result.last_val["auroc"] == 1.0
-    assert result.best_checkpoint.parent == tmp_path / "run" / "checkpoints"  # as run_dir was given
+    assert result.best_checkpoint.parent == Path("run/checkpoints")  # as run_dir was given
     model = load_finetuned(result.checkpoint)  # the head comes back with its classes
     assert model.task_classes == ["at", "gc"] and model.task_head.out_features == 2
     ids = torch.tensor([list(b"GCGCGGCCGC"), list(b"ATATTAATAT")])
