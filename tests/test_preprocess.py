@@ -122,6 +122,14 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
         assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
 
 
+def test_a_worker_error_reaches_the_caller(tmp_path):
+    good = write_fasta(tmp_path / "a.fa", random_records(40, seed=3, length=(100, 2000)))
+    bad = tmp_path / "b.fa"
+    bad.write_bytes(b">ok\nACGT\n>bad\nAC*GT\n")
+    with pytest.raises(InputError, match=r"b\.fa:4: record 'bad' has '\*'"):
+        run(tmp_path, [good, bad], workers=2)
+
+
 def test_group_regex_keeps_a_group_together(tmp_path):
     records = [(f"genome{g}_contig{c}", b"ACGT" * (4 * g + c + 1)) for g in range(12) for c in range(4)]
     out, _ = run(

@@ -446,15 +446,16 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
         try:
             pending = [pool.apply_async(_run_task_in_worker, (task, job)) for task in tasks]
             reported = (0, 0)
-            while not all(result.ready() for result in pending):
-                if any(result.ready() and not result.successful() for result in pending):
-                    break
-                time.sleep(0.1)
+            while True:
                 now = (done_bytes.value, done_records.value)
                 advance(now[0] - reported[0], now[1] - reported[1])
                 reported = now
-            # get() re-raises a worker's error: the first failed task in task order.
-            return [result.get() for result in pending]
+                for result in pending:
+                    if result.ready() and not result.successful():
+                        result.get()  # re-raises the worker's error at once, not after earlier tasks end
+                if all(result.ready() for result in pending):
+                    return [result.get() for result in pending]
+                time.sleep(0.1)
         finally:
             pool.terminate()  # also stops the other workers after an error or Ctrl-C
             pool.join()
