@@ -130,6 +130,7 @@ def test_bad_records_carry_a_problem_with_the_line(tmp_path, body, line, fragmen
     path.write_bytes(body + b">good\nACGT\n")
     bad, good = read_fasta(path)
     assert bad.problem is not None and f"{path}:{line}:" in bad.problem and fragment in bad.problem
+    assert bad.sequence == b""  # a bad record carries no bases
     assert good.problem is None and good.sequence == b"ACGT"
 
 

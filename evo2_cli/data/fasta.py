@@ -249,6 +249,7 @@ class _RecordBuilder:
     def finish(self) -> FastaRecord:
         if not self.header.strip() and not self.problem:
             self.problem = f"{self.path}:{self.line}: empty header line (a record needs an id after '>')"
+            self.sequence = bytearray()
         return FastaRecord(self.header, self.sequence, self.line, self.problem)
 
 
