@@ -423,3 +423,9 @@ def test_bad_input_exits_2_with_a_message(ecoli, tmp_path):
     code, text = cli(f"--run={tmp_path / 'norun'}", f"--output={tmp_path / 'o'}")
     assert code == 2 and "no such run directory" in text
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_path_flags_that_read_as_yaml_numbers_or_booleans_stay_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, text = cli("--run=2024", "--output=yes")
+    assert code == 2 and "2024: no such run directory" in text and "expected a path" not in text

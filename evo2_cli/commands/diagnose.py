@@ -6,6 +6,7 @@ post hoc (`--run DIR`). Exit code 0 when healthy, 3 when an explosion or spike w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -60,6 +61,11 @@ def _as_list(text: str) -> str:
     return "[" + ", ".join(item.strip() for item in text.split(",")) + "]"
 
 
+def _as_path(path: Path) -> str:
+    """A path as a JSON string, which YAML reads back as a string: `-o 123` or `--run yes` stays a path."""
+    return json.dumps(str(path))
+
+
 def diagnose_grads(
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -90,11 +96,11 @@ def diagnose_grads(
             ("precision", precision and _as_list(precision)),
             ("grad_clip", clip and _as_list(clip)),
             ("steps", steps),
-            ("checkpoint", checkpoint),
-            ("vortex_config", vortex_config),
-            ("run_dir", run),
+            ("checkpoint", checkpoint and _as_path(checkpoint)),
+            ("vortex_config", vortex_config and _as_path(vortex_config)),
+            ("run_dir", run and _as_path(run)),
             ("device", device),
-            ("output_dir", output),
+            ("output_dir", output and _as_path(output)),
         )
         if value is not None
     ]
