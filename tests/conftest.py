@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from evo2_cli.model import StripedHyena, preset_config, save_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,3 +18,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A `test` preset checkpoint directory (random init, seed 0): the finetune tests' starting point."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("base") / "ckpt"
+    save_model(StripedHyena(preset_config("test")), directory)
+    return directory

@@ -56,15 +56,6 @@ def dataset(tmp_path_factory) -> Path:
     return root / "yp"
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A `test` preset checkpoint directory (random init, seed 0): the starting point."""
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("base") / "ckpt"
-    save_model(StripedHyena(preset_config("test")), directory)
-    return directory
-
-
 def make_job(dataset: Path, start: Path, run_dir: Path, **finetune) -> FinetuneJob:
     raw = {
         "data": {"datasets": [{"path": str(dataset)}], "seq_len": 64, "val_windows": 8},

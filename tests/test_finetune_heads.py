@@ -26,7 +26,7 @@ from evo2_cli.finetune.heads import (
     sequence_outputs,
     spearman,
 )
-from evo2_cli.model import StripedHyena, preset_config, save_model
+from evo2_cli.model import StripedHyena, preset_config
 
 
 def quiet() -> Console:
@@ -63,14 +63,6 @@ def labeled_fasta(path: Path, records: int = 24, length: int = 32, seed: int = 0
         fraction = float(np.isin(bases, ["G", "C"]).mean())
         lines += [f">r{i} label={'gc' if fraction > 0.5 else 'at'} gc={fraction:.4f}", "".join(bases)]
     path.write_text("\n".join(lines) + "\n")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("base") / "ckpt"
-    save_model(StripedHyena(preset_config("test")), directory)
-    return directory
 
 
 def task_job(fasta: Path, base: Path, run_dir: Path, task: str, regex: str, **finetune) -> FinetuneJob:
