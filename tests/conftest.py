@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +31,24 @@ def base(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("base") / "ckpt"
     save_model(StripedHyena(preset_config("test")), directory)
     return directory
+
+
+@pytest.fixture
+def vtx_logits(tmp_path):
+    """`vtx_logits(config, weights, ids) -> logits (B, L, 512)`: the official engine (vtx on CPU through
+    benchmarks/vtx_cpu.py, from the directories of EVO2_VTX_PATH) on a Vortex .pt and its release YAML."""
+
+    def run(config: Path, weights: Path, ids: torch.Tensor) -> torch.Tensor:
+        torch.save(ids, tmp_path / "vtx_ids.pt")
+        request = {
+            "paths": os.environ["EVO2_VTX_PATH"].split(os.pathsep),
+            "config": str(config),
+            "weights": str(weights),
+            "ids": str(tmp_path / "vtx_ids.pt"),
+            "out": str(tmp_path / "vtx_out.pt"),
+        }
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "vtx_cpu.py"
+        subprocess.run([sys.executable, str(script), json.dumps(request)], check=True, capture_output=True)
+        return torch.load(tmp_path / "vtx_out.pt", weights_only=True)["logits"]
+
+    return run

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -394,7 +391,7 @@ VTX_PATH = os.environ.get("EVO2_VTX_PATH")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not VTX_PATH, reason="set EVO2_VTX_PATH to an unpacked vtx (see benchmarks/vtx_cpu.py)")
-def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path):
+def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path, vtx_logits):
     """LoRA finetune -> merge -> Vortex .pt: vtx (the official engine, on CPU) gives our logits."""
     torch.manual_seed(0)
     config = preset_config("test", hcs_filter_groups=4, hcm_filter_groups=4, inner_mlp_size=40, state_size=16)
@@ -406,19 +403,9 @@ def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path):
     result = finetune(job, console=quiet())
     merge(result.checkpoint, tmp_path / "merged", vortex=tmp_path / "ft.pt")
     ids = torch.randint(0, 512, (2, 77), generator=torch.Generator().manual_seed(3))
-    torch.save(ids, tmp_path / "ids.pt")
-    request = {
-        "paths": VTX_PATH.split(os.pathsep),
-        "config": str(tmp_path / "ft.yml"),
-        "weights": str(tmp_path / "ft.pt"),
-        "ids": str(tmp_path / "ids.pt"),
-        "out": str(tmp_path / "out.pt"),
-    }
-    script = REPO / "benchmarks" / "vtx_cpu.py"
-    subprocess.run([sys.executable, str(script), json.dumps(request)], check=True, capture_output=True)
+    theirs = vtx_logits(tmp_path / "ft.yml", tmp_path / "ft.pt", ids)
     with torch.no_grad():
         ours = load_finetuned(result.checkpoint)(ids)  # the adapted model, adapters unmerged
         moved = (load_model(tmp_path / "base")(ids) - ours).abs().max().item()
     assert moved > 1e-2, moved  # the adapters changed the logits, far beyond the tolerance below
-    theirs = torch.load(tmp_path / "out.pt", weights_only=True)["logits"]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
