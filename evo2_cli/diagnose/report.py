@@ -65,6 +65,25 @@ def _nanmax(values: Iterable[float]) -> float:
     return best
 
 
+def overflow_lambda(seq_len: int) -> float:
+    """The largest hcl pole lambda whose exp(lambda t) stays finite in fp32 over a sequence of seq_len."""
+    return FP32_EXP_LIMIT / max(seq_len - 1, 1)
+
+
+def present_blocks(diagnosis: Diagnosis) -> list[str]:
+    """The block types any variant's model has, in BLOCK_TYPES order."""
+    return [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
+
+
+def by_block(blocks: dict[str, list[float]]) -> dict[str, list[float]]:
+    """block_series without the total: {"hcl": [...], "mlp": [...]}."""
+    return {
+        name.removeprefix("grad_norm[").removesuffix("]"): values
+        for name, values in blocks.items()
+        if name != "grad_norm"
+    }
+
+
 def hcl_series(result: VariantResult) -> dict[int, dict[str, list[float]]]:
     layers = sorted({layer for s in result.steps for layer in s.hcl})
     return {
@@ -88,6 +107,7 @@ def layer_series(steps: Sequence[StepRecord], params: Sequence[ParamInfo]) -> di
 def variant_summary(result: VariantResult) -> dict[str, Any]:
     steps = result.steps
     blocks = block_series(steps, result.params)
+    hcl = hcl_series(result)
     explosion = result.explosion
     return {
         "name": result.variant.name,
@@ -100,11 +120,7 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
         "first_loss": steps[0].loss if steps else math.nan,
         "final_loss": steps[-1].loss if steps else math.nan,
         "max_grad_norm": _nanmax(blocks["grad_norm"]),
-        "max_grad_norm_by_block": {
-            name.removeprefix("grad_norm[").removesuffix("]"): _nanmax(values)
-            for name, values in blocks.items()
-            if name != "grad_norm"
-        },
+        "max_grad_norm_by_block": {name: _nanmax(values) for name, values in by_block(blocks).items()},
         "max_grad_norm_by_layer": {
             "embedding" if layer is None else str(layer): _nanmax(values)
             for layer, values in layer_series(steps, result.params).items()
@@ -121,7 +137,7 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
                 "max_frac_nonneg": _nanmax(series["frac_nonneg"]),
                 "max_abs_h": _nanmax(series["max_abs_h"]),
             }
-            for layer, series in hcl_series(result).items()
+            for layer, series in hcl.items()
         },
         "series": {
             "loss": [s.loss for s in steps],
@@ -129,7 +145,7 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
             **blocks,
             **{
                 f"hcl[{layer}].{key}": values
-                for layer, series in hcl_series(result).items()
+                for layer, series in hcl.items()
                 for key, values in series.items()
             },
         },
@@ -148,7 +164,7 @@ def report_data(diagnosis: Diagnosis) -> dict[str, Any]:
             "device": diagnosis.device,
             "source": diagnosis.source,
             "seq_len": seq_len,
-            "overflow_lambda": FP32_EXP_LIMIT / max(seq_len - 1, 1),
+            "overflow_lambda": overflow_lambda(seq_len),
             "model": to_dict(diagnosis.model_config),
             "config": to_dict(diagnosis.job),
             "variants": [variant_summary(v) for v in diagnosis.variants],
@@ -167,7 +183,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
 
 
 def write_csvs(diagnosis: Diagnosis, directory: Path) -> None:
-    blocks = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
+    blocks = present_blocks(diagnosis)
 
     def step_rows():
         for v in diagnosis.variants:
@@ -277,10 +293,6 @@ def write_csvs(diagnosis: Diagnosis, directory: Path) -> None:
 
 
 def _fmt(value: float, digits: int = 3) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return "-"
     if not math.isfinite(value):
         return str(value)
     return f"{value:.{digits}g}"
@@ -309,8 +321,8 @@ def summary_tables(diagnosis: Diagnosis) -> list[Table]:
     table = Table(title=f"diagnose-grads: {diagnosis.source}, L = {diagnosis.seq_len}, {diagnosis.device}")
     for column in ("variant", "verdict", "steps", "loss", "max grad", "hcl max λ", "λ>=0", "max |h|"):
         table.add_column(column, overflow="fold")  # wrap, never cut, on a narrow terminal
-    for v in diagnosis.variants:
-        s = variant_summary(v)
+    summaries = [variant_summary(v) for v in diagnosis.variants]
+    for v, s in zip(diagnosis.variants, summaries, strict=True):
         hcl = s["hcl"].values()
         verdict = "[green]healthy[/]" if v.explosion is None else f"[bold red]EXPLODED[/] @{v.explosion.step}"
         table.add_row(
@@ -326,13 +338,13 @@ def summary_tables(diagnosis: Diagnosis) -> list[Table]:
     if any(v.stop_reason == "non-finite" for v in diagnosis.variants):
         table.caption = "* stopped early: the loss or the weights went non-finite"
     blocks = Table(title="largest gradient norm per block type (before clipping)")
-    present = [b for b in BLOCK_TYPES if any(p.block == b for v in diagnosis.variants for p in v.params)]
+    present = present_blocks(diagnosis)
     blocks.add_column("variant", overflow="fold")
     for b in present:
         blocks.add_column(b, justify="right")
-    for v in diagnosis.variants:
-        by_block = variant_summary(v)["max_grad_norm_by_block"]
-        blocks.add_row(v.variant.name, *(_fmt(by_block.get(b, math.nan), 2) for b in present))
+    for v, s in zip(diagnosis.variants, summaries, strict=True):
+        largest = s["max_grad_norm_by_block"]
+        blocks.add_row(v.variant.name, *(_fmt(largest.get(b, math.nan), 2) for b in present))
     tables = [table, blocks]
     exploded = [v for v in diagnosis.variants if v.explosion is not None]
     if exploded:
@@ -440,12 +452,7 @@ def svg_chart(
 
 
 def _grad_lines(result: VariantResult) -> dict[str, list[float]]:
-    series = block_series(result.steps, result.params)
-    return {
-        name.removeprefix("grad_norm[").removesuffix("]"): v
-        for name, v in series.items()
-        if name != "grad_norm"
-    }
+    return by_block(block_series(result.steps, result.params))
 
 
 def _explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
@@ -458,7 +465,7 @@ def _explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
 
 def html_report(diagnosis: Diagnosis) -> str:
     data = report_data(diagnosis)
-    overflow = FP32_EXP_LIMIT / max(diagnosis.seq_len - 1, 1)
+    overflow = overflow_lambda(diagnosis.seq_len)
     verdict = (
         '<p class="ok">Every variant stayed healthy (exit code 0).</p>'
         if diagnosis.healthy
@@ -558,15 +565,29 @@ def _step_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
 
 
+def _panels(plt, variants: Sequence[VariantResult], path: Path, y_label: str, draw) -> None:
+    """One panel per variant side by side, sharing the y axis; `draw(ax, variant)` plots a panel's lines."""
+    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], variants, strict=True):
+        draw(ax, v)
+        ax.set_title(v.variant.name)
+        _step_axis(ax)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(y_label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
     """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
     plt = pyplot()
     if plt is None:
         return []
     variants = diagnosis.variants
-    written = []
-    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
-    for ax, v in zip(axes[0], variants, strict=True):
+    overflow = overflow_lambda(diagnosis.seq_len)
+
+    def grad_norms(ax, v: VariantResult) -> None:
         for name, values in _grad_lines(v).items():
             ax.plot(
                 range(len(values)),
@@ -574,38 +595,22 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
                 label=name,
             )
         if v.explosion is not None:
-            ax.axvline(
-                v.explosion.step, color="red", linestyle=":", label=f"explosion (step {v.explosion.step})"
-            )
+            label = f"explosion (step {v.explosion.step})"
+            ax.axvline(v.explosion.step, color="red", linestyle=":", label=label)
         ax.set_yscale("log")
-        ax.set_title(v.variant.name)
-        _step_axis(ax)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("gradient norm (before clipping)")
-    fig.tight_layout()
-    fig.savefig(directory / "grad_norms.png", dpi=110)
-    plt.close(fig)
-    written.append("grad_norms.png")
-    if any(hcl_series(v) for v in variants):
-        overflow = FP32_EXP_LIMIT / max(diagnosis.seq_len - 1, 1)
-        fig, axes = plt.subplots(
-            1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True
-        )
-        for ax, v in zip(axes[0], variants, strict=True):
-            for layer, series in hcl_series(v).items():
-                ax.plot(range(len(series["max_lambda"])), series["max_lambda"], label=f"layer {layer} max λ")
-            ax.axhline(0.0, color="gray", linewidth=0.8)
-            ax.axhline(overflow, color="red", linestyle="--", linewidth=0.8, label="fp32 overflow 88.7/(L-1)")
-            ax.set_yscale("symlog", linthresh=1e-4)
-            ax.set_title(v.variant.name)
-            _step_axis(ax)
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("max λ over modes")
-        fig.tight_layout()
-        fig.savefig(directory / "hcl_lambda.png", dpi=110)
-        plt.close(fig)
-        written.append("hcl_lambda.png")
-    return written
+
+    def hcl_lambda(ax, v: VariantResult) -> None:
+        for layer, series in hcl_series(v).items():
+            ax.plot(range(len(series["max_lambda"])), series["max_lambda"], label=f"layer {layer} max λ")
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.axhline(overflow, color="red", linestyle="--", linewidth=0.8, label="fp32 overflow 88.7/(L-1)")
+        ax.set_yscale("symlog", linthresh=1e-4)
+
+    _panels(plt, variants, directory / "grad_norms.png", "gradient norm (before clipping)", grad_norms)
+    if not any(hcl_series(v) for v in variants):
+        return ["grad_norms.png"]
+    _panels(plt, variants, directory / "hcl_lambda.png", "max λ over modes", hcl_lambda)
+    return ["grad_norms.png", "hcl_lambda.png"]
 
 
 # ---------------------------------------------------------------- all outputs
