@@ -316,6 +316,7 @@ def test_variant_ref_mismatch(test_model, tmp_path):
         ("c\tx\tA\tC\n", "not an integer"),
         ("c\t0\tA\tC\n", ">= 1"),
         ("c\t3\tA\n", "expected the columns"),
+        (">chr1\nACGT\n", "expected the columns"),  # a FASTA given as the variant list
         ("c\t3\tA\t<DEL>\n", "symbolic"),
         ("c\t3\tA\tQ\n", "alt allele: position 1"),
         ("# nothing\n", "no variants"),

@@ -54,7 +54,7 @@ def read_variants(path: Path) -> list[Variant]:
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.rstrip("\r").split("\t") if "\t" in line else line.split()
-        if not vcf and not variants and fields[:2] and fields[1].lower() in ("pos", "position"):
+        if not vcf and not variants and len(fields) > 1 and fields[1].lower() in ("pos", "position"):
             continue  # a header line: chrom pos ref alt
         where = f"{path}:{number}"
         if len(fields) <= alt_col:
