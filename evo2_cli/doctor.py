@@ -98,4 +98,13 @@ def self_test(device: str) -> Check:
 
 def run_checks() -> list[Check]:
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return environment_checks() + [self_test(device) for device in devices]
+    return environment_checks() + [_guarded_self_test(device) for device in devices]
+
+
+def _guarded_self_test(device: str) -> Check:
+    """A device that cannot even run the test (a CUDA error, out of memory) is a failed check, not a
+    traceback: a broken device is what `evo2 doctor` is run to find."""
+    try:
+        return self_test(device)
+    except Exception as exc:  # any failure of the device is the finding
+        return Check(f"self-test {device}", False, f"{type(exc).__name__}: {exc}")

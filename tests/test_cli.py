@@ -59,3 +59,15 @@ def test_help_paragraphs_are_reflowed_to_the_terminal():
         for each in [command, *getattr(command, "commands", {}).values()]:
             for paragraph in (each.help or "").split("\n\n"):
                 assert "\n" not in paragraph, (name, each.name)
+
+
+def test_a_device_that_cannot_run_the_self_test_is_a_failed_check(monkeypatch):
+    from evo2_cli import doctor
+
+    def broken(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(doctor, "self_test", broken)
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "RuntimeError: CUDA error" in result.output and "FAIL" in result.output
