@@ -176,6 +176,11 @@ def test_score_bad_input(checkpoint, tmp_path, fasta):
     assert result.exit_code == 2 and "bad.fa:4" in said(result)
     result = invoke("score", checkpoint, fasta, "--window", 8, "--overlap", 8)
     assert result.exit_code == 2 and "--overlap" in said(result)
+    (tmp_path / "empty.fa").write_text("")
+    for missing_or_empty in (tmp_path / "missing.fa", tmp_path / "empty.fa"):
+        result = invoke("score", checkpoint, missing_or_empty)
+        assert result.exit_code == 2 and str(missing_or_empty) in said(result)
+        assert "parameters" not in said(result)  # it failed before loading the model
     try:
         import pyarrow  # noqa: F401
     except ImportError:

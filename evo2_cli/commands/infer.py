@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -275,6 +276,8 @@ def score(
     for path in (output, per_token):
         if path is not None:
             check_output(path)
+    records = read_sequences(fasta)
+    first = next(records, None)  # a missing or empty FASTA fails before the model loads
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
@@ -282,7 +285,7 @@ def score(
             token_handle.write("id\tposition\tbase\tlogprob\n")
         scores = score_sequences(
             model,
-            read_sequences(fasta),
+            itertools.chain([first] if first is not None else [], records),
             window=window,
             overlap=overlap,
             batch_tokens=batch_tokens,
