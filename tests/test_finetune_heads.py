@@ -139,7 +139,9 @@ def test_labels_from_a_csv_and_missing_labels(tmp_path):
     with pytest.raises(InputError, match=expected):
         read_labeled(LabelsSection(fasta=[fasta], header_regex=r"label=(\S+)"), "regress", 16, 0)
     table.write_text("id,label\n" + "".join(f"r{i},{'nan' if i == 5 else i}\n" for i in range(8)))
-    with pytest.raises(InputError, match=r"record r5 \(\S*labeled.fa:11\) has label 'nan'"):
+    with pytest.raises(
+        InputError, match=r"record r5 \(\S*labeled.fa:11\) has label 'nan' from labels.csv \S+; use"
+    ):
         read_labeled(LabelsSection(fasta=[fasta], csv=table), "regress", 16, 0)
 
 

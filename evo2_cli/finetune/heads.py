@@ -193,10 +193,12 @@ def read_labeled(
         bad = [i for i, label in enumerate(raw_labels) if not _is_number(label)]
         if bad:
             first = bad[0]
+            others = (
+                f", and {len(bad) - 1} other record(s) are not finite numbers either" if len(bad) > 1 else ""
+            )
             raise InputError(
                 f"task regress needs finite numeric labels; record {ids[first]} ({places[first]}) has "
-                f"label {raw_labels[first]!r} from {source}, and {len(bad) - 1} other record(s) are not "
-                "finite numbers either; use --task classify for categories"
+                f"label {raw_labels[first]!r} from {source}{others}; use --task classify for categories"
             )
         targets = np.array([float(label) for label in raw_labels], dtype=np.float32)
     fraction = section.val_fraction
