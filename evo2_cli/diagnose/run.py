@@ -31,7 +31,7 @@ from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
 from evo2_cli.train.data import WindowSampler, split_windows
-from evo2_cli.train.distributed import Runtime
+from evo2_cli.train.distributed import Runtime, choose_device
 from evo2_cli.train.loop import backward_global_batch
 from evo2_cli.train.optim import build_optimizer, learning_rate
 
@@ -63,14 +63,6 @@ class Diagnosis:
     @property
     def healthy(self) -> bool:
         return all(v.healthy for v in self.variants)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("diagnose.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- the starting weights
@@ -216,7 +208,7 @@ def run_variant(
 def run_diagnosis(job: DiagnoseJob, progress: Callable[[str], None] | None = None) -> Diagnosis:
     """Every variant of `job`, one after the other, from the same weights and windows."""
     windows = split_windows(job.data, "train", job.diagnose.seed)  # dataset problems surface before training
-    device = resolve_device(job.diagnose.device)
+    device = choose_device(job.diagnose.device)
     base, source = starting_model(job)
     results = []
     for variant in job.variant_list(base.config.hcl_form):
