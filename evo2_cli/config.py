@@ -275,7 +275,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
     path = tuple(key.split("."))
     node = raw
     for depth, part in enumerate(path[:-1]):
-        if isinstance(node, list):  # an item of a list the file already has: data.datasets.0.path=...
+        if isinstance(node, list) or part.isdigit():  # an item of a list the file has: data.datasets.0.path=
             child = node[_list_index(node, path[: depth + 1])]
         else:
             child = node.setdefault(part, {})
@@ -286,23 +286,22 @@ def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
                 ".".join(path[: depth + 1]), "is not a section, cannot set a key inside it", "--set"
             )
         node = child
-    if isinstance(node, list):
+    if isinstance(node, list) or path[-1].isdigit():
         node[_list_index(node, path)] = value
     else:
         node[path[-1]] = value
     return path
 
 
-def _list_index(items: list, path: KeyPath) -> int:
-    part = path[-1]
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(
-            ".".join(path),
-            f"the list {'.'.join(path[:-1])} has {len(items)} item(s), indexed from 0",
-            "--set",
-            f"set the whole list instead: --set '{'.'.join(path[:-1])}=[...]'",
-        )
-    return int(part)
+def _list_index(items: list | dict, path: KeyPath) -> int:
+    part, parent = path[-1], ".".join(path[:-1])
+    if not isinstance(items, list):  # a numeric key where the config files have no list (yet)
+        problem = f"{parent} is not a list in the config file, so it has no item {part} to set"
+    elif not part.isdigit() or int(part) >= len(items):
+        problem = f"the list {parent} has {len(items)} item(s), indexed from 0"
+    else:
+        return int(part)
+    raise ConfigError(".".join(path), problem, "--set", f"set the whole list instead: --set '{parent}=[...]'")
 
 
 def build_config(

@@ -126,6 +126,10 @@ def test_set_reaches_into_a_list_the_file_has(tmp_path):
     assert info.value.exit_code == 2
     with pytest.raises(ConfigError, match=r"run\.tags\.x"):
         load_config(Job, path, ["run.tags.x=c"])
+    # no list in the file to index into: the whole list is what to set, not a mapping with a key "0"
+    for assignment in ("run.tags.0=c", "run.tags.0.name=c"):
+        with pytest.raises(ConfigError, match=r"(?s)run.tags is not a list.*--set 'run.tags=\[...\]'"):
+            load_config(Job, None, [assignment])
 
 
 def test_set_one_key_of_a_listed_dataset():
