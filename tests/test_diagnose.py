@@ -394,6 +394,8 @@ def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
     assert code == 3 and "spikes" in text
     data = json.loads((tmp_path / "bad" / "report.json").read_text())
     assert [(s["step"], s["problem"]) for s in data["spikes"]] == [(6, "spike")]
+    spike = data["spikes"][0]
+    assert spike["ratio"] == pytest.approx(spike["grad_norm"] / spike["median"]) and spike["ratio"] > 10
     flagged = [r for r in csv.DictReader((tmp_path / "bad" / "steps.csv").open()) if r["problem"]]
     assert [r["step"] for r in flagged] == ["6"]
 

@@ -59,7 +59,7 @@ class Flag:
 
     @property
     def ratio(self) -> float:
-        """value / running median (the threshold is factor x median); NaN when unknown."""
+        """value / threshold (factor x running median): above 1 is a spike; NaN when unknown."""
         if self.threshold is None or not math.isfinite(self.value):
             return math.nan
         return self.value / self.threshold

@@ -41,15 +41,15 @@ class Spike:
     problem: str  # "non-finite" or "spike"
     grad_norm: float
     loss: float
-    threshold: float | None  # factor x running median in force (None before warmup)
+    median: float | None  # running median of the good gradient norms before it (None before warmup)
     skipped: bool
 
     @property
     def ratio(self) -> float:
-        """grad_norm / running median; NaN when unknown."""
-        if self.threshold is None or not math.isfinite(self.grad_norm):
+        """grad_norm / running median (a spike is above spike_factor); NaN when unknown."""
+        if self.median is None or not math.isfinite(self.grad_norm):
             return math.nan
-        return self.grad_norm / self.threshold
+        return self.grad_norm / self.median
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ def find_spikes(steps: list[LoggedStep], settings: DetectorSettings) -> list[Spi
         else:  # a non-finite loss is bad whatever its gradient norm; it joins no running median
             flag = Flag(s.step, s.grad_norm, detector.last_threshold, "non-finite")
         if flag is not None:
-            spikes.append(Spike(s.step, flag.problem, s.grad_norm, s.loss, flag.threshold, s.skipped))
+            median = None if flag.threshold is None else flag.threshold / settings.factor
+            spikes.append(Spike(s.step, flag.problem, s.grad_norm, s.loss, median, s.skipped))
     return spikes
 
 

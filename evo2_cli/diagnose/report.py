@@ -682,12 +682,11 @@ def review_tables(review: RunReview) -> list[Table]:
     for column in ("step", "problem", "grad norm", "x running median", "loss", "skipped by the guard"):
         spikes.add_column(column, justify="right")
     for spike in review.spikes:
-        ratio = spike.ratio * review.settings.factor
         spikes.add_row(
             str(spike.step),
             spike.problem,
             _fmt(spike.grad_norm),
-            _fmt(ratio, 2) if math.isfinite(ratio) else "-",
+            _fmt(spike.ratio, 2) if math.isfinite(spike.ratio) else "-",
             _fmt(spike.loss, 4),
             "yes" if spike.skipped else "no",
         )
