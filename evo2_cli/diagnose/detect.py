@@ -87,15 +87,10 @@ class SeriesDetector:
         return Flag(step, value, verdict.threshold, verdict.problem)
 
 
-def find_flags(values: Sequence[float], settings: DetectorSettings) -> list[Flag]:
-    """Every bad value of a series, in order."""
-    detector = SeriesDetector(settings)
-    return [flag for step, value in enumerate(values) if (flag := detector.judge(step, value)) is not None]
-
-
 def first_flag(values: Sequence[float], settings: DetectorSettings) -> Flag | None:
-    flags = find_flags(values, settings)
-    return flags[0] if flags else None
+    """The first bad value of a series (judging stops there)."""
+    detector = SeriesDetector(settings)
+    return next((flag for step, value in enumerate(values) if (flag := detector.judge(step, value))), None)
 
 
 @dataclass(frozen=True)
