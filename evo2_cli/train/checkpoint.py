@@ -130,6 +130,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The step directory `checkpoints/best` points to (under run_dir as given), or None before any eval."""
+    link = Path(run_dir) / CHECKPOINTS / "best"
+    return link.parent / os.readlink(link) if link.is_symlink() else None
+
+
 def claim_run_dir(run_dir: Path, job: Any, job_yaml: str, overwrite: bool) -> None:
     """Make `run_dir` this run's directory: create it, or accept it when it holds a run of the same identity
     (`job.identity()`), or wipe it with `overwrite`. Writes the resolved config to RUN_DIR/config.yaml."""

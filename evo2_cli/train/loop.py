@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import signal
 import sys
 import threading
@@ -41,6 +40,7 @@ from evo2_cli.model import StripedHyena, estimate_flops
 from evo2_cli.model.checkpoint import all_finite, build_model
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
+    best_checkpoint,
     claim_run_dir,
     latest_checkpoint,
     read_train_state,
@@ -340,11 +340,10 @@ def train(
 
         if log is not None:
             log.close()
-        best = Path(cfg.run_dir) / "checkpoints" / "best"
         return TrainResult(
             Path(cfg.run_dir),
             last_checkpoint,
-            best.parent / os.readlink(best) if best.is_symlink() else None,  # as run_dir was given
+            best_checkpoint(cfg.run_dir),
             state.step,
             stop_reason,
             runtime.is_main,
