@@ -96,9 +96,8 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
     assert [r["step"] for r in val] == [6, 12] and val[-1]["val_bits_per_base"] < 8
     assert {"loss", "bits_per_base", "lr", "grad_norm", "tokens_per_s", "mfu", "eta_s"} <= set(records[0])
     modes = {(result.checkpoint / name).stat().st_mode for name in ("model.safetensors", "config.yaml")}
-    assert (
-        len(modes) == 1
-    )  # the weights get the umask's permissions like every other file (safetensors: 0600)
+    # the weights get the umask's permissions like every other file (safetensors would make them 0600)
+    assert len(modes) == 1
     exported = CliRunner().invoke(
         app, ["convert", "to-vortex", str(tmp_path / "run"), "-o", str(tmp_path / "v.pt")]
     )
