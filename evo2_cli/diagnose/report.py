@@ -617,11 +617,16 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
 
 
 def check_output_dir(directory: Path, overwrite: bool) -> None:
-    """Refuse an existing output before any training rather than after it."""
-    if Path(directory).exists() and not overwrite:
+    """Refuse an existing output (a file even with --overwrite) before any training rather than after it."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
         raise InputError(
             f"{directory}: output already exists; pass --overwrite to replace it or choose another "
             "directory (-o / diagnose.output_dir)"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise InputError(
+            f"{directory}: exists and is not a directory; choose another (-o / diagnose.output_dir)"
         )
 
 
