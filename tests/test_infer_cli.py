@@ -256,6 +256,10 @@ def test_variants(checkpoint, fasta, tmp_path):
     listing.write_text(f"rec0\t5\t{wrong}\tA\n")
     result = invoke("variants", checkpoint, listing, "-r", fasta)
     assert result.exit_code == 2 and f"ref allele {wrong} does not match" in said(result)
+    assert "parameters" not in said(result)  # found before loading the model
+    result = invoke("variants", checkpoint, listing, "-r", fasta, "--window", 1)
+    assert result.exit_code == 2 and "--window must be >= 2" in said(result)
+    assert "parameters" not in said(result)
     listing.write_text("chrZ\t5\tA\tC\n")
     result = invoke("variants", checkpoint, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)

@@ -414,25 +414,17 @@ def variants(
 
     Columns: chrom pos ref alt status window_start ref_sum_ll alt_sum_ll delta_sum_ll delta_mean_ll."""
     from evo2_cli.infer.outputs import check_output, write_table
-    from evo2_cli.infer.variants import load_reference, read_variants, score_variants
+    from evo2_cli.infer.variants import load_reference, plan_variants, read_variants, score_planned
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
     check_output(output)
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
+    planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
     with _progress("variants (bases)", None) as advance:
-        results = score_variants(
-            model,
-            listed,
-            chroms,
-            window=window,
-            batch_tokens=batch_tokens,
-            source=str(variant_file),
-            on_mismatch=on_mismatch,  # type: ignore[arg-type]
-            on_tokens=advance,
-        )
+        results = score_planned(model, listed, planned, batch_tokens=batch_tokens, on_tokens=advance)
     count = write_table(output, (r.row() for r in results), "tsv")
     if str(output) != "-":
         console.print(f"[green]wrote[/] {count} variant score(s) to {output}")

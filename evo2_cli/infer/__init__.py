@@ -22,6 +22,7 @@ Windows, scoring, embedding, variants
     score_reference(model, tokens)  one unwindowed forward
     embed_sequences(model, sequences, layer, pooling, ...) -> Embeddings
     read_variants(path); load_reference(fasta, chroms); score_variants(model, variants, reference, ...)
+    plan_variants(variants, reference, ...) then score_planned(model, variants, plans): checks before loading
 Outputs (evo2_cli.infer.outputs)
     write_table(path, rows, fmt), write_embeddings(...), atomic_text_output(path)
 """

@@ -137,6 +137,23 @@ def variant_windows(
     return start, ref_window, alt_window
 
 
+Plan = tuple[int, np.ndarray, np.ndarray] | None  # what variant_windows returns
+
+
+def plan_variants(
+    variants: list[Variant],
+    reference: dict[str, np.ndarray],
+    window: int = DEFAULT_VARIANT_WINDOW,
+    source: str = "variants",
+    on_mismatch: OnMismatch = "error",
+) -> list[Plan]:
+    """The windows of every variant (`variant_windows`), in input order: a bad --window or a ref allele the
+    reference does not hold fails here, before any model work."""
+    if window < 2:
+        raise InputError(f"--window must be >= 2, got {window}")
+    return [variant_windows(v, reference[v.chrom], window, source, on_mismatch) for v in variants]
+
+
 def score_variants(
     model: StripedHyena,
     variants: list[Variant],
@@ -149,9 +166,19 @@ def score_variants(
     on_tokens: Callable[[int], None] | None = None,
 ) -> list[VariantScore]:
     """One VariantScore per variant, in input order."""
-    if window < 2:
-        raise InputError(f"--window must be >= 2, got {window}")
-    planned = [variant_windows(v, reference[v.chrom], window, source, on_mismatch) for v in variants]
+    planned = plan_variants(variants, reference, window, source, on_mismatch)
+    return score_planned(model, variants, planned, batch_tokens=batch_tokens, on_tokens=on_tokens)
+
+
+def score_planned(
+    model: StripedHyena,
+    variants: list[Variant],
+    planned: list[Plan],
+    *,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    on_tokens: Callable[[int], None] | None = None,
+) -> list[VariantScore]:
+    """`score_variants` on windows `plan_variants` already cut."""
     # Alleles of one site share their reference window: score it once (every row shows the same ref_sum_ll).
     arrays: list[np.ndarray] = []
     ref_slots: dict[tuple[str, int], int] = {}
