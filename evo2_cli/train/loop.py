@@ -128,7 +128,7 @@ def train(
     wrapped = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
     signals = contextlib.ExitStack()
-    stop_requested = signals.enter_context(_stop_on_signals())
+    stop_requested = signals.enter_context(_stop_on_signals(announce=runtime.is_main))
     try:
         accumulation = micro_batches_per_process(job.optim.global_batch, cfg.micro_batch, runtime.world_size)
         job_yaml = to_yaml(job)
@@ -440,9 +440,10 @@ def _loop_state(saved: dict) -> LoopState:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals(announce: bool) -> Iterator[threading.Event]:
     """SIGTERM / SIGUSR1 / a first Ctrl-C set an event; the loop saves a checkpoint at the end of the step and
-    returns. A second Ctrl-C aborts at once (the last saved checkpoint stays)."""
+    returns. A second Ctrl-C aborts at once (the last saved checkpoint stays). Only an `announce`ing process
+    (rank 0) says so: a Ctrl-C in the terminal reaches every process of a torchrun."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -452,7 +453,10 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         if requested.is_set():
             raise KeyboardInterrupt
         requested.set()
-        print("\nstopping after this step and saving a checkpoint; Ctrl-C again to abort", file=sys.stderr)
+        if announce:
+            print(
+                "\nstopping after this step and saving a checkpoint; Ctrl-C again to abort", file=sys.stderr
+            )
 
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt)}
     for name in STOP_SIGNALS:
