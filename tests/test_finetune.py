@@ -259,7 +259,7 @@ def test_memory_estimate_refuses_what_does_not_fit(dataset, base, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path):
+def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeypatch):
     runner = CliRunner()
 
     def run(*args: str):
@@ -274,6 +274,11 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path):
     assert result.exit_code == 2 and "LoRA already freezes every base weight" in " ".join(
         result.output.split()
     )
+    # a --from that reads as a YAML boolean or number is still a path
+    monkeypatch.chdir(tmp_path)
+    for name in ("yes", "2024"):
+        result = run("--from", name, *common)
+        assert result.exit_code == 2 and f"error: {name}: model not found" in result.output, result.output
     # a LoRA target that matches no module (this model has no attention layer)
     torch.manual_seed(0)
     save_model(StripedHyena(preset_config("test", layout="SDH")), tmp_path / "noattn")
