@@ -79,7 +79,6 @@ class _Evo2Group(TyperGroup):
 app = typer.Typer(
     name="evo2",
     cls=_Evo2Group,
-    help="FASTA to a trained Evo 2 (StripedHyena 2) checkpoint and back.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

@@ -71,3 +71,8 @@ def test_a_device_that_cannot_run_the_self_test_is_a_failed_check(monkeypatch):
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "RuntimeError: CUDA error" in result.output and "FAIL" in result.output
+
+
+def test_root_help_lists_the_exit_codes():
+    result = runner.invoke(app, ["-h"])
+    assert result.exit_code == 0 and "Exit codes: 0 ok, 1 failure, 2 bad input" in result.output
