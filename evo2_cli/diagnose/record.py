@@ -140,18 +140,16 @@ class Recorder:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [describe_parameter(n, kinds) for n, _ in named]
         self.tensors = [p for _, p in named]
-        self.sites = [info for info, _ in watched_sites(model)]
-        self._handles = []
-        self._activations: dict[
-            int, Tensor
-        ] = {}  # site -> [max_abs, rms, nonfinite] of the first micro-batch
-        self.forward_order: list[int] = []  # sites in the order their forward finished
-        self.backward_order: list[int] = []  # parameters in the order autograd finished their gradient
+        sites = watched_sites(model)
+        self.sites = [info for info, _ in sites]
         self._snapshot: list[Tensor] = []
-        for index, (_, module) in enumerate(watched_sites(model)):
-            self._handles.append(module.register_forward_hook(self._forward_hook(index)))
-        for index, param in enumerate(self.tensors):
-            self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(index)))
+        self.start_step()
+        self._handles = [
+            module.register_forward_hook(self._forward_hook(i)) for i, (_, module) in enumerate(sites)
+        ]
+        self._handles += [
+            p.register_post_accumulate_grad_hook(self._grad_hook(i)) for i, p in enumerate(self.tensors)
+        ]
 
     def close(self) -> None:
         for handle in self._handles:
@@ -183,8 +181,11 @@ class Recorder:
         return hook
 
     def start_step(self) -> None:
-        self._activations = {}
-        self.forward_order, self.backward_order = [], []
+        self._activations: dict[
+            int, Tensor
+        ] = {}  # site -> [max_abs, rms, nonfinite] of the first micro-batch
+        self.forward_order: list[int] = []  # sites in the order their forward finished
+        self.backward_order: list[int] = []  # parameters in the order autograd finished their gradient
         self._seen_grads: set[int] = set()
 
     def activations(self) -> list[tuple[float, float, int]]:
