@@ -84,7 +84,6 @@ def diagnose_grads(
     """Per-layer gradient diagnostics: hcl forms, precisions, lrs and clipping side by side (exit 3 on an
     explosion), or spikes of an existing run (--run)."""
     from evo2_cli.diagnose.config import DiagnoseJob
-    from evo2_cli.diagnose.detect import DetectorSettings
     from evo2_cli.diagnose.report import check_output_dir
     from evo2_cli.errors import DiagnosisFailed
 
@@ -107,9 +106,8 @@ def diagnose_grads(
     job = resolve_config(DiagnoseJob, config, set_, flags)
     d = job.diagnose
     check_output_dir(d.output_dir, overwrite)
-    settings = DetectorSettings(d.spike_factor, d.median_window, d.spike_warmup)
     if d.run_dir is not None:
-        healthy, written = _review(d.run_dir, settings, d.output_dir, overwrite, d.plots)
+        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, d.plots)
         problem = f"grad-norm spikes in {d.run_dir}"
     else:
         healthy, written = _diagnose(job, overwrite)

@@ -33,7 +33,7 @@ from typing import Literal
 
 from evo2_cli.config import check
 from evo2_cli.model import ModelConfig
-from evo2_cli.train.config import DataSection, OptimSection
+from evo2_cli.train.config import DataSection, GuardSection, OptimSection
 
 HCL_FORMS = ("vortex", "modal")
 PRECISIONS = ("fp32", "bf16")
@@ -217,6 +217,12 @@ class DiagnoseSection:
             "slow_mode_lambda",
             f"must be < 0 (a pole at or above zero is not a slow mode but a growing one), got "
             f"{self.slow_mode_lambda}",
+        )
+
+    def detector(self) -> GuardSection:
+        """The detector's settings as the training guard's, whose rule it applies."""
+        return GuardSection(
+            spike_factor=self.spike_factor, median_window=self.median_window, warmup_steps=self.spike_warmup
         )
 
 

@@ -1,10 +1,10 @@
 """The explosion detector and where an explosion started.
 
-A value is bad when it is non-finite, or when it is above `factor` x the running median of the previous good
-values (at most `window` of them) once `warmup` good values are known. This is the training guard's rule
-(evo2_cli/train/guard.py), applied here to any series: a variant's loss and total gradient norm (which
-decide its first bad step), each parameter's gradient norm (which locate the origin), or a finished run's
-logged grad_norm.
+A value is bad when it is non-finite, or when it is above `spike_factor` x the running median of the
+previous good values (at most `median_window` of them) once `warmup_steps` good values are known. This is
+the training guard's rule (evo2_cli/train/guard.py, with its GuardSection as settings), applied to any
+series: a variant's loss and total gradient norm (which decide its first bad step), each parameter's
+gradient norm (which locate the origin), or a finished run's logged grad_norm.
 
 Where it started, at the first bad step s of a variant:
 1. Forward first. If an activation was non-finite at step s, the explosion is a forward overflow: it started
@@ -41,13 +41,6 @@ from evo2_cli.train.guard import GradientGuard
 
 
 @dataclass(frozen=True)
-class DetectorSettings:
-    factor: float = 10.0
-    window: int = 50
-    warmup: int = 3
-
-
-@dataclass(frozen=True)
 class Flag:
     """A bad value in a series: its index (step), value, the threshold in force (None before warmup or when
     the value is non-finite with no history) and the problem."""
@@ -68,15 +61,8 @@ class Flag:
 class SeriesDetector:
     """Judges one series value by value (the training guard's rule, without its skip/rollback policy)."""
 
-    def __init__(self, settings: DetectorSettings):
-        self.settings = settings
-        self._guard = GradientGuard(
-            GuardSection(
-                spike_factor=settings.factor,
-                median_window=settings.window,
-                warmup_steps=settings.warmup,
-            )
-        )
+    def __init__(self, settings: GuardSection):
+        self._guard = GradientGuard(settings)  # only its spike_factor, median_window and warmup_steps matter
         self.last_threshold: float | None = None
 
     def judge(self, step: int, value: float) -> Flag | None:
@@ -87,7 +73,7 @@ class SeriesDetector:
         return Flag(step, value, verdict.threshold, verdict.problem)
 
 
-def first_flag(values: Sequence[float], settings: DetectorSettings) -> Flag | None:
+def first_flag(values: Sequence[float], settings: GuardSection) -> Flag | None:
     """The first bad value of a series (judging stops there)."""
     detector = SeriesDetector(settings)
     return next((flag for step, value in enumerate(values) if (flag := detector.judge(step, value))), None)
@@ -121,7 +107,7 @@ def block_series(steps: Sequence[StepRecord], params: Sequence[ParamInfo]) -> di
     return out
 
 
-def _first_bad_step(steps: Sequence[StepRecord], settings: DetectorSettings) -> tuple[int, str, Flag] | None:
+def _first_bad_step(steps: Sequence[StepRecord], settings: GuardSection) -> tuple[int, str, Flag] | None:
     """(step, series, flag) of the earliest bad loss or total gradient norm: the quantities the training
     guard judges. Smaller groups (a block type, a parameter) only locate the origin: their norms are noisy
     enough at small batch sizes that a 10x jump of a tiny group is no explosion."""
@@ -140,7 +126,7 @@ def locate_explosion(
     params: Sequence[ParamInfo],
     sites: Sequence[SiteInfo],
     seq_len: int,
-    settings: DetectorSettings,
+    settings: GuardSection,
 ) -> Explosion | None:
     """The first bad step of a recorded variant and where it started (module docstring); None if healthy."""
     first = _first_bad_step(steps, settings)
@@ -198,7 +184,7 @@ def locate_explosion(
         if result is not None and result.step == step:
             flags[i] = result
         elif detector.last_threshold:
-            jumps[i] = record.grad[i] * settings.factor / detector.last_threshold
+            jumps[i] = record.grad[i] * settings.spike_factor / detector.last_threshold
     order = record.backward_order + [i for i in range(len(params)) if i not in record.backward_order]
     bad = [i for i in order if i in flags]
     if bad:
@@ -207,7 +193,7 @@ def locate_explosion(
         what = (
             "non-finite gradient"
             if why.problem == "non-finite"
-            else f"gradient norm {why.value:.3g}, {why.ratio * settings.factor:.0f}x its running median"
+            else f"gradient norm {why.value:.3g}, {why.ratio * settings.spike_factor:.0f}x its running median"
         )
         detail = (
             f"{params[i].name}: {what}; the first bad gradient in backward order "

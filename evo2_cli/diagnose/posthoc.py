@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from evo2_cli.config import read_yaml
-from evo2_cli.diagnose.detect import DetectorSettings, Flag, SeriesDetector
+from evo2_cli.diagnose.detect import Flag, SeriesDetector
 from evo2_cli.diagnose.record import HclStats, hcl_stats
 from evo2_cli.errors import InputError
 from evo2_cli.train.checkpoint import CONFIG, METRICS, step_dirs
+from evo2_cli.train.config import GuardSection
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class RunReview:
     steps: list[LoggedStep]
     spikes: list[Spike]
     checkpoints: list[CheckpointStats]
-    settings: DetectorSettings
+    settings: GuardSection
 
     @property
     def healthy(self) -> bool:
@@ -111,7 +112,7 @@ def read_metrics(run_dir: Path) -> list[LoggedStep]:
     return steps
 
 
-def find_spikes(steps: list[LoggedStep], settings: DetectorSettings) -> list[Spike]:
+def find_spikes(steps: list[LoggedStep], settings: GuardSection) -> list[Spike]:
     """Every logged step whose loss or gradient norm is non-finite or above factor x the running median."""
     detector = SeriesDetector(settings)
     spikes = []
@@ -122,7 +123,7 @@ def find_spikes(steps: list[LoggedStep], settings: DetectorSettings) -> list[Spi
         else:  # a non-finite loss is bad whatever its gradient norm; it joins no running median
             flag = Flag(s.step, s.grad_norm, detector.last_threshold, "non-finite")
         if flag is not None:
-            median = None if flag.threshold is None else flag.threshold / settings.factor
+            median = None if flag.threshold is None else flag.threshold / settings.spike_factor
             spikes.append(Spike(s.step, flag.problem, s.grad_norm, s.loss, median, s.skipped))
     return spikes
 
@@ -154,7 +155,7 @@ def checkpoint_stats(directory: Path, step: int, seq_len: int) -> CheckpointStat
     )
 
 
-def review_run(run_dir: Path, settings: DetectorSettings) -> RunReview:
+def review_run(run_dir: Path, settings: GuardSection) -> RunReview:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run directory; give the train.run_dir of an `evo2 train` run")

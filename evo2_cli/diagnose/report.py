@@ -658,7 +658,11 @@ def review_data(review: RunReview) -> dict[str, Any]:
             "run_dir": str(review.run_dir),
             "healthy": review.healthy,
             "seq_len": review.seq_len,
-            "detector": {"spike_factor": s.factor, "median_window": s.window, "spike_warmup": s.warmup},
+            "detector": {
+                "spike_factor": s.spike_factor,
+                "median_window": s.median_window,
+                "spike_warmup": s.warmup_steps,
+            },
             "logged_steps": len(review.steps),
             "spikes": [{**to_dict(spike), "ratio": spike.ratio} for spike in review.spikes],
             "checkpoints": [
@@ -697,7 +701,7 @@ def review_tables(review: RunReview) -> list[Table]:
         )
     if review.healthy:
         spikes.caption = (
-            f"no logged step is non-finite or above {review.settings.factor:g}x its running median"
+            f"no logged step is non-finite or above {review.settings.spike_factor:g}x its running median"
         )
     tables = [spikes]
     if review.checkpoints:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from evo2_cli.diagnose.config import DiagnoseJob, Variant
-from evo2_cli.diagnose.detect import DetectorSettings, Explosion, locate_explosion
+from evo2_cli.diagnose.detect import Explosion, locate_explosion
 from evo2_cli.diagnose.record import ParamInfo, Recorder, SiteInfo, StepRecord, hcl_stats
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
@@ -195,8 +195,7 @@ def run_variant(
                 break
     finally:
         recorder.close()
-    settings = DetectorSettings(d.spike_factor, d.median_window, d.spike_warmup)
-    explosion = locate_explosion(steps, recorder.params, recorder.sites, seq_len, settings)
+    explosion = locate_explosion(steps, recorder.params, recorder.sites, seq_len, d.detector())
     return VariantResult(
         variant, recorder.params, recorder.sites, steps, explosion, stop_reason, time.perf_counter() - started
     )
