@@ -12,6 +12,15 @@ from pathlib import Path
 from evo2_cli.errors import InputError
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread runs
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -31,9 +40,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         # The umask's permissions, as for any other file: safetensors creates its files 0600, and a checkpoint
         # the rest of the group cannot read is a surprise on a shared cluster.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
