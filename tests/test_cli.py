@@ -76,3 +76,15 @@ def test_a_device_that_cannot_run_the_self_test_is_a_failed_check(monkeypatch):
 def test_root_help_lists_the_exit_codes():
     result = runner.invoke(app, ["-h"])
     assert result.exit_code == 0 and "Exit codes: 0 ok, 1 failure, 2 bad input" in result.output
+
+
+def test_flags_reach_the_config_as_values_of_their_own_type():
+    from pathlib import Path
+
+    from evo2_cli.commands.common import comma_list, resolve_config
+    from evo2_cli.data.preprocess import PreprocessJob
+
+    assert comma_list("vortex, 1e-3,2") == ["vortex", 0.001, 2] and comma_list(None) is None
+    flags = {"preprocess.output_dir": Path("2024"), "preprocess.inputs": ["yes"], "preprocess.seed": None}
+    cfg = resolve_config(PreprocessJob, None, None, flags).preprocess
+    assert str(cfg.output_dir) == "2024" and cfg.inputs == ["yes"]  # not the number 2024 or True

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from evo2_cli.config import load_config
+from evo2_cli.config import load_config, parse_yaml_value
 
 T = TypeVar("T")
 
@@ -25,6 +27,20 @@ SetOption = Annotated[
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 
 
-def resolve_config(schema: type[T], config: Path | None, sets: list[str] | None, flags: list[str] = ()) -> T:
-    """Load `config`, then apply command-line flags (as `--set` assignments), then explicit `--set`s."""
-    return load_config(schema, config, [*flags, *(sets or [])])
+def resolve_config(
+    schema: type[T], config: Path | None, sets: list[str] | None, flags: Mapping[str, Any] | None = None
+) -> T:
+    """Load `config`, then apply command-line flags ({'section.key': value}; None = flag not given) as `--set`
+    assignments, then explicit `--set`s. Flag values go in as JSON, which YAML reads back unchanged, so
+    `-o 2024` or `--from yes` stays a path and every value meets the same validator as a config file."""
+    assignments = [
+        f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, default=str)}"
+        for key, value in (flags or {}).items()
+        if value is not None
+    ]
+    return load_config(schema, config, [*assignments, *(sets or [])])
+
+
+def comma_list(text: str | None) -> list[Any] | None:
+    """'vortex, 1e-3' -> ['vortex', 0.001]: each item read as it would be in a YAML list of a config file."""
+    return None if text is None else [parse_yaml_value(item.strip()) for item in text.split(",")]

@@ -6,13 +6,19 @@ post hoc (`--run DIR`). Exit code 0 when healthy, 3 when an explosion or spike w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+from evo2_cli.commands.common import (
+    ConfigOption,
+    OverwriteOption,
+    SetOption,
+    comma_list,
+    console,
+    resolve_config,
+)
 
 
 def _list_option(name: str, help: str):
@@ -56,16 +62,6 @@ OutputOption = Annotated[
 ]
 
 
-def _as_list(text: str) -> str:
-    """'a,b' -> '[a, b]': a flow list that the config validator reads like a YAML list in a config file."""
-    return "[" + ", ".join(item.strip() for item in text.split(",")) + "]"
-
-
-def _as_path(path: Path) -> str:
-    """A path as a JSON string, which YAML reads back as a string: `-o 123` or `--run yes` stays a path."""
-    return json.dumps(str(path))
-
-
 def diagnose_grads(
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -87,22 +83,18 @@ def diagnose_grads(
     from evo2_cli.diagnose.report import check_output_dir
     from evo2_cli.errors import DiagnosisFailed
 
-    flags = [
-        f"diagnose.{key}={value}"
-        for key, value in (
-            ("variants", variants and _as_list(variants)),
-            ("lr", lr and _as_list(lr)),
-            ("precision", precision and _as_list(precision)),
-            ("grad_clip", clip and _as_list(clip)),
-            ("steps", steps),
-            ("checkpoint", checkpoint and _as_path(checkpoint)),
-            ("vortex_config", vortex_config and _as_path(vortex_config)),
-            ("run_dir", run and _as_path(run)),
-            ("device", device),
-            ("output_dir", output and _as_path(output)),
-        )
-        if value is not None
-    ]
+    flags = {
+        "diagnose.variants": comma_list(variants),
+        "diagnose.lr": comma_list(lr),
+        "diagnose.precision": comma_list(precision),
+        "diagnose.grad_clip": comma_list(clip),
+        "diagnose.steps": steps,
+        "diagnose.checkpoint": checkpoint,
+        "diagnose.vortex_config": vortex_config,
+        "diagnose.run_dir": run,
+        "diagnose.device": device,
+        "diagnose.output_dir": output,
+    }
     job = resolve_config(DiagnoseJob, config, set_, flags)
     d = job.diagnose
     check_output_dir(d.output_dir, overwrite)

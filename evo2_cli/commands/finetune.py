@@ -7,7 +7,6 @@ LM or a classify / regress head); `evo2 finetune merge` folds LoRA adapters into
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -65,20 +64,15 @@ def finetune(
     from evo2_cli.finetune.freeze import parse_selectors
     from evo2_cli.finetune.run import finetune as run_finetune
 
-    # As JSON, which YAML reads back unchanged: `--from 2024` or `--from yes` stays a path.
-    flags = [
-        f"{key}={json.dumps(value)}"
-        for key, value in (
-            ("finetune.init_from", None if init_from is None else str(init_from)),
-            ("finetune.init_config", None if init_config is None else str(init_config)),
-            ("finetune.clamp_poles", clamp_poles),
-            ("finetune.method", method),
-            ("finetune.freeze", None if freeze is None else parse_selectors(freeze)),
-            ("finetune.task", task),
-            ("train.device", device),
-        )
-        if value is not None
-    ]
+    flags = {
+        "finetune.init_from": init_from,
+        "finetune.init_config": init_config,
+        "finetune.clamp_poles": clamp_poles,
+        "finetune.method": method,
+        "finetune.freeze": None if freeze is None else parse_selectors(freeze),
+        "finetune.task": task,
+        "train.device": device,
+    }
     job = resolve_config(FinetuneJob, config, set_, flags)
     result = run_finetune(job, resume=resume, overwrite=overwrite, console=console)
     console.print(f"[green]checkpoint:[/] {result.checkpoint}")

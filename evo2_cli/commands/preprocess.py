@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+from evo2_cli.commands.common import (
+    ConfigOption,
+    OverwriteOption,
+    SetOption,
+    comma_list,
+    console,
+    resolve_config,
+)
 
 InputsArgument = Annotated[
     list[str] | None,
@@ -46,19 +52,13 @@ def preprocess(
     """
     from evo2_cli.data.preprocess import PreprocessJob, run_preprocess, summary_table
 
-    # JSON is YAML, so these go through exactly the same validator as a config file or --set.
-    flags = [
-        f"preprocess.{key}={json.dumps(value)}"
-        for key, value in (
-            ("inputs", inputs or None),
-            ("output_dir", str(output) if output is not None else None),
-            ("seed", seed),
-            ("workers", workers),
-        )
-        if value is not None
-    ]
-    if split is not None:
-        flags.append(f"preprocess.split=[{split}]")
+    flags = {
+        "preprocess.inputs": inputs or None,
+        "preprocess.output_dir": output,
+        "preprocess.seed": seed,
+        "preprocess.workers": workers,
+        "preprocess.split": comma_list(split),
+    }
     cfg = resolve_config(PreprocessJob, config, set_, flags).preprocess
     manifest = run_preprocess(cfg, overwrite=overwrite, console=console)
     console.print(summary_table(manifest))

@@ -36,8 +36,7 @@ def train(
     from evo2_cli.train.config import TrainJob
     from evo2_cli.train.loop import train as run_training
 
-    flags = [f"train.device={device}"] if device else []
-    job = resolve_config(TrainJob, config, set_, flags)
+    job = resolve_config(TrainJob, config, set_, {"train.device": device})
     result = run_training(job, resume=resume, overwrite=overwrite, console=console)
     if result.is_main:
         console.print(f"[green]checkpoint:[/] {result.checkpoint}")
