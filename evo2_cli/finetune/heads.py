@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -291,6 +290,7 @@ def train_task(
     from evo2_cli.finetune.run import prepare
     from evo2_cli.model.checkpoint import write_model_files
     from evo2_cli.train.checkpoint import (
+        best_checkpoint,
         claim_run_dir,
         latest_checkpoint,
         read_train_state,
@@ -388,11 +388,10 @@ def train_task(
         if improved or due or step == cfg.max_steps:
             last = save(improved, {"loss": step_loss, **(last_val or {})})
     log.close()
-    best_link = Path(cfg.run_dir) / "checkpoints" / "best"
     return TaskResult(
         Path(cfg.run_dir),
         last,
-        best_link.parent / os.readlink(best_link) if best_link.is_symlink() else None,  # as run_dir was given
+        best_checkpoint(cfg.run_dir),
         step,
         last_val,
         losses,
