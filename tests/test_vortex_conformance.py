@@ -9,8 +9,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -236,7 +234,7 @@ VTX_PATH = os.environ.get("EVO2_VTX_PATH")
 @pytest.mark.slow
 @pytest.mark.skipif(not VTX_PATH, reason="set EVO2_VTX_PATH to an unpacked vtx (see benchmarks/vtx_cpu.py)")
 @pytest.mark.parametrize("overrides", OTHER_CONFIGS, ids=lambda o: o["layout"])
-def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides):
+def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides, vtx_logits):
     base = {"hcs_filter_groups": 4, "hcm_filter_groups": 4, "inner_mlp_size": 40, "state_size": 16}
     torch.manual_seed(0)
     model = StripedHyena(preset_config("test", **{**base, **overrides})).eval()
@@ -246,19 +244,9 @@ def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides):
                 p.add_(0.05 * torch.randn_like(p))
     export_vortex(model, tmp_path / "w.pt", tmp_path / "c.yml")
     ids = torch.randint(0, 512, (2, 77))
-    torch.save(ids, tmp_path / "ids.pt")
-    request = {
-        "paths": VTX_PATH.split(os.pathsep),
-        "config": str(tmp_path / "c.yml"),
-        "weights": str(tmp_path / "w.pt"),
-        "ids": str(tmp_path / "ids.pt"),
-        "out": str(tmp_path / "out.pt"),
-    }
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vtx_cpu.py"
-    subprocess.run([sys.executable, str(script), json.dumps(request)], check=True, capture_output=True)
     with torch.no_grad():
         ours = model(ids)
-    assert_close(torch.load(tmp_path / "out.pt", weights_only=True)["logits"], ours, atol=1e-4, rtol=0)
+    assert_close(vtx_logits(tmp_path / "c.yml", tmp_path / "w.pt", ids), ours, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- on a GPU
