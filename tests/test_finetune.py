@@ -267,6 +267,9 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
 
     common = ["--set", f"data.datasets=[{{path: {dataset}}}]", "--set", f"train.run_dir={tmp_path / 'r'}"]
     common += ["--set", "train.device=cpu"]
+    # the release YAML given where the weights go
+    result = run("--from", str(FIXTURE / "tiny_config.yml"), *common)
+    assert result.exit_code == 2 and "goes to --init-config" in " ".join(result.output.split())
     # everything frozen
     result = run("--from", str(base), "--freeze", "embedding,norm,blocks.*", *common)
     assert result.exit_code == 2 and "freezes every parameter" in result.output

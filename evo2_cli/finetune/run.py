@@ -82,6 +82,11 @@ def resolve_start(section: FinetuneSection) -> StartingPoint:
             "finetune.init_from is not set: pass --from (or --set finetune.init_from=...) with a checkpoint "
             "directory, a run directory, or an Evo 2 / Vortex .pt"
         )
+    if path.suffix in (".yaml", ".yml"):
+        raise InputError(
+            f"{path}: --from takes the weights (a checkpoint directory, a run directory or a Vortex .pt); a "
+            "release config YAML goes to --init-config"
+        )
     if path.is_file() and path.suffix != ".safetensors":
         config_path = section.init_config or _sibling_config(path)
         return StartingPoint(path, load_model_config(config_path), config_path)
