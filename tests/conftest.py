@@ -26,7 +26,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A `test` preset checkpoint directory (random init, seed 0): the finetune tests' starting point."""
+    """A `test` preset checkpoint directory (random init, seed 0): what the infer and finetune tests load."""
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("base") / "ckpt"
     save_model(StripedHyena(preset_config("test")), directory)

@@ -11,18 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
-from evo2_cli.model import StripedHyena, preset_config, save_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("infer") / "ck"
-    save_model(StripedHyena(preset_config("test")), path)
-    return path
 
 
 @pytest.fixture
@@ -51,10 +42,10 @@ def _fasta_records(text: str) -> list[tuple[str, str]]:
     return [(b.split("\n", 1)[0], b.split("\n", 1)[1].replace("\n", "")) for b in blocks]
 
 
-def test_generate_to_stdout_and_file(checkpoint, tmp_path):
+def test_generate_to_stdout_and_file(base, tmp_path):
     args = [
         "generate",
-        checkpoint,
+        base,
         "-p",
         "ACGTAC",
         "-p",
@@ -91,10 +82,10 @@ def test_generate_to_stdout_and_file(checkpoint, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
 
 
-def test_generate_prompts_from_fasta_and_greedy(checkpoint, fasta):
+def test_generate_prompts_from_fasta_and_greedy(base, fasta):
     result = invoke(
         "generate",
-        checkpoint,
+        base,
         "--prompt-fasta",
         fasta,
         "-n",
@@ -134,21 +125,21 @@ def test_generate_prompts_from_fasta_and_greedy(checkpoint, fasta):
         ),
     ],
 )
-def test_generate_bad_input_exits_2(checkpoint, args, message):
-    result = invoke("generate", checkpoint, *args)
+def test_generate_bad_input_exits_2(base, args, message):
+    result = invoke("generate", base, *args)
     assert result.exit_code == 2, result.output
     assert message in said(result) and "Traceback" not in said(result)
 
 
-def test_generate_invalid_policy_maps_to_n(checkpoint):
-    result = invoke("generate", checkpoint, "-p", "ACG-T", "--invalid", "n", "-n", 2, "--include-prompt")
+def test_generate_invalid_policy_maps_to_n(base):
+    result = invoke("generate", base, "-p", "ACG-T", "--invalid", "n", "-n", 2, "--include-prompt")
     assert result.exit_code == 0, result.output
     assert _fasta_records(result.stdout)[0][1].startswith("ACGNT")
 
 
-def test_score_tsv_csv_per_token(checkpoint, fasta, tmp_path):
+def test_score_tsv_csv_per_token(base, fasta, tmp_path):
     out = tmp_path / "scores.tsv"
-    result = invoke("score", checkpoint, fasta, "-o", out, "--per-token", tmp_path / "pt.tsv", "--window", 32)
+    result = invoke("score", base, fasta, "-o", out, "--per-token", tmp_path / "pt.tsv", "--window", 32)
     assert result.exit_code == 0, result.output
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     assert lines[0] == ["id", "length", "n_scored", "sum_ll", "mean_ll", "bits_per_base"]
@@ -165,35 +156,35 @@ def test_score_tsv_csv_per_token(checkpoint, fasta, tmp_path):
     assert per_token[1][:3] == ["rec0", "1", fasta.read_text().splitlines()[1][1].upper()]
     rec0 = sum(float(r[3]) for r in per_token[1:] if r[0] == "rec0")
     assert rec0 == pytest.approx(float(lines[1][3]), abs=1e-3)
-    csv = invoke("score", checkpoint, fasta, "--rc", "--format", "csv")
+    csv = invoke("score", base, fasta, "--rc", "--format", "csv")
     assert csv.exit_code == 0 and csv.stdout.splitlines()[0].endswith("sum_ll_forward,sum_ll_rc")
 
 
-def test_score_bad_input(checkpoint, tmp_path, fasta):
+def test_score_bad_input(base, tmp_path, fasta):
     bad = tmp_path / "bad.fa"
     bad.write_text(">x\nACGT\n>y\nAC*GT\n")
-    result = invoke("score", checkpoint, bad)
+    result = invoke("score", base, bad)
     assert result.exit_code == 2 and "bad.fa:4" in said(result)
-    result = invoke("score", checkpoint, fasta, "--window", 8, "--overlap", 8)
+    result = invoke("score", base, fasta, "--window", 8, "--overlap", 8)
     assert result.exit_code == 2 and "--overlap" in said(result)
     (tmp_path / "empty.fa").write_text("")
     for missing_or_empty in (tmp_path / "missing.fa", tmp_path / "empty.fa"):
-        result = invoke("score", checkpoint, missing_or_empty)
+        result = invoke("score", base, missing_or_empty)
         assert result.exit_code == 2 and str(missing_or_empty) in said(result)
         assert "parameters" not in said(result)  # it failed before loading the model
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        result = invoke("score", checkpoint, fasta, "-o", tmp_path / "s.parquet")
+        result = invoke("score", base, fasta, "-o", tmp_path / "s.parquet")
         assert result.exit_code == 2 and "pyarrow" in said(result)
         assert not (tmp_path / "s.parquet").exists()
 
 
-def test_score_output_is_atomic(checkpoint, tmp_path):
+def test_score_output_is_atomic(base, tmp_path):
     bad = tmp_path / "late.fa"
     bad.write_text(">a\nACGTACGT\n>b\nACGT\n>c\nAC.GT\n")
     out = tmp_path / "scores.tsv"
-    result = invoke("score", checkpoint, bad, "-o", out, "--per-token", tmp_path / "pt.tsv")
+    result = invoke("score", base, bad, "-o", out, "--per-token", tmp_path / "pt.tsv")
     assert result.exit_code == 2 and "late.fa:6" in said(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.fa"]  # nothing half-written
 
@@ -207,61 +198,61 @@ def test_score_output_is_atomic(checkpoint, tmp_path):
         ["generate", "-p", "ACG", "--logprobs", "{bad}"],
     ],
 )
-def test_unwritable_output_exits_2_before_any_work(checkpoint, fasta, tmp_path, command):
+def test_unwritable_output_exits_2_before_any_work(base, fasta, tmp_path, command):
     (tmp_path / "a_file").write_text("")
     bad = tmp_path / "a_file" / "out.tsv"  # a file where a directory should be
-    result = invoke(command[0], checkpoint, *[a.format(fasta=fasta, bad=bad) for a in command[1:]])
+    result = invoke(command[0], base, *[a.format(fasta=fasta, bad=bad) for a in command[1:]])
     assert result.exit_code == 2, result.output
     assert "cannot write there" in said(result)
     assert "parameters" not in said(result)  # it failed before loading the model
 
 
-def test_score_parquet(checkpoint, fasta, tmp_path):
+def test_score_parquet(base, fasta, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
-    result = invoke("score", checkpoint, fasta, "-o", tmp_path / "s.parquet")
+    result = invoke("score", base, fasta, "-o", tmp_path / "s.parquet")
     assert result.exit_code == 0, result.output
     table = pq.read_table(tmp_path / "s.parquet")
     assert table.column("id").to_pylist() == ["rec0", "rec1", "rec2"]
 
 
-def test_embed_npy_and_safetensors(checkpoint, fasta, tmp_path):
+def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     from safetensors.torch import load_file
 
-    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.npy", "--layer", "-1")
+    result = invoke("embed", base, fasta, "-o", tmp_path / "e.npy", "--layer", "-1")
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "e.npy").shape == (3, 8)
     index = (tmp_path / "e.npy.ids.tsv").read_text().splitlines()
     assert index == ["index\tid\tlength\toffset", "0\trec0\t40\t0", "1\trec1\t7\t1", "2\trec2\t90\t2"]
-    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.safetensors", "--pooling", "none")
+    result = invoke("embed", base, fasta, "-o", tmp_path / "e.safetensors", "--pooling", "none")
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "e.safetensors")
     assert tensors["embeddings"].shape == (137, 8) and tensors["offsets"].tolist() == [0, 40, 47, 137]
-    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "e.pt")
+    result = invoke("embed", base, fasta, "-o", tmp_path / "e.pt")
     assert result.exit_code == 2
-    result = invoke("embed", checkpoint, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
+    result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
     assert result.exit_code == 2 and "out of range" in said(result)
 
 
-def test_variants(checkpoint, fasta, tmp_path):
+def test_variants(base, fasta, tmp_path):
     chrom = fasta.read_text().splitlines()[1].upper()
     listing = tmp_path / "v.tsv"
     listing.write_text(f"chrom\tpos\tref\talt\nrec0\t5\t{chrom[4]}\tA\nrec0\t10\t{chrom[9]}\tTT\n")
     out = tmp_path / "v.out.tsv"
-    result = invoke("variants", checkpoint, listing, "-r", fasta, "-o", out, "--window", 20)
+    result = invoke("variants", base, listing, "-r", fasta, "-o", out, "--window", 20)
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in out.read_text().splitlines()]
     assert rows[0][:6] == ["chrom", "pos", "ref", "alt", "status", "window_start"]
     assert [r[4] for r in rows[1:]] == ["ok", "ok"]
     wrong = "C" if chrom[4] != "C" else "G"
     listing.write_text(f"rec0\t5\t{wrong}\tA\n")
-    result = invoke("variants", checkpoint, listing, "-r", fasta)
+    result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and f"ref allele {wrong} does not match" in said(result)
     assert "parameters" not in said(result)  # found before loading the model
-    result = invoke("variants", checkpoint, listing, "-r", fasta, "--window", 1)
+    result = invoke("variants", base, listing, "-r", fasta, "--window", 1)
     assert result.exit_code == 2 and "--window must be >= 2" in said(result)
     assert "parameters" not in said(result)
     listing.write_text("chrZ\t5\tA\tC\n")
-    result = invoke("variants", checkpoint, listing, "-r", fasta)
+    result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)
 
 
@@ -281,11 +272,11 @@ def test_vortex_checkpoint_and_mismatching_config(tmp_path, fasta):
     assert result.exit_code == 2 and "shape" in said(result) and "Traceback" not in said(result)
 
 
-def test_checkpoint_not_matching_its_config_exits_2(checkpoint, tmp_path):
+def test_checkpoint_not_matching_its_config_exits_2(base, tmp_path):
     import shutil
 
     edited = tmp_path / "edited"
-    shutil.copytree(checkpoint, edited)
+    shutil.copytree(base, edited)
     config = edited / "config.yaml"
     config.write_text(config.read_text().replace("inner_mlp_size: 16", "inner_mlp_size: 24"))
     result = invoke("generate", edited, "-p", "ACGT", "-n", 2)
@@ -293,14 +284,14 @@ def test_checkpoint_not_matching_its_config_exits_2(checkpoint, tmp_path):
     assert "has shape (16, 8), expected (24, 8)" in said(result) and "Traceback" not in said(result)
 
 
-def test_run_directory_resolves_latest(checkpoint, tmp_path, fasta):
+def test_run_directory_resolves_latest(base, tmp_path, fasta):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(checkpoint, run / "checkpoints" / "step_00000005")
+    shutil.copytree(base, run / "checkpoints" / "step_00000005")
     (run / "checkpoints" / "latest").symlink_to("step_00000005")
     (run / "config.yaml").write_text(json.dumps({}))
-    direct = invoke("score", checkpoint, fasta)
+    direct = invoke("score", base, fasta)
     via_run = invoke("score", run, fasta)
     assert via_run.exit_code == 0, via_run.output
     assert via_run.stdout == direct.stdout
