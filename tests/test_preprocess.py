@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import load_config
+from evo2_cli.data import fasta
 from evo2_cli.data import preprocess as pre
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
@@ -116,6 +117,9 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     reordered = write_fasta(tmp_path / "reordered" / "a.fa", shuffled, width=17)
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
     assert file_bytes(run(tmp_path, [reordered, second], "shuffled")[0]) == base
+    # Records read in many small blocks (stored from several parts): the same bytes and statistics.
+    with mock.patch.object(fasta, "BLOCK_SIZE", 1000):
+        assert file_bytes(run(tmp_path, [first, second], "small_blocks")[0]) == base
     # Two byte ranges read by two processes: still the same bytes.
     with mock.patch.object(pre, "MIN_SHARD_BYTES", 20_000):
         assert len(pre._file_tasks(0, first, 2)) == 2
@@ -148,6 +152,17 @@ def test_group_regex_keeps_a_group_together(tmp_path):
     assert len(set.union(*splits_of_group.values())) > 1
 
 
+@pytest.fixture(params=[None, 7], ids=["one_block", "7_byte_blocks"])
+def read_blocks(request):
+    """Records read in one block, or in many (a record then reaches the recipe in several parts)."""
+    if request.param is None:
+        yield
+    else:
+        with mock.patch.object(fasta, "BLOCK_SIZE", request.param):
+            yield
+
+
+@pytest.mark.usefixtures("read_blocks")
 def test_options_shape_the_documents(tmp_path):
     source = write_fasta(tmp_path / "in.fa", [("r", b"acgtRNNNNNACGTAC"), ("e", b"")])
     tags = tmp_path / "tags.tsv"
@@ -326,7 +341,8 @@ def test_cli_quick_form(tmp_path):
 
 
 def test_cli_start_up_imports_only_what_preprocess_needs(tmp_path):
-    """Command modules load on first use: `evo2 preprocess` imports no model, training or inference code."""
+    """Command modules load on first use: `evo2 preprocess` imports no model, training or inference code,
+    and no pydantic (typer 0.29 validates options through it: 0.1 s more start-up; pyproject keeps < 0.29)."""
     source = write_fasta(tmp_path / "in.fa", random_records(2, length=(1, 9)))
     listing = tmp_path / "modules.txt"
     probe = (
@@ -338,7 +354,14 @@ def test_cli_start_up_imports_only_what_preprocess_needs(tmp_path):
         done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         loaded = set(listing.read_text().split())
-        heavy = ("torch", "evo2_cli.model", "evo2_cli.train", "evo2_cli.infer", "evo2_cli.finetune")
+        heavy = (
+            "torch",
+            "pydantic",
+            "evo2_cli.model",
+            "evo2_cli.train",
+            "evo2_cli.infer",
+            "evo2_cli.finetune",
+        )
         assert not {name for name in loaded if name.startswith(heavy)}
         commands = {name for name in loaded if name.startswith("evo2_cli.commands.")}
         assert commands == (
@@ -396,6 +419,7 @@ def test_split_hash_is_golden():
     )
 
 
+@pytest.mark.usefixtures("read_blocks")
 def test_more_options(tmp_path):
     source = write_fasta(tmp_path / "in.fa", [("r", b"acguACGUAC")])
 
