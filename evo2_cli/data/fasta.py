@@ -43,9 +43,16 @@ _OTHER_COMPRESSION = {
 @dataclass(slots=True)
 class FastaRecord:
     header: bytes  # the header line without '>' and line end (raw bytes: need not be UTF-8)
-    sequence: bytearray  # the sequence letters, line ends removed; empty when `problem` is set
+    # The sequence letters, line ends removed, in the pieces they were read in (about one per block): a caller
+    # that streams them never copies the record into one buffer. Empty when `problem` is set.
+    parts: list[bytes]
     line: int  # 1-based line of the header
     problem: str | None = None  # why the record is unusable, with file and line
+
+    @property
+    def sequence(self) -> bytes:
+        """The whole sequence as one bytes object (a copy when it was read in several pieces)."""
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
     @property
     def id(self) -> bytes:
@@ -218,9 +225,7 @@ class _RecordBuilder:
     path: Path
     header: bytes
     line: int
-    # One growing buffer, not a list of pieces joined at the end: a record costs its size once, not twice
-    # (large bytearrays grow in place through realloc/mremap).
-    sequence: bytearray = field(default_factory=bytearray)
+    parts: list[bytes] = field(default_factory=list)
     problem: str | None = None
 
     def add(self, body: bytes, first_line: int) -> int:
@@ -241,16 +246,16 @@ class _RecordBuilder:
                 f"{describe_byte(body[at])}; fix the record, or skip bad records with "
                 "--set preprocess.on_bad_record=skip"
             )
-            self.sequence = bytearray()
-        else:
-            self.sequence += piece
+            self.parts = []
+        elif piece:
+            self.parts.append(piece)
         return newlines
 
     def finish(self) -> FastaRecord:
         if not self.header.strip() and not self.problem:
             self.problem = f"{self.path}:{self.line}: empty header line (a record needs an id after '>')"
-            self.sequence = bytearray()
-        return FastaRecord(self.header, self.sequence, self.line, self.problem)
+            self.parts = []
+        return FastaRecord(self.header, self.parts, self.line, self.problem)
 
 
 def make_record(path: Path, header: bytes, line: int, sequence: bytes) -> FastaRecord:

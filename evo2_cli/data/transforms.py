@@ -111,44 +111,66 @@ class Recipe:
     tag_every: int | None = None
     append_eod: bool = True
 
-    def apply(self, sequence: bytes, tag: bytes | None = None) -> RecordOutput:
+    def apply(self, parts: list[bytes], tag: bytes | None = None) -> RecordOutput:
+        """`parts`: the record's sequence in the pieces it was read in (FastaRecord.parts). They are stored
+        as they are unless a step must cut the sequence, which joins them into one buffer first."""
         out = RecordOutput([], [], BaseCounts(), {})
         if self.letters is not None:
-            sequence = sequence.translate(self.letters)
-        for piece in self._pieces(sequence, out.dropped):
+            parts = [part.translate(self.letters) for part in parts]
+        if len(parts) != 1 and self._cuts_sequence:
+            parts = [b"".join(parts)]
+        for piece in self._pieces(parts, out.dropped):
             self._store(piece, tag, out)
         return out
 
-    def _pieces(self, sequence: bytes, dropped: dict[str, int]) -> list[bytes]:
-        def drop(reason: str) -> list[bytes]:
+    @property
+    def _cuts_sequence(self) -> bool:
+        """N-run cuts, windows, reverse complements and repeated tags slice one contiguous sequence."""
+        return (
+            self.n_run_length is not None
+            or self.chunk_length is not None
+            or self.reverse_complement
+            or self.tag_every is not None
+        )
+
+    def _pieces(self, parts: list[bytes], dropped: dict[str, int]) -> list[list[bytes]]:
+        def drop(reason: str) -> list[list[bytes]]:
             dropped[reason] = dropped.get(reason, 0) + 1
             return []
 
-        if not sequence:
-            return drop("empty") if self.drop_empty else [sequence]
-        pieces = [sequence]
-        if self.n_run_length is not None:
+        if not any(parts):
+            return drop("empty") if self.drop_empty else [parts]
+        pieces = [parts]
+        if self.n_run_length is not None:  # parts is one buffer here (_cuts_sequence)
+            (sequence,) = parts
             n_run = re.compile(rb"[Nn]{%d,}" % self.n_run_length)
             if self.n_run_action == "drop":
                 if n_run.search(sequence):
                     return drop("n_run")
             else:  # pieces between the runs; runs at the ends leave nothing to keep
-                pieces = [piece for piece in n_run.split(sequence) if piece]
+                pieces = [[piece] for piece in n_run.split(sequence) if piece]
         kept = []
         for piece in pieces:
-            if len(piece) < self.min_length:
+            length = sum(len(part) for part in piece)
+            if length < self.min_length:
                 drop("too_short")
-            elif self.max_length is not None and len(piece) > self.max_length:
+            elif self.max_length is not None and length > self.max_length:
                 drop("too_long")
             else:
                 kept.append(piece)
         return kept
 
-    def _store(self, piece: bytes, tag: bytes | None, out: RecordOutput) -> None:
-        forward = memoryview(piece)
-        reverse = memoryview(piece.translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
+    def _store(self, piece: list[bytes], tag: bytes | None, out: RecordOutput) -> None:
         eod = [bytes([EOD_ID])] if self.append_eod else []
-        length = len(piece)
+        if len(piece) != 1:  # several parts (or none) only when nothing cuts: one document, stored as read
+            out.documents.append([*([tag] if tag is not None else []), *piece, *eod])
+            out.base_lengths.append(sum(len(part) for part in piece))
+            for part in piece:
+                out.counts.add(part)
+            return
+        forward = memoryview(piece[0])
+        reverse = memoryview(piece[0].translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
+        length = len(forward)
         for start, end in windows(length, self.chunk_length, self.chunk_overlap):
             out.documents.append([*tagged(forward[start:end], tag, self.tag_every), *eod])
             copies = 1
