@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -457,7 +456,12 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
     with _progress_bar(console, sum(task.size for task in tasks)) as advance:
         if workers == 1 or len(tasks) == 1:
             return [run_task(task, job, advance) for task in tasks]
-        context = multiprocessing.get_context("spawn")  # no fork: the parent runs threads (progress, reader)
+        # A fork server imports this module once, in a clean process, and forks each worker from it: workers
+        # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload([__name__])
         done_bytes, done_records = context.Value("q", 0), context.Value("q", 0)
         pool = context.Pool(min(workers, len(tasks)), _init_worker, (done_bytes, done_records))
         try:
@@ -470,9 +474,10 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
                 for result in pending:
                     if result.ready() and not result.successful():
                         result.get()  # re-raises the worker's error at once, not after earlier tasks end
-                if all(result.ready() for result in pending):
+                waiting = [result for result in pending if not result.ready()]
+                if not waiting:
                     return [result.get() for result in pending]
-                time.sleep(0.1)
+                waiting[0].wait(0.1)  # wakes when that task ends, not up to 0.1 s after
         finally:
             pool.terminate()  # also stops the other workers after an error or Ctrl-C
             pool.join()
