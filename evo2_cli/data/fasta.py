@@ -1,10 +1,10 @@
 """Streaming FASTA reader: plain, gzip or bgzip (sniffed from the bytes, not the name), CRLF, any line width.
 
 Speed comes from doing no per-line Python work: the file is read in big blocks (read and decompressed in a
-background thread; ISA-L holds the GIL while it inflates, so that thread overlaps the caller's I/O rather than
-its parsing), headers are found with `bytes.find` (memchr), line ends are removed with `bytes.replace` and
-the alphabet is checked with one `bytes.translate` per block. Memory holds one record plus a few blocks,
-whatever the file size.
+background thread; ISA-L takes the GIL back for every output buffer, so that thread overlaps the caller's
+I/O rather than its parsing), headers are found with `bytes.find` (memchr), line ends are removed with
+`bytes.replace` and the alphabet is checked with one `bytes.translate` per block. A record keeps the pieces
+of the blocks it was read from (`parts`). Memory holds one record plus a few blocks, whatever the file size.
 
 Problems of one record (a character outside IUPAC, an empty header) do not raise: the record carries
 `problem` and the caller decides whether to stop or skip it. Problems of the whole file (empty, no header,
