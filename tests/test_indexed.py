@@ -154,3 +154,14 @@ def test_documents_copied_from_another_file(tmp_path, monkeypatch, kernel_copy):
         os.close(fd)
     ds = IndexedDataset(tmp_path / "d")
     assert [ds[i].tobytes() for i in range(len(ds))] == [b"T\x00", b"ACGT\x00", b"GG\x00", b"C\x00"]
+
+
+def test_documents_added_as_bytes(tmp_path):
+    with IndexedDatasetWriter(tmp_path / "d") as writer:
+        writer.add_document(np.frombuffer(b"T\x00", dtype=np.uint8))
+        writer.add_documents_bytes(b"ACGT\x00GG\x00", [5, 3])
+        writer.add_document(np.frombuffer(b"C\x00", dtype=np.uint8))
+        with pytest.raises(ValueError, match="7 bytes do not hold documents of 8 tokens"):
+            writer.add_documents_bytes(b"ACGT\x00GG", [5, 3])
+    ds = IndexedDataset(tmp_path / "d")
+    assert [ds[i].tobytes() for i in range(len(ds))] == [b"T\x00", b"ACGT\x00", b"GG\x00", b"C\x00"]

@@ -120,6 +120,9 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     # Records read in many small blocks (stored from several parts): the same bytes and statistics.
     with mock.patch.object(fasta, "BLOCK_SIZE", 1000):
         assert file_bytes(run(tmp_path, [first, second], "small_blocks")[0]) == base
+    # Long stretches copied by the kernel between gathered short ones: the same bytes and hashes.
+    with mock.patch.object(pre, "_WRITE_BATCH", 2000):
+        assert file_bytes(run(tmp_path, [reordered, second], "copied_and_gathered")[0]) == base
     # Two byte ranges read by two processes: still the same bytes.
     with mock.patch.object(pre, "MIN_SHARD_BYTES", 20_000):
         assert len(pre._file_tasks(0, first, 2)) == 2

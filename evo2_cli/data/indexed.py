@@ -193,6 +193,15 @@ class IndexedDatasetWriter:
         _copy_range(source_fd, self._bin.fileno(), offset, sum(lengths) * self.dtype.itemsize)
         self._lengths.extend(lengths)
 
+    def add_documents_bytes(self, data: bytes, lengths: Sequence[int]) -> None:
+        """Append documents given as their tokens' bytes back to back (`lengths` in tokens): one write for
+        many short documents."""
+        if sum(lengths) * self.dtype.itemsize != len(data):
+            tokens = sum(lengths)
+            raise ValueError(f"{len(data)} bytes do not hold documents of {tokens} tokens of {self.dtype}")
+        self._bin.write(data)
+        self._lengths.extend(lengths)
+
     @property
     def num_documents(self) -> int:
         return len(self._lengths)

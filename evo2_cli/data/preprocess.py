@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 
 import numpy as np
 
@@ -279,20 +279,25 @@ class _Spools:
     """This process's append-only spool file per split."""
 
     def __init__(self, directory: Path):
-        self.directory, self.handles = directory, {}
+        self.directory = directory
+        self.handles: dict[int, tuple[str, BinaryIO]] = {}
+        self.sizes: dict[int, int] = {}
 
     def write(self, split: int, documents: list) -> tuple[str, int, tuple[int, ...]]:
-        name = f"{os.getpid()}-{SPLITS[split]}.spool"
         if split not in self.handles:
-            self.handles[split] = open(self.directory / name, "ab")  # noqa: SIM115 - closed in close()
-        handle = self.handles[split]
-        offset = handle.tell()
+            name = f"{os.getpid()}-{SPLITS[split]}.spool"  # one name object shared by the split's records
+            handle = open(self.directory / name, "ab")  # noqa: SIM115 - closed in close()
+            self.handles[split], self.sizes[split] = (name, handle), handle.tell()  # a worker's earlier tasks
+        name, handle = self.handles[split]
+        lengths = tuple(sum(len(part) for part in parts) for parts in documents)
+        offset = self.sizes[split]
+        self.sizes[split] += sum(lengths)
         for parts in documents:
             handle.writelines(parts)
-        return name, offset, tuple(sum(len(part) for part in parts) for parts in documents)
+        return name, offset, lengths
 
     def close(self) -> None:
-        for handle in self.handles.values():
+        for _, handle in self.handles.values():
             handle.close()
 
 
@@ -338,7 +343,8 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                     result.problems.append((task.input_index, record.line, problem))
                 continue
             split = split_of(key, cfg.seed, cfg.split)
-            out = recipe.apply(record.parts, tag_for(record_id, job.tags) if job.tags else None)
+            stats = result.splits[split]
+            out = recipe.apply(record.parts, stats.counts, tag_for(record_id, job.tags) if job.tags else None)
             for reason, count in out.dropped.items():
                 result.dropped[reason] = result.dropped.get(reason, 0) + count
             if not out.documents:
@@ -347,12 +353,12 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
             result.records.append(
                 StoredRecord(task.input_index, record_id, record.line, split, spool, offset, lengths)
             )
-            stats = result.splits[split]
             stats.records += 1
             stats.documents += len(lengths)
             stats.tokens += sum(lengths)
-            stats.counts.merge(out.counts)
             stats.lengths.extend(out.base_lengths)
+        for stats in result.splits:
+            stats.counts.flush()
         meter.on_bytes(0)
     finally:
         spools.close()
@@ -572,23 +578,82 @@ def canonical_order(records: list[StoredRecord], spools: _SpoolReader) -> list[S
     return out
 
 
-def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> str:
-    """Write one split in canonical order; returns the sha256 of its .bin. The kernel copies the bytes while
-    a second thread hashes them from the spool (hashlib and pread release the GIL): no copy in Python."""
-    digest = hashlib.sha256()
+_WRITE_BATCH = 1 << 22  # bytes: larger runs are copied by the kernel, smaller ones gathered to this size
 
-    def hash_record(record: StoredRecord) -> None:
-        for chunk in spools.chunks(record):
-            digest.update(chunk)
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while size:
+        part = os.pread(fd, min(size, 1 << 30), offset)
+        if not part:
+            raise ValueError("a spool file ends before its records do")
+        parts.append(part)
+        offset, size = offset + len(part), size - len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _runs(ordered: list[StoredRecord], spools: _SpoolReader) -> Iterator[tuple[int, int, int, list[int]]]:
+    """(spool fd, start, end, document lengths) of the longest stretches of `ordered` records that lie back
+    to back in one spool (reads named in order arrive in order: one stretch for all of them)."""
+    fd, start, end, lengths = -1, 0, 0, []
+    for record in ordered:
+        record_fd = spools.fd(record)
+        if record_fd != fd or record.offset != end:
+            if lengths:
+                yield fd, start, end, lengths
+            fd, start, end, lengths = record_fd, record.offset, record.offset, []
+        end += sum(record.lengths)
+        lengths += record.lengths
+    if lengths:
+        yield fd, start, end, lengths
+
+
+def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> str:
+    """Write one split in canonical order; returns the sha256 of its .bin. Stretches of a few MB or more are
+    copied by the kernel (copy_file_range) while a second thread hashes them from the spool; shorter ones
+    (short reads out of order) are read and written a few MB at a time. The hash runs one piece behind the
+    writer (file writes, copies and hashlib release the GIL)."""
+    digest = hashlib.sha256()
+    hashing = None
+    gathered: list[bytes] = []
+    gathered_lengths: list[int] = []
+
+    def hash_next(job: Callable, *args) -> None:
+        nonlocal hashing
+        if hashing is not None:
+            hashing.result()  # in file order, and at most one piece held for the hasher
+        hashing = hasher.submit(job, *args)
+
+    def hash_range(fd: int, start: int, end: int) -> None:
+        for at in range(start, end, _WRITE_BATCH):
+            digest.update(_pread_exact(fd, min(_WRITE_BATCH, end - at), at))
+
+    def write_gathered() -> None:
+        if gathered:
+            data = b"".join(gathered)
+            hash_next(digest.update, data)
+            writer.add_documents_bytes(data, gathered_lengths)
+            gathered.clear()
+            gathered_lengths.clear()
 
     with IndexedDatasetWriter(prefix) as writer, ThreadPoolExecutor(1) as hasher:
-        # One hashing thread takes the records in submission order, which is the order of the file.
-        ordered = canonical_order(records, spools)
-        hashed = [hasher.submit(hash_record, record) for record in ordered]
-        for record in ordered:
-            writer.add_documents_from(spools.fd(record), record.offset, record.lengths)
-        for future in hashed:
-            future.result()
+        gathered_size = 0
+        for fd, start, end, lengths in _runs(canonical_order(records, spools), spools):
+            if end - start >= _WRITE_BATCH:
+                write_gathered()
+                gathered_size = 0
+                hash_next(hash_range, fd, start, end)
+                writer.add_documents_from(fd, start, lengths)
+                continue
+            gathered.append(_pread_exact(fd, end - start, start))
+            gathered_lengths.extend(lengths)
+            gathered_size += end - start
+            if gathered_size >= _WRITE_BATCH:
+                write_gathered()
+                gathered_size = 0
+        write_gathered()
+        if hashing is not None:
+            hashing.result()
     return digest.hexdigest()
 
 

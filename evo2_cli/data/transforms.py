@@ -9,7 +9,7 @@ bases -> EOD. A stored document is a list of byte parts written back to back (no
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,18 +53,37 @@ def tagged(sequence: memoryview, tag: bytes | None, every: int | None) -> list[m
 
 
 _COUNT_SLICE = 1 << 18
+_BATCH_BYTES = 1 << 20  # pieces smaller than a slice wait in a batch: numpy calls cost microseconds each
 
 
 @dataclass
 class BaseCounts:
-    """Letter statistics of stored sequence bases (tags and EOD excluded)."""
+    """Letter statistics of stored sequence bases (tags and EOD excluded). Small pieces (short reads) are
+    batched and counted a megabyte at a time; `flush()` counts what waits (merge and pickling flush)."""
 
     bases: int = 0
     gc: int = 0
     n: int = 0
     lowercase: int = 0
+    _waiting: dict[int, bytearray] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, sequence: bytes | memoryview, copies: int = 1) -> None:
+        if len(sequence) >= _COUNT_SLICE:
+            self._count(sequence, copies)
+            return
+        waiting = self._waiting.setdefault(copies, bytearray())
+        waiting += sequence
+        if len(waiting) >= _BATCH_BYTES:
+            self._count(waiting, copies)
+            waiting.clear()
+
+    def flush(self) -> BaseCounts:
+        for copies, waiting in self._waiting.items():
+            self._count(waiting, copies)
+        self._waiting.clear()
+        return self
+
+    def _count(self, sequence: bytes | bytearray | memoryview, copies: int) -> None:
         letters = np.frombuffer(sequence, dtype=np.uint8)
         gc = n = lowercase = 0
         # Cache-sized slices: the temporaries stay in L2 instead of paging in fresh memory (4x faster).
@@ -81,17 +100,22 @@ class BaseCounts:
         self.lowercase += copies * int(lowercase)
 
     def merge(self, other: BaseCounts) -> None:
+        self.flush()
+        other.flush()
         self.bases += other.bases
         self.gc += other.gc
         self.n += other.n
         self.lowercase += other.lowercase
+
+    def __getstate__(self) -> dict:
+        self.flush()  # what a worker process sends back holds no uncounted bytes
+        return self.__dict__
 
 
 @dataclass
 class RecordOutput:
     documents: list[list[memoryview | bytes]]  # byte parts of each stored document, EOD included
     base_lengths: list[int]  # sequence bases of each document (tags and EOD excluded)
-    counts: BaseCounts
     dropped: dict[str, int]  # pieces dropped, by reason
 
 
@@ -111,16 +135,17 @@ class Recipe:
     tag_every: int | None = None
     append_eod: bool = True
 
-    def apply(self, parts: list[bytes], tag: bytes | None = None) -> RecordOutput:
+    def apply(self, parts: list[bytes], counts: BaseCounts, tag: bytes | None = None) -> RecordOutput:
         """`parts`: the record's sequence in the pieces it was read in (FastaRecord.parts). They are stored
-        as they are unless a step must cut the sequence, which joins them into one buffer first."""
-        out = RecordOutput([], [], BaseCounts(), {})
+        as they are unless a step must cut the sequence, which joins them into one buffer first. The letters
+        of the stored documents are added to `counts` (the split's)."""
+        out = RecordOutput([], [], {})
         if self.letters is not None:
             parts = [part.translate(self.letters) for part in parts]
         if len(parts) != 1 and self._cuts_sequence:
             parts = [b"".join(parts)]
         for piece in self._pieces(parts, out.dropped):
-            self._store(piece, tag, out)
+            self._store(piece, tag, out, counts)
         return out
 
     @property
@@ -160,13 +185,13 @@ class Recipe:
                 kept.append(piece)
         return kept
 
-    def _store(self, piece: list[bytes], tag: bytes | None, out: RecordOutput) -> None:
+    def _store(self, piece: list[bytes], tag: bytes | None, out: RecordOutput, counts: BaseCounts) -> None:
         eod = [bytes([EOD_ID])] if self.append_eod else []
         if len(piece) != 1:  # several parts (or none) only when nothing cuts: one document, stored as read
             out.documents.append([*([tag] if tag is not None else []), *piece, *eod])
             out.base_lengths.append(sum(len(part) for part in piece))
             for part in piece:
-                out.counts.add(part)
+                counts.add(part)
             return
         forward = memoryview(piece[0])
         reverse = memoryview(piece[0].translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
@@ -179,4 +204,4 @@ class Recipe:
                 out.documents.append([*tagged(window, tag, self.tag_every), *eod])
                 copies = 2
             out.base_lengths += [end - start] * copies
-            out.counts.add(forward[start:end], copies)  # a reverse complement has the same GC, N, case
+            counts.add(forward[start:end], copies)  # a reverse complement has the same GC, N, case
