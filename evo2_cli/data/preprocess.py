@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import glob
 import hashlib
+import heapq
 import itertools
 import json
 import multiprocessing
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import BinaryIO, Literal
 
 import numpy as np
 
@@ -230,16 +231,29 @@ class Task:
     size: int = 0  # bytes (or region bases) for the progress bar
 
 
-class StoredRecord(NamedTuple):
-    """Where one record's documents went: consecutive in a spool file."""
+@dataclass
+class StoredRecords:
+    """Where one task's records of one split went, as columns: short reads come by the million, and a record
+    costs its id plus about 40 bytes here (a few hundred as one object each)."""
 
-    input_index: int
-    id: bytes
-    line: int
-    split: int
-    spool: str
-    offset: int
-    lengths: tuple[int, ...]  # tokens of each document
+    spool: str = ""  # the spool file the records were appended to, back to back
+    ids: list[bytes] = field(default_factory=list)
+    lines: array = field(default_factory=lambda: array("q"))  # file line of each header
+    offsets: array = field(default_factory=lambda: array("q"))  # where each record starts in the spool
+    document_ends: array = field(default_factory=lambda: array("q"))  # end of its documents in `lengths`
+    lengths: array = field(default_factory=lambda: array("q"))  # tokens of every document, record by record
+
+    def add(self, record_id: bytes, line: int, offset: int, lengths: tuple[int, ...]) -> None:
+        self.ids.append(record_id)
+        self.lines.append(line)
+        self.offsets.append(offset)
+        self.lengths.extend(lengths)
+        self.document_ends.append(len(self.lengths))
+
+    def extent(self, i: int) -> tuple[int, int, array]:
+        """(start, end) of record `i` in the spool and the token lengths of its documents."""
+        lengths = self.lengths[self.document_ends[i - 1] if i else 0 : self.document_ends[i]]
+        return self.offsets[i], self.offsets[i] + sum(lengths), lengths
 
 
 @dataclass
@@ -260,7 +274,8 @@ class SplitStats:
 
 @dataclass
 class TaskResult:
-    records: list[StoredRecord] = field(default_factory=list)
+    input_index: int
+    stored: list[StoredRecords] = field(default_factory=lambda: [StoredRecords() for _ in SPLITS])
     splits: list[SplitStats] = field(default_factory=lambda: [SplitStats() for _ in SPLITS])
     dropped: dict[str, int] = field(default_factory=dict)
     problems: list[tuple[int, int, str]] = field(default_factory=list)  # (input, line, message), first few
@@ -321,7 +336,7 @@ def _records(task: Task, meter: _Meter) -> Iterator[FastaRecord]:
 def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
     cfg, recipe = job.config, job.config.recipe()
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
-    result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
+    result, spools, meter = TaskResult(task.input_index), _Spools(job.spool_dir), _Meter(report)
     try:
         for record in _records(task, meter):
             meter.records += 1
@@ -349,10 +364,9 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                 result.dropped[reason] = result.dropped.get(reason, 0) + count
             if not out.documents:
                 continue
-            spool, offset, lengths = spools.write(split, out.documents)
-            result.records.append(
-                StoredRecord(task.input_index, record_id, record.line, split, spool, offset, lengths)
-            )
+            stored = result.stored[split]
+            stored.spool, offset, lengths = spools.write(split, out.documents)
+            stored.add(record_id, record.line, offset, lengths)
             stats.records += 1
             stats.documents += len(lengths)
             stats.tokens += sum(lengths)
@@ -525,17 +539,42 @@ def _progress_bar(console, total: int) -> Iterator[Callable[[int, int], None]]:
         progress.update(task, completed=total)
 
 
-def _check_duplicates(records: list[StoredRecord], names: list, policy: str) -> None:
+def _check_duplicates(results: list[TaskResult], names: list, policy: str) -> None:
+    """Refuses a record id stored twice (any inputs, any splits), naming the earliest repeat and the first."""
     if policy == "keep":
         return
-    by_id = sorted(records, key=lambda r: (r.id, r.input_index, r.line))
-    for first, second in itertools.pairwise(by_id):
-        if first.id == second.id:
-            raise InputError(
-                f"{names[second.input_index]}:{second.line}: duplicate record id '{display(second.id)}' "
-                f"(also at {names[first.input_index]}:{first.line}); make ids unique, or keep both with "
-                "--set preprocess.duplicate_ids=keep"
-            )
+    seen: set[bytes] = set()
+    repeated: set[bytes] = set()
+    for result in results:
+        for stored in result.stored:
+            for record_id in stored.ids:
+                if record_id in seen:
+                    repeated.add(record_id)
+                seen.add(record_id)
+    if not repeated:
+        return
+    del seen
+    first: dict[bytes, tuple[int, int]] = {}  # id -> (input, line) of its first occurrence
+    repeats = []
+    places = sorted(
+        (record_id, result.input_index, line)
+        for result in results
+        for stored in result.stored
+        for record_id, line in zip(stored.ids, stored.lines, strict=True)
+        if record_id in repeated
+    )
+    for record_id, input_index, line in places:
+        if record_id in first:
+            repeats.append((input_index, line, record_id))
+        else:
+            first[record_id] = (input_index, line)
+    input_index, line, record_id = min(repeats)
+    first_input, first_line = first[record_id]
+    raise InputError(
+        f"{names[input_index]}:{line}: duplicate record id '{display(record_id)}' "
+        f"(also at {names[first_input]}:{first_line}); make ids unique, or keep both with "
+        "--set preprocess.duplicate_ids=keep"
+    )
 
 
 class _SpoolReader:
@@ -544,14 +583,10 @@ class _SpoolReader:
     def __init__(self, directory: Path):
         self.fds = {path.name: os.open(path, os.O_RDONLY) for path in sorted(directory.iterdir())}
 
-    def fd(self, record: StoredRecord) -> int:
-        return self.fds[record.spool]
-
-    def chunks(self, record: StoredRecord, size: int = 1 << 24) -> Iterator[bytes]:
-        """The record's bytes in pieces of at most `size` (bounded memory for huge records)."""
-        end = record.offset + sum(record.lengths)
-        for start in range(record.offset, end, size):
-            yield os.pread(self.fd(record), min(size, end - start), start)
+    def chunks(self, spool: str, start: int, end: int, size: int = 1 << 24) -> Iterator[bytes]:
+        """Bytes [start, end) of a spool in pieces of at most `size` (bounded memory for huge records)."""
+        for at in range(start, end, size):
+            yield _pread_exact(self.fds[spool], min(size, end - at), at)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -559,23 +594,32 @@ class _SpoolReader:
         self.fds.clear()
 
 
-def canonical_order(records: list[StoredRecord], spools: _SpoolReader) -> list[StoredRecord]:
-    """Records sorted by (input, id); records sharing both are ordered by a digest of their bytes."""
+def _sorted_by_id(stored: StoredRecords, key: int) -> Iterator[tuple[bytes, int, int]]:
+    """(id, key, index) of `stored`'s records in id order (`key` tells merged streams apart)."""
+    for i in sorted(range(len(stored.ids)), key=stored.ids.__getitem__):
+        yield stored.ids[i], key, i
 
-    def digest(record: StoredRecord) -> bytes:
+
+def canonical_order(
+    results: list[TaskResult], split: int, spools: _SpoolReader
+) -> Iterator[tuple[StoredRecords, int]]:
+    """(stored records, index) of one split's records sorted by (input, id); records sharing both are ordered
+    by a digest of their bytes. Results come in task order, so by input."""
+
+    def digest(item: tuple[StoredRecords, int]) -> bytes:
+        stored, i = item
         hasher = hashlib.blake2b(digest_size=16)
-        for chunk in spools.chunks(record):
+        for chunk in spools.chunks(stored.spool, *stored.extent(i)[:2]):
             hasher.update(chunk)
         return hasher.digest()
 
-    ordered = sorted(records, key=lambda r: (r.input_index, r.id))
-    out, start = [], 0
-    for end in range(1, len(ordered) + 1):
-        if end == len(ordered) or ordered[end][:2] != ordered[start][:2]:
-            group = ordered[start:end]
-            out += sorted(group, key=digest) if len(group) > 1 else group
-            start = end
-    return out
+    for _, same_input in itertools.groupby(results, key=lambda result: result.input_index):
+        parts = [result.stored[split] for result in same_input if result.stored[split].ids]
+        # Each task's records sorted by id, then merged (a file cut into byte ranges has one task a range).
+        streams = [_sorted_by_id(stored, k) for k, stored in enumerate(parts)]
+        for _, same_id in itertools.groupby(heapq.merge(*streams), key=lambda item: item[0]):
+            group = [(parts[k], i) for _, k, i in same_id]
+            yield from sorted(group, key=digest) if len(group) > 1 else group
 
 
 _WRITE_BATCH = 1 << 22  # bytes: larger runs are copied by the kernel, smaller ones gathered to this size
@@ -592,23 +636,26 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _runs(ordered: list[StoredRecord], spools: _SpoolReader) -> Iterator[tuple[int, int, int, list[int]]]:
+def _runs(
+    ordered: Iterator[tuple[StoredRecords, int]], spools: _SpoolReader
+) -> Iterator[tuple[int, int, int, list[int]]]:
     """(spool fd, start, end, document lengths) of the longest stretches of `ordered` records that lie back
     to back in one spool (reads named in order arrive in order: one stretch for all of them)."""
     fd, start, end, lengths = -1, 0, 0, []
-    for record in ordered:
-        record_fd = spools.fd(record)
-        if record_fd != fd or record.offset != end:
+    for stored, i in ordered:
+        record_fd = spools.fds[stored.spool]
+        record_start, record_end, record_lengths = stored.extent(i)
+        if record_fd != fd or record_start != end:
             if lengths:
                 yield fd, start, end, lengths
-            fd, start, end, lengths = record_fd, record.offset, record.offset, []
-        end += sum(record.lengths)
-        lengths += record.lengths
+            fd, start, lengths = record_fd, record_start, []
+        end = record_end
+        lengths += record_lengths
     if lengths:
         yield fd, start, end, lengths
 
 
-def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader) -> str:
+def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spools: _SpoolReader) -> str:
     """Write one split in canonical order; returns the sha256 of its .bin. Stretches of a few MB or more are
     copied by the kernel (copy_file_range) while a second thread hashes them from the spool; shorter ones
     (short reads out of order) are read and written a few MB at a time. The hash runs one piece behind the
@@ -638,7 +685,7 @@ def _write_split(prefix: Path, records: list[StoredRecord], spools: _SpoolReader
 
     with IndexedDatasetWriter(prefix) as writer, ThreadPoolExecutor(1) as hasher:
         gathered_size = 0
-        for fd, start, end, lengths in _runs(canonical_order(records, spools), spools):
+        for fd, start, end, lengths in _runs(ordered, spools):
             if end - start >= _WRITE_BATCH:
                 write_gathered()
                 gathered_size = 0
@@ -752,14 +799,13 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         spool_dir = tmp / ".spool"
         spool_dir.mkdir()
         results = _execute(tasks, Job(cfg, tags, spool_dir), cfg.workers, console)
-        records = [record for result in results for record in result.records]
-        _check_duplicates(records, names, cfg.duplicate_ids)
+        _check_duplicates(results, names, cfg.duplicate_ids)
         spools, digests = _SpoolReader(spool_dir), {}
         try:
             for index, name in enumerate(SPLITS):
-                in_split = [record for record in records if record.split == index]
+                ordered = canonical_order(results, index, spools)
                 digests[f"{cfg.prefix}_{name}.bin"] = _write_split(
-                    tmp / f"{cfg.prefix}_{name}", in_split, spools
+                    tmp / f"{cfg.prefix}_{name}", ordered, spools
                 )
         finally:
             spools.close()
