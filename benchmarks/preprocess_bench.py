@@ -10,6 +10,8 @@ run measures, on the same files from the page cache:
   - the memory check: `evo2 preprocess` on a FASTA of one --big-record-mbases record (peak RSS minus the
     largest record must stay under 512 MB, whatever the record and the file size)
   - the fixed cost of one `evo2 preprocess` run, on a 4-base FASTA
+  - many short records (--reads reads of 150 bases, shuffled names): Biopython and `evo2 preprocess`, where
+    the per-record costs show (bookkeeping, sorting, the write)
 Prints a rich table, the targets of the issue with a verdict, and JSON (also written to --json PATH).
 
     .venv/bin/python benchmarks/preprocess_bench.py --mbases 200 --json runs/bench/preprocess.json
@@ -64,6 +66,25 @@ def generate(path: Path, mbases: int, seed: int = 0, lengths=(200_000, 5_000_000
             total += length
             index += 1
     return total, largest
+
+
+def generate_reads(path: Path, count: int, length: int = 150, seed: int = 0) -> int:
+    """`count` reads of `length` random bases, one line each, named in shuffled order (the canonical order
+    then differs from the file order, as it does for most real read sets). Returns the bases."""
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"ACGT", dtype=np.uint8)
+    names = rng.permutation(count)
+    with open(path, "wb") as handle:
+        for start in range(0, count, 100_000):
+            stop = min(start + 100_000, count)
+            bases = letters[rng.integers(0, 4, (stop - start) * length)].reshape(-1, length)
+            handle.write(
+                b"".join(
+                    b">read%09d sample=1\n%s\n" % (names[i], bases[i - start].tobytes())
+                    for i in range(start, stop)
+                )
+            )
+    return count * length
 
 
 class Usage(NamedTuple):
@@ -153,6 +174,9 @@ def main() -> None:
         "--big-record-mbases", type=int, default=100, help="size of the one-record FASTA of the memory check"
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="workers of the parallel run")
+    parser.add_argument(
+        "--reads", type=int, default=1_000_000, help="short reads of the many-records runs (0: none)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     args = parser.parse_args()
@@ -164,12 +188,14 @@ def main() -> None:
     work = Path(args.dir or tempfile.mkdtemp(prefix="evo2-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     plain, packed, big = work / "bench.fa", work / "bench.fa.gz", work / "one_record.fa"
+    reads = work / "reads.fa"
     try:
         with console.status(f"generating {args.mbases} Mbases"):
             bases, largest = generate(plain, args.mbases)
             with open(plain, "rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
                 shutil.copyfileobj(source, target, 1 << 22)
             big_bases, _ = generate(big, args.big_record_mbases, lengths=(10**12, 10**12 + 1))
+            read_bases = generate_reads(reads, args.reads) if args.reads else 0
         rows: list[dict] = []
 
         def measure(name: str, kind: str, function, size: int = bases, record: int = largest) -> dict:
@@ -228,6 +254,19 @@ def main() -> None:
             size=big_bases,
             record=big_bases,
         )
+        if args.reads:
+            kind = f"{args.reads:,} reads of 150"
+            measure(
+                "biopython SeqIO.parse", kind, lambda: in_process(lambda: biopython(reads)), read_bases, 150
+            )
+            for workers in sorted({1, n}):
+                measure(
+                    f"evo2 preprocess --workers {workers}",
+                    kind,
+                    lambda workers=workers: evo2_preprocess(reads, out, workers),
+                    read_bases,
+                    150,
+                )
         # What every run pays whatever its input: interpreter start, imports, option parsing, output files.
         measure(
             "evo2 preprocess --workers 1", "4 bases (start-up)", lambda: evo2_preprocess(tiny, out, 1), 4, 4
