@@ -539,10 +539,8 @@ def _progress_bar(console, total: int) -> Iterator[Callable[[int, int], None]]:
         progress.update(task, completed=total)
 
 
-def _check_duplicates(results: list[TaskResult], names: list, policy: str) -> None:
-    """Refuses a record id stored twice (any inputs, any splits), naming the earliest repeat and the first."""
-    if policy == "keep":
-        return
+def _repeated_ids(results: list[TaskResult]) -> set[bytes]:
+    """Ids stored more than once (any inputs, any splits)."""
     seen: set[bytes] = set()
     repeated: set[bytes] = set()
     for result in results:
@@ -551,9 +549,13 @@ def _check_duplicates(results: list[TaskResult], names: list, policy: str) -> No
                 if record_id in seen:
                     repeated.add(record_id)
                 seen.add(record_id)
+    return repeated
+
+
+def _check_duplicates(results: list[TaskResult], repeated: set[bytes], names: list) -> None:
+    """Refuses repeated ids, naming the earliest repeat and the record it repeats."""
     if not repeated:
         return
-    del seen
     first: dict[bytes, tuple[int, int]] = {}  # id -> (input, line) of its first occurrence
     repeats = []
     places = sorted(
@@ -578,7 +580,8 @@ def _check_duplicates(results: list[TaskResult], names: list, policy: str) -> No
 
 
 class _SpoolReader:
-    """Random access to every spool file (pread and descriptors: no mmap lifetimes to manage)."""
+    """Random access to every spool file (pread and descriptors: memory maps would count the spools' pages
+    in the resident set, which must not grow with the input)."""
 
     def __init__(self, directory: Path):
         self.fds = {path.name: os.open(path, os.O_RDONLY) for path in sorted(directory.iterdir())}
@@ -601,10 +604,10 @@ def _sorted_by_id(stored: StoredRecords, key: int) -> Iterator[tuple[bytes, int,
 
 
 def canonical_order(
-    results: list[TaskResult], split: int, spools: _SpoolReader
+    results: list[TaskResult], split: int, spools: _SpoolReader, repeated: set[bytes]
 ) -> Iterator[tuple[StoredRecords, int]]:
-    """(stored records, index) of one split's records sorted by (input, id); records sharing both are ordered
-    by a digest of their bytes. Results come in task order, so by input."""
+    """(stored records, index) of one split's records sorted by (input, id); records sharing both (their id is
+    in `repeated`) are ordered by a digest of their bytes. Results come in task order, so by input."""
 
     def digest(item: tuple[StoredRecords, int]) -> bytes:
         stored, i = item
@@ -617,16 +620,29 @@ def canonical_order(
         parts = [result.stored[split] for result in same_input if result.stored[split].ids]
         # Each task's records sorted by id, then merged (a file cut into byte ranges has one task a range).
         streams = [_sorted_by_id(stored, k) for k, stored in enumerate(parts)]
-        for _, same_id in itertools.groupby(heapq.merge(*streams), key=lambda item: item[0]):
-            group = [(parts[k], i) for _, k, i in same_id]
-            yield from sorted(group, key=digest) if len(group) > 1 else group
+        held: list[tuple[StoredRecords, int]] = []  # the records of one repeated id, seen so far
+        held_id = None
+        for record_id, k, i in streams[0] if len(streams) == 1 else heapq.merge(*streams):
+            if held and record_id != held_id:
+                yield from sorted(held, key=digest)
+                held = []
+            if record_id in repeated:
+                held_id = record_id
+                held.append((parts[k], i))
+            else:
+                yield parts[k], i
+        yield from sorted(held, key=digest)
 
 
 _WRITE_BATCH = 1 << 22  # bytes: larger runs are copied by the kernel, smaller ones gathered to this size
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    parts = []
+    data = os.pread(fd, size, offset)
+    if len(data) == size:  # a short record (or a whole run) at once: the common case, one call
+        return data
+    parts = [data]
+    offset, size = offset + len(data), size - len(data)
     while size:
         part = os.pread(fd, min(size, 1 << 30), offset)
         if not part:
@@ -636,23 +652,20 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _runs(
-    ordered: Iterator[tuple[StoredRecords, int]], spools: _SpoolReader
-) -> Iterator[tuple[int, int, int, list[int]]]:
-    """(spool fd, start, end, document lengths) of the longest stretches of `ordered` records that lie back
-    to back in one spool (reads named in order arrive in order: one stretch for all of them)."""
-    fd, start, end, lengths = -1, 0, 0, []
+def _runs(ordered: Iterator[tuple[StoredRecords, int]]) -> Iterator[tuple[str, int, int, list[int]]]:
+    """(spool, start, end, document lengths) of the longest stretches of `ordered` records that lie back to
+    back in one spool (reads named in order arrive in order: one stretch for all of them)."""
+    spool, start, end, lengths = "", 0, 0, []
     for stored, i in ordered:
-        record_fd = spools.fds[stored.spool]
         record_start, record_end, record_lengths = stored.extent(i)
-        if record_fd != fd or record_start != end:
+        if stored.spool != spool or record_start != end:
             if lengths:
-                yield fd, start, end, lengths
-            fd, start, lengths = record_fd, record_start, []
+                yield spool, start, end, lengths
+            spool, start, lengths = stored.spool, record_start, []
         end = record_end
         lengths += record_lengths
     if lengths:
-        yield fd, start, end, lengths
+        yield spool, start, end, lengths
 
 
 def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spools: _SpoolReader) -> str:
@@ -685,14 +698,14 @@ def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spo
 
     with IndexedDatasetWriter(prefix) as writer, ThreadPoolExecutor(1) as hasher:
         gathered_size = 0
-        for fd, start, end, lengths in _runs(ordered, spools):
+        for spool, start, end, lengths in _runs(ordered):
             if end - start >= _WRITE_BATCH:
                 write_gathered()
                 gathered_size = 0
-                hash_next(hash_range, fd, start, end)
-                writer.add_documents_from(fd, start, lengths)
+                hash_next(hash_range, spools.fds[spool], start, end)
+                writer.add_documents_from(spools.fds[spool], start, lengths)
                 continue
-            gathered.append(_pread_exact(fd, end - start, start))
+            gathered.append(_pread_exact(spools.fds[spool], end - start, start))
             gathered_lengths.extend(lengths)
             gathered_size += end - start
             if gathered_size >= _WRITE_BATCH:
@@ -799,11 +812,13 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         spool_dir = tmp / ".spool"
         spool_dir.mkdir()
         results = _execute(tasks, Job(cfg, tags, spool_dir), cfg.workers, console)
-        _check_duplicates(results, names, cfg.duplicate_ids)
+        repeated = _repeated_ids(results)
+        if cfg.duplicate_ids == "error":
+            _check_duplicates(results, repeated, names)
         spools, digests = _SpoolReader(spool_dir), {}
         try:
             for index, name in enumerate(SPLITS):
-                ordered = canonical_order(results, index, spools)
+                ordered = canonical_order(results, index, spools, repeated)
                 digests[f"{cfg.prefix}_{name}.bin"] = _write_split(
                     tmp / f"{cfg.prefix}_{name}", ordered, spools
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -71,7 +72,9 @@ class BaseCounts:
         if len(sequence) >= _COUNT_SLICE:
             self._count(sequence, copies)
             return
-        waiting = self._waiting.setdefault(copies, bytearray())
+        waiting = self._waiting.get(copies)
+        if waiting is None:
+            waiting = self._waiting[copies] = bytearray()
         waiting += sequence
         if len(waiting) >= _BATCH_BYTES:
             self._count(waiting, copies)
@@ -144,11 +147,17 @@ class Recipe:
             parts = [part.translate(self.letters) for part in parts]
         if len(parts) != 1 and self._cuts_sequence:
             parts = [b"".join(parts)]
-        for piece in self._pieces(parts, out.dropped):
-            self._store(piece, tag, out, counts)
+        for piece, length in self._pieces(parts, out.dropped):
+            if self._cuts_sequence:
+                self._cut(piece[0], tag, out, counts)
+            else:  # one document, stored in the parts it was read in
+                out.documents.append([tag, *piece, *self._eod] if tag is not None else [*piece, *self._eod])
+                out.base_lengths.append(length)
+                for part in piece:
+                    counts.add(part)
         return out
 
-    @property
+    @cached_property
     def _cuts_sequence(self) -> bool:
         """N-run cuts, windows, reverse complements and repeated tags slice one contiguous sequence."""
         return (
@@ -158,50 +167,49 @@ class Recipe:
             or self.tag_every is not None
         )
 
-    def _pieces(self, parts: list[bytes], dropped: dict[str, int]) -> list[list[bytes]]:
-        def drop(reason: str) -> list[list[bytes]]:
-            dropped[reason] = dropped.get(reason, 0) + 1
-            return []
+    @cached_property
+    def _eod(self) -> tuple[bytes, ...]:
+        return (bytes([EOD_ID]),) if self.append_eod else ()
 
-        if not any(parts):
-            return drop("empty") if self.drop_empty else [parts]
-        pieces = [parts]
+    def _pieces(self, parts: list[bytes], dropped: dict[str, int]) -> list[tuple[list[bytes], int]]:
+        """The pieces to store, each with its length in bases; what is dropped is counted in `dropped`."""
+        length = sum(len(part) for part in parts)
+        if not length:
+            if self.drop_empty:
+                dropped["empty"] = dropped.get("empty", 0) + 1
+                return []
+            return [(parts, 0)]
+        pieces = [(parts, length)]
         if self.n_run_length is not None:  # parts is one buffer here (_cuts_sequence)
             (sequence,) = parts
             n_run = re.compile(rb"[Nn]{%d,}" % self.n_run_length)
             if self.n_run_action == "drop":
                 if n_run.search(sequence):
-                    return drop("n_run")
+                    dropped["n_run"] = dropped.get("n_run", 0) + 1
+                    return []
             else:  # pieces between the runs; runs at the ends leave nothing to keep
-                pieces = [[piece] for piece in n_run.split(sequence) if piece]
+                pieces = [([piece], len(piece)) for piece in n_run.split(sequence) if piece]
         kept = []
-        for piece in pieces:
-            length = sum(len(part) for part in piece)
+        for piece, length in pieces:
             if length < self.min_length:
-                drop("too_short")
+                dropped["too_short"] = dropped.get("too_short", 0) + 1
             elif self.max_length is not None and length > self.max_length:
-                drop("too_long")
+                dropped["too_long"] = dropped.get("too_long", 0) + 1
             else:
-                kept.append(piece)
+                kept.append((piece, length))
         return kept
 
-    def _store(self, piece: list[bytes], tag: bytes | None, out: RecordOutput, counts: BaseCounts) -> None:
-        eod = [bytes([EOD_ID])] if self.append_eod else []
-        if len(piece) != 1:  # several parts (or none) only when nothing cuts: one document, stored as read
-            out.documents.append([*([tag] if tag is not None else []), *piece, *eod])
-            out.base_lengths.append(sum(len(part) for part in piece))
-            for part in piece:
-                counts.add(part)
-            return
-        forward = memoryview(piece[0])
-        reverse = memoryview(piece[0].translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
+    def _cut(self, sequence: bytes, tag: bytes | None, out: RecordOutput, counts: BaseCounts) -> None:
+        """Windows of one piece, each followed by its reverse complement when asked, tags inserted."""
+        forward = memoryview(sequence)
+        reverse = memoryview(sequence.translate(COMPLEMENT)[::-1]) if self.reverse_complement else None
         length = len(forward)
         for start, end in windows(length, self.chunk_length, self.chunk_overlap):
-            out.documents.append([*tagged(forward[start:end], tag, self.tag_every), *eod])
+            out.documents.append([*tagged(forward[start:end], tag, self.tag_every), *self._eod])
             copies = 1
             if reverse is not None:  # the reverse strand of the same window, right after it
                 window = reverse[length - end : length - start]
-                out.documents.append([*tagged(window, tag, self.tag_every), *eod])
+                out.documents.append([*tagged(window, tag, self.tag_every), *self._eod])
                 copies = 2
             out.base_lengths += [end - start] * copies
             counts.add(forward[start:end], copies)  # a reverse complement has the same GC, N, case
