@@ -240,6 +240,19 @@ def test_duplicate_ids(tmp_path):
     assert file_bytes(run(tmp_path, [flipped], "k2", duplicate_ids="keep", split=(1, 0, 0))[0]) == kept
 
 
+def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
+    records = [(f"r{i % 7}", seq) for i, (_, seq) in enumerate(random_records(80, seed=4, length=(200, 800)))]
+    shuffled = records[:]
+    random.Random(2).shuffle(shuffled)
+    source = write_fasta(tmp_path / "a.fa", records)
+    (tmp_path / "s").mkdir()
+    reordered = write_fasta(tmp_path / "s" / "a.fa", shuffled)
+    base = file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
+    with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
+        assert len(pre._file_tasks(0, reordered, 2)) == 2
+        assert file_bytes(run(tmp_path, [reordered], "two", duplicate_ids="keep", workers=2)[0]) == base
+
+
 def test_bad_records_error_or_skip(tmp_path):
     source = tmp_path / "in.fa"
     source.write_bytes(b">ok\nACGT\n>bad\nAC\nA*T\n>ok2\nGG\n")
