@@ -304,7 +304,7 @@ class _Spools:
             handle = open(self.directory / name, "ab")  # noqa: SIM115 - closed in close()
             self.handles[split], self.sizes[split] = (name, handle), handle.tell()  # a worker's earlier tasks
         name, handle = self.handles[split]
-        lengths = tuple(sum(len(part) for part in parts) for parts in documents)
+        lengths = tuple([sum(map(len, parts)) for parts in documents])
         offset = self.sizes[split]
         self.sizes[split] += sum(lengths)
         for parts in documents:

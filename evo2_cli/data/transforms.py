@@ -115,7 +115,7 @@ class BaseCounts:
         return self.__dict__
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordOutput:
     documents: list[list[memoryview | bytes]]  # byte parts of each stored document, EOD included
     base_lengths: list[int]  # sequence bases of each document (tags and EOD excluded)
@@ -173,7 +173,7 @@ class Recipe:
 
     def _pieces(self, parts: list[bytes], dropped: dict[str, int]) -> list[tuple[list[bytes], int]]:
         """The pieces to store, each with its length in bases; what is dropped is counted in `dropped`."""
-        length = sum(len(part) for part in parts)
+        length = sum(map(len, parts))
         if not length:
             if self.drop_empty:
                 dropped["empty"] = dropped.get("empty", 0) + 1
