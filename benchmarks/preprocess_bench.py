@@ -7,8 +7,9 @@ run measures, on the same files from the page cache:
     target), and ISA-L (`isal`, what our reader inflates with when it is installed) for information
   - `evo2 preprocess` end to end (the CLI as a user runs it, process start included), plain and gzip input,
     one worker and --workers N, with the peak RSS of the run (largest process)
-  - the memory check: `evo2 preprocess` on a FASTA of one --big-record-mbases record (peak RSS minus the
-    largest record must stay under 512 MB, whatever the record and the file size)
+  - the memory check: `evo2 preprocess` on a FASTA of one --big-record-mbases record, as it is and with
+    reverse complements (a recipe that needs each record whole, in one buffer); peak RSS minus the largest
+    record must stay under 512 MB, whatever the record and the file size
   - the fixed cost of one `evo2 preprocess` run, on a 4-base FASTA
   - many short records (--reads reads of 150 bases, shuffled names): Biopython and `evo2 preprocess`, where
     the per-record costs show (bookkeeping, sorting, the write)
@@ -145,9 +146,11 @@ def bare_decompress(path: Path, library=zlib) -> None:
             inflater.decompress(chunk)
 
 
-def evo2_preprocess(path: Path, out: Path, workers: int) -> Usage:
+def evo2_preprocess(path: Path, out: Path, workers: int, *sets: str) -> Usage:
+    """`evo2 preprocess` in a child process; `sets`: config overrides (KEY=VALUE)."""
     evo2 = Path(sys.executable).with_name("evo2")
     command = [str(evo2), "preprocess", str(path), "-o", str(out), "--workers", str(workers), "--overwrite"]
+    command += [arg for key_value in sets for arg in ("--set", key_value)]
     usage = child_process(command)
     shutil.rmtree(out)
     return usage
@@ -251,6 +254,13 @@ def main() -> None:
             "evo2 preprocess --workers 1",
             "plain, 1 record",
             lambda: evo2_preprocess(big, out, 1),
+            size=big_bases,
+            record=big_bases,
+        )
+        measure(
+            "evo2 preprocess --workers 1",
+            "1 record, reverse compl.",
+            lambda: evo2_preprocess(big, out, 1, "preprocess.reverse_complement=true"),
             size=big_bases,
             record=big_bases,
         )

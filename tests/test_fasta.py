@@ -53,9 +53,13 @@ def test_random_fasta_round_trips(tmp_path_factory, records, width, newline, bla
     path.write_bytes(render(records, width, newline, blank_lines))
     with mock.patch.object(fasta, "BLOCK_SIZE", block):  # tiny blocks cut headers and line ends apart
         got = list(read_fasta(path))
+        whole = list(read_fasta(path, contiguous=True))
     assert [(r.id, r.sequence, r.problem) for r in got] == [
         (f"{name}_{i}".encode(), sequence, None) for i, (name, sequence) in enumerate(records)
     ]
+    # Contiguous records: the same sequences, each in one buffer however many blocks it was read from.
+    assert [(r.id, r.sequence, r.line) for r in whole] == [(r.id, r.sequence, r.line) for r in got]
+    assert all(len(r.parts) == (1 if r.sequence else 0) for r in whole)
     assert got[0].line == 1
     # Gzip gives the same records; byte ranges cut at record starts give them too.
     gz = path.with_suffix(".fa.gz")

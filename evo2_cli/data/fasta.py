@@ -44,14 +44,15 @@ _OTHER_COMPRESSION = {
 class FastaRecord:
     header: bytes  # the header line without '>' and line end (raw bytes: need not be UTF-8)
     # The sequence letters, line ends removed, in the pieces they were read in (about one per block): a caller
-    # that streams them never copies the record into one buffer. Empty when `problem` is set.
-    parts: list[bytes]
+    # that streams them never copies the record into one buffer. One growing buffer when read_fasta was asked
+    # for `contiguous` records. Empty when `problem` is set.
+    parts: list[bytes | bytearray]
     line: int  # 1-based line of the header
     problem: str | None = None  # why the record is unusable, with file and line
 
     @property
-    def sequence(self) -> bytes:
-        """The whole sequence as one bytes object (a copy when it was read in several pieces)."""
+    def sequence(self) -> bytes | bytearray:
+        """The whole sequence as one object (a copy when it was read in several pieces)."""
         return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
     @property
@@ -225,7 +226,8 @@ class _RecordBuilder:
     path: Path
     header: bytes
     line: int
-    parts: list[bytes] = field(default_factory=list)
+    contiguous: bool = False  # grow one buffer (realloc/mremap: the record once in memory), not a list
+    parts: list[bytes | bytearray] = field(default_factory=list)
     problem: str | None = None
 
     def add(self, body: bytes, first_line: int) -> int:
@@ -247,8 +249,10 @@ class _RecordBuilder:
                 "--set preprocess.on_bad_record=skip"
             )
             self.parts = []
+        elif self.contiguous and self.parts:
+            self.parts[0] += piece
         elif piece:
-            self.parts.append(piece)
+            self.parts.append(bytearray(piece) if self.contiguous else piece)
         return newlines
 
     def finish(self) -> FastaRecord:
@@ -280,9 +284,12 @@ def read_fasta(
     start: int = 0,
     end: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    contiguous: bool = False,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
-    that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed."""
+    that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
+    `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
+    it whole: joining pieces afterwards would hold the record twice."""
     path = Path(path)
     line = 1 + (count_lines_before(path, start) if start else 0)
     header_parts: list[bytes] | None = None  # set while a header line spans blocks
@@ -298,7 +305,7 @@ def read_fasta(
                 header_parts.append(block[pos : size if newline < 0 else newline])
                 if newline < 0:
                     break
-                record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line)
+                record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
                 header_parts, pos, at_line_start, line = None, newline + 1, True, line + 1
                 continue
             at = _next_header(block, pos, at_line_start)
@@ -318,7 +325,7 @@ def read_fasta(
                 yield record.finish()
             record, header_parts, header_line, pos, seen_records = None, [], line, at + 1, True
     if header_parts is not None:  # the file ends inside a header line
-        record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line)
+        record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
     if record is not None:
         yield record.finish()
     if not seen_bytes and start == 0:

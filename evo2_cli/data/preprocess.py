@@ -327,10 +327,10 @@ class _Meter:
         self.records = 0
 
 
-def _records(task: Task, meter: _Meter) -> Iterator[FastaRecord]:
+def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecord]:
     if task.regions:
         return read_regions(task.path, task.regions, meter.on_bytes)
-    return read_fasta(task.path, task.start, task.end, meter.on_bytes)
+    return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous)
 
 
 def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
@@ -338,7 +338,7 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
     result, spools, meter = TaskResult(task.input_index), _Spools(job.spool_dir), _Meter(report)
     try:
-        for record in _records(task, meter):
+        for record in _records(task, meter, contiguous=recipe.cuts_sequence):
             meter.records += 1
             record_id = record.id
             key, problem = record_id, record.problem
@@ -380,15 +380,18 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
 
 
 def keep_freed_memory() -> None:
-    """Tell glibc malloc to serve block-sized buffers from the heap and to keep freed heap memory rather than
-    hand it back to the kernel at once. Every block read allocates and frees a few MB; with glibc's defaults
-    much of it goes back and is faulted in again (about 80,000 page faults, a quarter of the data path, per
-    200 Mbases). Peak memory stays the same: kept memory is what the next blocks reuse. Linux only."""
+    """Tell glibc malloc to serve block-sized buffers from the heap and to keep some freed heap memory rather
+    than hand it back to the kernel at once. Every block read allocates and frees a few MB; with glibc's
+    defaults much of it goes back and is faulted in again (about 80,000 page faults, a quarter of the data
+    path, per 200 Mbases). Blocks (4 MB) sit below the 8 MB mapping threshold; buffers above it (whole
+    records) are mappings that grow by mremap as before. The heap keeps at most 32 MB unused. Linux only."""
     if sys.platform != "linux":
         return
-    mallopt = ctypes.CDLL(None).mallopt  # glibc; musl's accepts the calls and ignores them
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # below this, memory comes from the heap, not a fresh mapping
-    mallopt(_M_TRIM_THRESHOLD, 128 << 20)  # free memory the heap keeps before trimming its top
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc; absent or a no-op elsewhere
+    if mallopt is None:
+        return
+    mallopt(_M_MMAP_THRESHOLD, 8 << 20)  # below this, memory comes from the heap, not a fresh mapping
+    mallopt(_M_TRIM_THRESHOLD, 32 << 20)  # free memory the heap keeps before trimming its top
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

@@ -145,10 +145,10 @@ class Recipe:
         out = RecordOutput([], [], {})
         if self.letters is not None:
             parts = [part.translate(self.letters) for part in parts]
-        if len(parts) != 1 and self._cuts_sequence:
+        if len(parts) != 1 and self.cuts_sequence:
             parts = [b"".join(parts)]
         for piece, length in self._pieces(parts, out.dropped):
-            if self._cuts_sequence:
+            if self.cuts_sequence:
                 self._cut(piece[0], tag, out, counts)
             else:  # one document, stored in the parts it was read in
                 out.documents.append([tag, *piece, *self._eod] if tag is not None else [*piece, *self._eod])
@@ -158,7 +158,7 @@ class Recipe:
         return out
 
     @cached_property
-    def _cuts_sequence(self) -> bool:
+    def cuts_sequence(self) -> bool:
         """N-run cuts, windows, reverse complements and repeated tags slice one contiguous sequence."""
         return (
             self.n_run_length is not None
@@ -180,7 +180,7 @@ class Recipe:
                 return []
             return [(parts, 0)]
         pieces = [(parts, length)]
-        if self.n_run_length is not None:  # parts is one buffer here (_cuts_sequence)
+        if self.n_run_length is not None:  # parts is one buffer here (cuts_sequence)
             (sequence,) = parts
             n_run = re.compile(rb"[Nn]{%d,}" % self.n_run_length)
             if self.n_run_action == "drop":
