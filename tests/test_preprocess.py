@@ -524,6 +524,19 @@ def test_progress_bar_shows_bytes_and_records():
     assert "12 records" in text and "2.0/2.0 MB" in text
 
 
+def test_progress_shows_reading_then_writing(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    source = write_fasta(tmp_path / "in.fa", random_records(30, length=(10, 200)))
+    run_preprocess(PreprocessConfig(inputs=[str(source)], output_dir=tmp_path / "out"), console=console)
+    text = console.file.getvalue()
+    assert text.index("reading") < text.index("writing")
+    assert "30 records" in text and "30 documents" in text
+
+
 def test_cli_prints_the_summary_table_and_handles_non_utf8(tmp_path):
     source = tmp_path / "in.fa"
     source.write_bytes(b">caf\xe9 x\nACGT\n>ok\nAC*G\n>b\xff\nGGCC\n")

@@ -507,8 +507,10 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
 
 
 @contextlib.contextmanager
-def _progress_bar(console, total: int) -> Iterator[Callable[[int, int], None]]:
-    """Yields advance(bytes, records) driving a rich progress bar; silent without a console."""
+def _progress_bar(
+    console, total: int, label: str = "reading", unit: str = "records"
+) -> Iterator[Callable[[int, int], None]]:
+    """Yields advance(bytes, items) driving a rich bar of bytes and of `unit`; silent without a console."""
     if console is None:
         yield lambda count, records: None
         return
@@ -522,15 +524,15 @@ def _progress_bar(console, total: int) -> Iterator[Callable[[int, int], None]]:
     )
 
     columns = (
-        TextColumn("[bold]preprocess"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        TextColumn("{task.fields[records]:,} records"),
+        TextColumn(f"{{task.fields[records]:,}} {unit}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("preprocess", total=total, records=0)
+        task = progress.add_task(label, total=total, records=0)
         records = 0
 
         def advance(count: int, new_records: int) -> None:
@@ -671,11 +673,16 @@ def _runs(ordered: Iterator[tuple[StoredRecords, int]]) -> Iterator[tuple[str, i
         yield spool, start, end, lengths
 
 
-def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spools: _SpoolReader) -> str:
+def _write_split(
+    prefix: Path,
+    ordered: Iterator[tuple[StoredRecords, int]],
+    spools: _SpoolReader,
+    advance: Callable[[int, int], None],
+) -> str:
     """Write one split in canonical order; returns the sha256 of its .bin. Stretches of a few MB or more are
     copied by the kernel (copy_file_range) while a second thread hashes them from the spool; shorter ones
     (short reads out of order) are read and written a few MB at a time. The hash runs one piece behind the
-    writer (file writes, copies and hashlib release the GIL)."""
+    writer (file writes, copies and hashlib release the GIL). `advance(bytes, documents)` reports progress."""
     digest = hashlib.sha256()
     hashing = None
     gathered: list[bytes] = []
@@ -696,6 +703,7 @@ def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spo
             data = b"".join(gathered)
             hash_next(digest.update, data)
             writer.add_documents_bytes(data, gathered_lengths)
+            advance(len(data), len(gathered_lengths))
             gathered.clear()
             gathered_lengths.clear()
 
@@ -707,6 +715,7 @@ def _write_split(prefix: Path, ordered: Iterator[tuple[StoredRecords, int]], spo
                 gathered_size = 0
                 hash_next(hash_range, spools.fds[spool], start, end)
                 writer.add_documents_from(spools.fds[spool], start, lengths)
+                advance(end - start, len(lengths))
                 continue
             gathered.append(_pread_exact(spools.fds[spool], end - start, start))
             gathered_lengths.extend(lengths)
@@ -819,12 +828,13 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         if cfg.duplicate_ids == "error":
             _check_duplicates(results, repeated, names)
         spools, digests = _SpoolReader(spool_dir), {}
+        total = sum(stats.tokens for result in results for stats in result.splits)
         try:
-            for index, name in enumerate(SPLITS):
-                ordered = canonical_order(results, index, spools, repeated)
-                digests[f"{cfg.prefix}_{name}.bin"] = _write_split(
-                    tmp / f"{cfg.prefix}_{name}", ordered, spools
-                )
+            with _progress_bar(console, total, "writing", "documents") as advance:
+                for index, name in enumerate(SPLITS):
+                    ordered = canonical_order(results, index, spools, repeated)
+                    prefix = tmp / f"{cfg.prefix}_{name}"
+                    digests[prefix.name + ".bin"] = _write_split(prefix, ordered, spools, advance)
         finally:
             spools.close()
         shutil.rmtree(spool_dir)
