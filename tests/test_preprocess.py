@@ -425,6 +425,47 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, messa
     assert sorted(os.listdir(tmp_path)) == ["in.fa"]
 
 
+def test_base_counts_batch_short_pieces_and_count_long_ones_at_once():
+    import pickle
+
+    from evo2_cli.data import transforms
+    from evo2_cli.data.transforms import BaseCounts
+
+    rng = np.random.default_rng(3)
+    letters = np.frombuffer(b"ACGTNacgtnRY", dtype=np.uint8)
+    pieces = [letters[rng.integers(0, 12, size)].tobytes() for size in (0, 5, 300, 70_000, 300_000, 9)]
+    counts = BaseCounts()
+    with mock.patch.object(transforms, "_BATCH_BYTES", 1000):  # some batches fill up, some wait
+        for k, piece in enumerate(pieces):
+            counts.add(memoryview(piece) if k % 2 else piece, copies=1 + k % 2)
+    counts = pickle.loads(pickle.dumps(counts))  # a worker's counts, sent back: nothing left uncounted
+    expected = BaseCounts(
+        bases=sum((1 + k % 2) * len(p) for k, p in enumerate(pieces)),
+        gc=sum((1 + k % 2) * sum(p.count(c) for c in b"GCgc") for k, p in enumerate(pieces)),
+        n=sum((1 + k % 2) * sum(p.count(c) for c in b"Nn") for k, p in enumerate(pieces)),
+        lowercase=sum((1 + k % 2) * sum(p.count(c) for c in b"acgtn") for k, p in enumerate(pieces)),
+    )
+    assert (counts.bases, counts.gc, counts.n, counts.lowercase) == (
+        expected.bases, expected.gc, expected.n, expected.lowercase
+    )  # fmt: skip
+
+
+def test_malloc_tuning_is_skipped_where_it_does_not_apply(monkeypatch):
+    with mock.patch.object(pre.sys, "platform", "darwin"), mock.patch.object(pre.ctypes, "CDLL") as cdll:
+        pre.keep_freed_memory()
+    cdll.assert_not_called()
+    with mock.patch.object(pre.ctypes, "CDLL", return_value=object()):  # a libc without mallopt (musl)
+        pre.keep_freed_memory()
+
+
+def test_workers_without_a_fork_server_spawn_and_write_the_same_bytes(tmp_path):
+    first = write_fasta(tmp_path / "a.fa", random_records(20, seed=6, length=(1, 500)))
+    second = write_fasta(tmp_path / "b.fa", random_records(20, seed=7, prefix="other"))
+    base = file_bytes(run(tmp_path, [first, second], "one")[0])
+    with mock.patch.object(pre.multiprocessing, "get_all_start_methods", return_value=["spawn"]):
+        assert file_bytes(run(tmp_path, [first, second], "spawned", workers=2)[0]) == base
+
+
 def test_split_hash_is_golden():
     # Fixed forever: a change here reshuffles every user's train/val/test split.
     assert "".join(str(split_of(b"rec%d" % i, 1234, (0.5, 0.25, 0.25))) for i in range(30)) == (
