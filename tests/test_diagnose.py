@@ -47,6 +47,11 @@ def ecoli(tmp_path_factory) -> Path:
     return root / "ecoli"
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["diagnose-grads", *args])
     return result.exit_code, " ".join(result.output.split())  # messages wrap at the terminal width
@@ -259,15 +264,15 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "grad_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = list(csv.DictReader((out / "steps.csv").open()))
+    rows = read_rows(out / "steps.csv")
     assert [r["variant"] for r in rows].count("modal") == 12
     assert {"grad_norm_hcl", "hcl_max_lambda", "max_update_ratio"} <= set(rows[0])
-    params = list(csv.DictReader((out / "parameters.csv").open()))
+    params = read_rows(out / "parameters.csv")
     assert {r["kind"] for r in params if r["block"] == "hcl"} >= {"poles", "p", "gamma", "residues", "D"}
     first = {r["parameter"]: r for r in params if r["variant"] == "modal" and r["step"] == "0"}
     assert first["blocks.0.out_filter_dense.bias"]["update_ratio"] == "nan"  # zero at init: no ratio
     assert 0 < float(first["blocks.0.mlp.l1.weight"]["update_ratio"]) < 0.5
-    hcl = list(csv.DictReader((out / "hcl.csv").open()))
+    hcl = read_rows(out / "hcl.csv")
     assert all(r["layer"] == "2" for r in hcl)
     charts = re.findall(r"<svg.*?</svg>", (out / "report.html").read_text(), re.S)
     assert len(charts) == 4  # per variant: gradient norm per block type, max lambda
@@ -396,7 +401,7 @@ def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
     assert [(s["step"], s["problem"]) for s in data["spikes"]] == [(6, "spike")]
     spike = data["spikes"][0]
     assert spike["ratio"] == pytest.approx(spike["grad_norm"] / spike["median"]) and spike["ratio"] > 10
-    flagged = [r for r in csv.DictReader((tmp_path / "bad" / "steps.csv").open()) if r["problem"]]
+    flagged = [r for r in read_rows(tmp_path / "bad" / "steps.csv") if r["problem"]]
     assert [r["step"] for r in flagged] == ["6"]
 
     (run_dir / "metrics.jsonl").write_text("{not json\n")

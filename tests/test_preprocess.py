@@ -297,7 +297,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
     while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    process.communicate(timeout=60)  # also closes its pipes
     assert process.returncode != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
 
