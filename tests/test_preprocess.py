@@ -332,6 +332,19 @@ def test_inputs_must_exist(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
+def test_a_directory_input_gives_its_fasta_files(tmp_path):
+    assert [path.name for path in pre.expand_inputs([str(SAMPLES)])] == [
+        "arabidopsis_chloroplast_NC_000932.fa.bgz",
+        "ecoli_k12_mg1655_slice.fa.gz",
+        "handmade.fa",
+        "hiv1_NC_001802.fa",
+        "yersinia_pestis_pPCP1_NC_005816.fa",
+    ]  # not README.md, the .fai index, the BED or the tags file
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"a directory without FASTA files .* 'preprocess.inputs.0'"):
+        pre.expand_inputs([str(tmp_path)])
+
+
 def test_cli_quick_form(tmp_path):
     samples = tmp_path / "samples"
     shutil.copytree(SAMPLES, samples)

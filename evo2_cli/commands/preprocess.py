@@ -19,7 +19,8 @@ from evo2_cli.commands.common import (
 InputsArgument = Annotated[
     list[str] | None,
     typer.Argument(
-        help="FASTA files or globs (plain, .gz, bgzip); set preprocess.inputs.", show_default=False
+        help="FASTA files, globs or directories (plain, .gz, bgzip); set preprocess.inputs.",
+        show_default=False,
     ),
 ]
 OutputOption = Annotated[

@@ -421,13 +421,34 @@ def _run_task_in_worker(task: Task, job: Job) -> TaskResult:
 # ---------------------------------------------------------------- planning
 
 
+# What a directory given as an input contributes: its files named like FASTA, compressed or not.
+FASTA_NAMES = tuple(
+    kind + compression
+    for kind in (".fa", ".fasta", ".fna", ".ffn", ".frn", ".fas")
+    for compression in ("", ".gz", ".bgz", ".bgzf")
+)
+
+
 def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Input files by input index: files as given, globs and directories (their FASTA-named files, not
+    recursive) expanded and sorted."""
     paths: list[Path] = []
     for i, pattern in enumerate(patterns):
         if any(char in pattern for char in "*?["):
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             if not matches:
                 raise InputError(f"config key 'preprocess.inputs.{i}': '{pattern}' matches no file")
+        elif Path(pattern).is_dir():
+            matches = sorted(
+                path
+                for path in Path(pattern).iterdir()
+                if path.is_file() and path.name.lower().endswith(FASTA_NAMES)
+            )
+            if not matches:
+                raise InputError(
+                    f"{pattern}: a directory without FASTA files (*.fa, *.fasta, *.fna, *.ffn, *.frn, *.fas, "
+                    f"plain or .gz/.bgz); list the files or a glob (config key 'preprocess.inputs.{i}')"
+                )
         else:
             if not Path(pattern).is_file():
                 raise InputError(f"{pattern}: input file not found (config key 'preprocess.inputs.{i}')")
