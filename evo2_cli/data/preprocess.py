@@ -258,16 +258,12 @@ class StoredRecords:
 
 @dataclass
 class SplitStats:
-    records: int = 0
-    documents: int = 0
-    tokens: int = 0
+    """Letter statistics of a split (record, document and token counts come from its StoredRecords)."""
+
     counts: BaseCounts = field(default_factory=BaseCounts)
     lengths: array = field(default_factory=lambda: array("q"))  # bases of each document
 
     def merge(self, other: SplitStats) -> None:
-        self.records += other.records
-        self.documents += other.documents
-        self.tokens += other.tokens
         self.counts.merge(other.counts)
         self.lengths.extend(other.lengths)
 
@@ -367,9 +363,6 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
             stored = result.stored[split]
             stored.spool, offset, lengths = spools.write(split, out.documents)
             stored.add(record_id, record.line, offset, lengths)
-            stats.records += 1
-            stats.documents += len(lengths)
-            stats.tokens += sum(lengths)
             stats.lengths.extend(out.base_lengths)
         for stats in result.splits:
             stats.counts.flush()
@@ -773,16 +766,17 @@ def _length_summary(lengths: array) -> dict:
     }
 
 
-def _split_summary(stats: SplitStats) -> dict:
+def _split_summary(stats: SplitStats, stored: list[StoredRecords]) -> dict:
+    """One split's figures: its merged letter statistics and the records every task stored in it."""
     counts = stats.counts
 
     def fraction(part: int) -> float:
         return round(part / counts.bases, 6) if counts.bases else 0.0
 
     return {
-        "records": stats.records,
-        "documents": stats.documents,
-        "tokens": stats.tokens,
+        "records": sum(len(part.ids) for part in stored),
+        "documents": sum(len(part.lengths) for part in stored),
+        "tokens": sum(sum(part.lengths) for part in stored),
         "bases": counts.bases,
         "gc_fraction": fraction(counts.gc),
         "n_fraction": fraction(counts.n),
@@ -829,7 +823,10 @@ def _manifest(
         },
         "config": config,
         "inputs": [str(name) for name in names],
-        "splits": {name: _split_summary(stats) for name, stats in zip(SPLITS, splits, strict=True)},
+        "splits": {
+            name: _split_summary(stats, [result.stored[index] for result in results])
+            for index, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
+        },
         "dropped": dict(sorted(dropped.items())),
         "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
         "files": files,
@@ -849,7 +846,7 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         if cfg.duplicate_ids == "error":
             _check_duplicates(results, repeated, names)
         spools, digests = _SpoolReader(spool_dir), {}
-        total = sum(stats.tokens for result in results for stats in result.splits)
+        total = sum(sum(stored.lengths) for result in results for stored in result.stored)
         try:
             with _progress_bar(console, total, "writing", "documents") as advance:
                 for index, name in enumerate(SPLITS):
