@@ -17,6 +17,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -108,15 +109,15 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
 
 
 class _Source:
-    """Tells where a key came from: 'FILE:LINE' or '--set'."""
+    """Tells where a key came from: 'FILE:LINE', or the override's label ('--set KEY' or a flag's name)."""
 
-    def __init__(self, name: str | None, lines: dict[KeyPath, int], overridden: set[KeyPath]):
+    def __init__(self, name: str | None, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]):
         self.name, self.lines, self.overridden = name, lines, overridden
 
     def where(self, path: KeyPath) -> str | None:
         for end in range(len(path), 0, -1):
             if path[:end] in self.overridden:
-                return "--set " + ".".join(path[:end])
+                return self.overridden[path[:end]]
             if path[:end] in self.lines:
                 return f"{self.name}:{self.lines[path[:end]]}"
         return self.name
@@ -262,6 +263,11 @@ def _build(cls: type[T], raw: Any, prefix: KeyPath, source: _Source) -> T:
 # ---------------------------------------------------------------- public API
 
 
+# An override: 'a.b.c=value' (from --set), or ('a.b.c=value', label) where the label names what the user
+# typed, e.g. the flag '--split', for a value's error messages (None: '--set a.b.c').
+Override = str | tuple[str, str | None]
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
     """Apply one `a.b.c=value` to the raw mapping in place; returns the key path."""
     key, sep, text = assignment.partition("=")
@@ -307,17 +313,21 @@ def _list_index(items: list | dict, path: KeyPath) -> int:
 def build_config(
     cls: type[T],
     raw: dict[str, Any],
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[Override] = (),
     name: str | None = None,
     lines: dict[KeyPath, int] | None = None,
 ) -> T:
-    """Validate a raw mapping (plus `--set` overrides) into the dataclass `cls`."""
+    """Validate a raw mapping (plus overrides, applied in order) into the dataclass `cls`."""
     raw = _deep_copy(raw)
-    overridden = {apply_override(raw, assignment) for assignment in overrides}
+    overridden: dict[KeyPath, str] = {}  # key -> the label of the last override that set it
+    for override in overrides:
+        assignment, label = (override, None) if isinstance(override, str) else override
+        path = apply_override(raw, assignment)
+        overridden[path] = label or "--set " + ".".join(path)
     return _build(cls, raw, (), _Source(name, lines or {}, overridden))
 
 
-def load_config(cls: type[T], path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load_config(cls: type[T], path: Path | None = None, overrides: Sequence[Override] = ()) -> T:
     """Load `path` (or only defaults when None), apply overrides, validate into `cls`."""
     raw, lines = read_yaml(Path(path)) if path is not None else ({}, {})
     return build_config(cls, raw, overrides, str(path) if path is not None else None, lines)

@@ -88,3 +88,20 @@ def test_flags_reach_the_config_as_values_of_their_own_type():
     flags = {"preprocess.output_dir": Path("2024"), "preprocess.inputs": ["yes"], "preprocess.seed": None}
     cfg = resolve_config(PreprocessJob, None, None, flags).preprocess
     assert str(cfg.output_dir) == "2024" and cfg.inputs == ["yes"]  # not the number 2024 or True
+
+
+def test_a_bad_flag_value_is_reported_under_the_flag_given_its_name():
+    import pytest
+
+    from evo2_cli.commands.common import resolve_config
+    from evo2_cli.data.preprocess import PreprocessJob
+    from evo2_cli.errors import ConfigError
+
+    flags = {"preprocess.inputs": ["a.fa"], "preprocess.split": [0.5, "a"]}
+    with pytest.raises(ConfigError) as info:
+        resolve_config(PreprocessJob, None, None, flags, {"preprocess.split": "--split"})
+    expected = "--split: config key 'preprocess.split': expected a list of 3 items, got [0.5, 'a']"
+    assert str(info.value) == expected
+    with pytest.raises(ConfigError) as info:  # no name given: as before
+        resolve_config(PreprocessJob, None, None, flags)
+    assert info.value.where == "--set preprocess.split"

@@ -106,6 +106,19 @@ def test_overrides_go_through_the_validator(tmp_path):
         load_config(Job, path, ["optim.lr.x=1"])
 
 
+def test_an_override_labelled_with_its_flag_names_the_flag():
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, None, [("optim.lr=0", "--lr")])
+    assert str(info.value) == "--lr: config key 'optim.lr': must be > 0, got 0.0"
+    # a later --set of the same key is what the value came from
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, None, [("optim.lr=1", "--lr"), "optim.lr=0"])
+    assert info.value.where == "--set optim.lr"
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, None, [("optim.lr=0", None)])
+    assert info.value.where == "--set optim.lr"
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(Job, None, ["run.tags=[a]"])
     again = load_config(Job, write(tmp_path, to_yaml(cfg)))

@@ -28,13 +28,19 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an e
 
 
 def resolve_config(
-    schema: type[T], config: Path | None, sets: list[str] | None, flags: Mapping[str, Any] | None = None
+    schema: type[T],
+    config: Path | None,
+    sets: list[str] | None,
+    flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> T:
     """Load `config`, then apply command-line flags ({'section.key': value}; None = flag not given) as `--set`
     assignments, then explicit `--set`s. Flag values go in as JSON, which YAML reads back unchanged, so
-    `-o 2024` or `--from yes` stays a path and every value meets the same validator as a config file."""
+    `-o 2024` or `--from yes` stays a path and every value meets the same validator as a config file.
+    `flag_names` ({'section.key': '--flag'}) lets an error name the flag the user typed instead of `--set`."""
+    names = flag_names or {}
     assignments = [
-        f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, default=str)}"
+        (f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, default=str)}", names.get(key))
         for key, value in (flags or {}).items()
         if value is not None
     ]
