@@ -439,3 +439,17 @@ def test_path_flags_that_read_as_yaml_numbers_or_booleans_stay_paths(tmp_path, m
     monkeypatch.chdir(tmp_path)
     code, text = cli("--run=2024", "--output=yes")
     assert code == 2 and "2024: no such run directory" in text and "expected a path" not in text
+
+
+def test_post_hoc_bad_run_directories_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'a'}")
+    assert code == 2 and "no metrics log" in text
+    (run_dir / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'b'}")
+    assert code == 2 and "not UTF-8 text" in text
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "grad_norm": 1.0}\n')
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'c'}")
+    assert code == 2 and "config.yaml" in text and "missing" in text
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -88,8 +88,12 @@ def read_metrics(run_dir: Path) -> list[LoggedStep]:
         raise InputError(
             f"{path}: no metrics log; point --run (diagnose.run_dir) at an `evo2 train` run directory"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason}); is this an evo2 run?") from None
     steps = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
