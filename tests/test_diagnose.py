@@ -453,3 +453,12 @@ def test_post_hoc_bad_run_directories_exit_2(tmp_path):
     code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'c'}")
     assert code == 2 and "config.yaml" in text and "missing" in text
     assert not any((tmp_path / name).exists() for name in "abc")
+    (run_dir / "config.yaml").write_text("data:\n  seq_len: 64\n")
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'd'}")
+    assert code == 0 and "1 logged steps" in text
+    # no finite gradient norm at all (missing in the log): a non-finite spike, the plot has no log axis
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    code, text = cli(f"--run={run_dir}", f"--output={tmp_path / 'e'}")
+    assert code == 3 and "1 spike(s)" in text
+    data = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert [(s["step"], s["problem"], s["grad_norm"]) for s in data["spikes"]] == [(1, "non-finite", "nan")]

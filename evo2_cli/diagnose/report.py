@@ -558,6 +558,12 @@ def pyplot():
     return plt
 
 
+def _log_y(ax, values: Iterable[float]) -> None:
+    """Log y scale, unless nothing positive and finite is plotted (matplotlib cannot log-scale that)."""
+    if any(math.isfinite(x) and x > 0 for x in values):
+        ax.set_yscale("log")
+
+
 def _step_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -588,7 +594,8 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
     overflow = overflow_lambda(diagnosis.seq_len)
 
     def grad_norms(ax, v: VariantResult) -> None:
-        for name, values in _grad_lines(v).items():
+        lines = _grad_lines(v)
+        for name, values in lines.items():
             ax.plot(
                 range(len(values)),
                 [x if math.isfinite(x) and x > 0 else math.nan for x in values],
@@ -597,7 +604,7 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
         if v.explosion is not None:
             label = f"explosion (step {v.explosion.step})"
             ax.axvline(v.explosion.step, color="red", linestyle=":", label=label)
-        ax.set_yscale("log")
+        _log_y(ax, (x for values in lines.values() for x in values))
 
     def hcl_lambda(ax, v: VariantResult) -> None:
         for layer, series in hcl_series(v).items():
@@ -734,7 +741,7 @@ def _write_review_plot(review: RunReview, path: Path) -> bool:
     ax.plot(steps, norms, label="grad norm (logged steps)")
     for spike in review.spikes:
         ax.axvline(spike.step, color="red", linestyle=":", linewidth=0.8)
-    ax.set_yscale("log")
+    _log_y(ax, norms)
     _step_axis(ax)
     ax.set_ylabel("gradient norm (before clipping)")
     ax.set_title(f"{review.run_dir.name}: {len(review.spikes)} spike(s) (red)")
