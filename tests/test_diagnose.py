@@ -430,6 +430,8 @@ def test_bad_input_exits_2_with_a_message(ecoli, tmp_path):
     (tmp_path / "a-file").write_text("")
     code, text = cli(*base, f"--output={tmp_path / 'a-file'}", "--overwrite")
     assert code == 2 and "not a directory" in text and "step" not in text  # refused before training
+    code, text = cli(*base, f"--output={tmp_path / 'a-file' / 'out'}")
+    assert code == 2 and "not a writable directory" in text and "step" not in text  # before training
     code, text = cli(f"--run={tmp_path / 'norun'}", f"--output={tmp_path / 'o'}")
     assert code == 2 and "no such run directory" in text
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

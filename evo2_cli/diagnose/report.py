@@ -22,6 +22,7 @@ import csv
 import html
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -634,6 +635,14 @@ def check_output_dir(directory: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise InputError(
             f"{directory}: exists and is not a directory; choose another (-o / diagnose.output_dir)"
+        )
+    parent = directory.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{directory}: cannot be created under {parent} (not a writable directory); choose another "
+            "(-o / diagnose.output_dir)"
         )
 
 
