@@ -286,7 +286,13 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
     torch.manual_seed(0)
     save_model(StripedHyena(preset_config("test", layout="SDH")), tmp_path / "noattn")
     result = run(
-        "--from", str(tmp_path / "noattn"), "--method", "lora", "--set", "finetune.lora.targets=[Wqkv]"
+        "--from",
+        str(tmp_path / "noattn"),
+        "--method",
+        "lora",
+        "--set",
+        "finetune.lora.targets=[Wqkv]",
+        *common,
     )
     assert result.exit_code == 2 and "'Wqkv' matches no linear layer" in result.output
     # checkpoint shapes that do not match the config
@@ -417,3 +423,16 @@ def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path, vtx_l
         moved = (load_model(tmp_path / "base")(ids) - ours).abs().max().item()
     assert moved > 1e-2, moved  # the adapters changed the logits, far beyond the tolerance below
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_a_missing_dataset_fails_before_the_weights_load(base, tmp_path, monkeypatch):
+    from evo2_cli.finetune.run import StartingPoint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the dataset was checked")
+
+    monkeypatch.setattr(StartingPoint, "load", no_load)
+    job = make_job(tmp_path / "nodata", base, tmp_path / "run")
+    with pytest.raises(InputError, match="nodata: neither a directory nor a prefix"):
+        finetune(job, console=quiet())
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,7 @@ from evo2_cli.model.checkpoint import (
     write_model_files,
 )
 from evo2_cli.model.vortex import export_vortex, load_vortex
+from evo2_cli.train.data import split_windows
 
 # ---------------------------------------------------------------- the starting point
 
@@ -216,6 +217,8 @@ def finetune(
         from evo2_cli.finetune.heads import train_task
 
         return train_task(job, resume=resume, overwrite=overwrite, console=console)
+    # A dataset problem fails before the weights load (minutes for a large model); the loop opens it again.
+    split_windows(job.data, "train", job.train.seed)
     return train_language_model(
         prepare(job, console=console), resume=resume, overwrite=overwrite, hooks=hooks, console=console
     )
