@@ -111,6 +111,7 @@ def test_generate_prompts_from_fasta_and_greedy(base, fasta):
     [
         (["-p", ""], "empty sequence"),
         (["-p", "ACGZ"], "position 4 holds 'Z'"),
+        (["-p", "ACGZ"], "or pass --invalid n to map other characters to N"),
         (["-p", "AC", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["-p", "AC", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
         (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
@@ -254,6 +255,11 @@ def test_variants(base, fasta, tmp_path):
     listing.write_text("chrZ\t5\tA\tC\n")
     result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)
+    listing.write_text("rec0\t5\tA\tC!\n")
+    result = invoke("variants", base, listing, "-r", fasta)
+    assert result.exit_code == 2, result.output
+    # variants has no --invalid switch: the message must not offer one
+    assert "alt allele: position 2 holds '!'" in said(result) and "--invalid" not in said(result)
 
 
 def test_vortex_checkpoint_and_mismatching_config(tmp_path, fasta):

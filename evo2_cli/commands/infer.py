@@ -178,8 +178,9 @@ def generate(
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
     names, prompts = [], []
+    fix = "use IUPAC nucleotide letters, or pass --invalid n to map other characters to N"
     for i, text in enumerate(prompt or []):
-        prompts.append(encode_dna(text, f"--prompt {i + 1}", invalid))  # type: ignore[arg-type]
+        prompts.append(encode_dna(text, f"--prompt {i + 1}", invalid, fix))  # type: ignore[arg-type]
         names.append(f"prompt{i + 1}")
     if prompt_fasta is not None:
         for record in read_sequences(prompt_fasta):

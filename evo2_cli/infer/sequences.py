@@ -25,11 +25,14 @@ _VALID[np.frombuffer(IUPAC_BYTES, np.uint8)] = True
 _N = ord("N")
 
 
-def encode_dna(text: str | bytes, where: str, policy: InvalidPolicy = "error") -> np.ndarray:
+def encode_dna(
+    text: str | bytes, where: str, policy: InvalidPolicy = "error", fix: str = "use IUPAC nucleotide letters"
+) -> np.ndarray:
     """Upper-cased uint8 tokens of a DNA/RNA string. `where` names it in errors ("--prompt 2").
 
     Empty input is an error; so is a non-IUPAC character under policy 'error' (message gives the 1-based
-    position); policy 'n' maps such characters to N.
+    position, then `fix`: a caller that offers a policy switch names it there); policy 'n' maps such
+    characters to N.
     """
     raw = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
     raw = raw.strip()
@@ -40,10 +43,7 @@ def encode_dna(text: str | bytes, where: str, policy: InvalidPolicy = "error") -
     if bad.any():
         if policy == "error":
             at = int(np.argmax(bad))
-            raise InputError(
-                f"{where}: position {at + 1} holds {describe_byte(int(tokens[at]))}; use IUPAC nucleotide "
-                "letters, or pass --invalid n to map other characters to N"
-            )
+            raise InputError(f"{where}: position {at + 1} holds {describe_byte(int(tokens[at]))}; {fix}")
         tokens = np.where(bad, np.uint8(_N), tokens)
     return UPPERCASE[tokens]
 
