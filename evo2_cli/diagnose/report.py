@@ -153,13 +153,16 @@ def variant_summary(result: VariantResult) -> dict[str, Any]:
     }
 
 
-def report_data(diagnosis: Diagnosis) -> dict[str, Any]:
+# The first fields of both modes' report.json.
+_HEADER = {"tool": "evo2-cli", "version": __version__, "command": "diagnose-grads"}
+
+
+def report_data(diagnosis: Diagnosis, summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """report.json; `summaries` are the variants' variant_summary, in order."""
     seq_len = diagnosis.seq_len
     return finite_or_text(
         {
-            "tool": "evo2-cli",
-            "version": __version__,
-            "command": "diagnose-grads",
+            **_HEADER,
             "healthy": diagnosis.healthy,
             "exploded": [v.variant.name for v in diagnosis.variants if not v.healthy],
             "device": diagnosis.device,
@@ -168,7 +171,7 @@ def report_data(diagnosis: Diagnosis) -> dict[str, Any]:
             "overflow_lambda": overflow_lambda(seq_len),
             "model": to_dict(diagnosis.model_config),
             "config": to_dict(diagnosis.job),
-            "variants": [variant_summary(v) for v in diagnosis.variants],
+            "variants": list(summaries),
         }
     )
 
@@ -464,8 +467,8 @@ def _explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
     )
 
 
-def html_report(diagnosis: Diagnosis) -> str:
-    data = report_data(diagnosis)
+def html_report(diagnosis: Diagnosis, data: dict[str, Any], summaries: Sequence[dict[str, Any]]) -> str:
+    """report.html from report_data's `data` and the `summaries` it was made of (numbers not yet text)."""
     overflow = overflow_lambda(diagnosis.seq_len)
     verdict = (
         '<p class="ok">Every variant stayed healthy (exit code 0).</p>'
@@ -473,8 +476,7 @@ def html_report(diagnosis: Diagnosis) -> str:
         else f'<p class="bad">Explosion in: {html.escape(", ".join(data["exploded"]))} (exit code 3).</p>'
     )
     rows = []
-    for v in diagnosis.variants:
-        s = variant_summary(v)
+    for v, s in zip(diagnosis.variants, summaries, strict=True):
         hcl = s["hcl"].values()
         rows.append(
             (
@@ -649,11 +651,11 @@ def check_output_dir(directory: Path, overwrite: bool) -> None:
 def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False) -> list[str]:
     """Write every output into `directory` atomically; returns the file names written."""
     with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
-        (tmp / "report.json").write_text(
-            json.dumps(report_data(diagnosis), indent=1) + "\n", encoding="utf-8"
-        )
+        summaries = [variant_summary(v) for v in diagnosis.variants]
+        data = report_data(diagnosis, summaries)
+        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         write_csvs(diagnosis, tmp)
-        (tmp / "report.html").write_text(html_report(diagnosis), encoding="utf-8")
+        (tmp / "report.html").write_text(html_report(diagnosis, data, summaries), encoding="utf-8")
         plots = write_plots(diagnosis, tmp) if diagnosis.job.diagnose.plots else []
     return [*REPORT_FILES, *plots]
 
@@ -667,9 +669,7 @@ def review_data(review: RunReview) -> dict[str, Any]:
     s = review.settings
     return finite_or_text(
         {
-            "tool": "evo2-cli",
-            "version": __version__,
-            "command": "diagnose-grads",
+            **_HEADER,
             "mode": "run",
             "run_dir": str(review.run_dir),
             "healthy": review.healthy,
