@@ -342,6 +342,10 @@ def test_loader_accepts_every_source(tmp_path, test_model):
     for source in (tmp_path / "ck", tmp_path / "ck" / "model.safetensors", tmp_path / "run", run):
         assert_close(load_inference_model(source)(ids), expected)
     assert resolve_checkpoint(tmp_path / "run") == (run / "step_00000010").resolve()
+    # every source comes back as the checkpoint directory itself (a `latest` pointer followed)
+    assert resolve_checkpoint(run) == (run / "step_00000010").resolve()
+    assert resolve_checkpoint(tmp_path / "ck" / "model.safetensors") == tmp_path / "ck"
+    assert resolve_checkpoint(WEIGHTS) == WEIGHTS
     model = load_inference_model(WEIGHTS, CONFIG)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert_close(model(ids), load_vortex(CONFIG, WEIGHTS)(ids))

@@ -55,30 +55,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint directory `path` designates (see module docstring); Vortex `.pt` files are returned
-    unchanged. InputError when nothing loadable is there."""
-    from evo2_cli.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    """The checkpoint directory `path` designates (see module docstring), its `latest` pointer followed;
+    Vortex `.pt` files are returned unchanged. InputError when nothing loadable is there.
+
+    A training run directory is the one source the model package cannot resolve (it knows nothing of runs);
+    everything else goes through `resolve_checkpoint_dir`."""
+    from evo2_cli.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint_dir
 
     path = Path(path)
     if not path.exists():
         raise InputError(
             f"{path}: model not found (expected a checkpoint directory, a run directory or a .pt)"
         )
-    if path.is_file():
+    if path.is_file() and path.suffix != ".safetensors":
         return path
-    if (path / WEIGHTS_FILE).is_file() or (path / "latest").exists():
-        return path
-    if (path / "checkpoints").is_dir():
+    if path.is_dir() and not (path / WEIGHTS_FILE).exists() and not (path / "latest").exists():
+        if not (path / "checkpoints").is_dir():
+            raise InputError(
+                f"{path}: not a checkpoint directory ({WEIGHTS_FILE} and {CONFIG_FILE}), a run directory "
+                "(checkpoints/) or a Vortex .pt file"
+            )
         from evo2_cli.train.checkpoint import latest_checkpoint
 
         found = latest_checkpoint(path)
         if found is None:
             raise InputError(f"{path}: a training run directory without any complete checkpoint yet")
-        return found
-    raise InputError(
-        f"{path}: not a checkpoint directory ({WEIGHTS_FILE} and {CONFIG_FILE}), a run directory "
-        "(checkpoints/) or a Vortex .pt file"
-    )
+        path = found
+    return resolve_checkpoint_dir(path)
 
 
 def load_inference_model(
@@ -99,7 +102,7 @@ def load_inference_model(
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     source = resolve_checkpoint(Path(path))
-    if source.is_file() and source.suffix != ".safetensors":
+    if source.is_file():
         if vortex_config is None:
             raise InputError(
                 f"{source}: a Vortex-layout .pt needs its model config YAML: pass --vortex-config FILE"
