@@ -23,7 +23,7 @@ from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
-from evo2_cli.diagnose.detect import first_flag, locate_explosion
+from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
 from evo2_cli.diagnose.record import HclStats, ParamInfo, SiteInfo, StepRecord
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
 from evo2_cli.train.config import GuardSection, TrainJob
@@ -75,6 +75,12 @@ def reproduction_args(dataset: Path, output: Path, steps: int = 12) -> list[str]
 # ---------------------------------------------------------------- the detector on synthetic series
 
 SETTINGS = GuardSection(spike_factor=10.0, median_window=50, warmup_steps=3)
+
+
+def first_flag(values: list[float], settings: GuardSection) -> Flag | None:
+    """The first bad value of a series (judging stops there)."""
+    detector = SeriesDetector(settings)
+    return next((flag for step, value in enumerate(values) if (flag := detector.judge(step, value))), None)
 
 
 def test_detector_flags_the_first_spike_and_non_finite_values():

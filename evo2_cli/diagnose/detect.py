@@ -73,12 +73,6 @@ class SeriesDetector:
         return Flag(step, value, verdict.threshold, verdict.problem)
 
 
-def first_flag(values: Sequence[float], settings: GuardSection) -> Flag | None:
-    """The first bad value of a series (judging stops there)."""
-    detector = SeriesDetector(settings)
-    return next((flag for step, value in enumerate(values) if (flag := detector.judge(step, value))), None)
-
-
 @dataclass(frozen=True)
 class Explosion:
     """The first bad step of a variant and where it started."""
