@@ -405,6 +405,9 @@ def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
     assert code == 2 and "nope" in out
     code, out = cli(*base, "--set=data.seq_len=100000")
     assert code == 2 and "shorter than one window" in out
+    code, out = cli(*base, f"--resume={tmp_path / 'elsewhere'}")
+    assert code == 2 and "elsewhere: not a training checkpoint" in " ".join(out.split())
+    assert not (tmp_path / "run").exists()  # a bad --resume fails before the run directory is claimed
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, out = cli(*base, f"--set=train.run_dir={blocker / 'run'}")

@@ -140,12 +140,15 @@ def train(
         val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
 
         # ---- run directory, model, starting point
+        start = None if resume == "auto" else Path(resume)
+        if start is not None:
+            verify_checkpoint(start)  # a bad --resume DIR fails before the run directory is claimed
         run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite))
-        start = latest_checkpoint(cfg.run_dir) if resume == "auto" else Path(resume)
+        if resume == "auto" and (start := latest_checkpoint(cfg.run_dir)) is not None:
+            verify_checkpoint(start)
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
         if start is not None:
-            verify_checkpoint(start)
             _load_weights(model, start)
         if trainable is not None:
             for name, param in model.named_parameters():
