@@ -72,6 +72,13 @@ def test_latest_pointer_is_followed(tmp_path, model):
     assert load_model(tmp_path / "runs").config == model.config
 
 
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_bytes(b"\xff\xfe")])
+def test_unreadable_latest_pointer_is_a_checkpoint_error(tmp_path, make):
+    make(tmp_path / "latest")
+    with pytest.raises(InputError, match="latest: not a readable pointer"):
+        load_model(tmp_path)
+
+
 def test_save_refuses_to_overwrite(tmp_path, model):
     save_model(model, tmp_path / "ckpt")
     with pytest.raises(InputError, match="--overwrite"):

@@ -181,8 +181,16 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         )
     if not (path / WEIGHTS_FILE).exists() and (path / "latest").exists():
         latest = path / "latest"
-        target = latest.resolve() if latest.is_symlink() else path / latest.read_text().strip()
-        return resolve_checkpoint_dir(target)
+        if latest.is_symlink():
+            return resolve_checkpoint_dir(latest.resolve())
+        try:
+            target = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): "
+                f"{exc}"
+            ) from None
+        return resolve_checkpoint_dir(path / target)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a checkpoint directory, {name} is missing")
