@@ -181,9 +181,8 @@ class Recorder:
         return hook
 
     def start_step(self) -> None:
-        self._activations: dict[
-            int, Tensor
-        ] = {}  # site -> [max_abs, rms, nonfinite] of the first micro-batch
+        # site -> [max_abs, rms, nonfinite] of the first micro-batch
+        self._activations: dict[int, Tensor] = {}
         self.forward_order: list[int] = []  # sites in the order their forward finished
         self.backward_order: list[int] = []  # parameters in the order autograd finished their gradient
         self._seen_grads: set[int] = set()
