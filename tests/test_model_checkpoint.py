@@ -364,3 +364,8 @@ def test_convert_bad_input_exits_2(tmp_path):
         app, ["convert", "to-vortex", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt")]
     )
     assert result.exit_code == 2 and "not found" in result.output
+    # an output where no file can be written fails before any work, not as a traceback at the end
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    result = runner.invoke(app, ["convert", "to-vortex", str(tmp_path / "o"), "--out", str(blocked / "x.pt")])
+    assert result.exit_code == 2 and "cannot write there" in result.output, result.output

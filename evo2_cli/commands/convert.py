@@ -63,6 +63,7 @@ def to_vortex(
 
     Modal hcl poles are written as lambda = -exp(p) * exp(gamma)."""
     from evo2_cli.infer.loading import resolve_checkpoint
+    from evo2_cli.infer.outputs import check_output
     from evo2_cli.model.checkpoint import load_model
     from evo2_cli.model.vortex import export_vortex
 
@@ -71,6 +72,7 @@ def to_vortex(
         raise InputError(f"--config-out must differ from --out ({out})")
     for path in (out, config_out):
         _check_free(path, overwrite)
+        check_output(path)
     torch_dtype = _dtype(dtype)
     model = load_model(resolve_checkpoint(checkpoint))
     export_vortex(model, out, config_out, dtype=torch_dtype)
