@@ -65,7 +65,8 @@ def environment_checks() -> list[Check]:
                 f"cuda:{index}",
                 True,
                 f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
-                + ("bf16" if torch.cuda.is_bf16_supported() else "no bf16: train with fp32"),
+                # this device's own capability: is_bf16_supported() asks about the current device only
+                + ("bf16" if props.major >= 8 else "no bf16: train with fp32"),
             )
         )
     if not torch.cuda.is_available():

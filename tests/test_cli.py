@@ -105,3 +105,21 @@ def test_a_bad_flag_value_is_reported_under_the_flag_given_its_name():
     with pytest.raises(ConfigError) as info:  # no name given: as before
         resolve_config(PreprocessJob, None, None, flags)
     assert info.value.where == "--set preprocess.split"
+
+
+def test_doctor_judges_bf16_per_device(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from evo2_cli import doctor
+
+    cards = [SimpleNamespace(name="A100", total_memory=80 * 2**30, major=8, minor=0)]
+    cards.append(SimpleNamespace(name="V100", total_memory=32 * 2**30, major=7, minor=0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: cards[index])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # asks device 0
+    details = {check.name: check.detail for check in doctor.environment_checks()}
+    assert details["cuda:0"] == "A100, 80 GiB, compute 8.0, bf16"
+    assert details["cuda:1"] == "V100, 32 GiB, compute 7.0, no bf16: train with fp32"
