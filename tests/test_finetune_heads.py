@@ -165,3 +165,12 @@ def test_cli_refuses_unlabeled_records_with_exit_2(base, tmp_path):
         and "1 record(s) have no label" in result.output
         and "unlabeled" in result.output
     )
+
+
+def test_a_bad_resume_writes_nothing(base, tmp_path):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta)
+    job = task_job(fasta, base, tmp_path / "run", "classify", r"label=(\S+)")
+    with pytest.raises(InputError, match="elsewhere: not a training checkpoint"):
+        finetune(job, resume=str(tmp_path / "elsewhere"), console=quiet())
+    assert not (tmp_path / "run").exists()

@@ -292,9 +292,8 @@ def train_task(
     from evo2_cli.train.checkpoint import (
         best_checkpoint,
         claim_run_dir,
-        latest_checkpoint,
         read_train_state,
-        verify_checkpoint,
+        starting_checkpoint,
         write_checkpoint,
     )
     from evo2_cli.train.metrics import MetricsLog
@@ -311,15 +310,15 @@ def train_task(
     )
     prepared = prepare(job, outputs, console)
     job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
-    claim_run_dir(cfg.run_dir, job, to_yaml(job), overwrite)
-    start = latest_checkpoint(cfg.run_dir) if resume == "auto" else Path(resume)
+    start = starting_checkpoint(
+        cfg.run_dir, resume, lambda: claim_run_dir(cfg.run_dir, job, to_yaml(job), overwrite)
+    )
     torch.manual_seed(cfg.seed)
     model.to(device)
     optimizer = build_optimizer(model, job.optim)
     params = [p for p in model.parameters() if p.requires_grad]
     step, best = 0, math.inf
     if start is not None:
-        verify_checkpoint(start)
         model.load_state_dict(safetensors.torch.load_file(start / "model.safetensors", device=str(device)))
         saved = read_train_state(start)
         optimizer.load_state_dict(saved["optimizer"])

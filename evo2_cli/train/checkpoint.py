@@ -136,6 +136,22 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return link.parent / os.readlink(link) if link.is_symlink() else None
 
 
+def starting_checkpoint(run_dir: Path, resume: str, claim: Callable[[], object]) -> Path | None:
+    """The verified checkpoint a run starts from. `resume` "auto": the run directory's latest checkpoint (None
+    for a fresh run), looked up after `claim` made the directory this run's (an --overwrite empties it
+    first). Otherwise the checkpoint directory `resume`, verified before `claim` so that a bad one writes
+    nothing."""
+    if resume != "auto":
+        verify_checkpoint(Path(resume))
+        claim()
+        return Path(resume)
+    claim()
+    start = latest_checkpoint(run_dir)
+    if start is not None:
+        verify_checkpoint(start)
+    return start
+
+
 def claim_run_dir(run_dir: Path, job: Any, job_yaml: str, overwrite: bool) -> None:
     """Make `run_dir` this run's directory: create it, or accept it when it holds a run of the same identity
     (`job.identity()`), or wipe it with `overwrite`. Writes the resolved config to RUN_DIR/config.yaml."""

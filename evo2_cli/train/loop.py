@@ -42,10 +42,9 @@ from evo2_cli.model.checkpoint import write_model_files as package_write_model_f
 from evo2_cli.train.checkpoint import (
     best_checkpoint,
     claim_run_dir,
-    latest_checkpoint,
     read_train_state,
+    starting_checkpoint,
     truncate_metrics,
-    verify_checkpoint,
     write_checkpoint,
 )
 from evo2_cli.train.config import TrainJob
@@ -140,12 +139,11 @@ def train(
         val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
 
         # ---- run directory, model, starting point
-        start = None if resume == "auto" else Path(resume)
-        if start is not None:
-            verify_checkpoint(start)  # a bad --resume DIR fails before the run directory is claimed
-        run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite))
-        if resume == "auto" and (start := latest_checkpoint(cfg.run_dir)) is not None:
-            verify_checkpoint(start)
+        start = starting_checkpoint(
+            cfg.run_dir,
+            resume,
+            lambda: run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite)),
+        )
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
         if start is not None:
