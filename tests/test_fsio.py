@@ -58,13 +58,20 @@ def test_an_interrupt_between_the_two_renames_restores_the_old_output(tmp_path, 
     assert leftovers(tmp_path) == []
 
 
-def test_files_written_by_name_get_the_umask_permissions(tmp_path):
+def test_files_written_by_name_get_the_umask_permissions(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import save_file
+
+    from evo2_cli import fsio
 
     with atomic_path(tmp_path / "w.safetensors") as tmp:
         save_file({"x": torch.zeros(2)}, str(tmp))  # creates its own files 0600
     (tmp_path / "plain.txt").write_text("")  # what the umask gives any other file
     modes = {(tmp_path / name).stat().st_mode & 0o777 for name in ("w.safetensors", "plain.txt")}
     assert len(modes) == 1
+    # the common umask, where 0600 would show (under a umask of 077 the check above cannot fail)
+    monkeypatch.setattr(fsio, "_UMASK", 0o022)
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
     assert leftovers(tmp_path) == []
