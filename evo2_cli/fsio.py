@@ -21,6 +21,13 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
+    """`.NAME.tmp-PID` next to `path`: hidden, on the same filesystem (so renaming it over `path` is atomic),
+    and never shared by two processes."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -34,8 +41,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write by name (a library's `save_file`, which
     streams to disk instead of building the whole file in memory); on success it is fsynced and renamed
     over `path`, on any error removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         yield tmp
         # The umask's permissions, as for any other file: safetensors creates its files 0600, and a checkpoint
@@ -74,7 +80,7 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{final.parent}: cannot create output directory: {exc.strerror}") from None
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # mkdir inside the try: a signal landing just after it (SIGTERM -> KeyboardInterrupt) still cleans up.
@@ -83,7 +89,7 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         except OSError as exc:
             raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
         yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temporary_sibling(final, "old")
         shutil.rmtree(old, ignore_errors=True)  # left by a crashed run with the same pid: not ours to restore
         try:
             if final.exists():
