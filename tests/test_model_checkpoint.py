@@ -308,7 +308,10 @@ def test_convert_both_ways(tmp_path):
         (lambda t, p: torch.save({**t, "extra.weight": torch.zeros(1)}, p), "unexpected key(s) extra.weight"),
         (lambda t, p: torch.save({**t, "norm.scale": torch.full((64,), torch.nan)}, p), "has 64 non-finite"),
         (lambda t, p: torch.save({**t, "norm.scale": Payload()}, p), "pickled Python objects"),
-        (lambda t, p: p.write_bytes(b"not a checkpoint"), "cannot read as a PyTorch checkpoint"),
+        (
+            lambda t, p: p.write_bytes(b"not a checkpoint"),
+            "cannot read as a PyTorch checkpoint: not a torch.save zip archive",
+        ),
     ],
     ids=["unexpected", "non-finite", "pickled", "garbage"],
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def read_vortex_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if not zipfile.is_zipfile(path):
+        # torch's own message for such a file is advice about mmap and torch.save options
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint: not a torch.save zip archive (or a truncated one)"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
