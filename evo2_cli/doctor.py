@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -59,16 +61,7 @@ def environment_checks() -> list[Check]:
         version = _package_version(name)
         checks.append(Check(name, version is not None, version or "missing: reinstall evo2-cli"))
     for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        checks.append(
-            Check(
-                f"cuda:{index}",
-                True,
-                f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
-                # this device's own capability: is_bf16_supported() asks about the current device only
-                + ("bf16" if props.major >= 8 else "no bf16: train with fp32"),
-            )
-        )
+        checks.append(_guarded(f"cuda:{index}", partial(_device_check, index)))
     if not torch.cuda.is_available():
         checks.append(Check("cuda", True, "no CUDA device: CPU only (fp32)", required=False))
     for name, feature in OPTIONAL_PACKAGES.items():
@@ -76,6 +69,17 @@ def environment_checks() -> list[Check]:
         detail = f"{version}: {feature}" if version else f"not installed: no {feature}"
         checks.append(Check(name, version is not None, detail, required=False))
     return checks
+
+
+def _device_check(index: int) -> Check:
+    props = torch.cuda.get_device_properties(index)
+    return Check(
+        f"cuda:{index}",
+        True,
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
+        # this device's own capability: is_bf16_supported() asks about the current device only
+        + ("bf16" if props.major >= 8 else "no bf16: train with fp32"),
+    )
 
 
 def self_test(device: str) -> Check:
@@ -99,13 +103,14 @@ def self_test(device: str) -> Check:
 
 def run_checks() -> list[Check]:
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return environment_checks() + [_guarded_self_test(device) for device in devices]
+    checks = [_guarded(f"self-test {device}", partial(self_test, device)) for device in devices]
+    return environment_checks() + checks
 
 
-def _guarded_self_test(device: str) -> Check:
-    """A device that cannot even run the test (a CUDA error, out of memory) is a failed check, not a
-    traceback: a broken device is what `evo2 doctor` is run to find."""
+def _guarded(name: str, check: Callable[[], Check]) -> Check:
+    """A device that cannot even be queried or run the test (a CUDA error, out of memory) is a failed check,
+    not a traceback: a broken device is what `evo2 doctor` is run to find."""
     try:
-        return self_test(device)
+        return check()
     except Exception as exc:  # any failure of the device is the finding
-        return Check(f"self-test {device}", False, f"{type(exc).__name__}: {exc}")
+        return Check(name, False, f"{type(exc).__name__}: {exc}")

@@ -123,3 +123,18 @@ def test_doctor_judges_bf16_per_device(monkeypatch):
     details = {check.name: check.detail for check in doctor.environment_checks()}
     assert details["cuda:0"] == "A100, 80 GiB, compute 8.0, bf16"
     assert details["cuda:1"] == "V100, 32 GiB, compute 7.0, no bf16: train with fp32"
+
+
+def test_a_device_that_cannot_be_queried_is_a_failed_check(monkeypatch):
+    import torch
+
+    from evo2_cli import doctor
+
+    def broken(index):
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    checks = {check.name: check for check in doctor.environment_checks()}
+    assert not checks["cuda:0"].ok and checks["cuda:0"].required
+    assert checks["cuda:0"].detail == "RuntimeError: CUDA error: no CUDA-capable device is detected"
