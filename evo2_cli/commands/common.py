@@ -40,7 +40,7 @@ def resolve_config(
     `flag_names` ({'section.key': '--flag'}) lets an error name the flag the user typed instead of `--set`."""
     names = flag_names or {}
     assignments = [
-        (f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, default=str)}", names.get(key))
+        (f"{key}={json.dumps(value, default=str)}", names.get(key))  # default=str: paths as strings
         for key, value in (flags or {}).items()
         if value is not None
     ]
