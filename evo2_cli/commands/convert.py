@@ -110,8 +110,7 @@ def from_vortex(
     from evo2_cli.model.config import load_model_config
     from evo2_cli.model.vortex import load_vortex
 
-    if out.exists() and not overwrite:
-        _check_free(out, overwrite)
+    _check_free(out, overwrite)  # before the import's work; save_model checks again as it writes
     model_config = load_model_config(config, set_ or [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
