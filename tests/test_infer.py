@@ -366,6 +366,8 @@ def test_loader_errors(tmp_path, test_model):
     save_model(test_model, tmp_path / "ck")
     with pytest.raises(InputError, match="only for Vortex"):
         load_inference_model(tmp_path / "ck", CONFIG)
+    with pytest.raises(InputError, match="--clamp-poles is only for Vortex"):
+        load_inference_model(tmp_path / "ck", clamp_poles=-1e-4)
     with pytest.raises(InputError, match="--dtype"):
         load_inference_model(tmp_path / "ck", dtype="fp8")
 

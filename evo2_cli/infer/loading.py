@@ -115,6 +115,8 @@ def load_inference_model(
             raise InputError(
                 f"{source}: --vortex-config is only for Vortex .pt files; our checkpoints carry their config"
             )
+        if clamp_poles is not None:  # a checkpoint of ours loads as saved; it would be silently ignored
+            raise InputError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
         from evo2_cli.model.checkpoint import load_model
 
         model = load_model(source)
