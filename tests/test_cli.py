@@ -85,7 +85,11 @@ def test_flags_reach_the_config_as_values_of_their_own_type():
     from evo2_cli.data.preprocess import PreprocessJob
 
     assert comma_list("vortex, 1e-3,2") == ["vortex", 0.001, 2] and comma_list(None) is None
-    flags = {"preprocess.output_dir": Path("2024"), "preprocess.inputs": ["yes"], "preprocess.seed": None}
+    flags = {
+        "preprocess.output_dir": ("--output", Path("2024")),
+        "preprocess.inputs": ("INPUTS", ["yes"]),
+        "preprocess.seed": ("--seed", None),
+    }
     cfg = resolve_config(PreprocessJob, None, None, flags).preprocess
     assert str(cfg.output_dir) == "2024" and cfg.inputs == ["yes"]  # not the number 2024 or True
 
@@ -97,13 +101,13 @@ def test_a_bad_flag_value_is_reported_under_the_flag_given_its_name():
     from evo2_cli.data.preprocess import PreprocessJob
     from evo2_cli.errors import ConfigError
 
-    flags = {"preprocess.inputs": ["a.fa"], "preprocess.split": [0.5, "a"]}
+    flags = {"preprocess.inputs": ("INPUTS", ["a.fa"]), "preprocess.split": ("--split", [0.5, "a"])}
     with pytest.raises(ConfigError) as info:
-        resolve_config(PreprocessJob, None, None, flags, {"preprocess.split": "--split"})
+        resolve_config(PreprocessJob, None, None, flags)
     expected = "--split: config key 'preprocess.split': expected a list of 3 items, got [0.5, 'a']"
     assert str(info.value) == expected
-    with pytest.raises(ConfigError) as info:  # no name given: as before
-        resolve_config(PreprocessJob, None, None, flags)
+    with pytest.raises(ConfigError) as info:  # the same value through --set is reported as a --set
+        resolve_config(PreprocessJob, None, ["preprocess.inputs=[a.fa]", "preprocess.split=[0.5, a]"])
     assert info.value.where == "--set preprocess.split"
 
 

@@ -31,17 +31,15 @@ def resolve_config(
     schema: type[T],
     config: Path | None,
     sets: list[str] | None,
-    flags: Mapping[str, Any] | None = None,
-    flag_names: Mapping[str, str] | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
 ) -> T:
-    """Load `config`, then apply command-line flags ({'section.key': value}; None = flag not given) as `--set`
-    assignments, then explicit `--set`s. Flag values go in as JSON, which YAML reads back unchanged, so
-    `-o 2024` or `--from yes` stays a path and every value meets the same validator as a config file.
-    `flag_names` ({'section.key': '--flag'}) lets an error name the flag the user typed instead of `--set`."""
-    names = flag_names or {}
+    """Load `config`, then apply command-line flags ({'section.key': ('--flag', value)}; value None = flag
+    not given) as assignments an error names by their flag, then explicit `--set`s. Flag values go in as
+    JSON, which YAML reads back unchanged, so `-o 2024` or `--from yes` stays a path and every value meets
+    the same validator as a config file."""
     assignments = [
-        (f"{key}={json.dumps(value, default=str)}", names.get(key))  # default=str: paths as strings
-        for key, value in (flags or {}).items()
+        (f"{key}={json.dumps(value, default=str)}", flag)  # default=str: paths as strings
+        for key, (flag, value) in (flags or {}).items()
         if value is not None
     ]
     return load_config(schema, config, [*assignments, *(sets or [])])

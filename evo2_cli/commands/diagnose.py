@@ -84,16 +84,16 @@ def diagnose_grads(
     from evo2_cli.errors import DiagnosisFailed
 
     flags = {
-        "diagnose.variants": comma_list(variants),
-        "diagnose.lr": comma_list(lr),
-        "diagnose.precision": comma_list(precision),
-        "diagnose.grad_clip": comma_list(clip),
-        "diagnose.steps": steps,
-        "diagnose.checkpoint": checkpoint,
-        "diagnose.vortex_config": vortex_config,
-        "diagnose.run_dir": run,
-        "diagnose.device": device,
-        "diagnose.output_dir": output,
+        "diagnose.variants": ("--variants", comma_list(variants)),
+        "diagnose.lr": ("--lr", comma_list(lr)),
+        "diagnose.precision": ("--precision", comma_list(precision)),
+        "diagnose.grad_clip": ("--clip", comma_list(clip)),
+        "diagnose.steps": ("--steps", steps),
+        "diagnose.checkpoint": ("--checkpoint", checkpoint),
+        "diagnose.vortex_config": ("--vortex-config", vortex_config),
+        "diagnose.run_dir": ("--run", run),
+        "diagnose.device": ("--device", device),
+        "diagnose.output_dir": ("--output", output),
     }
     job = resolve_config(DiagnoseJob, config, set_, flags)
     d = job.diagnose

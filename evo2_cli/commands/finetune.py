@@ -65,13 +65,13 @@ def finetune(
     from evo2_cli.finetune.run import finetune as run_finetune
 
     flags = {
-        "finetune.init_from": init_from,
-        "finetune.init_config": init_config,
-        "finetune.clamp_poles": clamp_poles,
-        "finetune.method": method,
-        "finetune.freeze": None if freeze is None else parse_selectors(freeze),
-        "finetune.task": task,
-        "train.device": device,
+        "finetune.init_from": ("--from", init_from),
+        "finetune.init_config": ("--init-config", init_config),
+        "finetune.clamp_poles": ("--clamp-poles", clamp_poles),
+        "finetune.method": ("--method", method),
+        "finetune.freeze": ("--freeze", None if freeze is None else parse_selectors(freeze)),
+        "finetune.task": ("--task", task),
+        "train.device": ("--device", device),
     }
     job = resolve_config(FinetuneJob, config, set_, flags)
     result = run_finetune(job, resume=resume, overwrite=overwrite, console=console)

@@ -54,11 +54,11 @@ def preprocess(
     from evo2_cli.data.preprocess import PreprocessJob, run_preprocess, summary_table
 
     flags = {
-        "preprocess.inputs": inputs or None,
-        "preprocess.output_dir": output,
-        "preprocess.seed": seed,
-        "preprocess.workers": workers,
-        "preprocess.split": comma_list(split),
+        "preprocess.inputs": ("INPUTS", inputs or None),
+        "preprocess.output_dir": ("--output", output),
+        "preprocess.seed": ("--seed", seed),
+        "preprocess.workers": ("--workers", workers),
+        "preprocess.split": ("--split", comma_list(split)),
     }
     cfg = resolve_config(PreprocessJob, config, set_, flags).preprocess
     manifest = run_preprocess(cfg, overwrite=overwrite, console=console)

@@ -36,7 +36,7 @@ def train(
     from evo2_cli.train.config import TrainJob
     from evo2_cli.train.loop import train as run_training
 
-    job = resolve_config(TrainJob, config, set_, {"train.device": device})
+    job = resolve_config(TrainJob, config, set_, {"train.device": ("--device", device)})
     result = run_training(job, resume=resume, overwrite=overwrite, console=console)
     if result.is_main:
         console.print(f"[green]checkpoint:[/] {result.checkpoint}")
