@@ -27,7 +27,7 @@ import torch
 
 from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file
+from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file, temporary_sibling
 
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
@@ -50,7 +50,7 @@ def step_dirs(run_dir: Path) -> list[Path]:
 
 def _point(link: Path, target_name: str) -> None:
     """Make `link` a relative symlink to `target_name`, atomically (a new link renamed over the old)."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(link)
     tmp.unlink(missing_ok=True)
     os.symlink(target_name, tmp)
     os.replace(tmp, link)
