@@ -16,6 +16,7 @@ from evo2_cli.errors import InputError
 from evo2_cli.infer.embedding import embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
+from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
 from evo2_cli.infer.scoring import score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
@@ -327,6 +328,21 @@ def test_bad_variant_lists(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(InputError, match=message):
         read_variants(path)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_atomic_text_output_renames_when_complete_and_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "sub" / "scores.tsv"
+    with pytest.raises(RuntimeError), atomic_text_output(out) as handle:
+        handle.write("half\n")
+        raise RuntimeError("stopped")
+    assert list((tmp_path / "sub").iterdir()) == []  # neither the output nor its temporary
+    with atomic_text_output(out) as handle:
+        handle.write("id\tvalue\n")
+        assert not out.exists()  # the final name appears only when complete
+    assert out.read_text() == "id\tvalue\n" and list(out.parent.iterdir()) == [out]
 
 
 # ---------------------------------------------------------------- loading

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io
 import math
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,14 +20,10 @@ from typing import IO, Literal
 import numpy as np
 
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_write_bytes
+from evo2_cli.fsio import atomic_path, atomic_write_bytes, temporary_sibling
 
 TableFormat = Literal["tsv", "csv", "parquet"]
 STDOUT = Path("-")
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def check_output(path: Path) -> None:
@@ -39,7 +34,7 @@ def check_output(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give an output file name")
-    probe = _temporary(path)
+    probe = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
@@ -51,22 +46,14 @@ def check_output(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_text_output(path: Path) -> Iterator[IO[str]]:
     """A text stream for `path`, streamed to a temporary sibling, fsynced and renamed on success (removed on
-    any error); `-` is stdout. Unlike fsio.atomic_write_bytes it never holds the whole output in memory."""
+    any error: fsio.atomic_path); `-` is stdout. Never holds the whole output in memory."""
     if str(path) == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    path = Path(path)
     check_output(path)
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        yield handle
 
 
 def table_format(path: Path, requested: str | None) -> TableFormat:
