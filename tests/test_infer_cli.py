@@ -217,6 +217,7 @@ def test_score_parquet(base, fasta, tmp_path):
 
 
 def test_embed_npy_and_safetensors(base, fasta, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     result = invoke("embed", base, fasta, "-o", tmp_path / "e.npy", "--layer", "-1")
@@ -228,6 +229,11 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "e.safetensors")
     assert tensors["embeddings"].shape == (137, 8) and tensors["offsets"].tolist() == [0, 40, 47, 137]
+    with safe_open(tmp_path / "e.safetensors", "pt") as handle:
+        assert handle.metadata()["pooling"] == "none"
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("e."))
+    assert written == ["e.npy", "e.npy.ids.tsv", "e.safetensors", "e.safetensors.ids.tsv"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     result = invoke("embed", base, fasta, "-o", tmp_path / "e.pt")
     assert result.exit_code == 2
     result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")

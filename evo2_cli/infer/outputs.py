@@ -133,18 +133,19 @@ def write_embeddings(
     """Write `vectors` (.safetensors or .npy, by suffix) and the index OUT.ids.tsv; returns the index path."""
     path = Path(path)
     check_embeddings_output(path)
+    # Streamed to the file: per-token vectors can be most of RAM, and bytes built first would double that.
     if path.suffix.lower() == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(vectors))
-        atomic_write_bytes(path, buffer.getvalue())
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.save adds .npy to a name
+            np.save(handle, np.ascontiguousarray(vectors))
     else:
         import torch
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         tensors = {"embeddings": torch.from_numpy(np.ascontiguousarray(vectors))}
         if offsets is not None:
             tensors["offsets"] = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
-        atomic_write_bytes(path, save(tensors, metadata=metadata))
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
     index = embeddings_index(path)
     starts = offsets if offsets is not None else np.arange(len(ids))
     rows = (
