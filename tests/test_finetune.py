@@ -400,11 +400,7 @@ def test_lora_on_cuda_holds_frozen_weights_in_bf16_and_filters_in_fp32(dataset, 
         assert torch.equal(weights[name], expected), name
 
 
-VTX_PATH = os.environ.get("EVO2_VTX_PATH")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not VTX_PATH, reason="set EVO2_VTX_PATH to an unpacked vtx (see benchmarks/vtx_cpu.py)")
 def test_merged_lora_export_runs_in_the_official_engine(dataset, tmp_path, vtx_logits):
     """LoRA finetune -> merge -> Vortex .pt: vtx (the official engine, on CPU) gives our logits."""
     torch.manual_seed(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -228,11 +227,8 @@ def test_no_warnings_on_the_clean_path():
 
 # ---------------------------------------------------------------- the official engine itself (optional)
 
-VTX_PATH = os.environ.get("EVO2_VTX_PATH")
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VTX_PATH, reason="set EVO2_VTX_PATH to an unpacked vtx (see benchmarks/vtx_cpu.py)")
 @pytest.mark.parametrize("overrides", OTHER_CONFIGS, ids=lambda o: o["layout"])
 def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides, vtx_logits):
     base = {"hcs_filter_groups": 4, "hcm_filter_groups": 4, "inner_mlp_size": 40, "state_size": 16}
