@@ -17,24 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from bench_machine import describe
 
 
 @torch.no_grad()
@@ -141,12 +130,10 @@ def main() -> None:
     ratio = generation[-1]["cached_ms_per_token"] / generation[0]["cached_ms_per_token"]
     result = {
         "machine": {
-            "nproc": os.cpu_count(),
+            **describe(),
             "torch_threads": torch.get_num_threads(),
             "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
-            "cpu": _cpu_model(),
             "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         },
         "model": {
             "preset": args.preset,

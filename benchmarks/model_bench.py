@@ -24,10 +24,8 @@ recorded: other jobs on the machine lower the absolute rates; the ratios of one 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +38,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_machine import describe  # noqa: E402
 
 from evo2_cli.model import StripedHyena, preset_config  # noqa: E402
 from evo2_cli.model.vortex import export_vortex  # noqa: E402
@@ -176,22 +176,7 @@ def load_vtx(model: StripedHyena, paths: list[str], tmp: Path):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    return {**describe(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def print_table(result: dict) -> None:

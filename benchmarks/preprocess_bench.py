@@ -24,7 +24,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from bench_machine import describe
 
 WIDTH = 60
 
@@ -154,18 +154,6 @@ def evo2_preprocess(path: Path, out: Path, workers: int, *sets: str) -> Usage:
     usage = child_process(command)
     shutil.rmtree(out)
     return usage
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def main() -> None:
@@ -310,7 +298,7 @@ def main() -> None:
             ok = target["measured"] <= target["goal"] if "RSS" in target["target"] else None
             target["met"] = ok if ok is not None else target["measured"] >= target["goal"]
         result = {
-            "machine": machine(),
+            "machine": describe(),
             "mbases": bases / 1e6,
             "plain_bytes": plain.stat().st_size,
             "gzip_bytes": packed.stat().st_size,
