@@ -238,6 +238,9 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert result.exit_code == 2
     result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
     assert result.exit_code == 2 and "out of range" in said(result)
+    # A bad --pooling is refused before the model loads (this model path does not even exist).
+    result = invoke("embed", tmp_path / "no_model", fasta, "-o", tmp_path / "x.npy", "--pooling", "max")
+    assert result.exit_code == 2 and "--pooling: expected mean or none, got 'max'" in said(result)
 
 
 def test_variants(base, fasta, tmp_path):

@@ -345,11 +345,12 @@ def embed(
 
     Per token, the vectors of all records are concatenated: each record's rows start at its offset (in the
     index file and the safetensors `offsets` tensor) and end where the next record's start."""
-    from evo2_cli.infer.embedding import embed_sequences, resolve_layer
+    from evo2_cli.infer.embedding import check_pooling, embed_sequences, resolve_layer
     from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
     from evo2_cli.infer.sequences import read_sequences
 
     overlap = _checked_overlap(window, overlap)
+    chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output)
     sequences = list(read_sequences(fasta))
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
@@ -359,7 +360,7 @@ def embed(
             model,
             sequences,
             layer=layer,
-            pooling=pooling,  # type: ignore[arg-type]
+            pooling=chosen_pooling,
             window=window,
             overlap=overlap,
             batch_tokens=batch_tokens,

@@ -79,6 +79,12 @@ class Embeddings:
         return np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
 
 
+def check_pooling(pooling: str) -> Pooling:
+    if pooling not in ("mean", "none"):
+        raise InputError(f"--pooling: expected mean or none, got {pooling!r}")
+    return pooling  # type: ignore[return-value]
+
+
 def embed_sequences(
     model: StripedHyena,
     sequences: list[Sequence],
@@ -90,8 +96,7 @@ def embed_sequences(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     on_tokens: Callable[[int], None] | None = None,
 ) -> Embeddings:
-    if pooling not in ("mean", "none"):
-        raise InputError(f"--pooling: expected mean or none, got {pooling!r}")
+    pooling = check_pooling(pooling)
     name, block = resolve_layer(model, layer)
     per_token = run_windows(
         model,
