@@ -103,3 +103,20 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)  # only once the new output is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes of a file descriptor at `offset` (os.pread may return fewer; a file that ends first is an
+    error)."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size:  # the common case: one call
+        return data
+    parts = [data]
+    offset, size = offset + len(data), size - len(data)
+    while size:
+        part = os.pread(fd, min(size, 1 << 30), offset)
+        if not part:
+            raise ValueError(f"file descriptor {fd} ends before byte {offset + size}")
+        parts.append(part)
+        offset, size = offset + len(part), size - len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

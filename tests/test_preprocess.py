@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import load_config
-from evo2_cli.data import fasta
+from evo2_cli.data import fasta, record_store
 from evo2_cli.data import preprocess as pre
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
@@ -123,6 +123,9 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     # Long stretches copied by the kernel between gathered short ones: the same bytes and hashes.
     with mock.patch.object(pre, "_WRITE_BATCH", 2000):
         assert file_bytes(run(tmp_path, [reordered, second], "copied_and_gathered")[0]) == base
+    # Record metadata written, sorted and merged in many small pieces: the same bytes and manifest.
+    with mock.patch.multiple(record_store, FLUSH_DOCUMENTS=7, GROUP_RECORDS=5, MERGE_RECORDS=3):
+        assert file_bytes(run(tmp_path, [reordered, second], "small_groups")[0]) == base
     # Two byte ranges read by two processes: still the same bytes.
     with mock.patch.object(pre, "MIN_SHARD_BYTES", 20_000):
         assert len(pre._file_tasks(0, first, 2)) == 2
@@ -233,6 +236,15 @@ def test_duplicate_ids(tmp_path):
     second = write_fasta(tmp_path / "b.fa", [("z", b"CC"), ("x", b"TTTT")])
     with pytest.raises(InputError, match=r"b\.fa:3: duplicate record id 'x' \(also at .*a\.fa:1\)"):
         run(tmp_path, [first, second])
+    # The earliest repeat is named whichever group of records finds it.
+    many = write_fasta(tmp_path / "many.fa", [(f"r{i % 40}", b"ACGT") for i in range(100)])
+    for group_records in (1000, 1):
+        expected = r"many\.fa:81: duplicate record id 'r0' \(also at .*many\.fa:1\)"
+        with (
+            mock.patch.object(record_store, "GROUP_RECORDS", group_records),
+            pytest.raises(InputError, match=expected),
+        ):
+            run(tmp_path, [many])
     assert not (tmp_path / "out").exists()
     same_file = write_fasta(tmp_path / "c.fa", [("x", b"AAAA"), ("x", b"CCCC")])
     flipped = write_fasta(tmp_path / "d.fa", [("x", b"CCCC"), ("x", b"AAAA")])
@@ -251,6 +263,8 @@ def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
     with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
         assert len(pre._file_tasks(0, reordered, 2)) == 2
         assert file_bytes(run(tmp_path, [reordered], "two", duplicate_ids="keep", workers=2)[0]) == base
+    with mock.patch.multiple(record_store, FLUSH_DOCUMENTS=5, GROUP_RECORDS=3, MERGE_RECORDS=2):
+        assert file_bytes(run(tmp_path, [reordered], "small", duplicate_ids="keep")[0]) == base
 
 
 def test_bad_records_error_or_skip(tmp_path):

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import glob
 import hashlib
-import heapq
 import itertools
 import json
 import multiprocessing
@@ -27,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,13 +37,15 @@ import numpy as np
 
 from evo2_cli import __version__
 from evo2_cli.config import FieldError, check, to_dict
+from evo2_cli.data import record_store
 from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, VOCAB_SIZE
 from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
 from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
 from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file
+from evo2_cli.fsio import atomic_output_dir, atomic_write_text, pread_exact, sha256_file
 
 SPLITS = ("train", "val", "test")
 MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
@@ -232,46 +232,25 @@ class Task:
 
 
 @dataclass
-class StoredRecords:
-    """Where one task's records of one split went, as columns: short reads come by the million, and a record
-    costs its id plus about 40 bytes here (a few hundred as one object each)."""
-
-    spool: str = ""  # the spool file the records were appended to, back to back
-    ids: list[bytes] = field(default_factory=list)
-    lines: array = field(default_factory=lambda: array("q"))  # file line of each header
-    offsets: array = field(default_factory=lambda: array("q"))  # where each record starts in the spool
-    document_ends: array = field(default_factory=lambda: array("q"))  # end of its documents in `lengths`
-    lengths: array = field(default_factory=lambda: array("q"))  # tokens of every document, record by record
-
-    def add(self, record_id: bytes, line: int, offset: int, lengths: tuple[int, ...]) -> None:
-        self.ids.append(record_id)
-        self.lines.append(line)
-        self.offsets.append(offset)
-        self.lengths.extend(lengths)
-        self.document_ends.append(len(self.lengths))
-
-    def extent(self, i: int) -> tuple[int, int, array]:
-        """(start, end) of record `i` in the spool and the token lengths of its documents."""
-        lengths = self.lengths[self.document_ends[i - 1] if i else 0 : self.document_ends[i]]
-        return self.offsets[i], self.offsets[i] + sum(lengths), lengths
-
-
-@dataclass
 class SplitStats:
-    """Letter statistics of a split (record, document and token counts come from its StoredRecords)."""
+    """A split's record, document and token counts and its letter statistics."""
 
+    records: int = 0
+    documents: int = 0
+    tokens: int = 0
     counts: BaseCounts = field(default_factory=BaseCounts)
-    lengths: array = field(default_factory=lambda: array("q"))  # bases of each document
 
     def merge(self, other: SplitStats) -> None:
+        self.records += other.records
+        self.documents += other.documents
+        self.tokens += other.tokens
         self.counts.merge(other.counts)
-        self.lengths.extend(other.lengths)
 
 
 @dataclass
 class TaskResult:
     input_index: int
-    stored: list[StoredRecords] = field(default_factory=lambda: [StoredRecords() for _ in SPLITS])
+    batches: list[record_store.Batch] = field(default_factory=list)  # the task's stored records
     splits: list[SplitStats] = field(default_factory=lambda: [SplitStats() for _ in SPLITS])
     dropped: dict[str, int] = field(default_factory=dict)
     problems: list[tuple[int, int, str]] = field(default_factory=list)  # (input, line, message), first few
@@ -283,7 +262,12 @@ class Job:
 
     config: PreprocessConfig
     tags: tuple[TagRule, ...]
-    spool_dir: Path
+    spool_dir: Path  # the documents' bytes
+    records_dir: Path  # the records' metadata and document lengths
+
+
+def spool_name(process: int, split: int) -> str:
+    return f"{process}-{SPLITS[split]}.spool"
 
 
 class _Spools:
@@ -291,25 +275,50 @@ class _Spools:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.handles: dict[int, tuple[str, BinaryIO]] = {}
+        self.handles: dict[int, BinaryIO] = {}
         self.sizes: dict[int, int] = {}
 
-    def write(self, split: int, documents: list) -> tuple[str, int, tuple[int, ...]]:
+    def write(self, split: int, documents: list) -> tuple[int, tuple[int, ...]]:
+        """Appends the documents; returns where they start and their lengths."""
         if split not in self.handles:
-            name = f"{os.getpid()}-{SPLITS[split]}.spool"  # one name object shared by the split's records
-            handle = open(self.directory / name, "ab")  # noqa: SIM115 - closed in close()
-            self.handles[split], self.sizes[split] = (name, handle), handle.tell()  # a worker's earlier tasks
-        name, handle = self.handles[split]
+            handle = open(self.directory / spool_name(os.getpid(), split), "ab")  # noqa: SIM115 - see close()
+            self.handles[split], self.sizes[split] = handle, handle.tell()  # after the worker's earlier tasks
+        handle = self.handles[split]
         lengths = tuple([sum(map(len, parts)) for parts in documents])
         offset = self.sizes[split]
         self.sizes[split] += sum(lengths)
         for parts in documents:
             handle.writelines(parts)
-        return name, offset, lengths
+        return offset, lengths
 
     def close(self) -> None:
-        for _, handle in self.handles.values():
+        for handle in self.handles.values():
             handle.close()
+
+
+def _write_records(buffer: record_store.RecordBuffer, directory: Path, result: TaskResult) -> None:
+    """Writes a task's buffered records to this process's files: their metadata (a record_store batch) and
+    each split's document lengths (raw int64); counts them in `result` and empties the buffer."""
+    if not len(buffer):
+        return
+    name = f"{buffer.process}.records"
+    with open(directory / name, "ab") as handle:
+        result.batches.append(buffer.write(handle, name))
+    columns = buffer.columns()
+    splits = columns.fixed["split"]
+    document_splits = np.repeat(splits, np.diff(columns.document_ends, prepend=0))
+    base_lengths = np.array(buffer.base_lengths, dtype=np.int64)
+    tokens = columns.tokens()
+    for index, stats in enumerate(result.splits):
+        in_split = splits == index
+        if not in_split.any():
+            continue
+        stats.records += int(in_split.sum())
+        stats.documents += int((document_splits == index).sum())
+        stats.tokens += int(tokens[in_split].sum())
+        with open(directory / f"{buffer.process}-{SPLITS[index]}.lengths", "ab") as handle:
+            handle.write(base_lengths[document_splits == index])
+    buffer.clear()
 
 
 class _Meter:
@@ -333,6 +342,7 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
     cfg, recipe = job.config, job.config.recipe()
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
     result, spools, meter = TaskResult(task.input_index), _Spools(job.spool_dir), _Meter(report)
+    records = record_store.RecordBuffer(task.input_index, os.getpid())
     try:
         for record in _records(task, meter, contiguous=recipe.cuts_sequence):
             meter.records += 1
@@ -360,10 +370,10 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                 result.dropped[reason] = result.dropped.get(reason, 0) + count
             if not out.documents:
                 continue
-            stored = result.stored[split]
-            stored.spool, offset, lengths = spools.write(split, out.documents)
-            stored.add(record_id, record.line, offset, lengths)
-            stats.lengths.extend(out.base_lengths)
+            offset, lengths = spools.write(split, out.documents)
+            if records.add(record_id, split, record.line, offset, lengths, out.base_lengths):
+                _write_records(records, job.records_dir, result)
+        _write_records(records, job.records_dir, result)
         for stats in result.splits:
             stats.counts.flush()
         meter.on_bytes(0)
@@ -558,57 +568,18 @@ def _progress_bar(
         progress.update(task, completed=total)
 
 
-def _repeated_ids(results: list[TaskResult]) -> set[bytes]:
-    """Ids stored more than once (any inputs, any splits)."""
-    seen: set[bytes] = set()
-    repeated: set[bytes] = set()
-    for result in results:
-        for stored in result.stored:
-            for record_id in stored.ids:
-                if record_id in seen:
-                    repeated.add(record_id)
-                seen.add(record_id)
-    return repeated
-
-
-def _check_duplicates(results: list[TaskResult], repeated: set[bytes], names: list) -> None:
-    """Refuses repeated ids, naming the earliest repeat and the record it repeats."""
-    if not repeated:
-        return
-    first: dict[bytes, tuple[int, int]] = {}  # id -> (input, line) of its first occurrence
-    repeats = []
-    places = sorted(
-        (record_id, result.input_index, line)
-        for result in results
-        for stored in result.stored
-        for record_id, line in zip(stored.ids, stored.lines, strict=True)
-        if record_id in repeated
-    )
-    for record_id, input_index, line in places:
-        if record_id in first:
-            repeats.append((input_index, line, record_id))
-        else:
-            first[record_id] = (input_index, line)
-    input_index, line, record_id = min(repeats)
-    first_input, first_line = first[record_id]
-    raise InputError(
-        f"{names[input_index]}:{line}: duplicate record id '{display(record_id)}' "
-        f"(also at {names[first_input]}:{first_line}); make ids unique, or keep both with "
-        "--set preprocess.duplicate_ids=keep"
-    )
-
-
-class _SpoolReader:
-    """Random access to every spool file (pread and descriptors: memory maps would count the spools' pages
-    in the resident set, which must not grow with the input)."""
+class _OpenFiles:
+    """Read descriptors of the files in a directory, opened on first use (pread and descriptors: memory maps
+    would count the spools' pages in the resident set, which must not grow with the input)."""
 
     def __init__(self, directory: Path):
-        self.fds = {path.name: os.open(path, os.O_RDONLY) for path in sorted(directory.iterdir())}
+        self.directory = directory
+        self.fds: dict[str, int] = {}
 
-    def chunks(self, spool: str, start: int, end: int, size: int = 1 << 24) -> Iterator[bytes]:
-        """Bytes [start, end) of a spool in pieces of at most `size` (bounded memory for huge records)."""
-        for at in range(start, end, size):
-            yield _pread_exact(self.fds[spool], min(size, end - at), at)
+    def __getitem__(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(self.directory / name, os.O_RDONLY)
+        return self.fds[name]
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -616,87 +587,71 @@ class _SpoolReader:
         self.fds.clear()
 
 
-def _sorted_by_id(stored: StoredRecords, key: int) -> Iterator[tuple[bytes, int, int]]:
-    """(id, key, index) of `stored`'s records in id order (`key` tells merged streams apart)."""
-    for i in sorted(range(len(stored.ids)), key=stored.ids.__getitem__):
-        yield stored.ids[i], key, i
+def _sorted_runs(
+    results: list[TaskResult], job: Job, spools: _OpenFiles, records: _OpenFiles, advance
+) -> tuple[list[list[record_store.Section]], record_store.Repeat | None]:
+    """Sorts the stored records a group of sub-buckets at a time into runs (one section per split each);
+    returns the runs and the earliest repeated id. Memory holds one group, whatever the record count."""
+    batches = [batch for result in results for batch in result.batches]
+    sizes = np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64)
+    for batch in batches:
+        sizes += batch.sizes(records[batch.section.file])
 
-
-def canonical_order(
-    results: list[TaskResult], split: int, spools: _SpoolReader, repeated: set[bytes]
-) -> Iterator[tuple[StoredRecords, int]]:
-    """(stored records, index) of one split's records sorted by (input, id); records sharing both (their id is
-    in `repeated`) are ordered by a digest of their bytes. Results come in task order, so by input."""
-
-    def digest(item: tuple[StoredRecords, int]) -> bytes:
-        stored, i = item
-        hasher = hashlib.blake2b(digest_size=16)
-        for chunk in spools.chunks(stored.spool, *stored.extent(i)[:2]):
-            hasher.update(chunk)
+    def content_digest(process: int, split: int, start: int, end: int) -> bytes:
+        hasher, fd = hashlib.blake2b(digest_size=16), spools[spool_name(process, split)]
+        for at in range(start, end, 1 << 24):  # bounded memory for huge records
+            hasher.update(pread_exact(fd, min(1 << 24, end - at), at))
         return hasher.digest()
 
-    for _, same_input in itertools.groupby(results, key=lambda result: result.input_index):
-        parts = [result.stored[split] for result in same_input if result.stored[split].ids]
-        # Each task's records sorted by id, then merged (a file cut into byte ranges has one task a range).
-        streams = [_sorted_by_id(stored, k) for k, stored in enumerate(parts)]
-        held: list[tuple[StoredRecords, int]] = []  # the records of one repeated id, seen so far
-        held_id = None
-        for record_id, k, i in streams[0] if len(streams) == 1 else heapq.merge(*streams):
-            if held and record_id != held_id:
-                yield from sorted(held, key=digest)
-                held = []
-            if record_id in repeated:
-                held_id = record_id
-                held.append((parts[k], i))
-            else:
-                yield parts[k], i
-        yield from sorted(held, key=digest)
+    runs, earliest = [], None
+    with open(job.records_dir / "runs", "ab") as handle:
+        for first, stop in record_store.plan_groups(sizes):
+            parts = [batch.read_buckets(records[batch.section.file], first, stop) for batch in batches]
+            group = record_store.Columns.concatenate([part for part in parts if part is not None])
+            ordered, repeat = record_store.sort_group(group, content_digest)
+            runs.append(record_store.split_sections(handle, "runs", ordered, len(SPLITS)))
+            if repeat is not None and (earliest is None or repeat.place < earliest.place):
+                earliest = repeat
+            advance(int(ordered.lengths.sum()), len(ordered))
+    return runs, earliest
 
 
 _WRITE_BATCH = 1 << 22  # bytes: larger runs are copied by the kernel, smaller ones gathered to this size
 
 
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) == size:  # a short record (or a whole run) at once: the common case, one call
-        return data
-    parts = [data]
-    offset, size = offset + len(data), size - len(data)
-    while size:
-        part = os.pread(fd, min(size, 1 << 30), offset)
-        if not part:
-            raise ValueError("a spool file ends before its records do")
-        parts.append(part)
-        offset, size = offset + len(part), size - len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _runs(ordered: Iterator[tuple[StoredRecords, int]]) -> Iterator[tuple[str, int, int, list[int]]]:
-    """(spool, start, end, document lengths) of the longest stretches of `ordered` records that lie back to
-    back in one spool (reads named in order arrive in order: one stretch for all of them)."""
-    spool, start, end, lengths = "", 0, 0, []
-    for stored, i in ordered:
-        record_start, record_end, record_lengths = stored.extent(i)
-        if stored.spool != spool or record_start != end:
-            if lengths:
-                yield spool, start, end, lengths
-            spool, start, lengths = stored.spool, record_start, []
-        end = record_end
-        lengths += record_lengths
-    if lengths:
-        yield spool, start, end, lengths
+def _runs(blocks: Iterator[record_store.Columns]) -> Iterator[tuple[int, int, int, list[int]]]:
+    """(process, start, end, document lengths) of the longest stretches of records (inside each block) that
+    lie back to back in one process's spool (reads named in order arrive in order: one stretch a block)."""
+    for block in blocks:
+        process, starts = block.fixed["process"], block.fixed["offset"]
+        ends = starts + block.tokens()
+        cuts = np.flatnonzero((process[1:] != process[:-1]) | (starts[1:] != ends[:-1])) + 1
+        firsts, lasts = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(block)])) - 1
+        lengths = block.lengths.tolist()
+        document_bounds = zip(
+            block.document_starts()[firsts].tolist(), block.document_ends[lasts].tolist(), strict=True
+        )
+        yield from zip(
+            process[firsts].tolist(),
+            starts[firsts].tolist(),
+            ends[lasts].tolist(),
+            [lengths[first:stop] for first, stop in document_bounds],
+            strict=True,
+        )
 
 
 def _write_split(
     prefix: Path,
-    ordered: Iterator[tuple[StoredRecords, int]],
-    spools: _SpoolReader,
+    split: int,
+    ordered: Iterator[record_store.Columns],
+    spools: _OpenFiles,
     advance: Callable[[int, int], None],
 ) -> str:
-    """Write one split in canonical order; returns the sha256 of its .bin. Stretches of a few MB or more are
-    copied by the kernel (copy_file_range) while a second thread hashes them from the spool; shorter ones
-    (short reads out of order) are read and written a few MB at a time. The hash runs one piece behind the
-    writer (file writes, copies and hashlib release the GIL). `advance(bytes, documents)` reports progress."""
+    """Write one split's records in the canonical order (`ordered`: blocks of them); returns the sha256 of its
+    .bin. Stretches of a few MB or more are copied by the kernel (copy_file_range) while a second thread
+    hashes them from the spool; shorter ones (short reads out of order) are read and written a few MB at a
+    time. The hash runs one piece behind the writer (file writes, copies and hashlib release the GIL).
+    `advance(bytes, documents)` reports progress."""
     digest = hashlib.sha256()
     hashing = None
     gathered: list[bytes] = []
@@ -710,7 +665,7 @@ def _write_split(
 
     def hash_range(fd: int, start: int, end: int) -> None:
         for at in range(start, end, _WRITE_BATCH):
-            digest.update(_pread_exact(fd, min(_WRITE_BATCH, end - at), at))
+            digest.update(pread_exact(fd, min(_WRITE_BATCH, end - at), at))
 
     def write_gathered() -> None:
         if gathered:
@@ -723,15 +678,16 @@ def _write_split(
 
     with IndexedDatasetWriter(prefix) as writer, ThreadPoolExecutor(1) as hasher:
         gathered_size = 0
-        for spool, start, end, lengths in _runs(ordered):
+        for process, start, end, lengths in _runs(ordered):
+            spool = spools[spool_name(process, split)]
             if end - start >= _WRITE_BATCH:
                 write_gathered()
                 gathered_size = 0
-                hash_next(hash_range, spools.fds[spool], start, end)
-                writer.add_documents_from(spools.fds[spool], start, lengths)
+                hash_next(hash_range, spool, start, end)
+                writer.add_documents_from(spool, start, lengths)
                 advance(end - start, len(lengths))
                 continue
-            gathered.append(_pread_exact(spools.fds[spool], end - start, start))
+            gathered.append(pread_exact(spool, end - start, start))
             gathered_lengths.extend(lengths)
             gathered_size += end - start
             if gathered_size >= _WRITE_BATCH:
@@ -746,47 +702,27 @@ def _write_split(
 # ---------------------------------------------------------------- manifest
 
 
-def _length_summary(lengths: array) -> dict:
-    if not lengths:
-        return {"documents": 0}
-    values = np.frombuffer(lengths, dtype=np.int64)
-    low, p10, p50, p90, high = np.percentile(values, [0, 10, 50, 90, 100], method="lower").tolist()
-    # Power-of-two bins: "2^k" counts documents with 2^(k-1) < bases <= 2^k ("2^0" holds 0 and 1).
-    bins = np.ceil(np.log2(np.maximum(values, 1))).astype(np.int64)
-    histogram = {f"2^{k}": int(c) for k, c in zip(*np.unique(bins, return_counts=True), strict=True)}
-    return {
-        "documents": len(values),
-        "min": low,
-        "p10": p10,
-        "median": p50,
-        "p90": p90,
-        "max": high,
-        "mean": round(float(values.mean()), 3),
-        "histogram_log2": histogram,
-    }
-
-
-def _split_summary(stats: SplitStats, stored: list[StoredRecords]) -> dict:
-    """One split's figures: its merged letter statistics and the records every task stored in it."""
+def _split_summary(stats: SplitStats, lengths: dict) -> dict:
+    """One split's figures from its merged statistics and the summary of its document lengths."""
     counts = stats.counts
 
     def fraction(part: int) -> float:
         return round(part / counts.bases, 6) if counts.bases else 0.0
 
     return {
-        "records": sum(len(part.ids) for part in stored),
-        "documents": sum(len(part.lengths) for part in stored),
-        "tokens": sum(sum(part.lengths) for part in stored),
+        "records": stats.records,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
         "bases": counts.bases,
         "gc_fraction": fraction(counts.gc),
         "n_fraction": fraction(counts.n),
         "lowercase_fraction": fraction(counts.lowercase),
-        "length": _length_summary(stats.lengths),
+        "length": lengths,
     }
 
 
 def _manifest(
-    cfg: PreprocessConfig, names: list, results: list[TaskResult], directory: Path, digests: dict[str, str]
+    cfg: PreprocessConfig, names: list, results: list[TaskResult], job: Job, directory: Path, digests: dict
 ) -> dict:
     """`digests`: sha256 of files already hashed while they were written, by file name."""
     splits = [SplitStats() for _ in SPLITS]
@@ -824,8 +760,8 @@ def _manifest(
         "config": config,
         "inputs": [str(name) for name in names],
         "splits": {
-            name: _split_summary(stats, [result.stored[index] for result in results])
-            for index, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
+            name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(f"*-{name}.lengths"))))
+            for name, stats in zip(SPLITS, splits, strict=True)
         },
         "dropped": dict(sorted(dropped.items())),
         "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
@@ -839,24 +775,33 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
     keep_freed_memory()
     tags = load_tags(cfg.tags_file) if cfg.tags_file is not None else ()
     with atomic_output_dir(cfg.output_dir, overwrite) as tmp:
-        spool_dir = tmp / ".spool"
-        spool_dir.mkdir()
-        results = _execute(tasks, Job(cfg, tags, spool_dir), cfg.workers, console)
-        repeated = _repeated_ids(results)
-        if cfg.duplicate_ids == "error":
-            _check_duplicates(results, repeated, names)
-        spools, digests = _SpoolReader(spool_dir), {}
-        total = sum(sum(stored.lengths) for result in results for stored in result.stored)
+        job = Job(cfg, tags, tmp / ".spool", tmp / ".records")
+        job.spool_dir.mkdir()
+        job.records_dir.mkdir()
+        results = _execute(tasks, job, cfg.workers, console)
+        stored = sum(stats.tokens for result in results for stats in result.splits)
+        spools, records, digests = _OpenFiles(job.spool_dir), _OpenFiles(job.records_dir), {}
         try:
-            with _progress_bar(console, total, "writing", "documents") as advance:
+            with _progress_bar(console, stored, "sorting") as advance:
+                runs, repeat = _sorted_runs(results, job, spools, records, advance)
+            if repeat is not None and cfg.duplicate_ids == "error":
+                first = f"{names[repeat.first_input]}:{repeat.first_line}"
+                raise InputError(
+                    f"{names[repeat.input_index]}:{repeat.line}: duplicate record id "
+                    f"'{display(repeat.record_id)}' (also at {first}); make ids unique, or keep both with "
+                    "--set preprocess.duplicate_ids=keep"
+                )
+            with _progress_bar(console, stored, "writing", "documents") as advance:
                 for index, name in enumerate(SPLITS):
-                    ordered = canonical_order(results, index, spools, repeated)
+                    ordered = record_store.merged([run[index] for run in runs], records)
                     prefix = tmp / f"{cfg.prefix}_{name}"
-                    digests[prefix.name + ".bin"] = _write_split(prefix, ordered, spools, advance)
+                    digests[prefix.name + ".bin"] = _write_split(prefix, index, ordered, spools, advance)
         finally:
             spools.close()
-        shutil.rmtree(spool_dir)
-        manifest = _manifest(cfg, names, results, tmp, digests)
+            records.close()
+        shutil.rmtree(job.spool_dir)
+        manifest = _manifest(cfg, names, results, job, tmp, digests)
+        shutil.rmtree(job.records_dir)
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
