@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
 
+from evo2_cli.data import indexed
 from evo2_cli.data.indexed import DTYPE_CODES, IndexedDataset, IndexedDatasetWriter
 from evo2_cli.errors import InputError
 
@@ -165,3 +167,41 @@ def test_documents_added_as_bytes(tmp_path):
             writer.add_documents_bytes(b"ACGT\x00GG", [5, 3])
     ds = IndexedDataset(tmp_path / "d")
     assert [ds[i].tobytes() for i in range(len(ds))] == [b"T\x00", b"ACGT\x00", b"GG\x00", b"C\x00"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_lengths_spilled_to_a_side_file_give_the_same_index(tmp_path, dtype):
+    """Lengths held a few at a time (the rest in a side file, as for millions of documents): the same .idx."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100, size=int(n), dtype=dtype) for n in rng.integers(0, 9, size=23)]
+
+    def write(prefix):
+        with IndexedDatasetWriter(prefix, dtype) as writer:
+            for doc in docs[:10]:
+                writer.add_document(doc)
+            writer.add_documents_bytes(
+                b"".join(doc.tobytes() for doc in docs[10:]), [len(d) for d in docs[10:]]
+            )
+            assert writer.num_documents == len(docs)
+        return prefix.with_suffix(".idx").read_bytes()
+
+    held = write(tmp_path / "held")
+    with mock.patch.object(indexed, "_LENGTHS_HELD", 3):
+        assert write(tmp_path / "spilled") == held
+    ds = IndexedDataset(tmp_path / "spilled")
+    assert [ds[i].tolist() for i in range(len(ds))] == [doc.tolist() for doc in docs]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "held.bin", "held.idx", "spilled.bin", "spilled.idx"
+    ]  # fmt: skip
+
+
+def test_a_failed_write_leaves_no_side_file(tmp_path):
+    with (
+        mock.patch.object(indexed, "_LENGTHS_HELD", 2),
+        pytest.raises(RuntimeError),
+        IndexedDatasetWriter(tmp_path / "d") as writer,
+    ):
+        for _ in range(5):
+            writer.add_document(np.zeros(3, dtype=np.uint8))
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []

@@ -659,3 +659,15 @@ def test_bad_tags_file_names_the_line(tmp_path, text, message):
     tags.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=message):
         pre.load_tags(tags)
+
+
+def test_a_document_too_long_for_the_index_names_the_record(tmp_path):
+    source = write_fasta(tmp_path / "a.fa", [("short", b"ACGT"), ("long", b"ACGT" * 5)])
+    with mock.patch.object(pre, "MAX_DOCUMENT_TOKENS", 20), pytest.raises(InputError) as error:
+        run(tmp_path, [source])
+    assert "a.fa:3: record 'long' makes a document of 21 tokens" in str(error.value)
+    assert "at most 20 per document" in str(error.value) and "chunk_length" in str(error.value)
+    with mock.patch.object(pre, "MAX_DOCUMENT_TOKENS", 20):
+        splits = run(tmp_path, [source], "chunked", chunk_length=10)[1]["splits"].values()
+    assert sum(split["documents"] for split in splits) == 3  # short; long cut into 10 + 10 bases
+    assert not (tmp_path / "out").exists()

@@ -28,16 +28,18 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from evo2_cli.errors import InputError
+from evo2_cli.fsio import temporary_sibling
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document index count
+_LENGTHS_HELD = 1 << 20  # document lengths a writer holds in memory (and writes the .idx arrays by)
 
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8),
@@ -174,7 +176,11 @@ class IndexedDatasetWriter:
             raise ValueError(f"dtype {self.dtype} has no Megatron code; use one of {list(_CODE_OF_DTYPE)}")
         self.bin_path, self.idx_path = paths_of(prefix)
         self._bin = open(self.bin_path, "wb")  # noqa: SIM115 - closed in finalize() or abort()
+        # Document lengths: the latest in memory, earlier ones in a side file (int64), so memory does not
+        # grow with the document count (the .idx takes 20 bytes a document).
         self._lengths = array("q")
+        self._spill_path = temporary_sibling(self.idx_path, "lengths")
+        self._spilled = 0
         self._finalized = False
 
     def add_document(self, tokens: np.ndarray) -> None:
@@ -184,14 +190,14 @@ class IndexedDatasetWriter:
         if len(tokens) > np.iinfo(np.int32).max:
             raise ValueError(f"a sequence of {len(tokens)} tokens does not fit the int32 length field")
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
-        self._lengths.append(len(tokens))
+        self._add_lengths((len(tokens),))
 
     def add_documents_from(self, source_fd: int, offset: int, lengths: Sequence[int]) -> None:
         """Append documents lying back to back at byte `offset` of another file (a spool). The kernel copies
         the bytes (copy_file_range) where it can: they never pass through Python."""
         self._bin.flush()  # the copy goes through the raw descriptor, after everything buffered
         _copy_range(source_fd, self._bin.fileno(), offset, sum(lengths) * self.dtype.itemsize)
-        self._lengths.extend(lengths)
+        self._add_lengths(lengths)
 
     def add_documents_bytes(self, data: bytes, lengths: Sequence[int]) -> None:
         """Append documents given as their tokens' bytes back to back (`lengths` in tokens): one write for
@@ -200,29 +206,53 @@ class IndexedDatasetWriter:
             tokens = sum(lengths)
             raise ValueError(f"{len(data)} bytes do not hold documents of {tokens} tokens of {self.dtype}")
         self._bin.write(data)
+        self._add_lengths(lengths)
+
+    def _add_lengths(self, lengths: Sequence[int]) -> None:
         self._lengths.extend(lengths)
+        if len(self._lengths) >= _LENGTHS_HELD:
+            with open(self._spill_path, "ab") as handle:
+                handle.write(self._lengths)
+            self._spilled += len(self._lengths)
+            self._lengths = array("q")
+
+    def _length_chunks(self) -> Iterator[np.ndarray]:
+        """Every document length in order, a chunk at a time (int64)."""
+        if self._spilled:
+            with open(self._spill_path, "rb") as handle:
+                while chunk := handle.read(8 * _LENGTHS_HELD):
+                    yield np.frombuffer(chunk, dtype=np.int64)
+        if self._lengths:
+            yield np.frombuffer(self._lengths, dtype=np.int64)
 
     @property
     def num_documents(self) -> int:
-        return len(self._lengths)
+        return self._spilled + len(self._lengths)
 
     def finalize(self) -> None:
+        """Writes the .idx, its arrays a chunk at a time: lengths (int32), byte offsets, document indices."""
         self._bin.close()
-        lengths = np.frombuffer(self._lengths, dtype=np.int64) if self._lengths else np.zeros(0, np.int64)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-        documents = np.arange(len(lengths) + 1, dtype=np.int64)
-        header = _HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], len(lengths), len(documents))
+        count, itemsize = self.num_documents, self.dtype.itemsize
+        header = _HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], count, count + 1)
         with open(self.idx_path, "wb") as handle:
             handle.write(header)
-            handle.write(lengths.astype(np.int32).tobytes())
-            handle.write(pointers.tobytes())
-            handle.write(documents.tobytes())
+            for lengths in self._length_chunks():
+                if lengths.max() > np.iinfo(np.int32).max:
+                    raise ValueError(f"a document of {lengths.max()} tokens does not fit the int32 lengths")
+                handle.write(lengths.astype(np.int32))
+            offset = 0
+            for lengths in self._length_chunks():
+                ends = offset + np.cumsum(lengths * itemsize)
+                handle.write(ends - lengths * itemsize)
+                offset = int(ends[-1])
+            for start in range(0, count + 1, _LENGTHS_HELD):
+                handle.write(np.arange(start, min(start + _LENGTHS_HELD, count + 1), dtype=np.int64))
+        self._spill_path.unlink(missing_ok=True)
         self._finalized = True
 
     def abort(self) -> None:
         self._bin.close()
-        for path in (self.bin_path, self.idx_path):
+        for path in (self.bin_path, self.idx_path, self._spill_path):
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> IndexedDatasetWriter:

@@ -50,6 +50,7 @@ from evo2_cli.fsio import atomic_output_dir, atomic_write_text, pread_exact, sha
 SPLITS = ("train", "val", "test")
 MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
 MAX_EXAMPLES = 20  # skipped-record messages kept in the manifest
+MAX_DOCUMENT_TOKENS = 2**31 - 1  # the .idx stores each document's length as int32
 
 
 # ---------------------------------------------------------------- config
@@ -296,15 +297,24 @@ class _Spools:
             handle.close()
 
 
-def _write_records(buffer: record_store.RecordBuffer, directory: Path, result: TaskResult) -> None:
+def _write_records(
+    buffer: record_store.RecordBuffer, task: Task, directory: Path, result: TaskResult
+) -> None:
     """Writes a task's buffered records to this process's files: their metadata (a record_store batch) and
     each split's document lengths (raw int64); counts them in `result` and empties the buffer."""
     if not len(buffer):
         return
+    columns = buffer.columns()
+    if len(columns.lengths) and columns.lengths.max() > MAX_DOCUMENT_TOKENS:
+        record = int(np.searchsorted(columns.document_ends, np.argmax(columns.lengths), side="right"))
+        raise InputError(
+            f"{task.path}:{columns.fixed['line'][record]}: record '{display(columns.ids[record])}' makes a "
+            f"document of {columns.lengths.max():,} tokens; the dataset format holds at most "
+            f"{MAX_DOCUMENT_TOKENS:,} per document: cut long records with --set preprocess.chunk_length=N"
+        )
     name = f"{buffer.process}.records"
     with open(directory / name, "ab") as handle:
         result.batches.append(buffer.write(handle, name))
-    columns = buffer.columns()
     splits = columns.fixed["split"]
     document_splits = np.repeat(splits, np.diff(columns.document_ends, prepend=0))
     base_lengths = np.array(buffer.base_lengths, dtype=np.int64)
@@ -372,8 +382,8 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                 continue
             offset, lengths = spools.write(split, out.documents)
             if records.add(record_id, split, record.line, offset, lengths, out.base_lengths):
-                _write_records(records, job.records_dir, result)
-        _write_records(records, job.records_dir, result)
+                _write_records(records, task, job.records_dir, result)
+        _write_records(records, task, job.records_dir, result)
         for stats in result.splits:
             stats.counts.flush()
         meter.on_bytes(0)
