@@ -27,7 +27,7 @@ SUB_BUCKETS = 1024  # ids hash into this many parts; a sorting group is a range 
 FIXED = ("split", "input", "line", "offset", "process")  # int64 columns (process: the pid that spooled it)
 GROUP_RECORDS = 1 << 17  # a sorting group holds at most this many records (a few hundred bytes each)
 GROUP_DOCUMENTS = 1 << 22  # ... and this many documents (unless one sub-bucket alone holds more)
-MERGE_RECORDS = 1 << 18  # records held by all the runs being merged together, read a block per run
+MERGE_RECORDS = 1 << 16  # records held by all the runs being merged together, read a block per run
 FLUSH_DOCUMENTS = 1 << 17  # a task writes its records' metadata to disk every this many documents
 
 
