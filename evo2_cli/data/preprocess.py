@@ -2,9 +2,11 @@
 
 Pipeline: inputs are expanded (globs, sorted) and cut into tasks (a file, a byte range of a large plain file
 when several workers run, or a region list). Each task streams its records (fasta.py), assigns every record
-to a split by a stable hash, applies the Recipe (transforms.py) and appends the documents to a spool file of
-its worker. The main process then checks record ids, writes `PREFIX_{train,val,test}.bin/.idx` in the
-canonical order and a `manifest.json`, all inside a temporary directory renamed into place at the end.
+to a split by a stable hash, applies the Recipe (transforms.py), appends the documents to a spool file of
+its worker and the record's metadata to its worker's record file (record_store.py). The main process then
+sorts the records a bounded group at a time, checking ids (record_store.py), writes
+`PREFIX_{train,val,test}.bin/.idx` in the canonical order and a `manifest.json`, all inside a temporary
+directory renamed into place at the end. Memory holds a few blocks of records at a time, never all of them.
 
 Determinism: a record's split is `blake2b(seed, key)` where the key is its id (first header word) or the
 `group_regex` match. Inside a split, records are ordered by (input position in the expanded input list,

@@ -90,22 +90,22 @@ class Columns:
         # reads back with one split.
         blob = b"\n".join(self.ids) + b"\n" if self.ids else b""
         id_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == ord("\n")) + 1
+        if len(id_ends) != len(self):
+            raise ValueError("a record id holds a newline")
         for column in (*(self.fixed[name] for name in FIXED), id_ends, self.document_ends, self.lengths):
             handle.write(np.ascontiguousarray(column, dtype=np.int64))
         handle.write(blob)
-        id_bytes = len(blob)
-        return Section(file, at, len(self), len(self.lengths), id_bytes)
+        return Section(file, at, len(self), len(self.lengths))
 
 
 @dataclass(frozen=True)
 class Section:
-    """Records written by Columns.write: where, and how many records, documents and id bytes."""
+    """Records written by Columns.write: where, and how many records and documents."""
 
     file: str
     at: int
     records: int
     documents: int
-    id_bytes: int
 
     def read(self, fd: int, start: int, end: int) -> Columns:
         """Records [start, end)."""
@@ -128,8 +128,6 @@ class Section:
         id_stop = int(id_ends[-1]) if count else id_base
         blob = pread_exact(fd, id_stop - id_base, documents_at + 8 * self.documents + id_base)
         ids = blob.split(b"\n")[:-1] if count else []
-        if len(ids) != count:
-            raise ValueError(f"record metadata at {self.file}:{self.at} is corrupt: an id holds a newline")
         return Columns(ids, fixed, document_ends - document_base, lengths)
 
 
