@@ -12,7 +12,8 @@ run measures, on the same files from the page cache:
     record must stay under 512 MB, whatever the record and the file size
   - the fixed cost of one `evo2 preprocess` run, on a 4-base FASTA
   - many short records (--reads reads of 150 bases, shuffled names): Biopython and `evo2 preprocess`, where
-    the per-record costs show (bookkeeping, sorting, the write)
+    the per-record costs show (bookkeeping, sorting, the write); then --more-reads times as many reads, whose
+    peak RSS must stay within 64 MB of the first (memory must not grow with the record count)
 Prints a rich table, the targets of the issue with a verdict, and JSON (also written to --json PATH).
 
     .venv/bin/python benchmarks/preprocess_bench.py --mbases 200 --json runs/bench/preprocess.json
@@ -168,6 +169,12 @@ def main() -> None:
     parser.add_argument(
         "--reads", type=int, default=1_000_000, help="short reads of the many-records runs (0: none)"
     )
+    parser.add_argument(
+        "--more-reads",
+        type=int,
+        default=4,
+        help="the memory-per-record check also runs this many times --reads reads (0 or 1: no check)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     args = parser.parse_args()
@@ -179,7 +186,7 @@ def main() -> None:
     work = Path(args.dir or tempfile.mkdtemp(prefix="evo2-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     plain, packed, big = work / "bench.fa", work / "bench.fa.gz", work / "one_record.fa"
-    reads = work / "reads.fa"
+    reads, more_reads = work / "reads.fa", work / "more_reads.fa"
     try:
         with console.status(f"generating {args.mbases} Mbases"):
             bases, largest = generate(plain, args.mbases)
@@ -187,6 +194,10 @@ def main() -> None:
                 shutil.copyfileobj(source, target, 1 << 22)
             big_bases, _ = generate(big, args.big_record_mbases, lengths=(10**12, 10**12 + 1))
             read_bases = generate_reads(reads, args.reads) if args.reads else 0
+            check_growth = args.reads and args.more_reads > 1
+            more_bases = (
+                generate_reads(more_reads, args.reads * args.more_reads, seed=1) if check_growth else 0
+            )
         rows: list[dict] = []
 
         def measure(name: str, kind: str, function, size: int = bases, record: int = largest) -> dict:
@@ -265,6 +276,15 @@ def main() -> None:
                     read_bases,
                     150,
                 )
+        if check_growth:
+            more = measure(
+                "evo2 preprocess --workers 1",
+                f"{args.reads * args.more_reads:,} reads of 150",
+                lambda: evo2_preprocess(more_reads, out, 1),
+                more_bases,
+                150,
+            )
+            fewer = next(row for row in rows if row["input"] == kind and row["name"].endswith("--workers 1"))
         # What every run pays whatever its input: interpreter start, imports, option parsing, output files.
         measure(
             "evo2 preprocess --workers 1", "4 bases (start-up)", lambda: evo2_preprocess(tiny, out, 1), 4, 4
@@ -294,8 +314,17 @@ def main() -> None:
                 "note": "the worst evo2 preprocess run: peak RSS minus its largest record, MB",
             },
         ]
+        if check_growth:
+            targets.append(
+                {
+                    "target": "peak RSS does not grow with the record count (at most +64 MB)",
+                    "measured": round(more["peak_rss_mb"] - fewer["peak_rss_mb"], 1),
+                    "goal": 64.0,
+                    "note": f"peak RSS, MB: {args.more_reads}x the reads minus --reads reads, one worker",
+                }
+            )
         for target in targets:
-            ok = target["measured"] <= target["goal"] if "RSS" in target["target"] else None
+            ok = target["measured"] <= target["goal"] if "RSS" in target["target"] else None  # at most
             target["met"] = ok if ok is not None else target["measured"] >= target["goal"]
         result = {
             "machine": describe(),
