@@ -592,7 +592,7 @@ def test_progress_bar_shows_bytes_and_records():
     assert "12 records" in text and "2.0/2.0 MB" in text
 
 
-def test_progress_shows_reading_then_writing(tmp_path):
+def test_progress_shows_reading_sorting_then_writing(tmp_path):
     import io
 
     from rich.console import Console
@@ -601,8 +601,8 @@ def test_progress_shows_reading_then_writing(tmp_path):
     source = write_fasta(tmp_path / "in.fa", random_records(30, length=(10, 200)))
     run_preprocess(PreprocessConfig(inputs=[str(source)], output_dir=tmp_path / "out"), console=console)
     text = console.file.getvalue()
-    assert text.index("reading") < text.index("writing")
-    assert "30 records" in text and "30 documents" in text
+    assert text.index("reading") < text.index("sorting") < text.index("writing")
+    assert text.count("30 records") >= 2 and "30 documents" in text  # read, then sorted
 
 
 def test_cli_prints_the_summary_table_and_handles_non_utf8(tmp_path):
