@@ -24,7 +24,7 @@ from evo2_cli.data import fasta, record_store
 from evo2_cli.data import preprocess as pre
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
-from evo2_cli.errors import ConfigError, InputError
+from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import sha256_file
 
 SAMPLES = Path(__file__).parent.parent / "data" / "samples"
@@ -138,6 +138,37 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
     bad.write_bytes(b">ok\nACGT\n>bad\nAC*GT\n")
     with pytest.raises(InputError, match=r"b\.fa:4: record 'bad' has '\*'"):
         run(tmp_path, [good, bad], workers=2)
+
+
+@pytest.mark.parametrize("when", ["at start", "while reading"])
+def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
+    """A worker killed (the kernel's OOM killer, a scheduler) ends the run with a message, never a hang: each
+    worker has its own pipe, so no lock dies with it."""
+    sources = [write_fasta(tmp_path / f"{i}.fa", random_records(30, seed=i)) for i in range(4)]
+    method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
+    process_class = pre.multiprocessing.get_context(method).Process
+    original_start, started = process_class.start, []
+
+    def start(self):
+        original_start(self)
+        started.append(self)
+        if when == "at start":
+            os.kill(self.pid, signal.SIGKILL)
+
+    def advance(count, records):  # the first progress report: a worker is reading
+        for process in started:
+            os.kill(process.pid, signal.SIGKILL)
+
+    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with (
+        mock.patch.object(process_class, "start", start),
+        pytest.raises(
+            Evo2Error, match=r"a preprocess worker stopped \(exit code -9: killed, or out of memory"
+        ),
+    ):
+        pre._run_in_workers(tasks, job, 2, advance)
+    assert all(not process.is_alive() for process in started)
 
 
 def test_group_regex_keeps_a_group_together(tmp_path):
@@ -671,3 +702,21 @@ def test_a_document_too_long_for_the_index_names_the_record(tmp_path):
         splits = run(tmp_path, [source], "chunked", chunk_length=10)[1]["splits"].values()
     assert sum(split["documents"] for split in splits) == 3  # short; long cut into 10 + 10 bases
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_counts_every_record_read(tmp_path):
+    """The reader's thread reports bytes while the task counts records: no record may be lost between them."""
+    source = write_fasta(tmp_path / "a.fa", random_records(5000, length=(0, 40)))
+    totals = [0, 0]
+
+    def advance(count, records):  # slow, like a pipe to the parent: records go on being counted meanwhile
+        time.sleep(0.002)
+        totals[0] += count
+        totals[1] += records
+
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "records").mkdir()
+    job = pre.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
+    with mock.patch.object(fasta, "BLOCK_SIZE", 512):
+        pre.run_task(pre.Task(0, source, size=source.stat().st_size), job, advance)
+    assert totals == [source.stat().st_size, 5000]

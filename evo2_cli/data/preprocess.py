@@ -17,6 +17,7 @@ ranges tasks were cut into or the worker count, so those give byte-identical dat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import glob
@@ -24,9 +25,11 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +49,7 @@ from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
 from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
-from evo2_cli.errors import InputError
+from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text, pread_exact, sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -334,14 +337,16 @@ def _write_records(
 
 
 class _Meter:
-    """Bytes and records done, reported by batches (shared counters when tasks run in other processes)."""
+    """Bytes and records done, reported a block at a time. The reader's thread reports while the task's thread
+    counts records: each writes only its own counter, so no count is lost between the two."""
 
     def __init__(self, report: Callable[[int, int], None]):
-        self.report, self.records = report, 0
+        self.report, self.records, self.reported = report, 0, 0
 
     def on_bytes(self, count: int) -> None:
-        self.report(count, self.records)
-        self.records = 0
+        records = self.records
+        self.report(count, records - self.reported)
+        self.reported = records
 
 
 def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecord]:
@@ -411,26 +416,22 @@ def keep_freed_memory() -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
-# Shared progress counters of worker processes, set by _init_worker.
-_SHARED: tuple | None = None
 
-
-def _init_worker(done_bytes, done_records) -> None:
-    global _SHARED
-    _SHARED = (done_bytes, done_records)
+def _worker(connection, job: Job) -> None:
+    """A worker process: runs the tasks the parent sends, one at a time, and sends back ("progress", bytes,
+    records) as it reads, then ("done", result) or ("error", exception). None from the parent ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops its workers
     keep_freed_memory()
-
-
-def _report_shared(count: int, records: int) -> None:
-    done_bytes, done_records = _SHARED
-    with done_bytes.get_lock():
-        done_bytes.value += count
-    with done_records.get_lock():
-        done_records.value += records
-
-
-def _run_task_in_worker(task: Task, job: Job) -> TaskResult:
-    return run_task(task, job, _report_shared)
+    while (task := connection.recv()) is not None:
+        try:
+            result = run_task(task, job, lambda count, records: connection.send(("progress", count, records)))
+        except Exception as exc:  # every failure goes to the parent, which raises it
+            try:
+                connection.send(("error", exc))
+            except Exception:  # an exception that does not pickle: its text
+                connection.send(("error", Evo2Error(f"a preprocess worker failed: {exc!r}")))
+            return
+        connection.send(("done", result))
 
 
 # ---------------------------------------------------------------- planning
@@ -515,31 +516,73 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
     with _progress_bar(console, sum(task.size for task in tasks)) as advance:
         if workers == 1 or len(tasks) == 1:
             return [run_task(task, job, advance) for task in tasks]
-        # A fork server imports this module once, in a clean process, and forks each worker from it: workers
-        # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(method)
-        if method == "forkserver":
-            context.set_forkserver_preload([__name__])
-        done_bytes, done_records = context.Value("q", 0), context.Value("q", 0)
-        pool = context.Pool(min(workers, len(tasks)), _init_worker, (done_bytes, done_records))
+        return _run_in_workers(tasks, job, min(workers, len(tasks)), advance)
+
+
+def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
+    """Runs the tasks in `workers` processes, each fed one task at a time through its own pipe. Nothing is
+    shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
+    hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once."""
+    # A fork server imports this module once, in a clean process, and forks each worker from it: workers
+    # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    results: list[TaskResult | None] = [None] * len(tasks)
+    queued = collections.deque(enumerate(tasks))
+    processes = []
+    running: dict = {}  # connection -> (process, index of the task it runs)
+
+    def send_next(connection, process) -> None:
+        if not queued:
+            connection.send(None)  # the worker ends
+            connection.close()
+            return
+        index, task = queued.popleft()
+        running[connection] = (process, index)
         try:
-            pending = [pool.apply_async(_run_task_in_worker, (task, job)) for task in tasks]
-            reported = (0, 0)
-            while True:
-                now = (done_bytes.value, done_records.value)
-                advance(now[0] - reported[0], now[1] - reported[1])
-                reported = now
-                for result in pending:
-                    if result.ready() and not result.successful():
-                        result.get()  # re-raises the worker's error at once, not after earlier tasks end
-                waiting = [result for result in pending if not result.ready()]
-                if not waiting:
-                    return [result.get() for result in pending]
-                waiting[0].wait(0.1)  # wakes when that task ends, not up to 0.1 s after
-        finally:
-            pool.terminate()  # also stops the other workers after an error or Ctrl-C
-            pool.join()
+            connection.send(task)
+        except OSError:  # the worker is gone
+            stopped(process, index)
+
+    def stopped(process, index: int) -> None:
+        process.join()
+        raise Evo2Error(
+            f"a preprocess worker stopped (exit code {process.exitcode}: killed, or out of memory?) while "
+            f"reading {tasks[index].path}; try fewer --workers"
+        )
+
+    try:
+        for _ in range(workers):
+            connection, child_end = context.Pipe()
+            process = context.Process(target=_worker, args=(child_end, job), daemon=True)
+            process.start()
+            processes.append(process)
+            child_end.close()
+            send_next(connection, process)
+        while running:
+            for connection in multiprocessing.connection.wait(list(running)):
+                process, index = running[connection]
+                try:
+                    kind, *message = connection.recv()
+                except (EOFError, OSError):  # the worker is gone
+                    stopped(process, index)
+                if kind == "progress":
+                    advance(*message)
+                elif kind == "error":
+                    raise message[0]  # at once, not after the other workers' tasks end
+                else:
+                    results[index] = message[0]
+                    del running[connection]
+                    send_next(connection, process)
+        return results
+    finally:
+        for connection, (process, _) in running.items():
+            process.terminate()  # after an error or Ctrl-C
+            connection.close()
+        for process in processes:
+            process.join()
 
 
 @contextlib.contextmanager
