@@ -168,6 +168,8 @@ def test_score_bad_input(base, tmp_path, fasta):
     assert result.exit_code == 2 and "bad.fa:4" in said(result)
     result = invoke("score", base, fasta, "--window", 8, "--overlap", 8)
     assert result.exit_code == 2 and "--overlap" in said(result)
+    result = invoke("score", base, fasta, "--batch-tokens", 0)
+    assert result.exit_code == 2 and "--batch-tokens" in said(result) and "x>=1" in said(result)
     (tmp_path / "empty.fa").write_text("")
     for missing_or_empty in (tmp_path / "missing.fa", tmp_path / "empty.fa"):
         result = invoke("score", base, missing_or_empty)

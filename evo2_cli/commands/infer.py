@@ -60,7 +60,8 @@ OverlapOption = Annotated[
     ),
 ]
 BatchTokensOption = Annotated[
-    int, typer.Option("--batch-tokens", help="Tokens per forward batch (rows x window); length-bucketed.")
+    int,
+    typer.Option("--batch-tokens", min=1, help="Tokens per forward batch (rows x window); length-bucketed."),
 ]
 FastaArgument = Annotated[Path, typer.Argument(help="FASTA file (plain, .gz, bgzip).", dir_okay=False)]
 
