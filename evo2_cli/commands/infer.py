@@ -138,7 +138,12 @@ def generate(
         typer.Option("--alphabet", help="Sample from acgt only, or from all tokens (the official engine)."),
     ] = "acgt",
     invalid: Annotated[
-        str, typer.Option("--invalid", help="Non-IUPAC letters in a prompt: error, or n (map to N).")
+        str,
+        typer.Option(
+            "--invalid",
+            help="Non-IUPAC letters in a --prompt: error, or n (map to N). --prompt-fasta records are "
+            "checked as FASTA, like every other input.",
+        ),
     ] = "error",
     include_prompt: Annotated[
         bool, typer.Option("--include-prompt", help="Write prompt + continuation (default: continuation).")
