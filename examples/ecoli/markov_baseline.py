@@ -17,10 +17,12 @@ ORDERS = (0, 2, 4, 6, 8, 10, 12)
 
 
 def base_codes(prefix: Path) -> np.ndarray:
-    """A=0 C=1 G=2 T=3 over all documents of a split (EOD and anything else dropped)."""
+    """A=0 C=1 G=2 T=3 (either case: soft-masked bases count as the model sees them) over all documents of a
+    split (EOD and anything else dropped)."""
     tokens = np.asarray(IndexedDataset(prefix).tokens, dtype=np.uint8)
     lookup = np.full(256, -1, dtype=np.int64)
     lookup[np.frombuffer(b"ACGT", np.uint8)] = np.arange(4)
+    lookup[np.frombuffer(b"acgt", np.uint8)] = np.arange(4)
     codes = lookup[tokens]
     return codes[codes >= 0]
 
