@@ -79,6 +79,20 @@ def test_columns_read_back_any_range_of_records(tmp_path_factory, records, data)
     assert rows(Columns.concatenate([columns, columns.take(order)])) == rows(columns) + permuted
 
 
+def test_no_records(tmp_path):
+    empty = make_columns([])
+    assert empty.document_starts().tolist() == [] and empty.tokens().tolist() == []
+    assert len(empty.take(np.zeros(0, dtype=np.int64))) == 0
+    path = tmp_path / "meta"
+    with open(path, "wb") as handle:
+        section = empty.write(handle, "meta")
+    assert (section.records, section.documents) == (0, 0)
+    with open(path, "rb") as handle:
+        assert rows(section.read(handle.fileno(), 0, 0)) == []
+        assert list(record_store.merged([section, section], {"meta": handle.fileno()})) == []
+    assert list(record_store.merged([], {})) == []
+
+
 def test_a_batch_gives_every_record_once_by_sub_bucket(tmp_path):
     rng = random.Random(0)
     buffer = RecordBuffer(input_index=3, process=11)

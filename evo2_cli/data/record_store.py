@@ -49,7 +49,7 @@ class Columns:
         return len(self.ids)
 
     def document_starts(self) -> np.ndarray:
-        return np.concatenate(([0], self.document_ends[:-1])).astype(np.int64)
+        return np.concatenate(([0], self.document_ends))[:-1].astype(np.int64)
 
     def tokens(self) -> np.ndarray:
         """Tokens of each record (all its documents)."""
