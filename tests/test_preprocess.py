@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
-from evo2_cli.config import load_config
+from evo2_cli.config import FieldError, load_config
 from evo2_cli.data import fasta, record_store
 from evo2_cli.data import preprocess as pre
 from evo2_cli.data.indexed import IndexedDataset
@@ -169,6 +169,41 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     ):
         pre._run_in_workers(tasks, job, 2, advance)
     assert all(not process.is_alive() for process in started)
+
+
+class Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("holds a lambda")
+        self.callback = lambda: None
+
+
+@pytest.mark.parametrize(
+    ("error", "received"),
+    [
+        (InputError("a.fa:3: bad record"), "InputError('a.fa:3: bad record')"),
+        # Pickles, but its __init__ needs two arguments: the parent could not rebuild it.
+        (
+            FieldError("key", "too big"),
+            "Evo2Error(\"a preprocess worker failed: FieldError('key: too big')\")",
+        ),
+        (Unpicklable(), "Evo2Error(\"a preprocess worker failed: Unpicklable('holds a lambda')\")"),
+    ],
+    ids=["pickles", "does_not_rebuild", "does_not_pickle"],
+)
+def test_a_worker_sends_every_error_in_a_form_the_parent_can_read(tmp_path, error, received):
+    parent, child = pre.multiprocessing.Pipe()
+    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    # The worker's loop run here, in the test's process (the signal handler left as it is).
+    with (
+        parent,
+        child,
+        mock.patch.object(pre, "run_task", side_effect=error),
+        mock.patch.object(pre.signal, "signal"),
+    ):
+        parent.send(pre.Task(0, tmp_path / "a.fa"))
+        pre._worker(child, job)
+        kind, sent = parent.recv()
+    assert (kind, repr(sent)) == ("error", received)
 
 
 def test_group_regex_keeps_a_group_together(tmp_path):

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -426,12 +427,19 @@ def _worker(connection, job: Job) -> None:
         try:
             result = run_task(task, job, lambda count, records: connection.send(("progress", count, records)))
         except Exception as exc:  # every failure goes to the parent, which raises it
-            try:
-                connection.send(("error", exc))
-            except Exception:  # an exception that does not pickle: its text
-                connection.send(("error", Evo2Error(f"a preprocess worker failed: {exc!r}")))
+            connection.send(("error", _sendable(exc)))
             return
         connection.send(("done", result))
+
+
+def _sendable(exc: Exception) -> Exception:
+    """`exc`, or its text in an Evo2Error when it does not come back from pickle: some exceptions pickle but
+    cannot be rebuilt (an __init__ taking other arguments than their message), and the parent's recv fails."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return Evo2Error(f"a preprocess worker failed: {exc!r}")
+    return exc
 
 
 # ---------------------------------------------------------------- planning
