@@ -110,12 +110,10 @@ def test_a_batch_gives_every_record_once_by_sub_bucket(tmp_path):
         fd = handle.fileno()
         sizes = batch.sizes(fd)
         assert sizes[0].sum() == 500 and sizes[1].sum() == sum(len(lengths) for _, lengths in added)
-        assert (
-            sizes[0].tolist()
-            == np.bincount(
-                [bucket_of[record_id] for record_id, _ in added], minlength=record_store.SUB_BUCKETS
-            ).tolist()
-        )
+        buckets = [bucket_of[record_id] for record_id, _ in added]
+        assert sizes[0].tolist() == np.bincount(buckets, minlength=record_store.SUB_BUCKETS).tolist()
+        documents = np.bincount(buckets, [len(lengths) for _, lengths in added], record_store.SUB_BUCKETS)
+        assert sizes[1].tolist() == documents.astype(np.int64).tolist()
         seen = []
         for first, stop in [(0, 5), (5, 600), (600, record_store.SUB_BUCKETS)]:
             part = batch.read_buckets(fd, first, stop)
@@ -147,9 +145,22 @@ def test_groups_are_bounded_and_cover_every_sub_bucket():
     assert plan_groups(np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64)) == []
 
 
+def test_a_sorted_group_is_written_as_one_section_per_split(tmp_path):
+    ordered = make_columns([(b"a", 0, 0, [3]), (b"b", 0, 1, [0, 4]), (b"a", 2, 0, [5])])
+    with open(tmp_path / "runs", "wb") as handle:
+        sections = record_store.split_sections(handle, "runs", ordered, 3)
+    assert [(section.records, section.documents) for section in sections] == [(2, 3), (0, 0), (1, 1)]
+    with open(tmp_path / "runs", "rb") as handle:
+        read = [rows(section.read(handle.fileno(), 0, section.records)) for section in sections]
+    assert read == [rows(ordered)[:2], [], rows(ordered)[2:]]
+
+
 def digest_of(content: dict):
+    """A content digest over `content`: spool offset -> (split, the record's bytes)."""
+
     def content_digest(process: int, split: int, start: int, end: int) -> bytes:
-        return hashlib.blake2b(content[start], digest_size=16).digest()
+        assert (process, split, end - start) == (7, content[start][0], len(content[start][1]))
+        return hashlib.blake2b(content[start][1], digest_size=16).digest()
 
     return content_digest
 
@@ -167,10 +178,11 @@ def digest_of(content: dict):
     )
 )
 def test_sort_group_matches_the_obvious_sort(records):
+    # Two documents a record: a digest must cover the bytes of both.
     columns = make_columns(
-        [(record_id, split, input_index, [len(seq)]) for record_id, split, input_index, seq in records]
+        [(record_id, split, input_index, [1, len(seq) - 1]) for record_id, split, input_index, seq in records]
     )
-    content = {1000 * i: seq for i, (*_, seq) in enumerate(records)}
+    content = {1000 * i: (split, seq) for i, (_, split, _, seq) in enumerate(records)}
     ordered, repeat = sort_group(columns, digest_of(content))
     # Reference: (split, input, id, digest of the bytes, then read order).
     key = [
@@ -186,16 +198,19 @@ def test_sort_group_matches_the_obvious_sort(records):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(ids, st.integers(0, 2), st.lists(st.integers(0, 9), min_size=1, max_size=3)),
-                max_size=60, unique_by=lambda r: (r[0], r[1])),
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"ab", b"\xff", b"c", b"d"]), st.integers(0, 2),
+                          st.lists(st.integers(0, 9), min_size=1, max_size=3)), max_size=60),
        st.integers(1, 5), st.integers(1, 7))  # fmt: skip
 def test_merging_sorted_runs_gives_the_sorted_whole(tmp_path_factory, records, runs, block):
-    """Runs as sort_group leaves them (each sorted by (input, id), an id in one run only), merged a few
-    records at a time, give the (input, id) order of all."""
+    """Runs as sort_group leaves them (each sorted by (input, id), an id in one run only, records sharing
+    both in a fixed order), merged a few records at a time, give the (input, id) order of all, records
+    sharing both still in their run's order (their run may cut them across blocks)."""
+    # Each record's last document length tells it apart.
+    records = [(r, n, [*lengths, 100 + k]) for k, (r, n, lengths) in enumerate(records)]
     path = tmp_path_factory.mktemp("runs") / "runs"
     by_run: dict[int, list] = {}
     for record_id, input_index, lengths in records:
-        by_run.setdefault(hash(record_id) % runs, []).append((record_id, 0, input_index, lengths))
+        by_run.setdefault(zlib.crc32(record_id) % runs, []).append((record_id, 0, input_index, lengths))
     with open(path, "wb") as handle:
         sections = [
             make_columns(sorted(part, key=lambda r: (r[2], r[0]))).write(handle, "runs")
@@ -209,5 +224,4 @@ def test_merging_sorted_runs_gives_the_sorted_whole(tmp_path_factory, records, r
         for block_columns in blocks
         for record_id, *fixed, lengths in rows(block_columns)
     ]
-    expected = sorted(((r, n, list(lengths)) for r, n, lengths in records), key=lambda r: (r[1], r[0]))
-    assert merged == expected
+    assert merged == sorted(records, key=lambda r: (r[1], r[0]))
