@@ -3,10 +3,12 @@
 Workers append each record's metadata (id, split, input, header line, place in a spool file and the token
 length of each of its documents) to a metadata file, in batches sorted by sub-bucket: a hash of the id into
 SUB_BUCKETS parts. Every copy of an id lands in the same sub-bucket, so the main process takes sub-buckets a
-group at a time (groups of bounded size, however many records there are), finds repeated ids inside each
-group, sorts the group by (split, input, id, content digest for records sharing all three) and writes it back
-as a sorted run per split. Merging the runs of a split by (input, id) gives the canonical order: records of
-one id never sit in two runs, so the merge never has to break a tie between runs.
+group at a time, finds repeated ids inside each group, sorts the group by (split, input, id, content digest
+for records sharing all three) and writes it back as a sorted run per split. Groups are bounded while no
+sub-bucket alone outgrows one: up to about SUB_BUCKETS * GROUP_RECORDS (134M) records; past that, or with one
+id repeated that often, a group is one sub-bucket and grows with the records. Merging the runs of a split by
+(input, id) gives the canonical order: records of one id never sit in two runs, so the merge never has to
+break a tie between runs.
 """
 
 from __future__ import annotations
