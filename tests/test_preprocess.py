@@ -140,13 +140,18 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
         run(tmp_path, [good, bad], workers=2)
 
 
+def worker_process_class() -> type:
+    """The Process class _run_in_workers starts its workers with."""
+    method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
+    return pre.multiprocessing.get_context(method).Process
+
+
 @pytest.mark.parametrize("when", ["at start", "while reading"])
 def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     """A worker killed (the kernel's OOM killer, a scheduler) ends the run with a message, never a hang: each
     worker has its own pipe, so no lock dies with it."""
     sources = [write_fasta(tmp_path / f"{i}.fa", random_records(30, seed=i)) for i in range(4)]
-    method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
-    process_class = pre.multiprocessing.get_context(method).Process
+    process_class = worker_process_class()
     original_start, started = process_class.start, []
 
     def start(self):
@@ -169,6 +174,33 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     ):
         pre._run_in_workers(tasks, job, 2, advance)
     assert all(not process.is_alive() for process in started)
+
+
+def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
+    """Killed between sending its last result and being told to end: every result is in, the run goes on."""
+    source = write_fasta(tmp_path / "a.fa", random_records(30))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "records").mkdir()
+    job = pre.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
+    process_class, connection_class = worker_process_class(), pre.multiprocessing.connection.Connection
+    original_start, original_send, started = process_class.start, connection_class.send, []
+
+    def start(self):
+        original_start(self)
+        started.append(self)
+
+    def send(self, message):
+        if message is None:  # the end, sent to a worker that is already gone
+            for process in started:
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+        original_send(self, message)
+
+    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(source)]))[1]
+    with mock.patch.object(process_class, "start", start), mock.patch.object(connection_class, "send", send):
+        results = pre._run_in_workers(tasks, job, 1, lambda count, records: None)
+    assert [stats.records for stats in results[0].splits] == [28, 1, 1]
+    assert [process.exitcode for process in started] == [-signal.SIGKILL]
 
 
 class Unpicklable(Exception):

@@ -544,7 +544,8 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
 
     def send_next(connection, process) -> None:
         if not queued:
-            connection.send(None)  # the worker ends
+            with contextlib.suppress(OSError):  # gone after its last result, which is in: nothing is lost
+                connection.send(None)  # the worker ends
             connection.close()
             return
         index, task = queued.popleft()
