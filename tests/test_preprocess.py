@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -140,10 +142,21 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
         run(tmp_path, [good, bad], workers=2)
 
 
-def worker_process_class() -> type:
-    """The Process class _run_in_workers starts its workers with."""
+@contextlib.contextmanager
+def started_workers(kill_at_start: bool = False) -> Iterator[list]:
+    """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
     method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
-    return pre.multiprocessing.get_context(method).Process
+    process_class = pre.multiprocessing.get_context(method).Process
+    original_start, started = process_class.start, []
+
+    def start(self):
+        original_start(self)
+        started.append(self)
+        if kill_at_start:
+            os.kill(self.pid, signal.SIGKILL)
+
+    with mock.patch.object(process_class, "start", start):
+        yield started
 
 
 @pytest.mark.parametrize("when", ["at start", "while reading"])
@@ -151,14 +164,6 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     """A worker killed (the kernel's OOM killer, a scheduler) ends the run with a message, never a hang: each
     worker has its own pipe, so no lock dies with it."""
     sources = [write_fasta(tmp_path / f"{i}.fa", random_records(30, seed=i)) for i in range(4)]
-    process_class = worker_process_class()
-    original_start, started = process_class.start, []
-
-    def start(self):
-        original_start(self)
-        started.append(self)
-        if when == "at start":
-            os.kill(self.pid, signal.SIGKILL)
 
     def advance(count, records):  # the first progress report: a worker is reading
         for process in started:
@@ -167,7 +172,7 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
     job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     with (
-        mock.patch.object(process_class, "start", start),
+        started_workers(kill_at_start=when == "at start") as started,
         pytest.raises(
             Evo2Error, match=r"a preprocess worker stopped \(exit code -9: killed, or out of memory"
         ),
@@ -176,18 +181,29 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
     assert all(not process.is_alive() for process in started)
 
 
+def test_ctrl_c_stops_every_worker(tmp_path):
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) in the main process while workers read: both are
+    stopped, not left to finish or to hang on their pipes."""
+    sources = [write_fasta(tmp_path / f"{i}.fa", random_records(30, seed=i)) for i in range(4)]
+
+    def advance(count, records):  # the first progress report: the workers hold a task each
+        raise KeyboardInterrupt
+
+    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with started_workers() as started, pytest.raises(KeyboardInterrupt):
+        pre._run_in_workers(tasks, job, 2, advance)
+    assert [process.exitcode for process in started] == [-signal.SIGTERM] * 2
+
+
 def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
     """Killed between sending its last result and being told to end: every result is in, the run goes on."""
     source = write_fasta(tmp_path / "a.fa", random_records(30))
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
     job = pre.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
-    process_class, connection_class = worker_process_class(), pre.multiprocessing.connection.Connection
-    original_start, original_send, started = process_class.start, connection_class.send, []
-
-    def start(self):
-        original_start(self)
-        started.append(self)
+    connection_class = pre.multiprocessing.connection.Connection
+    original_send = connection_class.send
 
     def send(self, message):
         if message is None:  # the end, sent to a worker that is already gone
@@ -197,7 +213,7 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
         original_send(self, message)
 
     tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(source)]))[1]
-    with mock.patch.object(process_class, "start", start), mock.patch.object(connection_class, "send", send):
+    with started_workers() as started, mock.patch.object(connection_class, "send", send):
         results = pre._run_in_workers(tasks, job, 1, lambda count, records: None)
     assert [stats.records for stats in results[0].splits] == [28, 1, 1]
     assert [process.exitcode for process in started] == [-signal.SIGKILL]
