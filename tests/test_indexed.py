@@ -205,3 +205,19 @@ def test_a_failed_write_leaves_no_side_file(tmp_path):
             writer.add_document(np.zeros(3, dtype=np.uint8))
         raise RuntimeError
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_side_file_left_by_a_killed_writer_is_not_read(tmp_path):
+    """A writer killed mid-run leaves its side file; a later one with the same pid starts it afresh."""
+    with mock.patch.object(indexed, "_LENGTHS_HELD", 2):
+        stale = IndexedDatasetWriter(tmp_path / "d")
+        for _ in range(3):
+            stale.add_document(np.zeros(7, dtype=np.uint8))
+        stale._bin.close()  # killed: no finalize, no abort
+        with IndexedDatasetWriter(tmp_path / "d") as writer:
+            for length in (1, 2, 3):
+                writer.add_document(np.zeros(length, dtype=np.uint8))
+    ds = IndexedDataset(tmp_path / "d")
+    assert ds.sequence_lengths.tolist() == [1, 2, 3]
+    assert ds.sequence_pointers.tolist() == [0, 1, 3]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d.bin", "d.idx"]

@@ -211,7 +211,8 @@ class IndexedDatasetWriter:
     def _add_lengths(self, lengths: Sequence[int]) -> None:
         self._lengths.extend(lengths)
         if len(self._lengths) >= _LENGTHS_HELD:
-            with open(self._spill_path, "ab") as handle:
+            # The first spill truncates: a file left by a killed writer of the same pid is not ours.
+            with open(self._spill_path, "ab" if self._spilled else "wb") as handle:
                 handle.write(self._lengths)
             self._spilled += len(self._lengths)
             self._lengths = array("q")
