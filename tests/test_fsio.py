@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_path
+from evo2_cli.fsio import atomic_output_dir, atomic_path, pread_exact
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -75,3 +75,20 @@ def test_files_written_by_name_get_the_umask_permissions(tmp_path, monkeypatch):
         save_file({"x": torch.zeros(2)}, str(tmp))
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
     assert leftovers(tmp_path) == []
+
+
+def test_pread_exact_reads_on_after_short_reads_and_refuses_a_short_file(tmp_path, monkeypatch):
+    path = tmp_path / "data"
+    path.write_bytes(bytes(range(10)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert pread_exact(fd, 4, 3) == bytes([3, 4, 5, 6])
+        assert pread_exact(fd, 0, 10) == b""
+        with pytest.raises(ValueError, match="ends before byte 12"):
+            pread_exact(fd, 5, 7)
+        # A kernel may return fewer bytes than asked (a pipe, a signal, past 2 GiB): the rest is read on.
+        pread = os.pread
+        monkeypatch.setattr(os, "pread", lambda fd, size, offset: pread(fd, min(size, 3), offset))
+        assert pread_exact(fd, 8, 1) == bytes(range(1, 9))
+    finally:
+        os.close(fd)
