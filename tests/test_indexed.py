@@ -207,6 +207,19 @@ def test_a_failed_write_leaves_no_side_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_finalize_leaves_no_files(tmp_path):
+    """finalize() failing at the end of the block (here a length past int32; a full disk likewise) removes the
+    .bin, the half-written .idx and the side file."""
+    with (
+        mock.patch.object(indexed, "_LENGTHS_HELD", 2),
+        mock.patch.object(indexed, "_copy_range"),  # lengths without 2 GiB of tokens
+        pytest.raises(ValueError, match="a document of 2147483648 tokens does not fit"),
+        IndexedDatasetWriter(tmp_path / "d") as writer,
+    ):
+        writer.add_documents_from(0, 0, [1, 2, 3, 2**31])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_side_file_left_by_a_killed_writer_is_not_read(tmp_path):
     """A writer killed mid-run leaves its side file; a later one with the same pid starts it afresh."""
     with mock.patch.object(indexed, "_LENGTHS_HELD", 2):

@@ -260,7 +260,9 @@ class IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._finalized:
-            self.finalize()
+        try:
+            if exc_type is None and not self._finalized:
+                self.finalize()
+        finally:
+            if exc_type is not None or not self._finalized:  # the block or finalize() failed (a full disk)
+                self.abort()
