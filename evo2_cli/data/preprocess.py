@@ -256,7 +256,6 @@ class SplitStats:
 
 @dataclass
 class TaskResult:
-    input_index: int
     batches: list[record_store.Batch] = field(default_factory=list)  # the task's stored records
     splits: list[SplitStats] = field(default_factory=lambda: [SplitStats() for _ in SPLITS])
     dropped: dict[str, int] = field(default_factory=dict)
@@ -359,7 +358,7 @@ def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecor
 def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
     cfg, recipe = job.config, job.config.recipe()
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
-    result, spools, meter = TaskResult(task.input_index), _Spools(job.spool_dir), _Meter(report)
+    result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
     records = record_store.RecordBuffer(task.input_index, os.getpid())
     try:
         for record in _records(task, meter, contiguous=recipe.cuts_sequence):
