@@ -661,9 +661,8 @@ def _sorted_runs(
         sizes += batch.sizes(records[batch.section.file])
 
     def content_digest(process: int, split: int, start: int, end: int) -> bytes:
-        hasher, fd = hashlib.blake2b(digest_size=16), spools[spool_name(process, split)]
-        for at in range(start, end, 1 << 24):  # bounded memory for huge records
-            hasher.update(pread_exact(fd, min(1 << 24, end - at), at))
+        hasher = hashlib.blake2b(digest_size=16)
+        _hash_range(hasher, spools[spool_name(process, split)], start, end)
         return hasher.digest()
 
     runs, earliest = [], None
@@ -680,6 +679,12 @@ def _sorted_runs(
 
 
 _WRITE_BATCH = 1 << 22  # bytes: larger runs are copied by the kernel, smaller ones gathered to this size
+
+
+def _hash_range(hasher, fd: int, start: int, end: int) -> None:
+    """Feeds bytes [start, end) of a file to `hasher` a few MB at a time (bounded memory for huge records)."""
+    for at in range(start, end, _WRITE_BATCH):
+        hasher.update(pread_exact(fd, min(_WRITE_BATCH, end - at), at))
 
 
 def _runs(blocks: Iterator[record_store.Columns]) -> Iterator[tuple[int, int, int, list[int]]]:
@@ -726,10 +731,6 @@ def _write_split(
             hashing.result()  # in file order, and at most one piece held for the hasher
         hashing = hasher.submit(job, *args)
 
-    def hash_range(fd: int, start: int, end: int) -> None:
-        for at in range(start, end, _WRITE_BATCH):
-            digest.update(pread_exact(fd, min(_WRITE_BATCH, end - at), at))
-
     def write_gathered() -> None:
         if gathered:
             data = b"".join(gathered)
@@ -746,7 +747,7 @@ def _write_split(
             if end - start >= _WRITE_BATCH:
                 write_gathered()
                 gathered_size = 0
-                hash_next(hash_range, spool, start, end)
+                hash_next(_hash_range, digest, spool, start, end)
                 writer.add_documents_from(spool, start, lengths)
                 advance(end - start, len(lengths))
                 continue
