@@ -366,6 +366,20 @@ def test_duplicate_ids(tmp_path):
     assert file_bytes(run(tmp_path, [flipped], "k2", duplicate_ids="keep", split=(1, 0, 0))[0]) == kept
 
 
+def test_an_id_repeated_across_splits(tmp_path):
+    """group_regex sends two records of one id to two splits: still a repeat; kept, one lands in each."""
+    assert [split_of(key, 1234, (0.5, 0.5, 0)) for key in (b"a", b"c")] == [1, 0]
+    records = [("x g=a", b"AAAA"), ("y g=c", b"GG"), ("x g=c", b"TT"), ("x g=c", b"CCCC")]
+    source = write_fasta(tmp_path / "a.fa", records)
+    options = {"group_regex": r"g=(\w)", "split": (0.5, 0.5, 0)}
+    with pytest.raises(InputError, match=r"a\.fa:5: duplicate record id 'x' \(also at .*a\.fa:1\)"):
+        run(tmp_path, [source], **options)
+    out, manifest = run(tmp_path, [source], duplicate_ids="keep", **options)
+    # Train in id order; the two x of one split and input by the blake2b of their bytes (63ec.. < 80dd..).
+    assert split_contents(out) == {"train": [b"CCCC\0", b"TT\0", b"GG\0"], "val": [b"AAAA\0"], "test": []}
+    assert [manifest["splits"][name]["records"] for name in pre.SPLITS] == [3, 1, 0]
+
+
 def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
     records = [(f"r{i % 7}", seq) for i, (_, seq) in enumerate(random_records(80, seed=4, length=(200, 800)))]
     shuffled = records[:]
