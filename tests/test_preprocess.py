@@ -817,3 +817,22 @@ def test_progress_counts_every_record_read(tmp_path):
     with mock.patch.object(fasta, "BLOCK_SIZE", 512):
         pre.run_task(pre.Task(0, source, size=source.stat().st_size), job, advance)
     assert totals == [source.stat().st_size, 5000]
+
+
+def test_progress_from_workers_adds_up(tmp_path):
+    """Every worker's reports reach the parent through its pipe: the bytes of every file, every record."""
+    sources = [write_fasta(tmp_path / f"{n}.fa", random_records(n, n, (1, 400))) for n in (300, 600, 900)]
+    totals = [0, 0]
+
+    def advance(count, records):
+        totals[0] += count
+        totals[1] += records
+
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "records").mkdir()
+    cfg = PreprocessConfig(inputs=[str(path) for path in sources])
+    results = pre._run_in_workers(
+        pre.plan_tasks(cfg)[1], pre.Job(cfg, (), tmp_path / "spool", tmp_path / "records"), 2, advance
+    )
+    assert totals == [sum(path.stat().st_size for path in sources), 1800]
+    assert sum(stats.records for result in results for stats in result.splits) == 1800
