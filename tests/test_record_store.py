@@ -104,7 +104,7 @@ def test_a_batch_gives_every_record_once_by_sub_bucket(tmp_path):
         added.append((record_id, lengths))
     path = tmp_path / "11.records"
     with open(path, "wb") as handle:
-        batch = buffer.write(handle, path.name)
+        batch = record_store.write_batch(handle, path.name, buffer.columns())
     bucket_of = {record_id: zlib.crc32(record_id) % record_store.SUB_BUCKETS for record_id, _ in added}
     with open(path, "rb") as handle:
         fd = handle.fileno()

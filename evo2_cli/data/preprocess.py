@@ -319,9 +319,9 @@ def _write_records(
         )
     name = f"{buffer.process}.records"
     with open(directory / name, "ab") as handle:
-        result.batches.append(buffer.write(handle, name))
+        result.batches.append(record_store.write_batch(handle, name, columns))
     splits = columns.fixed["split"]
-    document_splits = np.repeat(splits, np.diff(columns.document_ends, prepend=0))
+    document_splits = np.repeat(splits, columns.document_counts())
     base_lengths = np.array(buffer.base_lengths, dtype=np.int64)
     tokens = columns.tokens()
     for index, stats in enumerate(result.splits):

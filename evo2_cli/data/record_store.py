@@ -53,6 +53,10 @@ class Columns:
     def document_starts(self) -> np.ndarray:
         return np.concatenate(([0], self.document_ends))[:-1].astype(np.int64)
 
+    def document_counts(self) -> np.ndarray:
+        """Documents of each record."""
+        return self.document_ends - self.document_starts()
+
     def tokens(self) -> np.ndarray:
         """Tokens of each record (all its documents)."""
         cumulative = np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
@@ -198,18 +202,18 @@ class RecordBuffer:
             np.array(self.lengths, dtype=np.int64),
         )
 
-    def write(self, handle, file: str) -> Batch:
-        """Appends the records as one batch."""
-        columns = self.columns()
-        # Sub-bucket of each record: ids hashed (crc32) into SUB_BUCKETS parts; int16 sorts by radix.
-        buckets = np.fromiter(map(zlib.crc32, self.ids), dtype=np.int64, count=len(self)) % SUB_BUCKETS
-        records = np.bincount(buckets, minlength=SUB_BUCKETS)
-        documents = np.bincount(buckets, np.diff(columns.document_ends, prepend=0), SUB_BUCKETS)
-        starts_at = handle.tell()
-        for sizes in (records, documents):
-            handle.write(np.concatenate(([0], np.cumsum(sizes))).astype(np.int64))
-        order = np.argsort(buckets.astype(np.int16), kind="stable")
-        return Batch(columns.take(order).write(handle, file), starts_at)
+
+def write_batch(handle, file: str, columns: Columns) -> Batch:
+    """Appends records (a RecordBuffer's columns) to `handle` (the file named `file`) as one batch."""
+    # Sub-bucket of each record: ids hashed (crc32) into SUB_BUCKETS parts; int16 sorts by radix.
+    buckets = np.fromiter(map(zlib.crc32, columns.ids), dtype=np.int64, count=len(columns)) % SUB_BUCKETS
+    records = np.bincount(buckets, minlength=SUB_BUCKETS)
+    documents = np.bincount(buckets, columns.document_counts(), SUB_BUCKETS)
+    starts_at = handle.tell()
+    for sizes in (records, documents):
+        handle.write(np.concatenate(([0], np.cumsum(sizes))).astype(np.int64))
+    order = np.argsort(buckets.astype(np.int16), kind="stable")
+    return Batch(columns.take(order).write(handle, file), starts_at)
 
 
 def plan_groups(sizes: np.ndarray) -> list[tuple[int, int]]:
