@@ -345,6 +345,30 @@ def test_regions_from_bed_and_intervals(tmp_path):
         run_preprocess(cfg)
 
 
+def test_messages_about_region_records_name_where_the_region_was_given(tmp_path):
+    fa = shutil.copy(SAMPLES / "hiv1_NC_001802.fa", tmp_path / "hiv.fa")
+    bed = shutil.copy(SAMPLES / "hiv1_genes.bed", tmp_path / "genes.bed")
+    ltr = "gi|9629357|ref|NC_001802.1|:1-10"
+
+    def config(*sets):
+        regions = f"preprocess.regions=[{{fasta: '{fa}', bed: '{bed}', intervals: ['{ltr}', '{ltr}']}}]"
+        return load_config(PreprocessJob, None, [regions, f"preprocess.output_dir={tmp_path / 'out'}", *sets])
+
+    region = r"\(region gi\|9629357\|ref\|NC_001802\.1\|:1-10 of .*hiv\.fa\)"
+    with pytest.raises(
+        InputError, match=rf"^preprocess\.regions\.0\.intervals:1 {region}: duplicate record id"
+    ):
+        run_preprocess(config().preprocess)
+    with pytest.raises(InputError, match=rf"\(also at preprocess\.regions\.0\.intervals:0 {region}\)"):
+        run_preprocess(config().preprocess)
+    # The first BED line with a region: 'genes.bed:N (region ...)', not the FASTA's name and a region number.
+    with pytest.raises(
+        InputError, match=r"^.*genes\.bed:\d+ \(region .* of .*hiv\.fa\): header does not match"
+    ):
+        run_preprocess(config("preprocess.group_regex=nomatch").preprocess)
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_ids(tmp_path):
     first = write_fasta(tmp_path / "a.fa", [("x", b"ACGT"), ("y", b"GG")])
     second = write_fasta(tmp_path / "b.fa", [("z", b"CC"), ("x", b"TTTT")])

@@ -312,8 +312,9 @@ def _write_records(
     columns = buffer.columns()
     if len(columns.lengths) and columns.lengths.max() > MAX_DOCUMENT_TOKENS:
         record = int(np.searchsorted(columns.document_ends, np.argmax(columns.lengths), side="right"))
+        where = record_place(task.path, task.regions, int(columns.fixed["line"][record]))
         raise InputError(
-            f"{task.path}:{columns.fixed['line'][record]}: record '{display(columns.ids[record])}' makes a "
+            f"{where}: record '{display(columns.ids[record])}' makes a "
             f"document of {columns.lengths.max():,} tokens; the dataset format holds at most "
             f"{MAX_DOCUMENT_TOKENS:,} per document: cut long records with --set preprocess.chunk_length=N"
         )
@@ -355,22 +356,32 @@ def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecor
     return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous)
 
 
+def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
+    """Where a record came from, for messages: FILE:LINE of its header or, for a region task, where region
+    number `line` was given (its BED line or config key) and what it cut."""
+    if not regions:
+        return f"{path}:{line}"
+    region = regions[line]
+    return f"{region.source}:{region.line} (region {region.chrom}:{region.start + 1}-{region.end} of {path})"
+
+
 def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
+    """Reads, splits and stores the records of one task. A record's line is its header's line, or for a region
+    task the region's number (see record_place)."""
     cfg, recipe = job.config, job.config.recipe()
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
     result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
     records = record_store.RecordBuffer(task.input_index, os.getpid())
     try:
-        for record in _records(task, meter, contiguous=recipe.cuts_sequence):
+        for number, record in enumerate(_records(task, meter, contiguous=recipe.cuts_sequence)):
             meter.records += 1
-            record_id = record.id
+            record_id, line = record.id, number if task.regions else record.line
             key, problem = record_id, record.problem
             if group is not None and problem is None:
                 match = group.search(record.header)
                 if match is None:
-                    problem = (
-                        f"{task.path}:{record.line}: header does not match group_regex {cfg.group_regex!r}"
-                    )
+                    where = record_place(task.path, task.regions, line)
+                    problem = f"{where}: header does not match group_regex {cfg.group_regex!r}"
                 else:
                     key = match.group(1) if group.groups else match.group(0)
             if problem is not None:
@@ -388,7 +399,7 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
             if not out.documents:
                 continue
             offset, lengths = spools.write(split, out.documents)
-            if records.add(record_id, split, record.line, offset, lengths, out.base_lengths):
+            if records.add(record_id, split, line, offset, lengths, out.base_lengths):
                 _write_records(records, task, job.records_dir, result)
         _write_records(records, task, job.records_dir, result)
         for stats in result.splits:
@@ -849,9 +860,10 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
             with _progress_bar(console, stored, "sorting") as advance:
                 runs, repeat = _sorted_runs(results, job, spools, records, advance)
             if repeat is not None and cfg.duplicate_ids == "error":
-                first = f"{names[repeat.first_input]}:{repeat.first_line}"
+                sources = {task.input_index: (task.path, task.regions) for task in tasks}
+                first = record_place(*sources[repeat.first_input], repeat.first_line)
                 raise InputError(
-                    f"{names[repeat.input_index]}:{repeat.line}: duplicate record id "
+                    f"{record_place(*sources[repeat.input_index], repeat.line)}: duplicate record id "
                     f"'{display(repeat.record_id)}' (also at {first}); make ids unique, or keep both with "
                     "--set preprocess.duplicate_ids=keep"
                 )
