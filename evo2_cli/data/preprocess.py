@@ -276,6 +276,11 @@ def spool_name(process: int, split: int) -> str:
     return f"{process}-{SPLITS[split]}.spool"
 
 
+def lengths_name(process: int | str, split: int) -> str:
+    """The file of a process's document lengths in a split (raw int64); process "*" globs every process."""
+    return f"{process}-{SPLITS[split]}.lengths"
+
+
 class _Spools:
     """This process's append-only spool file per split."""
 
@@ -332,7 +337,7 @@ def _write_records(
         stats.records += int(in_split.sum())
         stats.documents += int((document_splits == index).sum())
         stats.tokens += int(tokens[in_split].sum())
-        with open(directory / f"{buffer.process}-{SPLITS[index]}.lengths", "ab") as handle:
+        with open(directory / lengths_name(buffer.process, index), "ab") as handle:
             handle.write(base_lengths[document_splits == index])
     buffer.clear()
 
@@ -665,7 +670,7 @@ def _sorted_runs(
     results: list[TaskResult], job: Job, spools: _OpenFiles, records: _OpenFiles, advance
 ) -> tuple[list[list[record_store.Section]], record_store.Repeat | None]:
     """Sorts the stored records a group of sub-buckets at a time into runs (one section per split each);
-    returns the runs and the earliest repeated id. Memory holds one group, whatever the record count."""
+    returns the runs and the earliest repeated id. Memory holds one group (bounded as record_store says)."""
     batches = [batch for result in results for batch in result.batches]
     sizes = np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64)
     for batch in batches:
@@ -835,8 +840,8 @@ def _manifest(
         "config": config,
         "inputs": [str(name) for name in names],
         "splits": {
-            name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(f"*-{name}.lengths"))))
-            for name, stats in zip(SPLITS, splits, strict=True)
+            name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(lengths_name("*", i)))))
+            for i, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
         },
         "dropped": dict(sorted(dropped.items())),
         "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
