@@ -1,15 +1,24 @@
-"""Filesystem helpers: atomic outputs, checksums. Nothing half-written ever carries a final name."""
+"""Filesystem helpers: atomic outputs, checksums, what --overwrite may replace, the lock of a run directory.
+Nothing half-written ever carries a final name, and nothing evo2 did not write is ever deleted."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import socket
+import sys
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from evo2_cli.errors import InputError
+
+HOST = socket.gethostname()
 
 
 def _read_umask() -> int:
@@ -22,10 +31,178 @@ _UMASK = _read_umask()
 
 
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
-    """`.NAME.tmp-PID` next to `path`: hidden, on the same filesystem (so renaming it over `path` is atomic),
-    and never shared by two processes."""
+    """`.NAME.tmp-PID@HOST` next to `path`: hidden, on the same filesystem (so renaming it over `path` is
+    atomic), and never shared by two processes. The pid and host say whether a leftover's writer is gone."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}@{HOST}")
+
+
+# `.NAME.TAG-PID@HOST`; versions before the host was added wrote `.NAME.TAG-PID`
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<tag>[a-z]+)-(?P<pid>\d+)(?:@(?P<host>.+))?")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is one of temporary_sibling's names."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(
+    directory: Path,
+    name: str | None = None,
+    complete: Callable[[Path], bool] = Path.exists,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """Remove the temporaries in `directory` (of output `name` only, when given) that a process of this host
+    left when it was killed (kill -9, a node's out-of-memory killer): a half-written `.NAME.tmp-PID@HOST` is
+    deleted; an old output moved aside for --overwrite (`.NAME.old-PID@HOST`) is put back when NAME is not
+    `complete` (the replacement never finished), else deleted. A temporary of a live process, or of another
+    host (whose processes this one cannot see), is left alone."""
+    directory = Path(directory)
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        pid = int(match["pid"])
+        if match["host"] not in (None, HOST) or pid == os.getpid() or process_alive(pid):
+            continue
+        final = path.with_name(match["name"])
+        if match["tag"] == "old" and not complete(final):
+            if final.exists() or final.is_symlink():
+                _remove(final)
+            os.replace(path, final)
+            say(f"restored {final}: process {pid} was killed while replacing it")
+            continue
+        _remove(path)
+        say(f"removed {path}, left by process {pid} (no longer running)")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- what --overwrite may replace
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """An output evo2 writes, and how to recognize one it wrote: the one test every --overwrite passes.
+
+    `recognize(path)` returns None for an output of this kind, else why `path` is not one (a short phrase)."""
+
+    noun: str  # "a dataset directory"
+    recognize: Callable[[Path], str | None]
+
+
+def directory_kind(noun: str, marker: str, names: Callable[[Path], Collection[str] | None]) -> OutputKind:
+    """A directory evo2 wrote: it holds `marker`, `names(directory)` (read from the marker; None when the
+    marker is not evo2's) lists what evo2 writes there, and nothing else is in it but evo2's temporaries."""
+
+    def recognize(path: Path) -> str | None:
+        if not path.is_dir():
+            return "not a directory"
+        if not (path / marker).is_file():
+            return f"no {marker}"
+        known = names(path)
+        if known is None:
+            return f"{marker} was not written by evo2"
+        strangers = sorted(p.name for p in path.iterdir() if p.name not in known and not is_temporary(p.name))
+        if strangers:
+            return f"it also holds {', '.join(strangers[:3])}" + (", ..." if len(strangers) > 3 else "")
+        return None
+
+    return OutputKind(noun, recognize)
+
+
+def json_listing(marker: str, owned: Callable[[dict], bool], fixed: Collection[str] = ()):
+    """`names` for directory_kind: the marker JSON's `files` keys, the marker and `fixed`, when
+    `owned(marker's JSON)`."""
+
+    def names(directory: Path) -> Collection[str] | None:
+        try:
+            data = json.loads((directory / marker).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not owned(data) or not isinstance(data.get("files", {}), dict):
+            return None
+        return {marker, *fixed, *data.get("files", {})}
+
+    return names
+
+
+def file_kind(noun: str, starts_with: bytes) -> OutputKind:
+    """A file evo2 wrote, recognized by its first bytes."""
+
+    def recognize(path: Path) -> str | None:
+        if not path.is_file():
+            return "not a regular file"
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(starts_with))
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
+        return None if head == starts_with else "its content is not what evo2 writes there"
+
+    return OutputKind(noun, recognize)
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` may never be replaced, or None: the root, the home and the current directory and its
+    parents (symlinks resolved), whatever they hold."""
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor):
+        return "the root directory"
+    if resolved == Path.home().resolve():
+        return "the home directory"
+    if resolved == cwd:
+        return "the current directory"
+    if resolved in cwd.parents:
+        return "a parent of the current directory"
+    return None
+
+
+def check_replaceable(path: Path, kind: OutputKind, overwrite: bool) -> bool:
+    """Whether the output `path` exists and may be replaced; InputError when it may not. Only an output of
+    `kind` that evo2 wrote is replaced, and only with `overwrite`; anything else is refused with no hint to
+    force it (a flag must never make evo2 delete what is not its own)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return False
+    protected = _protected(path)
+    if protected is not None:
+        raise InputError(f"{path}: is {protected}, which evo2 never replaces; choose another output path")
+    problem = kind.recognize(path)
+    if problem is not None:
+        raise InputError(
+            f"{path}: exists and is not {kind.noun} written by evo2 ({problem}); it is left as it is: "
+            "choose another output path"
+        )
+    if not overwrite:
+        raise InputError(
+            f"{path}: output already exists; pass --overwrite to replace it or choose another path"
+        )
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -65,21 +242,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    final: Path, kind: OutputKind, overwrite: bool = False, say: Callable[[str], None] = _say
+) -> Iterator[Path]:
     """Yield a temporary directory next to `final`; on success it replaces `final`, on any error (or
     KeyboardInterrupt/SystemExit from a signal, also one during the swap) it is removed and `final` is left
-    as it was."""
+    as it was. An existing `final` must be a `kind` evo2 wrote (check_replaceable); the old output is moved
+    aside only once the new one is complete, and deleted after the new one is in place. Temporaries of
+    `final` that a killed process left are cleaned up first."""
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise InputError(
-            f"{final}: output already exists; pass --overwrite to replace it or choose another path"
-        )
-    if final.exists() and not final.is_dir():
-        raise InputError(f"{final}: exists and is not a directory")
+    check_replaceable(final, kind, overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{final.parent}: cannot create output directory: {exc.strerror}") from None
+    remove_stale_temporaries(final.parent, final.name, say=say)
     tmp = temporary_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -120,3 +297,71 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
         parts.append(part)
         offset, size = offset + len(part), size - len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# ---------------------------------------------------------------- one writer per output
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path, say: Callable[[str], None] = _say) -> Iterator[None]:
+    """Hold the lock of output `directory` (a run directory) for the block; InputError at once, naming the
+    holder (host, pid, start time), when another process holds it. A holder that died on this host (kill -9)
+    released the lock with its process; its record is taken over with a message.
+
+    The lock is `.NAME.lock` beside the directory, not inside it: --overwrite moves the old directory aside
+    (with anything in it), and a second run must still find the lock the first one holds. Its holder record
+    is a separate `.NAME.lock.json`, written after the lock is taken (a contender's open of the lock file
+    must never touch it)."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory).absolute()
+    lock_path = directory.with_name(f".{directory.name}.lock")
+    holder_path = directory.with_name(f".{directory.name}.lock.json")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise InputError(
+            f"{directory}: in use by {_describe_holder(holder_path)}; wait for it to finish (or stop it), or "
+            "choose another run directory"
+        ) from None
+    except OSError as exc:
+        raise InputError(
+            f"{directory}: cannot write the run directory (its lock {lock_path.name}): {exc.strerror or exc}"
+        ) from None
+    previous, holder = _read_holder(holder_path), _describe_holder(holder_path)
+    pid = int(previous.get("pid") or 0) if previous is not None else 0
+    if (
+        previous is not None
+        and previous.get("host") == HOST
+        and pid not in (0, os.getpid())
+        and process_alive(pid)
+    ):
+        # The lock was free, yet its holder runs: a filesystem where locks do not work. Refuse.
+        lock.release()
+        raise InputError(f"{directory}: in use by {holder}; wait for it to finish or stop it")
+    try:
+        if previous is not None and previous.get("pid") != os.getpid():
+            say(f"took over the lock of {directory}: {holder} is no longer running")
+        record = {"host": HOST, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        atomic_write_text(holder_path, json.dumps(record) + "\n")
+        yield
+    finally:
+        holder_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_holder(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _describe_holder(path: Path) -> str:
+    record = _read_holder(path)
+    if record is None:
+        return "another process"
+    return f"process {record.get('pid')} on {record.get('host')} (started {record.get('started')})"

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_path, pread_exact
+from evo2_cli.fsio import atomic_output_dir, atomic_path, directory_kind, pread_exact
+
+RESULT = directory_kind("a result directory", "result.txt", lambda directory: {"result.txt"})
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -16,7 +18,7 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def write_output(final: Path, text: str, overwrite: bool = True) -> None:
-    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+    with atomic_output_dir(final, RESULT, overwrite=overwrite) as tmp:
         (tmp / "result.txt").write_text(text)
 
 
@@ -33,7 +35,7 @@ def test_overwrite_replaces_the_output_and_leaves_nothing_aside(tmp_path):
 def test_an_interrupt_while_writing_keeps_the_old_output(tmp_path):
     final = tmp_path / "out"
     write_output(final, "old")
-    with pytest.raises(KeyboardInterrupt), atomic_output_dir(final, overwrite=True) as tmp:
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(final, RESULT, overwrite=True) as tmp:
         (tmp / "result.txt").write_text("half")
         raise KeyboardInterrupt
     assert (final / "result.txt").read_text() == "old"

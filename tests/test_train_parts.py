@@ -18,7 +18,7 @@ from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.model import StripedHyena, load_model, preset_config
 from evo2_cli.model.checkpoint import write_model_files
 from evo2_cli.train.checkpoint import (
-    claim_run_dir,
+    RunDirectory,
     latest_checkpoint,
     step_dirs,
     verify_checkpoint,
@@ -258,24 +258,38 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
     verify_checkpoint(latest_checkpoint(tmp_path))
 
 
+def claim_run_dir(run_dir, job, overwrite):
+    with RunDirectory(run_dir, overwrite, print) as run:
+        run.starting_checkpoint("auto", job)
+        run.claim(to_yaml(job))
+        run.committed()
+
+
 def test_run_dir_of_another_config_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     job = build_config(TrainJob, {"model": {"preset": "test"}})
-    claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)
-    claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)  # same identity: fine
+    claim_run_dir(run_dir, job, overwrite=False)
+    claim_run_dir(run_dir, job, overwrite=False)  # same identity: fine
     longer = build_config(TrainJob, {"model": {"preset": "test"}, "train": {"max_steps": 5000}})
-    claim_run_dir(run_dir, longer, to_yaml(longer), overwrite=False)  # run control may change
+    claim_run_dir(run_dir, longer, overwrite=False)  # run control may change
     other = build_config(TrainJob, {"model": {"preset": "test"}, "optim": {"lr": 1e-2}})
-    with pytest.raises(InputError, match=r"different config \(optim.lr differ\)"):
-        claim_run_dir(run_dir, other, to_yaml(other), overwrite=False)
+    with pytest.raises(InputError, match=r"different config \(optim.lr differ\); pass --overwrite"):
+        claim_run_dir(run_dir, other, overwrite=False)
+    (run_dir / "metrics.jsonl").write_text("")
+    claim_run_dir(run_dir, other, overwrite=True)
+    assert not (run_dir / "metrics.jsonl").exists()
+    # A file evo2 did not write: the directory is not replaced, and no flag is offered to force it.
     (run_dir / "keep.txt").write_text("x")
-    claim_run_dir(run_dir, other, to_yaml(other), overwrite=True)
-    assert not (run_dir / "keep.txt").exists()
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="not a training run directory written by evo2") as caught:
+            claim_run_dir(run_dir, job, overwrite=overwrite)
+        assert "--overwrite" not in str(caught.value) and "keep.txt" in str(caught.value)
+    assert (run_dir / "keep.txt").read_text() == "x"
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
-        claim_run_dir(stranger, job, to_yaml(job), overwrite=False)
+    with pytest.raises(InputError, match=r"no config\.yaml"):
+        claim_run_dir(stranger, job, overwrite=False)
     assert json.dumps(job.identity())  # plain data
 
 

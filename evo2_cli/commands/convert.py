@@ -33,11 +33,17 @@ def _dtype(name: str):
     return table[name]
 
 
-def _check_free(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise InputError(
-            f"{path}: output already exists; pass --overwrite to replace it or choose another path"
-        )
+def check_vortex_outputs(weights: Path, config: Path, overwrite: bool) -> None:
+    """Before any work: the .pt and the release YAML of an export may be written (or replaced)."""
+    from evo2_cli.fsio import check_replaceable
+    from evo2_cli.infer.outputs import check_output
+    from evo2_cli.model.vortex import RELEASE_YAML, VORTEX_WEIGHTS
+
+    if config == weights:
+        raise InputError(f"--config-out must differ from --out ({weights})")
+    for path, kind in ((weights, VORTEX_WEIGHTS), (config, RELEASE_YAML)):
+        check_replaceable(path, kind, overwrite)
+        check_output(path)
 
 
 @app.command("to-vortex")
@@ -63,16 +69,11 @@ def to_vortex(
 
     Modal hcl poles are written as lambda = -exp(p) * exp(gamma)."""
     from evo2_cli.infer.loading import resolve_checkpoint
-    from evo2_cli.infer.outputs import check_output
     from evo2_cli.model.checkpoint import load_model
     from evo2_cli.model.vortex import export_vortex
 
     config_out = config_out or out.with_suffix(".yml")
-    if config_out == out:
-        raise InputError(f"--config-out must differ from --out ({out})")
-    for path in (out, config_out):
-        _check_free(path, overwrite)
-        check_output(path)
+    check_vortex_outputs(out, config_out, overwrite)
     torch_dtype = _dtype(dtype)
     model = load_model(resolve_checkpoint(checkpoint))
     export_vortex(model, out, config_out, dtype=torch_dtype)
@@ -106,11 +107,12 @@ def from_vortex(
     hcl poles lambda < 0 map exactly to the modal form; lambda >= 0 is refused unless --clamp-poles."""
     import warnings
 
-    from evo2_cli.model.checkpoint import save_model
+    from evo2_cli.fsio import check_replaceable
+    from evo2_cli.model.checkpoint import CHECKPOINT_DIR, save_model
     from evo2_cli.model.config import load_model_config
     from evo2_cli.model.vortex import load_vortex
 
-    _check_free(out, overwrite)  # before the import's work; save_model checks again as it writes
+    check_replaceable(out, CHECKPOINT_DIR, overwrite)  # before the import's work; save_model checks again
     model_config = load_model_config(config, set_ or [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -94,13 +94,15 @@ def merge(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold LoRA adapters into the weights: a plain checkpoint for infer, convert and the official engine."""
-    from evo2_cli.commands.convert import _check_free, _dtype
+    from evo2_cli.commands.convert import _dtype, check_vortex_outputs
     from evo2_cli.finetune.run import merge as run_merge
+    from evo2_cli.fsio import check_replaceable
+    from evo2_cli.model.checkpoint import CHECKPOINT_DIR
 
     torch_dtype = _dtype(dtype)
+    check_replaceable(out, CHECKPOINT_DIR, overwrite)  # before loading; save_model checks again as it writes
     if vortex is not None:
-        for path in (vortex, vortex.with_suffix(".yml")):
-            _check_free(path, overwrite)
+        check_vortex_outputs(vortex, vortex.with_suffix(".yml"), overwrite)
     model, merged = run_merge(checkpoint, out, vortex=vortex, dtype=torch_dtype, overwrite=overwrite)
     console.print(
         f"[green]merged[/] {merged} LoRA layer(s); wrote {out} ({model.num_parameters():,} parameters)"

@@ -51,7 +51,14 @@ from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
 from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
 from evo2_cli.errors import Evo2Error, InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_write_text, pread_exact, sha256_file
+from evo2_cli.fsio import (
+    atomic_output_dir,
+    atomic_write_text,
+    directory_kind,
+    json_listing,
+    pread_exact,
+    sha256_file,
+)
 
 SPLITS = ("train", "val", "test")
 MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
@@ -849,12 +856,22 @@ def _manifest(
     }
 
 
+MANIFEST = "manifest.json"
+# What `--overwrite` may replace: a directory with our manifest and the files it lists, nothing else.
+DATASET_DIR = directory_kind("a dataset directory", MANIFEST, json_listing(MANIFEST, lambda m: "splits" in m))
+
+
 def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None) -> dict:
     """Run the whole preprocess; returns the manifest. `console` (rich) shows progress when given."""
     names, tasks = plan_tasks(cfg)
     keep_freed_memory()
     tags = load_tags(cfg.tags_file) if cfg.tags_file is not None else ()
-    with atomic_output_dir(cfg.output_dir, overwrite) as tmp:
+    say = (
+        (lambda text: console.print(text, highlight=False, soft_wrap=True))
+        if console
+        else (lambda text: None)
+    )
+    with atomic_output_dir(cfg.output_dir, DATASET_DIR, overwrite, say=say) as tmp:
         job = Job(cfg, tags, tmp / ".spool", tmp / ".records")
         job.spool_dir.mkdir()
         job.records_dir.mkdir()
@@ -883,7 +900,7 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         shutil.rmtree(job.spool_dir)
         manifest = _manifest(cfg, names, results, job, tmp, digests)
         shutil.rmtree(job.records_dir)
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -36,7 +36,7 @@ from evo2_cli.diagnose.posthoc import RunReview
 from evo2_cli.diagnose.record import BLOCK_TYPES, FP32_EXP_LIMIT, ParamInfo, StepRecord, group_norm
 from evo2_cli.diagnose.run import Diagnosis, VariantResult
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir
+from evo2_cli.fsio import atomic_output_dir, check_replaceable, directory_kind, json_listing
 
 REPORT_FILES = ("report.json", "steps.csv", "parameters.csv", "activations.csv", "hcl.csv", "report.html")
 
@@ -627,17 +627,9 @@ def write_plots(diagnosis: Diagnosis, directory: Path) -> list[str]:
 
 
 def check_output_dir(directory: Path, overwrite: bool) -> None:
-    """Refuse an existing output (a file even with --overwrite) before any training rather than after it."""
+    """Refuse an output that may not be replaced before any training rather than after it."""
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise InputError(
-            f"{directory}: output already exists; pass --overwrite to replace it or choose another "
-            "directory (-o / diagnose.output_dir)"
-        )
-    if directory.exists() and not directory.is_dir():
-        raise InputError(
-            f"{directory}: exists and is not a directory; choose another (-o / diagnose.output_dir)"
-        )
+    check_replaceable(directory, REPORT_DIR, overwrite)
     parent = directory.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -650,7 +642,7 @@ def check_output_dir(directory: Path, overwrite: bool) -> None:
 
 def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False) -> list[str]:
     """Write every output into `directory` atomically; returns the file names written."""
-    with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(directory), REPORT_DIR, overwrite=overwrite) as tmp:
         summaries = [variant_summary(v) for v in diagnosis.variants]
         data = report_data(diagnosis, summaries)
         (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -663,6 +655,17 @@ def write_report(diagnosis: Diagnosis, directory: Path, overwrite: bool = False)
 # ---------------------------------------------------------------- post-hoc mode (an existing run)
 
 REVIEW_FILES = ("report.json", "steps.csv", "checkpoints.csv", "report.html")
+PLOT_FILES = ("grad_norms.png", "hcl_lambda.png", "grad_norm.png")
+# What `--overwrite` may replace: a directory of our report.json and the files a report holds, nothing else.
+REPORT_DIR = directory_kind(
+    "a diagnose-grads report directory",
+    "report.json",
+    json_listing(
+        "report.json",
+        lambda data: data.get("tool") == _HEADER["tool"],
+        {*REPORT_FILES, *REVIEW_FILES, *PLOT_FILES},
+    ),
+)
 
 
 def review_data(review: RunReview) -> dict[str, Any]:
@@ -765,7 +768,7 @@ def write_review(
 ) -> list[str]:
     """Write the post-hoc outputs into `directory` atomically; returns the file names written."""
     flagged = {spike.step: spike for spike in review.spikes}
-    with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(directory), REPORT_DIR, overwrite=overwrite) as tmp:
         data = review_data(review)
         (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         _write_csv(

@@ -289,13 +289,7 @@ def train_task(
     """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA)."""
     from evo2_cli.finetune.run import prepare
     from evo2_cli.model.checkpoint import write_model_files
-    from evo2_cli.train.checkpoint import (
-        best_checkpoint,
-        claim_run_dir,
-        read_train_state,
-        starting_checkpoint,
-        write_checkpoint,
-    )
+    from evo2_cli.train.checkpoint import RunDirectory, best_checkpoint, read_train_state, write_checkpoint
     from evo2_cli.train.metrics import MetricsLog
     from evo2_cli.train.optim import build_optimizer, learning_rate
 
@@ -308,91 +302,102 @@ def train_task(
         f"{task}: {len(train_set.ids)} train and {len(val_set.ids)} val records"
         + (f", classes {classes}" if classes else "")
     )
-    prepared = prepare(job, outputs, console)
-    job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
-    start = starting_checkpoint(
-        cfg.run_dir, resume, lambda: claim_run_dir(cfg.run_dir, job, to_yaml(job), overwrite)
-    )
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    optimizer = build_optimizer(model, job.optim)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step, best = 0, math.inf
-    if start is not None:
-        model.load_state_dict(safetensors.torch.load_file(start / "model.safetensors", device=str(device)))
-        saved = read_train_state(start)
-        optimizer.load_state_dict(saved["optimizer"])
-        step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
-        torch.set_rng_state(saved["rng"]["torch"])
-        say(f"resumed from {start} at step {step}")
-    bf16 = device.type == "cuda" and cfg.precision != "fp32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    task_meta = {"kind": task, "outputs": outputs, "classes": classes}
-    log = MetricsLog(cfg.run_dir, cfg.tensorboard)
-
-    def save(is_best: bool, metrics: dict) -> Path:
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "loop": {"step": step, "best_val_loss": best},
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        meta = {"metrics": metrics, "task": task_meta}
-
-        def write_model(directory: Path, meta: dict) -> None:
-            write_model_files(model, directory, config=job, meta=meta, dtype=torch.float32)
-
-        return write_checkpoint(cfg.run_dir, step, write_model, train_state, meta, cfg.keep_last, is_best)
-
-    last = start if start is not None else save(False, {})
-    accumulation = job.optim.global_batch // cfg.micro_batch
-    losses, last_val = [], None
-    while step < cfg.max_steps:
-        started = time.perf_counter()
-        lr = learning_rate(step, job.optim, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        step_loss = 0.0
-        for micro in range(accumulation):
-            first = step * job.optim.global_batch + micro * cfg.micro_batch
-            indices = sample_indices(len(train_set.ids), cfg.seed, first, cfg.micro_batch)
-            ids, mask, targets = (t.to(device) for t in collate(train_set, indices))
-            with autocast:
-                loss = task_loss(sequence_outputs(model, ids, mask), targets, task)
-            (loss / accumulation).backward()
-            step_loss += loss.item() / accumulation
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip or math.inf).item()
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(step_loss)
-        record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-        record["step_s"] = time.perf_counter() - started
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            log.write(record)
-            say(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.3g} | grad {grad_norm:.3g}")
-        improved = False
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            last_val = evaluate_task(model, val_set, task, cfg.micro_batch, device, autocast)
-            improved = last_val["val_loss"] < best
-            best = min(best, last_val["val_loss"])
-            log.write({"kind": "val", "step": step, **last_val})
-            say(
-                "  "
-                + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
-                + (" (best)" if improved else "")
+    # Locked from here (a second run on the run directory stops at once), before the weights load.
+    with RunDirectory(job.train.run_dir, overwrite, say) as run:
+        prepared = prepare(job, outputs, console)
+        job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
+        # Nothing is written until the starting checkpoint has loaded (RunDirectory, as in the training loop).
+        start = run.starting_checkpoint(resume, job)
+        torch.manual_seed(cfg.seed)
+        model.to(device)
+        optimizer = build_optimizer(model, job.optim)
+        params = [p for p in model.parameters() if p.requires_grad]
+        step, best = 0, math.inf
+        if start is not None:
+            model.load_state_dict(
+                safetensors.torch.load_file(start / "model.safetensors", device=str(device))
             )
-        due = cfg.save_interval > 0 and step % cfg.save_interval == 0
-        if improved or due or step == cfg.max_steps:
-            last = save(improved, {"loss": step_loss, **(last_val or {})})
-    log.close()
-    return TaskResult(
-        Path(cfg.run_dir),
-        last,
-        best_checkpoint(cfg.run_dir),
-        step,
-        last_val,
-        losses,
-        classes,
-    )
+            saved = read_train_state(start)
+            optimizer.load_state_dict(saved["optimizer"])
+            step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
+            torch.set_rng_state(saved["rng"]["torch"])
+        run.claim(to_yaml(job))
+        if start is not None:
+            say(f"resumed from {start} at step {step}")
+        bf16 = device.type == "cuda" and cfg.precision != "fp32"
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        task_meta = {"kind": task, "outputs": outputs, "classes": classes}
+        log = MetricsLog(cfg.run_dir, cfg.tensorboard)
+
+        def save(is_best: bool, metrics: dict) -> Path:
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "loop": {"step": step, "best_val_loss": best},
+                "rng": {"torch": torch.get_rng_state()},
+            }
+            meta = {"metrics": metrics, "task": task_meta}
+
+            def write_model(directory: Path, meta: dict) -> None:
+                write_model_files(model, directory, config=job, meta=meta, dtype=torch.float32)
+
+            written = write_checkpoint(
+                cfg.run_dir, step, write_model, train_state, meta, cfg.keep_last, is_best
+            )
+            run.committed()
+            return written
+
+        last = start if start is not None else save(False, {})
+        accumulation = job.optim.global_batch // cfg.micro_batch
+        losses, last_val = [], None
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            lr = learning_rate(step, job.optim, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            step_loss = 0.0
+            for micro in range(accumulation):
+                first = step * job.optim.global_batch + micro * cfg.micro_batch
+                indices = sample_indices(len(train_set.ids), cfg.seed, first, cfg.micro_batch)
+                ids, mask, targets = (t.to(device) for t in collate(train_set, indices))
+                with autocast:
+                    loss = task_loss(sequence_outputs(model, ids, mask), targets, task)
+                (loss / accumulation).backward()
+                step_loss += loss.item() / accumulation
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip or math.inf).item()
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+            record["step_s"] = time.perf_counter() - started
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                log.write(record)
+                say(
+                    f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.3g} | grad {grad_norm:.3g}"
+                )
+            improved = False
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+                last_val = evaluate_task(model, val_set, task, cfg.micro_batch, device, autocast)
+                improved = last_val["val_loss"] < best
+                best = min(best, last_val["val_loss"])
+                log.write({"kind": "val", "step": step, **last_val})
+                say(
+                    "  "
+                    + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+                    + (" (best)" if improved else "")
+                )
+            due = cfg.save_interval > 0 and step % cfg.save_interval == 0
+            if improved or due or step == cfg.max_steps:
+                last = save(improved, {"loss": step_loss, **(last_val or {})})
+        log.close()
+        return TaskResult(
+            Path(cfg.run_dir),
+            last,
+            best_checkpoint(cfg.run_dir),
+            step,
+            last_val,
+            losses,
+            classes,
+        )

@@ -28,7 +28,14 @@ from torch import Tensor
 
 from evo2_cli.config import to_dict
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_path, atomic_write_text, sha256_file
+from evo2_cli.fsio import (
+    atomic_output_dir,
+    atomic_path,
+    atomic_write_text,
+    directory_kind,
+    json_listing,
+    sha256_file,
+)
 from evo2_cli.model.config import ModelConfig, load_model_config
 from evo2_cli.model.model import StripedHyena
 
@@ -36,6 +43,12 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 FORMAT_NAME = "evo2-cli-checkpoint"
+# What `--overwrite` of convert / finetune merge may replace (training step directories are ones too).
+CHECKPOINT_DIR = directory_kind(
+    "a checkpoint directory",
+    META_FILE,
+    json_listing(META_FILE, lambda meta: meta.get("format") == FORMAT_NAME),
+)
 
 
 class CheckpointError(InputError, ValueError):
@@ -159,7 +172,7 @@ def save_model(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (a temporary sibling renamed into place)."""
-    with atomic_output_dir(Path(directory), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(directory), CHECKPOINT_DIR, overwrite=overwrite) as tmp:
         write_model_files(model, tmp, config=config, meta=meta, dtype=dtype)
     return Path(directory)
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from evo2_cli.fsio import atomic_path, atomic_write_text
+from evo2_cli.fsio import atomic_path, atomic_write_text, file_kind
 from evo2_cli.model.checkpoint import CheckpointError, build_model, check_tensors, expected_shapes
 from evo2_cli.model.config import ModelConfig, load_model_config
 from evo2_cli.model.model import AttentionBlock, LongFilter, StripedHyena, modal_poles
@@ -275,10 +275,18 @@ def load_vortex(
     return build_model(config, state, dtype)
 
 
+_RELEASE_YAML_HEADER = (
+    "# StripedHyena 2 / Evo 2 model config in the release (Vortex) schema, written by evo2-cli.\n"
+)
+# What `--overwrite` of an export may replace: a torch zip file, and a release YAML with our header.
+VORTEX_WEIGHTS = file_kind("a torch .pt file", b"PK\x03\x04")
+RELEASE_YAML = file_kind("a release config YAML", _RELEASE_YAML_HEADER.encode())
+
+
 def release_yaml(config: ModelConfig) -> str:
     header = (
-        "# StripedHyena 2 / Evo 2 model config in the release (Vortex) schema, written by evo2-cli.\n"
-        "# Load with vortex, or with `evo2_cli.model.load_vortex(this_file, weights.pt)`.\n"
+        _RELEASE_YAML_HEADER
+        + "# Load with vortex, or with `evo2_cli.model.load_vortex(this_file, weights.pt)`.\n"
     )
     return header + yaml.safe_dump(
         config.to_release_dict(), sort_keys=False, default_flow_style=None, width=110

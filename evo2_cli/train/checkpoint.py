@@ -16,6 +16,7 @@ never leaves a half-written directory under a final name, and the previous check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,17 @@ import torch
 
 from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
-from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file, temporary_sibling
+from evo2_cli.fsio import (
+    atomic_output_dir,
+    atomic_write_text,
+    check_replaceable,
+    directory_kind,
+    exclusive,
+    remove_stale_temporaries,
+    sha256_file,
+    temporary_sibling,
+)
+from evo2_cli.model.checkpoint import CHECKPOINT_DIR
 
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
@@ -74,7 +85,7 @@ def write_checkpoint(
     name = step_name(step)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with atomic_output_dir(root / name, overwrite=True) as tmp:
+        with atomic_output_dir(root / name, CHECKPOINT_DIR, overwrite=True) as tmp:
             torch.save(train_state, tmp / TRAIN_STATE)
             write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
         _point(root / "latest", name)
@@ -136,54 +147,142 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return link.parent / os.readlink(link) if link.is_symlink() else None
 
 
-def starting_checkpoint(run_dir: Path, resume: str, claim: Callable[[], object]) -> Path | None:
-    """The verified checkpoint a run starts from. `resume` "auto": the run directory's latest checkpoint (None
-    for a fresh run), looked up after `claim` made the directory this run's (an --overwrite empties it
-    first). Otherwise the checkpoint directory `resume`, verified before `claim` so that a bad one writes
-    nothing."""
-    if resume != "auto":
-        verify_checkpoint(Path(resume))
-        claim()
-        return Path(resume)
-    claim()
-    start = latest_checkpoint(run_dir)
-    if start is not None:
-        verify_checkpoint(start)
-    return start
+RUN_DIR = directory_kind(
+    "a training run directory", CONFIG, lambda directory: {CONFIG, METRICS, CHECKPOINTS, "tensorboard"}
+)
 
 
-def claim_run_dir(run_dir: Path, job: Any, job_yaml: str, overwrite: bool) -> None:
-    """Make `run_dir` this run's directory: create it, or accept it when it holds a run of the same identity
-    (`job.identity()`), or wipe it with `overwrite`. Writes the resolved config to RUN_DIR/config.yaml."""
-    run_dir = Path(run_dir)
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    existing = run_dir / CONFIG
-    if existing.is_file():
+class RunDirectory:
+    """The run directory of a train or finetune, from start-up to the first checkpoint:
+
+        with RunDirectory(run_dir, overwrite, say) as run:   # locked; temporaries of killed runs removed
+            start = run.starting_checkpoint(resume, job)     # checks only: nothing is written
+            ... load the model, the starting checkpoint's weights and train state
+            run.claim(job_yaml)                               # config.yaml; --overwrite: old run aside
+            ... train; after the first checkpoint is written:
+            run.committed()                                   # the old run is deleted
+
+    On leaving the block before `committed` (any error, a signal), a run directory this run created is removed
+    and an old run moved aside is put back as it was. Enter it on one process only (rank 0)."""
+
+    def __init__(self, run_dir: Path, overwrite: bool, say: Callable[[str], None]):
+        self.path, self.overwrite, self.say = Path(run_dir), overwrite, say
+        self.aside: Path | None = None  # the old run, moved aside by --overwrite
+        self.created = False  # this run created the directory
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> RunDirectory:
+        self._stack.enter_context(exclusive(self.path, self.say))
         try:
-            previous = load_config(type(job), existing).identity()
+            # Killed runs (kill -9) leave half-written checkpoints and an old run moved aside by --overwrite;
+            # the lock says none of them belongs to a live run of this directory.
+            remove_stale_temporaries(self.path.parent, self.path.name, complete=has_checkpoint, say=self.say)
+            for directory in (self.path, self.path / CHECKPOINTS):
+                remove_stale_temporaries(directory, say=self.say)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if self.aside is not None or self.created:
+                self._roll_back()
+        finally:
+            self._stack.close()
+
+    def replaces(self) -> bool:
+        """Whether this run replaces an existing run (--overwrite); refuses one it may not replace."""
+        return check_replaceable(self.path, RUN_DIR, self.overwrite) if self.overwrite else False
+
+    def check(self, job: Any) -> None:
+        """Refuse a run directory this run may not use: another run's without --overwrite (naming the
+        differing keys), or a non-empty directory evo2 did not write (never replaced, not even with
+        --overwrite)."""
+        if self.replaces() or not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise InputError(f"{self.path}: exists and is not a directory; choose another train.run_dir")
+        if not any(self.path.iterdir()):
+            return
+        problem = RUN_DIR.recognize(self.path)
+        if problem is not None:
+            raise InputError(
+                f"{self.path}: exists and is not a training run directory written by evo2 ({problem}); it is "
+                "left as it is: choose another train.run_dir"
+            )
+        try:
+            previous = load_config(type(job), self.path / CONFIG).identity()
         except ConfigError as exc:
             raise InputError(
-                f"{run_dir}: holds a run whose config no longer validates ({exc}); pass --overwrite to start "
-                "over or choose another train.run_dir"
+                f"{self.path}: holds a run whose config no longer validates ({exc}); pass --overwrite to "
+                "start over or choose another train.run_dir"
             ) from None
         current = job.identity()
         if previous != current:
             keys = _differences(previous, current)
             raise InputError(
-                f"{run_dir}: belongs to a run with a different config ({', '.join(keys[:5])} differ); "
+                f"{self.path}: belongs to a run with a different config ({', '.join(keys[:5])} differ); "
                 "pass --overwrite to replace it or choose another train.run_dir"
             )
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise InputError(
-            f"{run_dir}: exists, is not empty and holds no {CONFIG}; pass --overwrite or choose another "
-            "train.run_dir"
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(existing, job_yaml)
-    except OSError as exc:
-        raise InputError(f"{run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
+
+    def starting_checkpoint(self, resume: str, job: Any) -> Path | None:
+        """The verified checkpoint the run starts from, after `check`: with `resume` "auto", the run
+        directory's latest one (None for a fresh run or one --overwrite replaces); else the checkpoint
+        directory `resume`. Writes nothing."""
+        self.check(job)
+        if resume != "auto":
+            source = Path(resume)
+            if self.overwrite and self.path.exists() and source.resolve().is_relative_to(self.path.resolve()):
+                raise InputError(
+                    f"--resume {resume} lies inside {self.path}, which --overwrite replaces; copy the "
+                    "checkpoint elsewhere first, or resume without --overwrite"
+                )
+            verify_checkpoint(source)
+            return source
+        if self.overwrite:
+            return None
+        start = latest_checkpoint(self.path)
+        if start is not None:
+            verify_checkpoint(start)
+        return start
+
+    def claim(self, job_yaml: str) -> None:
+        """Make the directory this run's: move an old run aside (--overwrite), create it, write
+        config.yaml."""
+        try:
+            if self.replaces():
+                aside = temporary_sibling(self.path, "old")
+                os.replace(self.path, aside)
+                self.aside = aside
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self.created = True
+            atomic_write_text(self.path / CONFIG, job_yaml)
+        except OSError as exc:
+            self._roll_back()
+            raise InputError(f"{self.path}: cannot write the run directory: {exc.strerror or exc}") from None
+
+    def committed(self) -> None:
+        """The new run wrote its first checkpoint: delete the old run (--overwrite); nothing is rolled back
+        from now on."""
+        aside, self.aside, self.created = self.aside, None, False
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _roll_back(self) -> None:
+        if self.created or self.aside is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.aside is not None:
+            os.replace(self.aside, self.path)
+            self.say(
+                f"put back the previous run in {self.path}: the new one stopped before its first checkpoint"
+            )
+        self.aside, self.created = None, False
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(step_dirs(run_dir))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -40,10 +40,9 @@ from evo2_cli.model import StripedHyena, estimate_flops
 from evo2_cli.model.checkpoint import all_finite, build_model
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
+    RunDirectory,
     best_checkpoint,
-    claim_run_dir,
     read_train_state,
-    starting_checkpoint,
     truncate_metrics,
     write_checkpoint,
 )
@@ -138,16 +137,17 @@ def train(
         train_windows = split_windows(data, "train", cfg.seed)
         val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
 
-        # ---- run directory, model, starting point
-        start = starting_checkpoint(
-            cfg.run_dir,
-            resume,
-            lambda: run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite)),
-        )
+        # ---- run directory (locked), model, starting point: nothing is written until the starting
+        # checkpoint has loaded, and an old run --overwrite replaces stays until the first checkpoint
+        run = RunDirectory(cfg.run_dir, overwrite, say)
+        run_on_main(runtime, lambda: signals.enter_context(run))
+        start = run.starting_checkpoint(resume, job)
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
+        saved = None
         if start is not None:
             _load_weights(model, start)
+            saved = read_train_state(start)
         if trainable is not None:
             for name, param in model.named_parameters():
                 param.requires_grad_(trainable(name, param))
@@ -158,11 +158,12 @@ def train(
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         state = LoopState()
-        if start is not None:
-            saved = read_train_state(start)
+        if saved is not None:
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
             torch.set_rng_state(saved["rng"]["torch"])
+        run_on_main(runtime, lambda: run.claim(job_yaml))
+        if start is not None:
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
             say(f"resumed from {start} at step {state.step}")
         guard = GradientGuard(job.guard, state.guard)
@@ -195,7 +196,7 @@ def train(
             def write() -> Path:  # rank 0
                 _refuse_non_finite(state.step, gathered or model.state_dict(), train_state, cfg.run_dir)
                 plain = build_model(job.model, gathered) if fsdp else model
-                return write_checkpoint(
+                written = write_checkpoint(
                     cfg.run_dir,
                     state.step,
                     lambda directory, meta: write_model_files(plain, directory, config=job, meta=meta),
@@ -204,6 +205,8 @@ def train(
                     cfg.keep_last,
                     is_best,
                 )
+                run.committed()
+                return written
 
             return run_on_main(runtime, write)
 

@@ -18,7 +18,11 @@ import numpy as np
 from evo2_cli.data.alphabet import EOD_ID
 from evo2_cli.data.fasta import read_fasta
 from evo2_cli.data.indexed import IndexedDatasetWriter
-from evo2_cli.fsio import atomic_output_dir
+from evo2_cli.fsio import atomic_output_dir, directory_kind
+
+SPLIT_FILES = {f"genome_{split}.{suffix}" for split in ("train", "val") for suffix in ("bin", "idx")}
+# What this script replaces: a directory of its own four files, nothing else.
+EXAMPLE_DATASET = directory_kind("an example dataset", "genome_train.idx", lambda directory: SPLIT_FILES)
 
 
 def main() -> None:
@@ -30,7 +34,7 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of each record")
     args = parser.parse_args()
 
-    with atomic_output_dir(args.out_dir, overwrite=True) as tmp:
+    with atomic_output_dir(args.out_dir, EXAMPLE_DATASET, overwrite=True) as tmp:
         train = IndexedDatasetWriter(tmp / "genome_train")
         val = IndexedDatasetWriter(tmp / "genome_val")
         bases = {"train": 0, "val": 0}
