@@ -251,12 +251,12 @@ def atomic_output_dir(
     aside only once the new one is complete, and deleted after the new one is in place. Temporaries of
     `final` that a killed process left are cleaned up first."""
     final = Path(final)
+    remove_stale_temporaries(final.parent, final.name, say=say)  # first: it may put an old output back
     check_replaceable(final, kind, overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{final.parent}: cannot create output directory: {exc.strerror}") from None
-    remove_stale_temporaries(final.parent, final.name, say=say)
     tmp = temporary_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
