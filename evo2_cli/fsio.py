@@ -192,7 +192,8 @@ def check_replaceable(path: Path, kind: OutputKind, overwrite: bool) -> bool:
     protected = _protected(path)
     if protected is not None:
         raise InputError(f"{path}: is {protected}, which evo2 never replaces; choose another output path")
-    problem = kind.recognize(path)
+    empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())  # nothing to lose
+    problem = None if empty else kind.recognize(path)
     if problem is not None:
         raise InputError(
             f"{path}: exists and is not {kind.noun} written by evo2 ({problem}); it is left as it is: "

@@ -80,6 +80,8 @@ def test_only_an_output_evo2_wrote_is_replaced_and_no_flag_is_offered_for_others
         write_result(ours, "new")
     assert (foreign / "thesis.tex").read_text() == "years of work"
     assert (ours / "result.txt").read_text() == "old"
+    (tmp_path / "empty").mkdir()  # nothing in it to lose
+    write_result(tmp_path / "empty", "new")
 
 
 def test_the_current_directory_its_parents_and_home_are_never_replaced(tmp_path, monkeypatch):
