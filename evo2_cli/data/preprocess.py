@@ -840,20 +840,25 @@ def _split_summary(stats: SplitStats, lengths: dict) -> dict:
     }
 
 
+def _dropped(results: list[TaskResult]) -> tuple[dict[str, int], list[tuple[int, int, str]]]:
+    """Records dropped by reason (sorted by reason) and the kept bad-record messages in input order."""
+    dropped: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    problems = sorted(problem for result in results for problem in result.problems)
+    return dict(sorted(dropped.items())), problems
+
+
 def _manifest(
     cfg: PreprocessConfig, names: list, results: list[TaskResult], job: Job, directory: Path, digests: dict
 ) -> dict:
     """`digests`: sha256 of files already hashed while they were written, by file name."""
     splits = [SplitStats() for _ in SPLITS]
-    dropped: dict[str, int] = {}
-    problems = []
     for result in results:
         for total, part in zip(splits, result.splits, strict=True):
             total.merge(part)
-        for reason, count in result.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        problems += result.problems
-    problems.sort()
+    dropped, problems = _dropped(results)
     # Where the output went and how many processes wrote it do not change a byte of it.
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "workers")}
     files = {}
@@ -882,7 +887,7 @@ def _manifest(
             name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(lengths_name("*", i)))))
             for i, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
         },
-        "dropped": dict(sorted(dropped.items())),
+        "dropped": dropped,
         "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
         "files": files,
     }
@@ -916,16 +921,11 @@ def _no_sequence(names: list, results: list[TaskResult]) -> InputError:
     if empty == read:
         records = f"{read:,} records, all empty" if read else "no records"
         return InputError(f"{where}no sequence in the input ({records})")
-    dropped: dict[str, int] = {}
-    for result in results:
-        for reason, count in result.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
+    dropped, problems = _dropped(results)
     text = f"{where}no sequence in the input: {read:,} records read, none kept"
     if dropped:
-        text += " (dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in sorted(dropped.items()))
-        text += ")"
-    fixes = [_DROP_FIXES[reason] for reason in sorted(dropped) if reason in _DROP_FIXES]
-    problems = sorted(problem for result in results for problem in result.problems)
+        text += " (dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in dropped.items()) + ")"
+    fixes = [_DROP_FIXES[reason] for reason in dropped if reason in _DROP_FIXES]
     if problems:
         fixes.append(f"first bad record: {problems[0][2]}")
     return InputError("; ".join([text, *fixes]))
