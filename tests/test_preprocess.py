@@ -57,8 +57,15 @@ def run(tmp_path: Path, inputs, name: str = "out", **options) -> tuple[Path, dic
 
 
 def split_contents(out: Path) -> dict[str, list[bytes]]:
-    return {split: [ds[i].tobytes() for i in range(len(ds))] for split in pre.SPLITS
-            for ds in [IndexedDataset(out / f"data_{split}")]}  # fmt: skip
+    """Every split's documents; a split the manifest lists as empty has no files."""
+    empty = (
+        json.loads((out / "manifest.json").read_text())["empty_splits"]
+        if any(not (out / f"data_{split}.bin").exists() for split in pre.SPLITS)
+        else []
+    )
+    return {split: [] if split in empty else [ds[i].tobytes() for i in range(len(ds))]
+            for split in pre.SPLITS
+            for ds in [None if split in empty else IndexedDataset(out / f"data_{split}")]}  # fmt: skip
 
 
 def file_bytes(out: Path) -> dict:
@@ -298,10 +305,14 @@ def test_options_shape_the_documents(tmp_path):
     assert docs("rc", reverse_complement=True) == [b"acgtRNNNNNACGTAC\x00", b"GTACGTNNNNNYacgt\x00"]
     assert docs("keep_empty", drop_empty=False) == [b"\x00", b"acgtRNNNNNACGTAC\x00"]
     assert docs("nsplit", n_run_length=5) == [b"acgtR\x00", b"ACGTAC\x00"]
-    assert docs("ndrop", n_run_length=5, n_run_action="drop") == []
+    with pytest.raises(InputError, match=r"none kept \(dropped: empty 1, n_run 1\); raise preprocess\.n_run"):
+        docs("ndrop", n_run_length=5, n_run_action="drop")
     assert docs("nshort", n_run_length=6) == [b"acgtRNNNNNACGTAC\x00"]
     assert docs("minmax", n_run_length=5, min_length=6) == [b"ACGTAC\x00"]
-    assert docs("max", max_length=10) == []
+    with pytest.raises(
+        InputError, match=r"none kept \(dropped: empty 1, too_long 1\); raise preprocess\.max_len"
+    ):
+        docs("max", max_length=10)
     assert docs("chunks", chunk_length=8, chunk_overlap=2) == [
         b"acgtRNNN\x00",
         b"NNNNACGT\x00",
@@ -674,7 +685,7 @@ def test_more_options(tmp_path):
         b"GTACGT\x00",
     ]
     out, manifest = run(tmp_path, [source], "prefixed", prefix="genome", split=(1, 0, 0))
-    assert sorted(manifest["files"]) == sorted(f"genome_{s}.{x}" for s in pre.SPLITS for x in ("bin", "idx"))
+    assert sorted(manifest["files"]) == ["genome_train.bin", "genome_train.idx"]  # val and test are empty
     assert IndexedDataset(out / "genome_train")[0].tobytes() == b"acguACGUAC\x00"
 
 
@@ -860,3 +871,127 @@ def test_progress_from_workers_adds_up(tmp_path):
     )
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800
+
+
+# ---------------------------------------------------------------- inputs that give nothing
+
+
+@pytest.mark.parametrize("keep_empty", [[], ["--set", "preprocess.drop_empty=false"]], ids=["drop", "keep"])
+def test_cli_headers_only_exits_2_and_writes_nothing(tmp_path, keep_empty):
+    source = tmp_path / "in.fa"
+    source.write_bytes(b">a\n>b desc\n\n>c\n")
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "out"), *keep_empty])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "no sequence in the input (3 records, all empty)" in text and "Traceback" not in text
+    assert sorted(os.listdir(tmp_path)) == ["in.fa"]
+
+
+def test_records_all_dropped_say_how_many_were_read_and_why(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("a", b"ACGT"), ("b", b""), ("c", b"ACGTACGT")])
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], min_length=20)
+    assert str(error.value) == (
+        f"{source}: no sequence in the input: 3 records read, none kept (dropped: empty 1, too_short 2); "
+        "lower preprocess.min_length"
+    )
+    bad = tmp_path / "bad.fa"
+    bad.write_bytes(b">x\nAC*T\n>y\nAC-T\n")
+    with pytest.raises(InputError, match=r"2 records read, none kept \(dropped: bad_record 2\); first bad "
+                       r"record: .*bad\.fa:2: record 'x' has '\*'"):  # fmt: skip
+        run(tmp_path, [bad], on_bad_record="skip")
+    assert sorted(os.listdir(tmp_path)) == ["bad.fa", "in.fa"]
+
+
+def test_an_empty_split_gets_no_files_and_every_file_opens_in_megatron(tmp_path):
+    """5 genomes at 0.9/0.05/0.05 (seed 1234 puts them all in train): no 0-byte val/test files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronDataset
+
+    records = random_records(5, length=(10, 50))
+    assert [split_of(name.encode(), 1234, (0.9, 0.05, 0.05)) for name, _ in records] == [0] * 5
+    source = write_fasta(tmp_path / "in.fa", records)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(out), "--split", "0.9,0.05,0.05"])
+    assert result.exit_code == 0, result.output
+    assert "no files for the empty split(s): val, test" in " ".join(result.output.split())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["empty_splits"] == ["val", "test"]
+    assert manifest["splits"]["val"]["records"] == manifest["splits"]["test"]["records"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["data_train.bin", "data_train.idx", "manifest.json"]
+    assert sorted(manifest["files"]) == ["data_train.bin", "data_train.idx"]
+    assert len(MegatronDataset(str(out / "data_train"))) == 5
+    # A split with records but not a token (empty records kept, no EOD) is empty too.
+    kept = write_fasta(tmp_path / "kept.fa", [("rec0", b"ACGT"), ("rec1", b"")])
+    options = {"split": (0.5, 0.5, 0), "seed": 3, "drop_empty": False, "append_eod": False}
+    assert [split_of(key, 3, options["split"]) for key in (b"rec0", b"rec1")] == [0, 1]
+    kept_out, manifest = run(tmp_path, [kept], "kept", **options)
+    assert manifest["empty_splits"] == ["val", "test"] and manifest["splits"]["val"]["records"] == 1
+    assert sorted(manifest["files"]) == ["data_train.bin", "data_train.idx"]
+    for name in manifest["files"]:
+        if name.endswith(".bin"):
+            assert len(MegatronDataset(str(kept_out / name[:-4]))) == 1
+
+
+def test_a_split_with_documents_has_no_empty_splits_entry(tmp_path):
+    records = random_records(40, length=(1, 50))
+    _, manifest = run(tmp_path, [write_fasta(tmp_path / "in.fa", records)], split=(0.6, 0.2, 0.2))
+    assert "empty_splits" not in manifest and len(manifest["files"]) == 6
+
+
+# ---------------------------------------------------------------- split_by: position
+
+
+def test_position_cuts_are_golden():
+    assert pre.position_cuts(1000, (0.9, 0.05, 0.05)) == (900, 950)
+    assert pre.position_cuts(19, (0.9, 0.05, 0.05)) == (17, 19)  # val takes the rounding; test gets none
+    assert pre.position_cuts(4_639_675, (0.95, 0.05, 0.0)) == (4_407_691, 4_639_675)  # E. coli, as before
+    assert pre.position_cuts(10, (0.0, 0.5, 0.5)) == (0, 5)
+    # Fractions may sum to 1 + 1e-6: train and test never overlap.
+    assert pre.position_cuts(10**7, (0.5, 0.0, 0.5000001)) == (5 * 10**6, 5 * 10**6)
+    assert pre.position_cuts(0, (0.9, 0.05, 0.05)) == (0, 0)
+
+
+def test_split_by_position_holds_out_the_tail_of_every_record(tmp_path):
+    genome = bytes(random.Random(3).choice(b"ACGTacgt") for _ in range(1000))
+    records = [("genome", genome), ("short", b"ACGTACGTACGTACGTACG"), ("tiny", b"A"), ("empty", b"")]
+    source = write_fasta(tmp_path / "in.fa", records)
+    tags = tmp_path / "tags.tsv"
+    tags.write_text("genome\t|d__X;s__Y|\n")
+    options = {"split": (0.9, 0.05, 0.05), "split_by": "position", "tags_file": tags}
+    out, manifest = run(tmp_path, [source], **options)
+    tag = b"|d__X;s__Y|"
+    expected = {
+        "train": [tag + genome[:900] + b"\0", b"ACGTACGTACGTACGTA\0"],  # ids in order: genome, short
+        "val": [tag + genome[900:950] + b"\0", b"CG\0", b"A\0"],  # 1 base: floor(0.9) = 0 train, 0 test
+        "test": [tag + genome[950:] + b"\0"],
+    }
+    assert split_contents(out) == expected
+    assert [manifest["splits"][name]["records"] for name in pre.SPLITS] == [2, 3, 1]
+    assert manifest["splits"]["val"]["bases"] == 50 + 2 + 1 and manifest["dropped"] == {"empty": 1}
+    assert manifest["config"]["split_by"] == "position"
+    # Any worker count and byte ranges: the same bytes.
+    with mock.patch.object(pre, "MIN_SHARD_BYTES", 300):
+        assert len(pre._file_tasks(0, source, 2)) == 2
+        assert file_bytes(run(tmp_path, [source], "two", workers=2, **options)[0]) == file_bytes(out)
+    # Windows and reverse complements are cut from each part, in its split; filters apply to each part.
+    source = write_fasta(tmp_path / "windows.fa", [("s", b"AAAACCCCGGGGTT"), ("t", b"ACGTAC")])
+    options = {"split": (0.5, 0.5, 0), "split_by": "position", "chunk_length": 4, "reverse_complement": True}
+    out, manifest = run(tmp_path, [source], "windows", min_length=4, **options)
+    assert split_contents(out) == {
+        "train": [b"AAAA\0", b"TTTT\0", b"CCC\0", b"GGG\0"],
+        "val": [b"CGGG\0", b"CCCG\0", b"GTT\0", b"AAC\0"],
+        "test": [],
+    }
+    assert manifest["dropped"] == {"too_short": 2} and manifest["empty_splits"] == ["test"]
+
+
+def test_split_by_position_still_finds_repeated_ids_and_refuses_group_regex(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", [("x", b"ACGTACGTAC"), ("y", b"GGGG"), ("x", b"TTTTTTTT")])
+    with pytest.raises(InputError, match=r"in\.fa:5: duplicate record id 'x' \(also at .*in\.fa:1\)"):
+        run(tmp_path, [source], split_by="position")
+    with pytest.raises(ConfigError, match=r"group_regex.*needs split_by: record"):
+        load_config(
+            PreprocessJob,
+            None,
+            ["preprocess.inputs=[a]", "preprocess.group_regex=(x)", "preprocess.split_by=position"],
+        )

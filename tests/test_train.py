@@ -21,9 +21,11 @@ from typer.testing import CliRunner
 from evo2_cli.cli import app
 from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.data.preprocess import PreprocessConfig, run_preprocess
 from evo2_cli.errors import Evo2Error
 from evo2_cli.model import estimate_flops, load_model
 from evo2_cli.train.config import TrainJob
+from evo2_cli.train.data import no_val_message, split_windows, validation_windows
 from evo2_cli.train.loop import StepInfo, TrainHooks, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +176,53 @@ def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path):
     val_losses = {r["step"]: r["val_loss"] for r in val if r["kind"] == "val"}
     meta = json.loads((result.best_checkpoint / "meta.json").read_text())
     assert meta["metrics"]["val_loss"] == min(val_losses.values()) == val_losses[2]
+
+
+def test_a_dataset_without_a_val_split_trains_with_a_warning(dataset, tmp_path):
+    """5 genomes at 0.9/0.05/0.05 leave val and test empty (no files): the run trains, says why it has no
+    validation loss, and keeps no 'best' checkpoint; early stopping never fires."""
+    rng = np.random.default_rng(1)
+    fasta = tmp_path / "in.fa"
+    fasta.write_bytes(
+        b"".join(
+            b">rec%d\n%s\n" % (i, rng.choice(np.frombuffer(b"ACGT", np.uint8), 100).tobytes())
+            for i in range(5)
+        )
+    )
+    out = tmp_path / "dataset"
+    run_preprocess(PreprocessConfig(inputs=[str(fasta)], output_dir=out, split=(0.9, 0.05, 0.05)))
+    assert not (out / "data_val.idx").exists()
+    console = quiet()
+    job = make_job(out, tmp_path / "run", train={"eval_interval": 1, "early_stopping_patience": 1})
+    result = train(job, console=console)
+    text = " ".join(console.file.getvalue().split())
+    assert f"warning: no val split in {out}" in text and "training without validation loss" in text
+    assert (result.step, result.stop_reason, result.last_val, result.best_checkpoint) == (
+        6,
+        "max_steps",
+        None,
+        None,
+    )
+    kinds = {
+        json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    }
+    assert kinds == {"train"} and (result.checkpoint / "meta.json").exists()
+    # Blended with a dataset that has one: validation uses that dataset's windows only.
+    blend = make_job(
+        dataset, tmp_path / "blend", data={"datasets": [{"path": str(dataset)}, {"path": str(out)}]}
+    )
+    windows, without = validation_windows(blend.data, 0)
+    assert without == [out] and [d.prefix for d in windows.datasets] == [f"{dataset}_val"]
+    alone = split_windows(make_job(dataset, tmp_path / "alone").data, "val", 0)
+    assert torch.equal(windows.batch(range(4)).input_ids, alone.batch(range(4)).input_ids)
+    assert "validating on the other datasets" in no_val_message(without, validating=True)
+    # A val split without a token (evo2-cli wrote those before) counts as none.
+    with IndexedDatasetWriter(tmp_path / "old_train") as writer:
+        writer.add_document(np.frombuffer(b"ACGT" * 50, np.uint8))
+    with IndexedDatasetWriter(tmp_path / "old_val"):
+        pass
+    old = make_job(tmp_path / "old", tmp_path / "r").data
+    assert validation_windows(old, 0) == (None, [tmp_path / "old"])
 
 
 def test_accumulation_matches_one_big_micro_batch(dataset, tmp_path):

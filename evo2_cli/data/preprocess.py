@@ -6,13 +6,17 @@ to a split by a stable hash, applies the Recipe (transforms.py), appends the doc
 its worker and the record's metadata to its worker's record file (record_store.py). The main process then
 sorts the records a bounded group at a time, checking ids (record_store.py), writes
 `PREFIX_{train,val,test}.bin/.idx` in the canonical order and a `manifest.json`, all inside a temporary
-directory renamed into place at the end. Memory holds a few blocks of records at a time, never all of them.
+directory renamed into place at the end. A split that got no token gets no files (megatron-core cannot map
+an empty .bin) and is listed under `empty_splits` in the manifest. Memory holds a few blocks of records at a
+time, never all of them.
 
 Determinism: a record's split is `blake2b(seed, key)` where the key is its id (first header word) or the
-`group_regex` match. Inside a split, records are ordered by (input position in the expanded input list,
-record id, content digest for records sharing an id); the documents of one record keep their order (pieces,
-windows, forward then reverse complement). Nothing depends on the record order inside a file, the byte
-ranges tasks were cut into or the worker count, so those give byte-identical datasets and manifests.
+`group_regex` match; with `split_by: position` every record is cut instead, its head to train and its tail
+to val and test (position_cuts), each piece stored like a record of its split. Inside a split, records are
+ordered by (input position in the expanded input list, record id, content digest for records sharing an
+id); the documents of one record keep their order (pieces, windows, forward then reverse complement).
+Nothing depends on the record order inside a file, the byte ranges tasks were cut into or the worker count,
+so those give byte-identical datasets and manifests.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -94,6 +99,7 @@ class PreprocessConfig:
     prefix: str = "data"  # files are PREFIX_{train,val,test}.bin/.idx
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train, val, test fractions
     seed: int = 1234
+    split_by: Literal["record", "position"] = "record"  # records by hash, or every record cut by position
     group_regex: str | None = None  # split by this regex's first group in the header instead of the id
     workers: int = 1
     append_eod: bool = True
@@ -139,6 +145,7 @@ class PreprocessConfig:
         check(self.tag_every is None or self.tag_every >= 1, "tag_every", "must be >= 1")
         check(self.tag_every is None or self.tags_file is not None, "tag_every", "needs tags_file")
         if self.group_regex is not None:
+            check(self.split_by == "record", "group_regex", "splits records by group: needs split_by: record")
             try:
                 re.compile(self.group_regex.encode())
             except re.error as exc:
@@ -176,6 +183,32 @@ def split_of(key: bytes, seed: int, split: tuple[float, float, float]) -> int:
     draw = int.from_bytes(digest, "big") / 2.0**64
     train, val, _ = split
     return 0 if draw < train else 1 if draw < train + val else 2
+
+
+def position_cuts(length: int, split: tuple[float, float, float]) -> tuple[int, int]:
+    """Where `split_by: position` cuts a record of `length` bases: train is the first floor(length * train)
+    bases, test the last floor(length * test), val the bases between (so val takes the rounding)."""
+    train, _, test = split
+    train_end = math.floor(length * train)
+    return train_end, max(train_end, length - math.floor(length * test))
+
+
+def split_record(
+    parts: list[bytes | bytearray], key: bytes, cfg: PreprocessConfig
+) -> list[tuple[int, list[bytes | bytearray]]]:
+    """(split, sequence parts) of each piece of a record that a split gets. By record: the whole record, in
+    its hashed split. By position (records read contiguous: `parts` is one buffer, or none when empty): the
+    stretches of position_cuts that hold bases, each in its split; a record without bases goes to train."""
+    if cfg.split_by == "record":
+        return [(split_of(key, cfg.seed, cfg.split), parts)]
+    sequence = parts[0] if parts else b""
+    bounds = (0, *position_cuts(len(sequence), cfg.split), len(sequence))
+    pieces = [
+        (index, [sequence[start:end]])
+        for index, (start, end) in enumerate(itertools.pairwise(bounds))
+        if end > start
+    ]
+    return pieces or [(0, parts)]
 
 
 @dataclass(frozen=True)
@@ -267,6 +300,8 @@ class TaskResult:
     splits: list[SplitStats] = field(default_factory=lambda: [SplitStats() for _ in SPLITS])
     dropped: dict[str, int] = field(default_factory=dict)
     problems: list[tuple[int, int, str]] = field(default_factory=list)  # (input, line, message), first few
+    records_read: int = 0  # every record, bad and empty ones included
+    empty_records: int = 0  # records read without a base (headers only)
 
 
 @dataclass(frozen=True)
@@ -385,8 +420,11 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
     result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
     records = record_store.RecordBuffer(task.input_index, os.getpid())
     try:
-        for number, record in enumerate(_records(task, meter, contiguous=recipe.cuts_sequence)):
+        contiguous = recipe.cuts_sequence or cfg.split_by == "position"
+        for number, record in enumerate(_records(task, meter, contiguous)):
             meter.records += 1
+            if not record.problem and not any(map(len, record.parts)):
+                result.empty_records += 1
             record_id, line = record.id, number if task.regions else record.line
             key, problem = record_id, record.problem
             if group is not None and problem is None:
@@ -403,17 +441,18 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                 if len(result.problems) < MAX_EXAMPLES:
                     result.problems.append((task.input_index, record.line, problem))
                 continue
-            split = split_of(key, cfg.seed, cfg.split)
-            stats = result.splits[split]
-            out = recipe.apply(record.parts, stats.counts, tag_for(record_id, job.tags) if job.tags else None)
-            for reason, count in out.dropped.items():
-                result.dropped[reason] = result.dropped.get(reason, 0) + count
-            if not out.documents:
-                continue
-            offset, lengths = spools.write(split, out.documents)
-            if records.add(record_id, split, line, offset, lengths, out.base_lengths):
-                _write_records(records, task, job.records_dir, result)
+            tag = tag_for(record_id, job.tags) if job.tags else None
+            for split, parts in split_record(record.parts, key, cfg):
+                out = recipe.apply(parts, result.splits[split].counts, tag)
+                for reason, count in out.dropped.items():
+                    result.dropped[reason] = result.dropped.get(reason, 0) + count
+                if not out.documents:
+                    continue
+                offset, lengths = spools.write(split, out.documents)
+                if records.add(record_id, split, line, offset, lengths, out.base_lengths):
+                    _write_records(records, task, job.records_dir, result)
         _write_records(records, task, job.records_dir, result)
+        result.records_read = meter.records
         for stats in result.splits:
             stats.counts.flush()
         meter.on_bytes(0)
@@ -808,20 +847,25 @@ def _split_summary(stats: SplitStats, lengths: dict) -> dict:
     }
 
 
+def _dropped(results: list[TaskResult]) -> tuple[dict[str, int], list[tuple[int, int, str]]]:
+    """Records dropped by reason (sorted by reason) and the kept bad-record messages in input order."""
+    dropped: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    problems = sorted(problem for result in results for problem in result.problems)
+    return dict(sorted(dropped.items())), problems
+
+
 def _manifest(
     cfg: PreprocessConfig, names: list, results: list[TaskResult], job: Job, directory: Path, digests: dict
 ) -> dict:
     """`digests`: sha256 of files already hashed while they were written, by file name."""
     splits = [SplitStats() for _ in SPLITS]
-    dropped: dict[str, int] = {}
-    problems = []
     for result in results:
         for total, part in zip(splits, result.splits, strict=True):
             total.merge(part)
-        for reason, count in result.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        problems += result.problems
-    problems.sort()
+    dropped, problems = _dropped(results)
     # Where the output went and how many processes wrote it do not change a byte of it.
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "workers")}
     files = {}
@@ -829,7 +873,7 @@ def _manifest(
         if path.suffix in (".bin", ".idx"):
             digest = digests.get(path.name) or sha256_file(path)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
-    return {
+    manifest = {
         "tool": "evo2-cli",
         "version": __version__,
         "format": {
@@ -850,10 +894,48 @@ def _manifest(
             name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(lengths_name("*", i)))))
             for i, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
         },
-        "dropped": dict(sorted(dropped.items())),
+        "dropped": dropped,
         "dropped_examples": [message for _, _, message in problems[:MAX_EXAMPLES]],
         "files": files,
     }
+    if empty := empty_splits(results):
+        manifest["empty_splits"] = empty  # no files: nothing to read (they would not open in megatron-core)
+    return manifest
+
+
+def empty_splits(results: list[TaskResult]) -> list[str]:
+    """The splits that got no token (too few records for their fraction): they get no files."""
+    return [
+        name
+        for index, name in enumerate(SPLITS)
+        if not any(result.splits[index].tokens for result in results)
+    ]
+
+
+# What to change when a filter dropped every record, by the reason the manifest counts it under.
+_DROP_FIXES = {
+    "too_short": "lower preprocess.min_length",
+    "too_long": "raise preprocess.max_length",
+    "n_run": "raise preprocess.n_run_length or set preprocess.n_run_action=split",
+}
+
+
+def _no_sequence(names: list, results: list[TaskResult]) -> InputError:
+    """The error for inputs that left no base to store: how many records were read and why none was kept."""
+    where = f"{names[0]}: " if len(names) == 1 else f"{len(names)} inputs: "
+    read = sum(result.records_read for result in results)
+    empty = sum(result.empty_records for result in results)
+    if empty == read:
+        records = f"{read:,} records, all empty" if read else "no records"
+        return InputError(f"{where}no sequence in the input ({records})")
+    dropped, problems = _dropped(results)
+    text = f"{where}no sequence in the input: {read:,} records read, none kept"
+    if dropped:
+        text += " (dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in dropped.items()) + ")"
+    fixes = [_DROP_FIXES[reason] for reason in dropped if reason in _DROP_FIXES]
+    if problems:
+        fixes.append(f"first bad record: {problems[0][2]}")
+    return InputError("; ".join([text, *fixes]))
 
 
 MANIFEST = "manifest.json"
@@ -876,6 +958,8 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         job.spool_dir.mkdir()
         job.records_dir.mkdir()
         results = _execute(tasks, job, cfg.workers, console)
+        if not any(stats.counts.bases for result in results for stats in result.splits):
+            raise _no_sequence(names, results)
         stored = sum(stats.tokens for result in results for stats in result.splits)
         spools, records, digests = _OpenFiles(job.spool_dir), _OpenFiles(job.records_dir), {}
         try:
@@ -890,7 +974,10 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
                     "--set preprocess.duplicate_ids=keep"
                 )
             with _progress_bar(console, stored, "writing", "documents") as advance:
+                empty = empty_splits(results)
                 for index, name in enumerate(SPLITS):
+                    if name in empty:
+                        continue  # megatron-core cannot open an empty .bin: an empty split has no files
                     ordered = record_store.merged([run[index] for run in runs], records)
                     prefix = tmp / f"{cfg.prefix}_{name}"
                     digests[prefix.name + ".bin"] = _write_split(prefix, index, ordered, spools, advance)
@@ -922,7 +1009,10 @@ def summary_table(manifest: dict):
             f"{split['lowercase_fraction']:.3f}",
             f"{split['length'].get('median', 0):,}",
         )
-    dropped = manifest["dropped"]
-    if dropped:
-        table.caption = "dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in dropped.items())
+    notes = []
+    if manifest["dropped"]:
+        notes.append("dropped: " + ", ".join(f"{reason} {n:,}" for reason, n in manifest["dropped"].items()))
+    if "empty_splits" in manifest:
+        notes.append(f"no files for the empty split(s): {', '.join(manifest['empty_splits'])}")
+    table.caption = "\n".join(notes) or None
     return table

@@ -267,10 +267,12 @@ def sort_group(columns: Columns, content_digest: ContentDigest) -> tuple[Columns
     for _, run in itertools.groupby(enumerate(repeated_at), key=lambda item: item[1] - item[0]):
         positions = [j for _, j in run]
         members = by_id[positions[0] : positions[-1] + 2]  # every record of one repeated id
-        places = sorted((int(inputs[i]), int(lines[i])) for i in members)
-        repeat = Repeat(*places[1], ids[members[0]], *places[0])
-        if earliest is None or repeat.place < earliest.place:
-            earliest = repeat
+        # One record split by position is stored once per split, all at its (input, line): not a repeat.
+        places = sorted({(int(inputs[i]), int(lines[i])) for i in members})
+        if len(places) > 1:
+            repeat = Repeat(*places[1], ids[members[0]], *places[0])
+            if earliest is None or repeat.place < earliest.place:
+                earliest = repeat
         # Records of this id that share split and input: by content (bytes-identical ones keep read order).
         for _, same in itertools.groupby(
             sorted(members, key=lambda i: (columns.fixed["split"][i], inputs[i], rank[i])),

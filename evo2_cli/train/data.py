@@ -14,6 +14,7 @@ A window becomes a `Batch` row (Savanna's `to_upper: normalized_weighted` recipe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,17 @@ class Batch:
         )
 
 
-def resolve_split(path: Path, split: str) -> Path:
-    """The dataset prefix of `split` ("train", "val", "test") for a configured path.
+def resolve_split(path: Path, split: str, missing_ok: bool = False) -> Path | None:
+    """The dataset prefix of `split` ("train", "val", "test") for a configured path; None when `missing_ok`
+    and the split has no files (`evo2 preprocess` writes none for an empty split).
 
     `path` is either a directory written by `evo2 preprocess` (or any directory holding exactly one
     `*_{split}.bin/.idx` pair), or a split-less prefix P with `P_{split}.bin/.idx` beside it."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob(f"*_{split}.idx"))
+        if not found and missing_ok:
+            return None
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
             raise InputError(
@@ -67,6 +71,8 @@ def resolve_split(path: Path, split: str) -> Path:
     prefix = Path(f"{path}_{split}")
     bin_path, idx_path = paths_of(prefix)
     if not idx_path.exists() and not bin_path.exists():
+        if missing_ok:
+            return None
         raise InputError(
             f"{path}: neither a directory nor a prefix of '{prefix}.bin/.idx'; run `evo2 preprocess` first "
             "or fix data.datasets"
@@ -160,6 +166,34 @@ def split_windows(data: DataSection, split: str, seed: int) -> WindowSampler:
         TRAIN_STREAM if train else VAL_STREAM,
         data.lowercase_weight,
         data.reverse_complement_prob if train else 0.0,
+    )
+
+
+def validation_windows(data: DataSection, seed: int) -> tuple[WindowSampler | None, list[Path]]:
+    """The "val" windows of the datasets that have a val split, blended by their weights, or None when none
+    has one; and the configured paths of those without one: no val files (`evo2 preprocess` writes none for
+    an empty split) or a val split without a token (as evo2-cli wrote empty splits before)."""
+    with_val, without = [], []
+    for source in data.datasets:
+        prefix = resolve_split(source.path, "val", missing_ok=True)
+        if prefix is None or not IndexedDataset(prefix).num_tokens:
+            without.append(Path(source.path))
+        else:
+            with_val.append(source)
+    if not with_val:
+        return None, without
+    return split_windows(dataclasses.replace(data, datasets=with_val), "val", seed), without
+
+
+def no_val_message(without: list[Path], validating: bool) -> str:
+    """What a run does without the val split of the datasets `without` (from validation_windows)."""
+    names = ", ".join(map(str, without))
+    if validating:
+        return f"no val split in {names} (an empty split has no files); validating on the other datasets"
+    return (
+        f"no val split in {names} (an empty split has no files): training without validation loss, 'best' "
+        "checkpoint or early stopping; with few records, preprocess.split_by: position holds out the tail of "
+        "every record"
     )
 
 

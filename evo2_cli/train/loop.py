@@ -32,6 +32,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from evo2_cli.config import to_yaml
@@ -47,7 +48,14 @@ from evo2_cli.train.checkpoint import (
     write_checkpoint,
 )
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.data import Batch, WindowSampler, split_windows, token_losses
+from evo2_cli.train.data import (
+    Batch,
+    WindowSampler,
+    no_val_message,
+    split_windows,
+    token_losses,
+    validation_windows,
+)
 from evo2_cli.train.distributed import (
     Runtime,
     all_reduce_sum,
@@ -135,7 +143,11 @@ def train(
         # ---- data: every dataset problem surfaces before anything is written
         data = job.data
         train_windows = split_windows(data, "train", cfg.seed)
-        val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
+        val_windows = None
+        if data.val_windows and cfg.eval_interval:
+            val_windows, without_val = validation_windows(data, cfg.seed)
+            if without_val:
+                say(f"[yellow]warning: {escape(no_val_message(without_val, val_windows is not None))}[/]")
 
         # ---- run directory (locked), model, starting point: nothing is written until the starting
         # checkpoint has loaded, and an old run --overwrite replaces stays until the first checkpoint

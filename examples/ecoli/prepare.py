@@ -1,9 +1,12 @@
 """Split a genome FASTA by position into a training dataset: the first 95% of every record trains, the last 5%
-is held out (validation). Writes OUT_DIR/genome_train.{bin,idx} and OUT_DIR/genome_val.{bin,idx}, Megatron
-indexed datasets that `evo2 train` reads like an `evo2 preprocess` output.
+is held out (validation). Writes OUT_DIR/genome_train.{bin,idx}, OUT_DIR/genome_val.{bin,idx} and a
+manifest.json: `evo2 preprocess` with `split_by: position`, the same as
 
-`evo2 preprocess` splits by record; a single-record genome such as E. coli needs a split by position instead,
-so that no held-out base was ever seen in training.
+    evo2 preprocess GENOME.fa.gz -o OUT_DIR --split 0.95,0.05,0 \
+        --set preprocess.split_by=position --set preprocess.prefix=genome
+
+A single-record genome such as E. coli needs a split by position rather than by record, so that no held-out
+base was ever seen in training.
 
     python examples/ecoli/prepare.py ecoli_k12_mg1655.fa.gz runs/ecoli/dataset
 """
@@ -13,16 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from evo2_cli.data.alphabet import EOD_ID
-from evo2_cli.data.fasta import read_fasta
-from evo2_cli.data.indexed import IndexedDatasetWriter
-from evo2_cli.fsio import atomic_output_dir, directory_kind
-
-SPLIT_FILES = {f"genome_{split}.{suffix}" for split in ("train", "val") for suffix in ("bin", "idx")}
-# What this script replaces: a directory of its own four files, nothing else.
-EXAMPLE_DATASET = directory_kind("an example dataset", "genome_train.idx", lambda directory: SPLIT_FILES)
+from evo2_cli.data.preprocess import PreprocessConfig, run_preprocess
+from evo2_cli.errors import Evo2Error
 
 
 def main() -> None:
@@ -34,21 +29,19 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of each record")
     args = parser.parse_args()
 
-    with atomic_output_dir(args.out_dir, EXAMPLE_DATASET, overwrite=True) as tmp:
-        train = IndexedDatasetWriter(tmp / "genome_train")
-        val = IndexedDatasetWriter(tmp / "genome_val")
-        bases = {"train": 0, "val": 0}
-        for record in read_fasta(args.fasta):
-            if record.problem:
-                raise SystemExit(record.problem)
-            sequence = np.frombuffer(bytes(record.sequence), dtype=np.uint8)
-            cut = int(len(sequence) * (1 - args.val_fraction))
-            for writer, split, part in ((train, "train", sequence[:cut]), (val, "val", sequence[cut:])):
-                writer.add_document(np.append(part, np.uint8(EOD_ID)))
-                bases[split] += len(part)
-        train.finalize()
-        val.finalize()
-    print(f"{args.out_dir}: {bases['train']:,} training bases, {bases['val']:,} held-out bases")
+    cfg = PreprocessConfig(
+        inputs=[str(args.fasta)],
+        output_dir=args.out_dir,
+        prefix="genome",
+        split=(1 - args.val_fraction, args.val_fraction, 0.0),
+        split_by="position",
+    )
+    try:
+        splits = run_preprocess(cfg, overwrite=True)["splits"]
+    except Evo2Error as exc:
+        raise SystemExit(f"error: {exc}") from None
+    train, val = splits["train"]["bases"], splits["val"]["bases"]
+    print(f"{args.out_dir}: {train:,} training bases, {val:,} held-out bases")
 
 
 if __name__ == "__main__":
