@@ -200,31 +200,42 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, Lq, hd)
 
 
-def causal_attention_blocked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block: int = 1024) -> Tensor:
     """Causal attention of Lq queries over Lk >= Lq keys, query i at key position Lk - Lq + i (a chunk after a
-    KV cache), one block of keys at a time with a running softmax, in fp32. Memory O(B H Lq block) instead of
-    the O(B H Lq Lk) scores (16 GiB per head at 1M cached tokens and a 4096-token chunk). Equal to
-    `attention_reference`. q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
+    KV cache), tile by tile with a running softmax, in fp32. Equal to `attention_reference`.
+
+    q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd). Queries go `block` at a time, keys in tiles
+    of about 4M scores per (B, H); tiles wholly in a query tile's future are skipped and only tiles that
+    cross the diagonal are masked. Memory O(B H block tile) instead of the O(B H Lq Lk) scores (16 GiB per
+    head at 1M cached tokens and a 4096-token chunk).
+    """
     lq, lk = q.shape[-2], k.shape[-2]
-    block = max(1024, (1 << 22) // lq)  # keeps each block's scores to about 4M numbers per (B, H)
-    query = q.float() / math.sqrt(q.shape[-1])
-    position = torch.arange(lk - lq, lk, device=q.device)  # (Lq,) each query's own key position
-    row_max = query.new_full((*q.shape[:-1], 1), float("-inf"))  # (B, H, Lq, 1)
-    row_sum = query.new_zeros(*q.shape[:-1], 1)  # (B, H, Lq, 1)
-    out = query.new_zeros(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, hd)
-    for start in range(0, lk, block):
-        keys = k[..., start : start + block, :].float()  # (B, H, b, hd)
-        scores = query @ keys.transpose(-2, -1)  # (B, H, Lq, b)
-        if start + keys.shape[-2] > lk - lq + 1:  # the block reaches past the first query: mask the future
-            index = torch.arange(start, start + keys.shape[-2], device=q.device)  # (b,)
-            scores = scores.masked_fill(index > position[:, None], float("-inf"))
-        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))  # finite: key 0 is in every row
-        weights = torch.exp(scores - new_max)  # (B, H, Lq, b)
-        rescale = torch.exp(row_max - new_max)  # (B, H, Lq, 1)
-        row_sum = row_sum * rescale + weights.sum(-1, keepdim=True)
-        out = out * rescale + weights @ v[..., start : start + block, :].float()
-        row_max = new_max
-    return (out / row_sum).to(v.dtype)
+    offset = lk - lq  # key position of query 0
+    query = q.float() * q.shape[-1] ** -0.5
+    out = query.new_empty(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, hd)
+    for q0 in range(0, lq, block):
+        tile = query[..., q0 : q0 + block, :]  # (B, H, n, hd)
+        n = tile.shape[-2]
+        visible = offset + q0 + n  # keys 0..visible-1 are seen by some query of the tile
+        key_block = max(block, (1 << 22) // n)
+        row_max = tile.new_full((*tile.shape[:-1], 1), float("-inf"))  # (B, H, n, 1)
+        row_sum = tile.new_zeros(*tile.shape[:-1], 1)  # (B, H, n, 1)
+        acc = tile.new_zeros(*tile.shape[:-1], v.shape[-1])  # (B, H, n, hd)
+        for k0 in range(0, visible, key_block):
+            k1 = min(k0 + key_block, visible)
+            scores = tile @ k[..., k0:k1, :].float().transpose(-2, -1)  # (B, H, n, k1 - k0)
+            if k1 > offset + q0 + 1:  # the tile crosses the diagonal: mask each query's future
+                keys = torch.arange(k0, k1, device=q.device)
+                rows = torch.arange(offset + q0, offset + q0 + n, device=q.device)
+                scores.masked_fill_(keys > rows[:, None], float("-inf"))
+            new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))  # finite: key 0 is in every row
+            weights = scores.sub_(new_max).exp_()  # (B, H, n, k1 - k0), in place
+            rescale = torch.exp(row_max - new_max)
+            row_sum = row_sum * rescale + weights.sum(-1, keepdim=True)
+            acc = acc * rescale + weights @ v[..., k0:k1, :].float()
+            row_max = new_max
+        out[..., q0 : q0 + n, :] = acc / row_sum
+    return out.to(v.dtype)
 
 
 # ============================================================== layers
