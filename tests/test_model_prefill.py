@@ -215,3 +215,17 @@ def test_batched_modal_filter_matches_formula():
     poles = -torch.rand(5, 4) * 0.1
     residues = torch.randn(3, 5, 4)  # a batch of residue sets (chunked prefill's carried state)
     assert_close(modal_filter(poles, residues, 100), modal_filter_reference(poles, residues, 100))
+
+
+def test_rotary_positions_continue_across_chunks():
+    model = _random_model(seed=1, layout="*H*", rotary_emb_base=1e6, rotary_scaling_factor=8.0)
+    _assert_chunked_equals_forward(model, _ids(2, 100, seed=5), 7)
+
+
+def test_bad_arguments_fail_before_the_first_chunk(model):
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="out of range"):
+        model.prefill_chunks(_ids(2, 10), cache, 4, return_hidden_layers=[99])  # not iterated
+    with pytest.raises(ValueError, match=r"shape \(2, P>=1\)"):
+        model.prefill_chunks(_ids(3, 10), cache, 4)
+    assert cache.seqlen == 0

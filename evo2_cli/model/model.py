@@ -788,7 +788,6 @@ class StripedHyena(nn.Module):
             return logits
         return logits, {i: torch.cat([c[1][i] for c in chunks], dim=1) for i in return_hidden_layers}
 
-    @torch.no_grad()
     def prefill_chunks(
         self,
         input_ids: Tensor,
@@ -806,7 +805,8 @@ class StripedHyena(nn.Module):
         the chunk with itself (FFT of size ~2C) and add the past from their modal state, hcs/hcm and the
         featurizer carry their last inputs, attention its KV cache (rotary positions continue). Memory is
         O(B D C) plus the KV cache, whatever the length; outputs equal the full forward to float rounding.
-        hcl_form vortex with a pole lambda >= 0 is refused when a chunk follows earlier tokens.
+        hcl_form vortex with a pole lambda >= 0 is refused when a chunk follows earlier tokens. Bad
+        arguments raise ValueError here, before the first chunk runs.
         """
         batch, total = cache.batch_size, input_ids.shape[-1]
         if input_ids.ndim != 2 or total < 1 or input_ids.shape[0] != batch:
@@ -814,14 +814,19 @@ class StripedHyena(nn.Module):
         chunk_size = total if chunk_size is None else chunk_size
         if chunk_size < 1:
             raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
-        want = self._hidden_layers(return_hidden_layers)
+        self._hidden_layers(return_hidden_layers)  # checks the indices now
         if cache.seqlen > 0 or chunk_size < total:
             self._refuse_growing_poles()
         for i, block in enumerate(self.blocks):
             if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
                 cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
                 cache.layers[i].reserve(cache.seqlen + total)
-        for start in range(0, total, chunk_size):
+        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or ())
+
+    @torch.no_grad()
+    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers) -> Iterator:
+        want = self._hidden_layers(return_hidden_layers)
+        for start in range(0, input_ids.shape[1], chunk_size):
             x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
             hidden: dict[int, Tensor] = {}
             for i, block in enumerate(self.blocks):
@@ -829,7 +834,7 @@ class StripedHyena(nn.Module):
                 if i in want:
                     hidden[i] = x
             cache.seqlen += x.shape[1]
-            yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers or ()}
+            yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
 
     def _refuse_growing_poles(self) -> None:
         for i, block in enumerate(self.blocks):
