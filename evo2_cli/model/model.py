@@ -19,10 +19,15 @@ What the model computes (DESIGN.md section 4; every formula matches the Vortex i
 - MLP: `l3(act(l1 m) * l2 m)`, no biases; act is exact GELU in layer 0 and identity in every later layer when
   `evo2_style_activations` (the released models); each block stores its own `MLP.activation`.
 
-Cached inference (`new_cache`, `prefill`, `step`, `generate_greedy`): attention keeps a KV cache, the
-featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state s[b, d, s] (fp64)
-updated per token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token). Prefill of any length
->= 1 followed by steps equals the full forward.
+Cached inference (`new_cache`, `prefill`, `prefill_chunks`, `step`, `generate_greedy`): attention keeps a
+KV cache, the featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state
+s[b, d, s] (fp64) updated per token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token).
+Prefill continues whatever the cache holds, C tokens at a time (chunked prefill, exact long context): a
+chunk convolves with itself (hcl: a filter and an FFT of ~2C, never of the whole length) and takes the past
+from the cache (hcl: `y += sum_s R exp(lambda (t + 1)) s`, then `s = exp(lambda C) s + chunk's own sum`,
+`modal_continue`; attention: a bottom-right causal softmax over the KV cache in tiles,
+`causal_attention_blocked`), so memory per chunk is O(B D C) plus the KV cache. Any mix of prefills (of
+any chunk size) and steps equals the full forward.
 
 Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
 Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
