@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.testing import assert_close
 
 from evo2_cli.model import StripedHyena, load_vortex, preset_config
@@ -195,6 +197,16 @@ def test_blocked_attention_matches_explicit_softmax(lq, lk, block):
     )
 
 
+@pytest.mark.parametrize(("lq", "lk"), [(5, 77), (100, 333)])
+def test_lower_right_causal_bias_is_the_chunk_mask(lq, lk):
+    """The CUDA path hands SDPA a lower-right causal bias; on a CPU the same call materializes the mask,
+    which shows it means what `attention_reference` does (query i at key position Lk - Lq + i)."""
+    q = torch.randn(2, 3, lq, 8)
+    k, v = torch.randn(2, 3, lk, 8), torch.randn(2, 3, lk, 8)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk))
+    assert_close(fused, attention_reference(q, k, v), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("length", [1, 2, 7, 64, 300])
 def test_modal_continue_matches_recurrence(length):
     """A chunk after a carried state (past part + own convolution) against the token-by-token recurrence."""
@@ -229,3 +241,19 @@ def test_bad_arguments_fail_before_the_first_chunk(model):
     with pytest.raises(ValueError, match=r"shape \(2, P>=1\)"):
         model.prefill_chunks(_ids(3, 10), cache, 4)
     assert cache.seqlen == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_prefill_on_cuda_uses_the_fused_kernels_exactly():
+    """On CUDA a chunk after the cache goes through SDPA with a lower-right causal bias."""
+    model = _vortex_fixture().cuda()
+    try:
+        ids = _ids(2, 700).cuda()
+        with torch.no_grad():
+            full = model(ids).cpu()
+        for chunk_size in (7, 256):
+            chunked = model.prefill(ids, model.new_cache(2), chunk_size=chunk_size).cpu()
+            assert_close(chunked, full, atol=1e-3, rtol=0)  # TF32 matmuls may be on
+    finally:
+        model.cpu()  # the cached fixture is shared with the CPU tests

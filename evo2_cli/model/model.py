@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from evo2_cli.model.config import ModelConfig
 
@@ -243,6 +244,19 @@ def causal_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block: int = 1024)
     return out.to(v.dtype)
 
 
+def causal_attention_after_cache(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of a chunk's queries (B, H, Lq, hd) over the KV cache plus the chunk (B, H, Lk, hd),
+    aligned bottom-right (query i sits at key position Lk - Lq + i).
+
+    On CUDA the fused SDPA kernels (flash / memory-efficient) take a lower-right causal bias and never hold
+    the scores; the unfused tiles would move the (Lq, Lk) scores through memory several times. Elsewhere
+    (the tested default) `causal_attention_blocked`; both are compared with `attention_reference` in tests.
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
+    return causal_attention_blocked(q, k, v)
+
+
 # ============================================================== layers
 
 
@@ -366,8 +380,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + L, hd)
-        if start > 0 and q.shape[-2] > 1:  # a chunk after cached tokens: bottom-right causal
-            y = causal_attention_blocked(q, k, v)  # (B, H, L, hd)
+        if start > 0 and q.shape[-2] > 1:  # a chunk after cached tokens: causal, aligned bottom-right
+            y = causal_attention_after_cache(q, k, v)  # (B, H, L, hd)
         else:  # a whole sequence (causal) or one new token (sees every key)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)  # (B, H, L, hd)
         return self._out(y)
