@@ -25,9 +25,9 @@ s[b, d, s] (fp64) updated per token as `s = exp(lambda) s + u`, `y = sum_s R s +
 Prefill continues whatever the cache holds, C tokens at a time (chunked prefill, exact long context): a
 chunk convolves with itself (hcl: a filter and an FFT of ~2C, never of the whole length) and takes the past
 from the cache (hcl: `y += sum_s R exp(lambda (t + 1)) s`, then `s = exp(lambda C) s + chunk's own sum`,
-`modal_continue`; attention: a bottom-right causal softmax over the KV cache in tiles,
-`causal_attention_blocked`), so memory per chunk is O(B D C) plus the KV cache. Any mix of prefills (of
-any chunk size) and steps equals the full forward.
+`modal_continue`; attention: a bottom-right causal softmax over the KV cache, fused SDPA on CUDA and
+tiles elsewhere, `causal_attention_after_cache`), so memory per chunk is O(B D C) plus the KV cache.
+Any mix of prefills (of any chunk size) and steps equals the full forward.
 
 Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
 Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
