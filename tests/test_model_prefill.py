@@ -168,6 +168,15 @@ def test_chunk_memory_does_not_grow_with_the_sequence(model, monkeypatch):
     assert len(attention) == 2 and all(layer.k.shape[-2] == layer.length == 1000 for layer in attention)
 
 
+def test_max_length_sizes_the_kv_buffers_once(model):
+    cache = model.new_cache(1, max_length=60)
+    model.prefill(_ids(1, 20), cache, chunk_size=8)
+    for t in range(40):
+        model.step(torch.tensor([t]), cache)
+    attention = [layer for layer in cache.layers if isinstance(layer, KVCache)]
+    assert all(layer.k.shape[-2] == layer.length == 60 for layer in attention)
+
+
 def test_growing_vortex_poles_are_refused_after_the_first_chunk():
     torch.manual_seed(0)
     config = preset_config("test", hidden_size=16, layout="SDH*SDH*", hcl_form="vortex")

@@ -29,7 +29,8 @@ from the cache (hcl: `y += sum_s R exp(lambda (t + 1)) s`, then `s = exp(lambda 
 tiles elsewhere, `causal_attention_after_cache`), so memory per chunk is O(B D C) plus the KV cache.
 Any mix of prefills (of any chunk size) and steps equals the full forward.
 
-Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
+Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py and
+tests/test_model_prefill.py.
 Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
 """
 
@@ -673,6 +674,7 @@ class InferenceCache:
     batch_size: int
     layers: list = field(default_factory=list)  # None for a layer until its first prefill
     seqlen: int = 0
+    max_length: int = 0  # the KV buffers' size when known in advance (0: grow as needed)
 
 
 class StripedHyena(nn.Module):
@@ -784,8 +786,10 @@ class StripedHyena(nn.Module):
 
     # ------------------------------------------------------------ cached inference
 
-    def new_cache(self, batch_size: int) -> InferenceCache:
-        return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks))
+    def new_cache(self, batch_size: int, max_length: int = 0) -> InferenceCache:
+        """An empty cache. `max_length`, when known (prompt + tokens to generate), sizes the KV buffers once
+        at the first prefill instead of doubling them as decoding goes past the prompt."""
+        return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks), max_length=max_length)
 
     @torch.no_grad()
     def prefill(
@@ -839,7 +843,7 @@ class StripedHyena(nn.Module):
         for i, block in enumerate(self.blocks):
             if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
                 cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
-                cache.layers[i].reserve(cache.seqlen + total)
+                cache.layers[i].reserve(max(cache.max_length, cache.seqlen + total))
         return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or ())
 
     @torch.no_grad()
@@ -879,7 +883,7 @@ class StripedHyena(nn.Module):
     def generate_greedy(self, prompt_ids: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
         """Greedy decoding with the cache: returns (generated ids (B, N), the logits each was picked from
         (B, N, V)); logits[:, 0] are the prompt's last-position logits."""
-        cache = self.new_cache(prompt_ids.shape[0])
+        cache = self.new_cache(prompt_ids.shape[0], max_length=prompt_ids.shape[1] + num_tokens)
         logits = self.prefill(prompt_ids, cache)[:, -1]  # (B, V)
         tokens, step_logits = [], []
         for n in range(num_tokens):
