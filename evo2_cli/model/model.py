@@ -859,6 +859,7 @@ class StripedHyena(nn.Module):
             cache.seqlen += x.shape[1]
             yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
 
+    @torch.no_grad()
     def _refuse_growing_poles(self) -> None:
         for i, block in enumerate(self.blocks):
             if block.kind == "hcl" and (growing := int((block.filter.poles() >= 0).sum())):
