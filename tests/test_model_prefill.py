@@ -121,7 +121,7 @@ def test_prefills_and_steps_in_any_mix_equal_forward(model, fixture):
 
 def test_bf16_drift_stays_at_the_one_shot_forwards_level():
     """Under bf16 autocast chunked prefill is as far from the fp32 forward as the bf16 forward itself
-    (measured 1.10-1.15x on this fixture, see docs/model.md): the hcl state stays fp64, filters and FFTs
+    (measured 1.05-1.15x on this fixture, see docs/model.md): the hcl state stays fp64, filters and FFTs
     fp32."""
     model, ids = _vortex_fixture(), _ids(2, 600, seed=1)
     with torch.no_grad():
