@@ -17,6 +17,7 @@ from evo2_cli.model import model as model_module
 from evo2_cli.model.model import (
     KVCache,
     attention_reference,
+    causal_attention_after_cache,
     causal_attention_blocked,
     causal_convolution_fft,
     modal_continue,
@@ -204,6 +205,25 @@ def test_blocked_attention_matches_explicit_softmax(lq, lk, block):
     assert_close(
         causal_attention_blocked(q, k, v, block=block), attention_reference(q, k, v), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(2, 3), (5, 77), (64, 64 + 1), (100, 333)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_cpu_attention_matches_explicit_softmax(lq, lk, dtype):
+    """The CPU path: fused attention over the cache and over the chunk, merged by log-sum-exp."""
+    q = torch.randn(2, 3, lq, 8)
+    k, v = torch.randn(2, 3, lk, 8), torch.randn(2, 3, lk, 8)
+    out = causal_attention_after_cache(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype
+    assert_close(
+        out.float(), attention_reference(q, k, v), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0
+    )
+
+
+def test_chunked_prefill_without_the_fused_cpu_kernel(model, monkeypatch):
+    """Where the fused CPU kernel is missing, the tiles give the same numbers."""
+    monkeypatch.setattr(model_module, "_cpu_flash_attention", None)
+    _assert_chunked_equals_forward(model, _ids(2, 300, seed=9), 7)
 
 
 @pytest.mark.parametrize(("lq", "lk"), [(5, 77), (100, 333)])
