@@ -19,23 +19,31 @@ What the model computes (DESIGN.md section 4; every formula matches the Vortex i
 - MLP: `l3(act(l1 m) * l2 m)`, no biases; act is exact GELU in layer 0 and identity in every later layer when
   `evo2_style_activations` (the released models); each block stores its own `MLP.activation`.
 
-Cached inference (`new_cache`, `prefill`, `step`, `generate_greedy`): attention keeps a KV cache, the
-featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state s[b, d, s] (fp64)
-updated per token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token). Prefill of any length
->= 1 followed by steps equals the full forward.
+Cached inference (`new_cache`, `prefill`, `prefill_chunks`, `step`, `generate_greedy`): attention keeps a
+KV cache, the featurizer its last 2 inputs, hcs its last 6, hcm its last 127, and hcl a modal state
+s[b, d, s] (fp64) updated per token as `s = exp(lambda) s + u`, `y = sum_s R s + D u` (O(1) per token).
+Prefill continues whatever the cache holds, C tokens at a time (chunked prefill, exact long context): a
+chunk convolves with itself (hcl: a filter and an FFT of ~2C, never of the whole length) and takes the past
+from the cache (hcl: `y += sum_s R exp(lambda (t + 1)) s`, then `s = exp(lambda C) s + chunk's own sum`,
+`modal_continue`; attention: a bottom-right causal softmax over the KV cache with fused kernels on CUDA
+and CPU, tiles elsewhere, `causal_attention_after_cache`), so memory per chunk is O(B D C) plus the KV
+cache. Any mix of prefills (of any chunk size) and steps equals the full forward.
 
-Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py.
+Every fast path has a slow reference next to it (`*_reference`), compared in tests/test_model.py and
+tests/test_model_prefill.py.
 Parameter names mirror the Vortex checkpoint layout where the math is the same (see vortex.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from evo2_cli.model.config import ModelConfig
 
@@ -110,20 +118,21 @@ def _decay_blocks(log_poles: Tensor, length: int) -> tuple[Tensor, Tensor, int]:
 def modal_filter(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
     """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L).
 
-    One batched matmul over the factored exponentials:
+    `residues` may carry leading batch dims, (..., D, S) -> (..., D, L) (chunked prefill weights the modes
+    by each sequence's carried state). One batched matmul over the factored exponentials:
     h[d, c B + k] = sum_s (R across)[d, c, s] within[d, s, k].
     """
     within, across, _ = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
-    weighted = (residues.float().unsqueeze(-1) * across).transpose(1, 2)  # (D, C, S)
-    h = torch.bmm(weighted, within)  # (D, C, B)
-    return h.reshape(h.shape[0], -1)[:, :length]  # (D, C * B) -> (D, L)
+    weighted = (residues.float().unsqueeze(-1) * across).transpose(-1, -2)  # (..., D, C, S)
+    h = torch.matmul(weighted, within)  # (..., D, C, B)
+    return h.flatten(-2)[..., :length]  # (..., D, C * B) -> (..., D, L)
 
 
 def modal_filter_reference(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
-    """The formula as written (materializes (D, S, L)); Vortex computes it this way."""
+    """The formula as written, materializing (D, S, L), as Vortex does. (..., D, S) -> (..., D, L)."""
     t = torch.arange(length, device=log_poles.device, dtype=torch.float32)  # (L,)
     modes = torch.exp(log_poles.float().unsqueeze(-1) * t)  # (D, S, L)
-    return torch.einsum("ds,dsl->dl", residues.float(), modes)  # (D, L)
+    return torch.einsum("...ds,dsl->...dl", residues.float(), modes)  # (..., D, L)
 
 
 def modal_state(log_poles: Tensor, u: Tensor) -> Tensor:
@@ -150,6 +159,39 @@ def modal_state_reference(log_poles: Tensor, u: Tensor) -> Tensor:
     return state
 
 
+def modal_continue(
+    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor, own: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One chunk of hcl after earlier tokens (DESIGN.md section 4, chunked prefill), without the D term.
+
+    u (B, D, C): the chunk's inputs; state (B, D, S): x_s = sum_{tau < t0} exp(lambda_s (t0 - 1 - tau)) u_tau,
+    the modal state after everything before the chunk (fp64); own (B, D, C): the chunk's convolution with
+    itself (filter of length C). Returns y (B, D, C) fp32 and the state after the chunk (state's dtype):
+        y[t0 + t] = own[t] + sum_s R_s exp(lambda_s (t + 1)) x_s
+        x_s'      = exp(lambda_s C) x_s + sum_{k < C} exp(lambda_s (C - 1 - k)) u_k
+    Work and memory O(B D S C), none of it as long as the sequence.
+    """
+    length = u.shape[-1]
+    lam = log_poles.to(state.dtype)  # (D, S)
+    # The past as a modal filter whose residues are R exp(lambda) x (one step of decay folded in).
+    carried = (residues.to(state.dtype) * torch.exp(lam) * state).float()  # (B, D, S)
+    y = own + modal_filter(log_poles, carried, length)  # (B, D, C)
+    state = torch.exp(lam * length) * state + modal_state(log_poles, u).to(state.dtype)  # (B, D, S)
+    return y, state
+
+
+def modal_continue_reference(
+    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`modal_continue` by the recurrence, token by token in fp64: x = exp(lambda) x + u_t, y_t = R . x."""
+    poles = torch.exp(log_poles.double())  # (D, S)
+    state, ys = state.double(), []
+    for k in range(u.shape[-1]):
+        state = poles * state + u[..., k, None].double()  # (B, D, S)
+        ys.append(torch.einsum("bds,ds->bd", state, residues.double()))
+    return torch.stack(ys, -1).float(), state  # (B, D, C), (B, D, S)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -163,6 +205,77 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, Lq, hd)
+
+
+def causal_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block: int = 1024) -> Tensor:
+    """Causal attention of Lq queries over Lk >= Lq keys, query i at key position Lk - Lq + i (a chunk after a
+    KV cache), tile by tile with a running softmax, in fp32. Equal to `attention_reference`.
+
+    q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd). Queries go `block` at a time, keys in tiles
+    of about 4M scores per (B, H); tiles wholly in a query tile's future are skipped and only tiles that
+    cross the diagonal are masked. Memory O(B H block tile) instead of the O(B H Lq Lk) scores (16 GiB per
+    head at 1M cached tokens and a 4096-token chunk).
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    offset = lk - lq  # key position of query 0
+    query = q.float() * q.shape[-1] ** -0.5
+    out = query.new_empty(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, hd)
+    for q0 in range(0, lq, block):
+        tile = query[..., q0 : q0 + block, :]  # (B, H, n, hd)
+        n = tile.shape[-2]
+        visible = offset + q0 + n  # keys 0..visible-1 are seen by some query of the tile
+        key_block = max(block, (1 << 22) // n)
+        row_max = tile.new_full((*tile.shape[:-1], 1), float("-inf"))  # (B, H, n, 1)
+        row_sum = tile.new_zeros(*tile.shape[:-1], 1)  # (B, H, n, 1)
+        acc = tile.new_zeros(*tile.shape[:-1], v.shape[-1])  # (B, H, n, hd)
+        for k0 in range(0, visible, key_block):
+            k1 = min(k0 + key_block, visible)
+            scores = tile @ k[..., k0:k1, :].float().transpose(-2, -1)  # (B, H, n, k1 - k0)
+            if k1 > offset + q0 + 1:  # the tile crosses the diagonal: mask each query's future
+                keys = torch.arange(k0, k1, device=q.device)
+                rows = torch.arange(offset + q0, offset + q0 + n, device=q.device)
+                scores.masked_fill_(keys > rows[:, None], float("-inf"))
+            new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))  # finite: key 0 is in every row
+            weights = scores.sub_(new_max).exp_()  # (B, H, n, k1 - k0), in place
+            rescale = torch.exp(row_max - new_max)
+            row_sum = row_sum * rescale + weights.sum(-1, keepdim=True)
+            acc = acc * rescale + weights @ v[..., k0:k1, :].float()
+            row_max = new_max
+        out[..., q0 : q0 + n, :] = acc / row_sum
+    return out.to(v.dtype)
+
+
+# PyTorch's fused CPU attention kernel; unlike the public SDPA it also returns each query's log-sum-exp,
+# which lets attention over the cache and over the chunk be computed apart and merged exactly.
+_cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Softmax attention over two disjoint key sets from each one's output (B, H, L, hd) and log-sum-exp of
+    the scores (B, H, L): the outputs weighted by each set's share of the total exp-sum. In fp32."""
+    top = torch.maximum(lse_a, lse_b)
+    weight_a = torch.exp(lse_a.float() - top).unsqueeze(-1)  # (B, H, L, 1)
+    weight_b = torch.exp(lse_b.float() - top).unsqueeze(-1)
+    return (out_a.float() * weight_a + out_b.float() * weight_b) / (weight_a + weight_b)
+
+
+def causal_attention_after_cache(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of a chunk's queries (B, H, Lq, hd) over the KV cache plus the chunk (B, H, Lk, hd),
+    aligned bottom-right (query i sits at key position Lk - Lq + i). Never holds the (Lq, Lk) scores.
+
+    CUDA: the fused SDPA kernels (flash / memory-efficient) with a lower-right causal bias. CPU: the fused
+    CPU kernel twice, over the cached keys (all visible) and over the chunk's own (causal), merged by their
+    log-sum-exps (2.3x faster than the tiles). Elsewhere, or without that kernel: `causal_attention_blocked`.
+    All are compared with `attention_reference` in tests.
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
+    if q.device.type == "cpu" and _cpu_flash_attention is not None:
+        cached = k.shape[-2] - q.shape[-2]
+        past, past_lse = _cpu_flash_attention(q, k[..., :cached, :], v[..., :cached, :], 0.0, False)
+        own, own_lse = _cpu_flash_attention(q, k[..., cached:, :], v[..., cached:, :], 0.0, True)
+        return merge_attention(past, past_lse, own, own_lse).to(v.dtype)
+    return causal_attention_blocked(q, k, v)
 
 
 # ============================================================== layers
@@ -237,11 +350,17 @@ class KVCache:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.length = 0
+        self.reserved = 0  # the buffer's size at the next growth, when the final length is known
+
+    def reserve(self, length: int) -> None:
+        """Grow straight to `length` positions when next needed (no doubling past what a prefill needs)."""
+        self.reserved = max(self.reserved, length)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         new = k.shape[-2]
         if self.k is None or self.length + new > self.k.shape[-2]:
-            capacity = max(2 * (self.length + new), 16)
+            needed = self.length + new
+            capacity = self.reserved if self.reserved >= needed else max(2 * needed, 16)
             shape = (*k.shape[:-2], capacity, k.shape[-1])
             grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
             if self.k is not None:
@@ -276,15 +395,16 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, length, -1))  # (B, H, L, hd) -> (B, L, D)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Causal self-attention over x (B, L, D); with `cache`, x continues the cached sequence."""
+        """Causal self-attention over x (B, L, D); with `cache`, x continues the cached sequence (rotary
+        positions go on from the cached length)."""
         start = cache.length if cache is not None else 0
         q, k, v = self._qkv(x, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + L, hd)
-        causal = q.shape[-2] > 1
-        if causal and k.shape[-2] != q.shape[-2]:
-            raise ValueError("chunked prefill after earlier tokens is not supported; prefill once, then step")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, hd)
+        if start > 0 and q.shape[-2] > 1:  # a chunk after cached tokens: causal, aligned bottom-right
+            y = causal_attention_after_cache(q, k, v)  # (B, H, L, hd)
+        else:  # a whole sequence (causal) or one new token (sees every key)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)  # (B, H, L, hd)
         return self._out(y)
 
 
@@ -297,6 +417,8 @@ class HyenaState:
 
     fir: Tensor  # (B, 3D, short_filter_length - 1): last pre-featurizer inputs
     inner: Tensor  # hcs/hcm: (B, D, K - 1) last inputs u; hcl: (B, D, S) modal state (fp64)
+    # Before the first token both are zeros (`HyenaOperator.initial_state`): the same as the zero padding
+    # of the full forward, and a modal state with no past.
 
 
 def _tail(x: Tensor, n: int) -> Tensor:
@@ -327,30 +449,49 @@ class HyenaOperator(nn.Module):
     def inner(self, u: Tensor) -> Tensor:  # (B, D, L) -> (B, D, L), fp32
         raise NotImplementedError
 
-    def inner_state(self, u: Tensor) -> Tensor:  # state after u (B, D, P)
+    def initial_inner(self, batch: int, device: torch.device) -> Tensor:  # the inner state before any token
+        raise NotImplementedError
+
+    def inner_continue(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """u (B, D, C) continues the tokens summarized by `state` -> (B, D, C) fp32, the state after u."""
         raise NotImplementedError
 
     def inner_step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:  # (B, D) -> (B, D), new state
         raise NotImplementedError
+
+    def initial_state(self, batch: int, device: torch.device) -> HyenaState:
+        taps = self.short_filter_weight.shape[-1]
+        fir = torch.zeros(batch, 3 * self.hidden_size, taps - 1, device=device)  # (B, 3D, K - 1)
+        return HyenaState(fir=fir, inner=self.initial_inner(batch, device))
 
     # -- shared featurizer
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """De-interleave featurized channels by c mod 3 -> x2 (gate), x1, v; each (B, D, ...)."""
         return z[:, 0::3], z[:, 1::3], z[:, 2::3]
 
-    def forward(self, z: Tensor, with_state: bool = False) -> tuple[Tensor, HyenaState | None]:
-        """z: projected input (B, L, 3D) -> gated filter output (B, L, D) in fp32 (+ decoding state)."""
+    def forward(self, z: Tensor, state: HyenaState | None = None) -> tuple[Tensor, HyenaState | None]:
+        """z: projected input (B, L, 3D) -> (gated filter output (B, L, D) in fp32, state).
+
+        Without `state`, z is a whole sequence and the state returned is None. With `state` (the state after
+        the sequence's earlier tokens; `initial_state` before the first), z continues that sequence and the
+        state after z is returned: chunked prefill.
+        """
         with _no_autocast(z.device.type):
             z = z.float().transpose(1, 2)  # (B, 3D, L)
-            w = self.short_filter_weight.float()[:, 0]  # (3D, 3)
-            zc = causal_cross_correlation(z, w)  # (B, 3D, L)
+            w = self.short_filter_weight.float()[:, 0]  # (3D, K)
+            if state is None:
+                zc = causal_cross_correlation(z, w)  # (B, 3D, L)
+            else:
+                past = state.fir.shape[-1]
+                z = torch.cat((state.fir, z), dim=-1)  # (B, 3D, K - 1 + L): the last inputs before z first
+                zc = causal_cross_correlation(z, w)[..., past:]  # (B, 3D, L)
             x2, x1, v = self._split(zc)  # (B, D, L) each
             u = x1 * v
-            y = x2 * self.inner(u)  # (B, D, L)
-            state = None
-            if with_state:
-                state = HyenaState(fir=_tail(z, w.shape[-1] - 1), inner=self.inner_state(u))
-            return y.transpose(1, 2), state  # (B, L, D)
+            if state is None:
+                return (x2 * self.inner(u)).transpose(1, 2), None  # (B, L, D)
+            y, inner = self.inner_continue(u, state.inner)  # (B, D, L)
+            state = HyenaState(fir=_tail(z, w.shape[-1] - 1), inner=inner)
+            return (x2 * y).transpose(1, 2), state  # (B, L, D)
 
     def step(self, z: Tensor, state: HyenaState) -> Tensor:
         """One token: z (B, 3D) -> (B, D) fp32; updates `state` in place."""
@@ -369,7 +510,20 @@ def _expand_groups(h: Tensor, channels: int) -> Tensor:
     return h[:, 0].float().repeat_interleave(channels // h.shape[0], dim=0)
 
 
-class ShortFilter(HyenaOperator):
+class _ExplicitFilter(HyenaOperator):
+    """hcs and hcm: a grouped FIR `h` (G, 1, K) whose state is its last K - 1 inputs."""
+
+    h: nn.Parameter
+
+    def initial_inner(self, batch, device):
+        return torch.zeros(batch, self.hidden_size, self.h.shape[-1] - 1, device=device)  # (B, D, K - 1)
+
+    def inner_continue(self, u, state):
+        window = torch.cat((state, u), dim=-1)  # (B, D, K - 1 + C): the last inputs before u first
+        return self.inner(window)[..., state.shape[-1] :], _tail(window, state.shape[-1])
+
+
+class ShortFilter(_ExplicitFilter):
     """hcs: grouped short FIR, cross-correlation (tap K-1 = current step), no D term."""
 
     kind = "hcs"
@@ -381,15 +535,12 @@ class ShortFilter(HyenaOperator):
     def inner(self, u):
         return causal_cross_correlation(u, _expand_groups(self.h, self.hidden_size))
 
-    def inner_state(self, u):
-        return _tail(u, self.h.shape[-1] - 1)
-
     def inner_step(self, u, state):
         window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K)
         return _fir_step(_expand_groups(self.h, self.hidden_size), window), window[..., 1:]
 
 
-class MediumFilter(HyenaOperator):
+class MediumFilter(_ExplicitFilter):
     """hcm: grouped medium FIR, convolution (tap 0 = current step), plus D * u. Direct conv for up to 256
     taps (faster on a CPU), FFT beyond."""
 
@@ -404,9 +555,6 @@ class MediumFilter(HyenaOperator):
         h = _expand_groups(self.h, self.hidden_size)  # (D, K)
         conv = causal_convolution_direct if h.shape[-1] <= 256 else causal_convolution_fft
         return conv(u, h) + self.D.float()[:, None] * u
-
-    def inner_state(self, u):
-        return _tail(u, self.h.shape[-1] - 1)
 
     def inner_step(self, u, state):
         window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K), newest last
@@ -450,8 +598,14 @@ class LongFilter(HyenaOperator):
 
     # The decoding state is kept in fp64 (it is only D x S per layer): repeated multiplication by a rounded
     # fp32 exp(lambda) would drift by ~1e-4 relative over a few thousand tokens for slow modes.
-    def inner_state(self, u):
-        return modal_state(self.poles(), u).to(_state_dtype(u.device))
+    def initial_inner(self, batch, device):
+        shape = (batch, *self.residues.shape)  # (B, D, S)
+        return torch.zeros(shape, dtype=_state_dtype(device), device=device)
+
+    def inner_continue(self, u, state):
+        """The chunk convolves with itself (filter and FFT of the chunk's length only); the past comes from
+        the modal state (`modal_continue`)."""
+        return modal_continue(self.poles(), self.residues, u, state, own=self.inner(u))
 
     def inner_step(self, u, state):
         poles = torch.exp(self.poles().to(state.dtype))  # (D, S)
@@ -494,8 +648,11 @@ class HyenaBlock(nn.Module):
         y, _ = self.filter(self.projections(self.pre_norm(x)))  # (B, L, D)
         return self._finish(x, y)
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, HyenaState]:
-        y, state = self.filter(self.projections(self.pre_norm(x)), with_state=True)
+    def prefill(self, x: Tensor, state: HyenaState | None) -> tuple[Tensor, HyenaState]:
+        """x (B, C, D) continues the tokens summarized by `state` (None: x starts the sequence)."""
+        if state is None:
+            state = self.filter.initial_state(x.shape[0], x.device)
+        y, state = self.filter(self.projections(self.pre_norm(x)), state)
         return self._finish(x, y), state
 
     def step(self, x: Tensor, state: HyenaState) -> Tensor:
@@ -518,8 +675,9 @@ class AttentionBlock(nn.Module):
         x = x + self.attn(self.pre_norm(x), cache)
         return x + self.mlp(self.post_norm(x))
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, KVCache]:
-        cache = KVCache()
+    def prefill(self, x: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        """x (B, C, D) continues the tokens in `cache` (None: x starts the sequence)."""
+        cache = cache if cache is not None else KVCache()
         return self(x, cache), cache
 
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -534,8 +692,9 @@ class InferenceCache:
     """Decoding state of a whole model: one HyenaState or KVCache per layer, and the tokens seen so far."""
 
     batch_size: int
-    layers: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # None for a layer until its first prefill
     seqlen: int = 0
+    max_length: int = 0  # the KV buffers' size when known in advance (0: grow as needed)
 
 
 class StripedHyena(nn.Module):
@@ -621,13 +780,7 @@ class StripedHyena(nn.Module):
         residual stream after block i (negative i counts from the end; -1 is the last block, before the
         final norm).
         """
-        want = set()
-        if return_hidden_layers is not None:
-            n = len(self.blocks)
-            for i in return_hidden_layers:
-                if not -n <= i < n:
-                    raise ValueError(f"return_hidden_layers: layer {i} out of range for {n} layers")
-                want.add(i % n)
+        want = self._hidden_layers(return_hidden_layers)
         hidden: dict[int, Tensor] = {}
         x = self.embedding_layer(input_ids)  # (B, L, D)
         for i, block in enumerate(self.blocks):
@@ -642,25 +795,99 @@ class StripedHyena(nn.Module):
             return logits
         return logits, {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
 
+    def _hidden_layers(self, return_hidden_layers) -> set[int]:
+        """The block indices (0..n-1) asked for by `return_hidden_layers`; negative counts from the end."""
+        n, want = len(self.blocks), set()
+        for i in return_hidden_layers or ():
+            if not -n <= i < n:
+                raise ValueError(f"return_hidden_layers: layer {i} out of range for {n} layers")
+            want.add(i % n)
+        return want
+
     # ------------------------------------------------------------ cached inference
 
-    def new_cache(self, batch_size: int) -> InferenceCache:
-        return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks))
+    def new_cache(self, batch_size: int, max_length: int = 0) -> InferenceCache:
+        """An empty cache. `max_length`, when known (prompt + tokens to generate), sizes the KV buffers once
+        at the first prefill instead of doubling them as decoding goes past the prompt."""
+        return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks), max_length=max_length)
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
-        """Run the prompt (B, P), P >= 1, fill `cache`; returns logits (B, P, V)."""
-        if cache.seqlen != 0:
-            raise ValueError("prefill needs a fresh cache (model.new_cache(batch)); continue with step()")
-        if input_ids.ndim != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] != cache.batch_size:
-            raise ValueError(
-                f"prefill expects ids of shape ({cache.batch_size}, P>=1), got {input_ids.shape}"
-            )
-        x = self.embedding_layer(input_ids)
+    def prefill(
+        self,
+        input_ids: Tensor,
+        cache: InferenceCache,
+        chunk_size: int | None = None,
+        return_hidden_layers: list[int] | tuple[int, ...] | None = None,
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """Run input_ids (B, P), P >= 1, after whatever `cache` holds (nothing for a fresh cache); returns
+        logits (B, P, V), or (logits, {layer: hidden (B, P, D)}) with `return_hidden_layers` as in forward.
+
+        `chunk_size` C runs the input C tokens at a time (`prefill_chunks`), the same numbers up to float
+        rounding; None runs it in one chunk. Afterwards `step` or another `prefill` continues the sequence.
+        """
+        chunks = list(self.prefill_chunks(input_ids, cache, chunk_size, return_hidden_layers))
+        logits = torch.cat([c[0] for c in chunks], dim=1)  # (B, P, V)
+        if return_hidden_layers is None:
+            return logits
+        return logits, {i: torch.cat([c[1][i] for c in chunks], dim=1) for i in return_hidden_layers}
+
+    def prefill_chunks(
+        self,
+        input_ids: Tensor,
+        cache: InferenceCache,
+        chunk_size: int | None = None,
+        return_hidden_layers: list[int] | tuple[int, ...] | None = None,
+    ) -> Iterator[tuple[Tensor, dict[int, Tensor]]]:
+        """Exact long-context prefill, chunk by chunk: yields (logits (B, C, V), {layer: hidden (B, C, D)})
+        for each chunk of `chunk_size` tokens of input_ids (B, P) (the last chunk may be shorter; hidden is {}
+        without `return_hidden_layers`, which takes layer indices as in forward).
+
+        Each chunk continues `cache` (fresh or already holding earlier tokens) and leaves it after the
+        chunk, so a caller can consume the outputs of a 1M-token input without holding (B, P, V), and can
+        `step` or `prefill` on afterwards. Every position sees its whole left context: hcl layers convolve
+        the chunk with itself (FFT of size ~2C) and add the past from their modal state, hcs/hcm and the
+        featurizer carry their last inputs, attention its KV cache (rotary positions continue). Memory is
+        O(B D C) plus the KV cache, whatever the length; outputs equal the full forward to float rounding.
+        hcl_form vortex with a pole lambda >= 0 is refused when a chunk follows earlier tokens. Bad
+        arguments raise ValueError here, before the first chunk runs.
+        """
+        batch, total = cache.batch_size, input_ids.shape[-1]
+        if input_ids.ndim != 2 or total < 1 or input_ids.shape[0] != batch:
+            raise ValueError(f"prefill expects ids of shape ({batch}, P>=1), got {tuple(input_ids.shape)}")
+        chunk_size = total if chunk_size is None else chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
+        self._hidden_layers(return_hidden_layers)  # checks the indices now
+        if cache.seqlen > 0 or chunk_size < total:
+            self._refuse_growing_poles()
         for i, block in enumerate(self.blocks):
-            x, cache.layers[i] = block.prefill(x)
-        cache.seqlen = input_ids.shape[1]
-        return self.unembed(x)
+            if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
+                cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
+                cache.layers[i].reserve(max(cache.max_length, cache.seqlen + total))
+        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or ())
+
+    @torch.no_grad()
+    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers) -> Iterator:
+        want = self._hidden_layers(return_hidden_layers)
+        for start in range(0, input_ids.shape[1], chunk_size):
+            x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
+            hidden: dict[int, Tensor] = {}
+            for i, block in enumerate(self.blocks):
+                x, cache.layers[i] = block.prefill(x, cache.layers[i])
+                if i in want:
+                    hidden[i] = x
+            cache.seqlen += x.shape[1]
+            yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
+
+    @torch.no_grad()
+    def _refuse_growing_poles(self) -> None:
+        for i, block in enumerate(self.blocks):
+            if block.kind == "hcl" and (growing := int((block.filter.poles() >= 0).sum())):
+                raise ValueError(
+                    f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
+                    "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
+                    "with --clamp-poles"
+                )
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
@@ -677,7 +904,7 @@ class StripedHyena(nn.Module):
     def generate_greedy(self, prompt_ids: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
         """Greedy decoding with the cache: returns (generated ids (B, N), the logits each was picked from
         (B, N, V)); logits[:, 0] are the prompt's last-position logits."""
-        cache = self.new_cache(prompt_ids.shape[0])
+        cache = self.new_cache(prompt_ids.shape[0], max_length=prompt_ids.shape[1] + num_tokens)
         logits = self.prefill(prompt_ids, cache)[:, -1]  # (B, V)
         tokens, step_logits = [], []
         for n in range(num_tokens):
