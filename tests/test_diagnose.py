@@ -255,16 +255,22 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     e = vortex["explosion"]
     assert (e["block"], e["layer"]) == ("hcl", 2)  # layout SDH*: layer 2 is the hcl layer
     assert e["parameter"].startswith("blocks.2.filter.")
-    assert e["step"] <= 5
     assert vortex["hcl"]["2"]["max_lambda"] > 0  # its poles crossed zero, after Adam's first step
     assert vortex["hcl"]["2"]["first_step_lambda_nonneg"] == 1
+    # then the gradient blew up: step 3 on this CPU, 7 with MKL_CBWR=COMPATIBLE (see the activations below)
+    assert vortex["hcl"]["2"]["first_step_lambda_nonneg"] < e["step"] < 12
     assert modal["hcl"]["2"]["first_step_lambda_nonneg"] is None
     assert modal["healthy"] and modal["steps_run"] == 12
     assert modal["hcl"]["2"]["max_lambda"] < 0 and modal["max_grad_norm"] < 10
     assert modal["final_loss"] < modal["first_loss"]  # and it learns
-    # the hcl layer's output grows with its filter; the modal one stays at the scale of the others
-    assert vortex["max_abs_activation_by_module"]["blocks.2.filter"] > 1e20
-    assert modal["max_abs_activation_by_module"]["blocks.2.filter"] < 100
+    # The hcl layer's output grows with its filter; the modal one stays at the scale of the others. A ratio,
+    # not a size: from step 3 on (|h| ~1e8) the vortex run is chaotic, and the rounding of the CPU's kernels
+    # (AVX2 or AVX-512, MKL's code path) takes its peak anywhere from 1e9 to 1e16 (ATEN_CPU_CAPABILITY=default
+    # and MKL_CBWR=COMPATIBLE show it on one machine). Steps 0-2 agree under all of them: step 2 is 3.5e8.
+    vortex_hcl = vortex["max_abs_activation_by_module"]["blocks.2.filter"]
+    modal_hcl = modal["max_abs_activation_by_module"]["blocks.2.filter"]
+    assert modal_hcl < 100
+    assert vortex_hcl > 1e6 * modal_hcl
 
     # every output is there and consistent
     for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):
