@@ -65,9 +65,6 @@ def make_job(dataset: Path, start: Path, run_dir: Path, **finetune) -> FinetuneJ
             "eval_interval": 4,
             "save_interval": 4,
             "device": "cpu",
-            # A fixed peak: the CPU matmul measurement draws from torch's global RNG after a resume
-            # restored it, which shifts LoRA dropout masks (reported; belongs in train/metrics.py).
-            "peak_flops": 1e11,
         },
         "finetune": {"init_from": str(start), **finetune},
     }
@@ -134,7 +131,7 @@ def test_lora_run_resumes_exactly(dataset, base, tmp_path):
     first = finetune(job, hooks=TrainHooks(after_step=stop_after_second_step), console=quiet())
     assert first.stop_reason == "signal" and first.step == 3
     second = finetune(job, console=quiet())
-    np.testing.assert_allclose(first.losses + second.losses, reference, rtol=0, atol=1e-6)
+    assert first.losses + second.losses == reference  # bit for bit: dropout masks included
 
 
 def test_partial_freeze_keeps_the_selected_weights(dataset, base, tmp_path):

@@ -20,6 +20,8 @@ from evo2_cli.model.checkpoint import write_model_files
 from evo2_cli.train.checkpoint import (
     claim_run_dir,
     latest_checkpoint,
+    restore_rng_state,
+    rng_state,
     step_dirs,
     verify_checkpoint,
     write_checkpoint,
@@ -367,8 +369,23 @@ def test_peak_flops_prefers_the_configured_value_then_a_measurement():
     from evo2_cli.train.metrics import peak_flops
 
     assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == 1e12
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
     measured = peak_flops(torch.device("cpu"), bf16=False, configured=0)
     assert 1e8 < measured < 1e14
+    assert torch.equal(torch.rand(4), expected)  # the probe left the global RNG alone (exact resume)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_round_trips_the_cuda_generator():
+    device = torch.device("cuda")
+    torch.manual_seed(5)
+    saved = rng_state(device)
+    expected = (torch.rand(3), torch.rand(3, device=device))
+    torch.manual_seed(6)
+    restore_rng_state(saved, device)
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device=device), expected[1])
 
 
 def test_example_configs_validate():

@@ -293,6 +293,8 @@ def train_task(
         best_checkpoint,
         claim_run_dir,
         read_train_state,
+        restore_rng_state,
+        rng_state,
         starting_checkpoint,
         write_checkpoint,
     )
@@ -323,7 +325,7 @@ def train_task(
         saved = read_train_state(start)
         optimizer.load_state_dict(saved["optimizer"])
         step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
-        torch.set_rng_state(saved["rng"]["torch"])
+        restore_rng_state(saved["rng"], device)
         say(f"resumed from {start} at step {step}")
     bf16 = device.type == "cuda" and cfg.precision != "fp32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -334,7 +336,7 @@ def train_task(
         train_state = {
             "optimizer": optimizer.state_dict(),
             "loop": {"step": step, "best_val_loss": best},
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": rng_state(device),
         }
         meta = {"metrics": metrics, "task": task_meta}
 

@@ -43,6 +43,8 @@ from evo2_cli.train.checkpoint import (
     best_checkpoint,
     claim_run_dir,
     read_train_state,
+    restore_rng_state,
+    rng_state,
     starting_checkpoint,
     truncate_metrics,
     write_checkpoint,
@@ -162,7 +164,7 @@ def train(
             saved = read_train_state(start)
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
-            torch.set_rng_state(saved["rng"]["torch"])
+            restore_rng_state(saved["rng"], runtime.device)
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
             say(f"resumed from {start} at step {state.step}")
         guard = GradientGuard(job.guard, state.guard)
@@ -183,7 +185,7 @@ def train(
             train_state = {
                 "optimizer": _full_optimizer_state(model, optimizer),  # collective too
                 "loop": asdict(state),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": rng_state(runtime.device),
             }
             meta = {
                 "tokens_seen": state.tokens_seen,
