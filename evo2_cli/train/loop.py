@@ -64,6 +64,7 @@ from evo2_cli.train.distributed import (
 from evo2_cli.train.guard import GradientGuard, GuardState, Verdict
 from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
 from evo2_cli.train.optim import build_optimizer, learning_rate
+from evo2_cli.train.origin import FP32_EXP_LIMIT, StepWatch, hcl_overflow_detail, hcl_stats
 
 LN2 = math.log(2)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SLURM sends SIGUSR1 (--signal) before the time limit
@@ -126,7 +127,7 @@ def train(
     if any) or a checkpoint directory."""
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
-    wrapped = None
+    wrapped = watch = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
     signals = contextlib.ExitStack()
     stop_requested = signals.enter_context(_stop_on_signals(announce=runtime.is_main))
@@ -157,6 +158,8 @@ def train(
         model.to(runtime.device)
         fsdp = runtime.distributed and cfg.parallelism == "fsdp"
         wrapped = parallelize(model, runtime, cfg.parallelism)
+        watch = StepWatch(model)  # where a bad step started, for the guard's report
+        listed: list[str] = []  # the non-finite gradients last listed in full
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         state = LoopState()
@@ -226,6 +229,7 @@ def train(
 
             # ---- forward and backward over this process's micro-batches
             wrapped.train()
+            watch.start_step()
             batches = []
             for micro in range(accumulation):
                 first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
@@ -243,7 +247,10 @@ def train(
             grad_norm = full_tensor(total_norm).item()
             verdict = guard.assess(step_loss, grad_norm)
             if verdict.problem:
-                say(_describe_bad_step(state.step, verdict, step_loss, grad_norm, model))
+                report, listed = _describe_bad_step(
+                    state.step, verdict, step_loss, grad_norm, model, watch, data.seq_len, listed
+                )
+                say(report)
             if verdict.apply_step:
                 if job.optim.grad_clip > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
@@ -354,6 +361,8 @@ def train(
             losses,
         )
     finally:
+        if watch is not None:
+            watch.close()  # a caller's model leaves without our hooks
         wrapped = None  # DDP's reducer must be gone before its process group, also when unwinding an error
         stop_runtime(runtime)
         signals.close()
@@ -532,30 +541,66 @@ def _non_finite_tensors(tree, prefix: str = "") -> list[str]:
     return []
 
 
-def _describe_bad_step(step: int, verdict: Verdict, loss: float, grad_norm: float, model: nn.Module) -> str:
-    """Which parameters were non-finite, or which layers carried the spike. Collective under FSDP."""
+def _describe_bad_step(
+    step: int,
+    verdict: Verdict,
+    loss: float,
+    grad_norm: float,
+    model: nn.Module,
+    watch: StepWatch,
+    seq_len: int,
+    listed: list[str],
+) -> tuple[str, list[str]]:
+    """Where a bad step started (train/origin.py's rule) and, for a spike, which layers carried it; then any
+    hcl layer whose poles have crossed to lambda >= 0. `listed`: the non-finite gradients the previous report
+    listed (the same list is not repeated); returns the report and what it listed. Collective under FSDP."""
     norms = {
         name: full_tensor(p.grad).float().norm().item()
         for name, p in model.named_parameters()
         if p.grad is not None
     }
+    poles = hcl_stats(model, seq_len)
     head = f"[yellow]step {step + 1}: {verdict.problem} (loss {loss:.4g}, grad norm {grad_norm:.4g}"
     head += f", threshold {verdict.threshold:.4g})" if verdict.threshold is not None else ")"
     head += ", step skipped" if not verdict.apply_step else ", step applied"
+    lines = []
     if verdict.problem == "non-finite":
-        bad = [name for name, norm in norms.items() if not math.isfinite(norm)]
-        return f"{head}; non-finite gradients in {len(bad)} parameter(s): {', '.join(bad[:12])}[/]"
-    by_layer: dict[str, float] = {}
-    for name, norm in norms.items():
-        parts = name.split(".")
-        layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-        by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
-    top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
-    return (
-        f"{head}; largest gradients: "
-        + ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
-        + "[/]"
-    )
+        bad = watch.in_backward_order([name for name, norm in norms.items() if not math.isfinite(norm)])
+        site = watch.first_nonfinite_site()
+        if site is not None:
+            where = f"layer {site.layer} ({site.block})" if site.layer is not None else site.name
+            stats = poles.get(site.layer) if site.block == "hcl" and site.role == "mixer" else None
+            if stats is not None and stats.overflows(seq_len):
+                cause = f"started in {where}: {hcl_overflow_detail(site.layer, stats, seq_len)}"
+            else:
+                cause = f"started in {where}: the forward output of {site.name} went non-finite"
+        elif bad:
+            cause = f"started at {bad[0]}, the first non-finite gradient in backward order"
+        else:
+            cause = "the loss is non-finite, every gradient is finite"
+        lines.append(f"{head}; {cause}; {len(bad)} non-finite gradient(s)[/]")
+        if bad and bad != listed:
+            shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
+            lines.append(f"  non-finite gradients in {len(bad)} parameter(s), backward order: {shown}")
+            listed = bad
+    else:
+        by_layer: dict[str, float] = {}
+        for name, norm in norms.items():
+            parts = name.split(".")
+            layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+            by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
+        top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
+        largest = ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
+        lines.append(f"{head}; largest gradients: {largest}[/]")
+    bound = FP32_EXP_LIMIT / (seq_len - 1)
+    for layer, stats in poles.items():
+        if stats.nonneg:
+            lines.append(
+                f"  hcl layer {layer}: {stats.nonneg} pole(s) with lambda >= 0, largest "
+                f"{stats.max_lambda:.4g} against the fp32 overflow bound {FP32_EXP_LIMIT:.1f}/(L-1) = "
+                f"{bound:.4g} at L={seq_len}; `model.hcl_form: modal` keeps every lambda < 0"
+            )
+    return "\n".join(lines), listed
 
 
 def _refuse_non_finite(step: int, weights: dict, train_state: dict, run_dir: Path) -> None:

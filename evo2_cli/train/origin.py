@@ -189,7 +189,7 @@ class StepWatch:
 
     def observe(self, index: int, output: Tensor) -> None:
         """A watched module's output. Kept on the device: nothing waits for it unless a step goes bad."""
-        bad = output.isfinite().logical_not().any()
+        bad = torch.isfinite(output).all().logical_not()
         if index in self._nonfinite:
             self._nonfinite[index] |= bad
         else:
