@@ -159,7 +159,7 @@ def train(
         fsdp = runtime.distributed and cfg.parallelism == "fsdp"
         wrapped = parallelize(model, runtime, cfg.parallelism)
         watch = StepWatch(model)  # where a bad step started, for the guard's report
-        listed: list[str] = []  # the non-finite gradients last listed in full
+        shown: set[str] = set()  # detail lines of the guard's reports already printed (printed once)
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         state = LoopState()
@@ -247,10 +247,11 @@ def train(
             grad_norm = full_tensor(total_norm).item()
             verdict = guard.assess(step_loss, grad_norm)
             if verdict.problem:
-                report, listed = _describe_bad_step(
-                    state.step, verdict, step_loss, grad_norm, model, watch, data.seq_len, listed
+                head, *details = _describe_bad_step(
+                    state.step, verdict, step_loss, grad_norm, model, watch, data.seq_len
                 )
-                say(report)
+                say("\n".join([head, *(line for line in details if line not in shown)]))
+                shown.update(details)
             if verdict.apply_step:
                 if job.optim.grad_clip > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
@@ -549,11 +550,10 @@ def _describe_bad_step(
     model: nn.Module,
     watch: StepWatch,
     seq_len: int,
-    listed: list[str],
-) -> tuple[str, list[str]]:
-    """Where a bad step started (train/origin.py's rule) and, for a spike, which layers carried it; then any
-    hcl layer whose poles have crossed to lambda >= 0. `listed`: the non-finite gradients the previous report
-    listed (the same list is not repeated); returns the report and what it listed. Collective under FSDP."""
+) -> list[str]:
+    """A line on where a bad step started (train/origin.py's rule) or, for a spike, which layers carried it;
+    then detail lines: the non-finite gradients (a few names), any hcl layer whose poles have crossed to
+    lambda >= 0. Collective under FSDP."""
     norms = {
         name: full_tensor(p.grad).float().norm().item()
         for name, p in model.named_parameters()
@@ -572,6 +572,12 @@ def _describe_bad_step(
             stats = poles.get(site.layer) if site.block == "hcl" and site.role == "mixer" else None
             if stats is not None and stats.overflows(seq_len):
                 cause = f"started in {where}: {hcl_overflow_detail(site.layer, stats, seq_len)}"
+            elif stats is not None:  # h itself finite, the convolution's sums overflowed
+                cause = (
+                    f"started in {where}: the forward output of {site.name} went non-finite; its filter h "
+                    f"reaches {stats.max_abs_h:.3g} (max lambda {stats.max_lambda:.4g} x (L - 1) = "
+                    f"{stats.max_lambda * (seq_len - 1):.4g}; fp32 ends at exp({FP32_EXP_LIMIT:.1f}))"
+                )
             else:
                 cause = f"started in {where}: the forward output of {site.name} went non-finite"
         elif bad:
@@ -579,10 +585,9 @@ def _describe_bad_step(
         else:
             cause = "the loss is non-finite, every gradient is finite"
         lines.append(f"{head}; {cause}; {len(bad)} non-finite gradient(s)[/]")
-        if bad and bad != listed:
-            shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
-            lines.append(f"  non-finite gradients in {len(bad)} parameter(s), backward order: {shown}")
-            listed = bad
+        if bad:
+            names = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
+            lines.append(f"  non-finite gradients in {len(bad)} parameter(s), backward order: {names}")
     else:
         by_layer: dict[str, float] = {}
         for name, norm in norms.items():
@@ -600,7 +605,7 @@ def _describe_bad_step(
                 f"{stats.max_lambda:.4g} against the fp32 overflow bound {FP32_EXP_LIMIT:.1f}/(L-1) = "
                 f"{bound:.4g} at L={seq_len}; `model.hcl_form: modal` keeps every lambda < 0"
             )
-    return "\n".join(lines), listed
+    return lines
 
 
 def _refuse_non_finite(step: int, weights: dict, train_state: dict, run_dir: Path) -> None:
