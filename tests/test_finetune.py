@@ -429,3 +429,30 @@ def test_a_missing_dataset_fails_before_the_weights_load(base, tmp_path, monkeyp
     with pytest.raises(InputError, match="nodata: neither a directory nor a prefix"):
         finetune(job, console=quiet())
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_finetune_resume_refuses_changed_data_unless_allowed(base, tmp_path):
+    def write_data(seed: int) -> None:  # same lengths (same .idx), other content
+        rng = np.random.default_rng(seed)
+        for split in ("train", "val"):
+            with IndexedDatasetWriter(tmp_path / f"d_{split}") as writer:
+                writer.add_document(rng.choice(np.frombuffer(b"ACGT", np.uint8), 2000))
+
+    write_data(1)
+    args = ["finetune", "--from", str(base), "--device", "cpu", "--method", "lora"]
+    args += [
+        "--set",
+        f"data.datasets=[{{path: {tmp_path / 'd'}}}]",
+        "--set",
+        f"train.run_dir={tmp_path / 'run'}",
+    ]
+    args += ["--set", "data.seq_len=32", "--set", "data.val_windows=2", "--set", "train.save_interval=1"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--set", "train.max_steps=1"])
+    assert result.exit_code == 0, result.output
+    write_data(2)
+    result = runner.invoke(app, [*args, "--set", "train.max_steps=2"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "d_train.bin content differs" in said and "--allow-data-change" in said
+    result = runner.invoke(app, [*args, "--set", "train.max_steps=2", "--allow-data-change"])
+    assert result.exit_code == 0, result.output

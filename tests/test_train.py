@@ -480,3 +480,53 @@ def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # nothing lost
     code, out = cli(*base, "--set=optim.lr=1e-2", "--overwrite")
     assert code == 0, out
+
+
+def write_toy(prefix: Path, seed: int) -> None:
+    """toy_train / toy_val of fixed document lengths: another seed is other content, same .idx."""
+    rng = np.random.default_rng(seed)
+    bases = np.frombuffer(b"ACGT", np.uint8)
+    prefix.parent.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        with IndexedDatasetWriter(Path(f"{prefix}_{split}")) as writer:
+            writer.add_document(np.concatenate([rng.choice(bases, 3000), [0]]).astype(np.uint8))
+
+
+def test_resume_refuses_a_changed_dataset_unless_allowed(tmp_path):
+    write_toy(tmp_path / "data" / "toy", seed=1)
+    base = [
+        "--set=model.preset=test",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        "--set=data.seq_len=32",
+        f"--set=data.datasets=[{{path: {tmp_path / 'data' / 'toy'}}}]",
+        "--set=train.save_interval=1",
+        "--device=cpu",
+    ]
+    code, out = cli(*base, "--set=train.max_steps=1")
+    assert code == 0, out
+    write_toy(tmp_path / "data" / "toy", seed=2)  # regenerated at the same path with other content
+    code, out = cli(*base, "--set=train.max_steps=2")
+    text = " ".join(out.split())
+    assert code == 2, out
+    assert "the data changed since checkpoint" in text and "toy_train.bin content differs" in text
+    assert "--allow-data-change" in text
+    code, out = cli(*base, "--set=train.max_steps=2", "--allow-data-change")
+    assert code == 0, out
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_dataset_identity_is_the_manifest_when_there_is_one(tmp_path):
+    from evo2_cli.fsio import sha256_file
+    from evo2_cli.train.data import dataset_changes, dataset_identity
+
+    write_toy(tmp_path / "toy", seed=1)
+    data = make_job(tmp_path, tmp_path / "run").data
+    before = dataset_identity(data)
+    assert set(before[str(tmp_path)]) == {"toy_train.idx", "toy_train.bin", "toy_val.idx", "toy_val.bin"}
+    (tmp_path / "manifest.json").write_text('{"files": {}}\n')
+    manifest = dataset_identity(data)
+    assert manifest == {str(tmp_path): {"manifest.json": {"sha256": sha256_file(tmp_path / "manifest.json")}}}
+    (tmp_path / "manifest.json").write_text('{"files": {"x": 1}}\n')
+    changes = dataset_changes(manifest, dataset_identity(data))
+    assert len(changes) == 1 and changes[0].startswith(f"{tmp_path}: manifest.json content differs (sha256 ")
+    assert dataset_changes(manifest, manifest) == []

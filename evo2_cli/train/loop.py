@@ -50,7 +50,14 @@ from evo2_cli.train.checkpoint import (
     write_checkpoint,
 )
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.data import Batch, WindowSampler, split_windows, token_losses
+from evo2_cli.train.data import (
+    Batch,
+    WindowSampler,
+    dataset_changes,
+    dataset_identity,
+    split_windows,
+    token_losses,
+)
 from evo2_cli.train.distributed import (
     Runtime,
     all_reduce_sum,
@@ -117,6 +124,7 @@ def train(
     *,
     resume: str = "auto",
     overwrite: bool = False,
+    allow_data_change: bool = False,
     model: nn.Module | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     hooks: TrainHooks | None = None,
@@ -124,7 +132,8 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
-    if any) or a checkpoint directory."""
+    if any) or a checkpoint directory. A resume refuses datasets whose content changed since the checkpoint
+    unless `allow_data_change`."""
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = watch = None
@@ -140,6 +149,7 @@ def train(
         data = job.data
         train_windows = split_windows(data, "train", cfg.seed)
         val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
+        data_identity = dataset_identity(data)
 
         # ---- run directory, model, starting point
         start = starting_checkpoint(
@@ -168,6 +178,7 @@ def train(
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
             restore_rng_state(saved["rng"], runtime.device)
+            _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
             say(f"resumed from {start} at step {state.step}")
         guard = GradientGuard(job.guard, state.guard)
@@ -189,6 +200,7 @@ def train(
                 "optimizer": _full_optimizer_state(model, optimizer),  # collective too
                 "loop": asdict(state),
                 "rng": rng_state(runtime.device),
+                "data": data_identity,
             }
             meta = {
                 "tokens_seen": state.tokens_seen,
@@ -606,6 +618,22 @@ def _describe_bad_step(
                 f"{bound:.4g} at L={seq_len}; `model.hcl_form: modal` keeps every lambda < 0"
             )
     return lines
+
+
+def _check_data_identity(
+    saved: dict | None, current: dict, start: Path, allow_change: bool, say: Callable[[str], None]
+) -> None:
+    """A resume continues exactly only on the data the checkpoint was trained on (checkpoints written
+    before the data identity was recorded pass)."""
+    changes = dataset_changes(saved, current) if saved is not None else []
+    if not changes:
+        return
+    if not allow_change:
+        raise InputError(
+            f"the data changed since checkpoint {start}: {'; '.join(changes)}. Resume with the data it "
+            "was trained on, or pass --allow-data-change to continue on the new data (not an exact resume)"
+        )
+    say(f"[yellow]the data changed since the checkpoint ({'; '.join(changes)}); continuing on it[/]")
 
 
 def _refuse_non_finite(step: int, weights: dict, train_state: dict, run_dir: Path) -> None:
