@@ -403,3 +403,27 @@ def test_the_global_batch_must_split_evenly_over_the_processes():
         InputError, match=r"global_batch=6 is not a multiple of train.micro_batch x processes = 2 x 2"
     ):
         micro_batches_per_process(6, 2, 2)  # 3 micro-batches over 2 processes
+
+
+def test_step_watch_names_the_first_non_finite_output_in_forward_order():
+    from evo2_cli.train.origin import StepWatch
+
+    model = StripedHyena(preset_config("test"))
+    watch = StepWatch(model)
+    watch.start_step()
+    watch.observe(1, torch.ones(3))
+    watch.observe(5, torch.tensor([1.0, -math.inf]))  # -inf alone: its min is not finite
+    watch.observe(2, torch.tensor([math.nan, 1.0]))
+    assert watch.first_nonfinite_site() == watch.sites[5]
+    watch.start_step()
+    watch.observe(1, torch.ones(3))
+    assert watch.first_nonfinite_site() is None
+    watch.observe(1, torch.tensor([math.inf]))  # a later micro-batch of the same step
+    assert watch.first_nonfinite_site() == watch.sites[1]
+    model(torch.randint(0, 256, (1, 8))).sum().backward()
+    assert watch.in_backward_order(["embedding_layer.weight", "blocks.3.mlp.l3.weight", "norm.scale"]) == [
+        "norm.scale",
+        "blocks.3.mlp.l3.weight",
+        "embedding_layer.weight",  # tied: complete only when the input side adds its share
+    ]
+    watch.close()
