@@ -157,6 +157,9 @@ def train(
             resume,
             lambda: run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite)),
         )
+        saved = read_train_state(start) if start is not None else None
+        if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
+            _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
         if start is not None:
@@ -173,12 +176,10 @@ def train(
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         state = LoopState()
-        if start is not None:
-            saved = read_train_state(start)
+        if saved is not None:
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
             restore_rng_state(saved["rng"], runtime.device)
-            _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
             say(f"resumed from {start} at step {state.step}")
         guard = GradientGuard(job.guard, state.guard)
