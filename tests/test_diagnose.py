@@ -24,11 +24,12 @@ from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
-from evo2_cli.diagnose.record import HclStats, ParamInfo, SiteInfo, StepRecord
+from evo2_cli.diagnose.record import StepRecord
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
 from evo2_cli.train.config import GuardSection, TrainJob
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import train
+from evo2_cli.train.origin import HclStats, ParamInfo, SiteInfo
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "ecoli_k12_mg1655_slice.fa.gz"

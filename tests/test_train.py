@@ -23,7 +23,7 @@ from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.preprocess import PreprocessConfig, run_preprocess
 from evo2_cli.errors import Evo2Error
-from evo2_cli.model import estimate_flops, load_model
+from evo2_cli.model import StripedHyena, estimate_flops, load_model
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.data import no_val_message, split_windows, validation_windows
 from evo2_cli.train.loop import StepInfo, TrainHooks, train
@@ -273,10 +273,71 @@ def test_guard_skips_spikes_rolls_back_and_gives_up(dataset, tmp_path):
         train(job, hooks=TrainHooks(after_backward=poison), console=Console(file=out, width=300))
     text = out.getvalue()
     assert "step 2: spike" in text and "largest gradients: " in text
-    assert "non-finite gradients in 1 parameter(s): embedding_layer.weight" in text
+    assert "started at embedding_layer.weight, the first non-finite gradient in backward order" in text
+    assert text.count("non-finite gradients in 1 parameter(s), backward order: embedding_layer.weight") == 1
     assert text.count("rolled back to") == 2 and "lr x0.25" in text
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("step_*"):
         load_model(checkpoint)  # strict: refuses non-finite values
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_guard_names_an_hcl_overflow_and_suggests_the_modal_form(dataset, tmp_path):
+    """Three poles of the vortex hcl layer (layer 2 of `test`) at lambda = 5: exp(5 x 31) overflows fp32 in
+    the first forward. The report names that layer, not the embedding (first in module order)."""
+    job = make_job(
+        dataset,
+        tmp_path / "run",
+        model={"hcl_form": "vortex"},
+        train={"max_steps": 5, "eval_interval": 0},
+        guard={"max_bad_steps": 1, "max_rollbacks": 0},
+    )
+    model = StripedHyena(job.model)
+    with torch.no_grad():
+        poles = model.blocks[2].filter.log_poles  # (D, S)
+        poles.fill_(-0.5)
+        poles[0, :3] = 5.0
+    out = io.StringIO()
+    with pytest.raises(Evo2Error, match="training diverged"):
+        train(job, model=model, console=Console(file=out, width=300))
+    text = flat(out.getvalue())
+    assert (
+        "step 1: non-finite (loss nan, grad norm nan), step skipped; started in layer 2 (hcl): forward "
+        "overflow in the hcl filter of layer 2: max lambda 5 x (L - 1) = 155 > 88.7" in text
+    )
+    assert (
+        "hcl layer 2: 3 pole(s) with lambda >= 0, largest 5 against the fp32 overflow bound 88.7/(L-1) = "
+        "2.862 at L=32; `model.hcl_form: modal` keeps every lambda < 0" in text
+    )
+    assert "embedding_layer.weight" not in text.split("backward order:")[0]  # not named as the cause
+
+
+def test_guard_names_the_first_bad_gradient_in_backward_order_and_lists_once(dataset, tmp_path):
+    """NaN gradients in an early and a late layer: the one autograd finished first (nearer the loss) is the
+    origin, though module order puts the other first; the same list is not printed again."""
+
+    def poison(info: StepInfo) -> None:
+        weights = dict(info.model.named_parameters())
+        for name in ("blocks.0.mlp.l1.weight", "blocks.3.mlp.l3.weight"):
+            weights[name].grad.fill_(float("nan"))
+
+    job = make_job(
+        dataset,
+        tmp_path / "run",
+        train={"max_steps": 5, "eval_interval": 0},
+        guard={"max_bad_steps": 2, "max_rollbacks": 0},
+    )
+    out = io.StringIO()
+    with pytest.raises(Evo2Error, match="training diverged"):
+        train(job, hooks=TrainHooks(after_backward=poison), console=Console(file=out, width=300))
+    text = flat(out.getvalue())
+    cause = "started at blocks.3.mlp.l3.weight, the first non-finite gradient in backward order; 2 non-finite"
+    assert text.count(cause) == 2  # steps 1 and 2
+    listing = "non-finite gradients in 2 parameter(s), backward order: blocks.3.mlp.l3.weight, blocks.0.mlp"
+    assert text.count(listing) == 1
+    assert "hcl layer" not in text  # modal poles: always lambda < 0
 
 
 def free_port() -> int:
@@ -468,3 +529,53 @@ def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # nothing lost
     code, out = cli(*base, "--set=optim.lr=1e-2", "--overwrite")
     assert code == 0, out
+
+
+def write_toy(prefix: Path, seed: int) -> None:
+    """toy_train / toy_val of fixed document lengths: another seed is other content, same .idx."""
+    rng = np.random.default_rng(seed)
+    bases = np.frombuffer(b"ACGT", np.uint8)
+    prefix.parent.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        with IndexedDatasetWriter(Path(f"{prefix}_{split}")) as writer:
+            writer.add_document(np.concatenate([rng.choice(bases, 3000), [0]]).astype(np.uint8))
+
+
+def test_resume_refuses_a_changed_dataset_unless_allowed(tmp_path):
+    write_toy(tmp_path / "data" / "toy", seed=1)
+    base = [
+        "--set=model.preset=test",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        "--set=data.seq_len=32",
+        f"--set=data.datasets=[{{path: {tmp_path / 'data' / 'toy'}}}]",
+        "--set=train.save_interval=1",
+        "--device=cpu",
+    ]
+    code, out = cli(*base, "--set=train.max_steps=1")
+    assert code == 0, out
+    write_toy(tmp_path / "data" / "toy", seed=2)  # regenerated at the same path with other content
+    code, out = cli(*base, "--set=train.max_steps=2")
+    text = " ".join(out.split())
+    assert code == 2, out
+    assert "the data changed since checkpoint" in text and "toy_train.bin content differs" in text
+    assert "--allow-data-change" in text
+    code, out = cli(*base, "--set=train.max_steps=2", "--allow-data-change")
+    assert code == 0, out
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_dataset_identity_is_the_manifest_when_there_is_one(tmp_path):
+    from evo2_cli.fsio import sha256_file
+    from evo2_cli.train.data import dataset_changes, dataset_identity
+
+    write_toy(tmp_path / "toy", seed=1)
+    data = make_job(tmp_path, tmp_path / "run").data
+    before = dataset_identity(data)
+    assert set(before[str(tmp_path)]) == {"toy_train.idx", "toy_train.bin", "toy_val.idx", "toy_val.bin"}
+    (tmp_path / "manifest.json").write_text('{"files": {}}\n')
+    manifest = dataset_identity(data)
+    assert manifest == {str(tmp_path): {"manifest.json": {"sha256": sha256_file(tmp_path / "manifest.json")}}}
+    (tmp_path / "manifest.json").write_text('{"files": {"x": 1}}\n')
+    changes = dataset_changes(manifest, dataset_identity(data))
+    assert len(changes) == 1 and changes[0].startswith(f"{tmp_path}: manifest.json content differs (sha256 ")
+    assert dataset_changes(manifest, manifest) == []

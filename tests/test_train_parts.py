@@ -20,6 +20,8 @@ from evo2_cli.model.checkpoint import write_model_files
 from evo2_cli.train.checkpoint import (
     RunDirectory,
     latest_checkpoint,
+    restore_rng_state,
+    rng_state,
     step_dirs,
     verify_checkpoint,
     write_checkpoint,
@@ -381,8 +383,23 @@ def test_peak_flops_prefers_the_configured_value_then_a_measurement():
     from evo2_cli.train.metrics import peak_flops
 
     assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == 1e12
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
     measured = peak_flops(torch.device("cpu"), bf16=False, configured=0)
     assert 1e8 < measured < 1e14
+    assert torch.equal(torch.rand(4), expected)  # the probe left the global RNG alone (exact resume)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_round_trips_the_cuda_generator():
+    device = torch.device("cuda")
+    torch.manual_seed(5)
+    saved = rng_state(device)
+    expected = (torch.rand(3), torch.rand(3, device=device))
+    torch.manual_seed(6)
+    restore_rng_state(saved, device)
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device=device), expected[1])
 
 
 def test_example_configs_validate():
@@ -400,3 +417,27 @@ def test_the_global_batch_must_split_evenly_over_the_processes():
         InputError, match=r"global_batch=6 is not a multiple of train.micro_batch x processes = 2 x 2"
     ):
         micro_batches_per_process(6, 2, 2)  # 3 micro-batches over 2 processes
+
+
+def test_step_watch_names_the_first_non_finite_output_in_forward_order():
+    from evo2_cli.train.origin import StepWatch
+
+    model = StripedHyena(preset_config("test"))
+    watch = StepWatch(model)
+    watch.start_step()
+    watch.observe(1, torch.ones(3))
+    watch.observe(5, torch.tensor([1.0, -math.inf]))  # -inf alone: its min is not finite
+    watch.observe(2, torch.tensor([math.nan, 1.0]))
+    assert watch.first_nonfinite_site() == watch.sites[5]
+    watch.start_step()
+    watch.observe(1, torch.ones(3))
+    assert watch.first_nonfinite_site() is None
+    watch.observe(1, torch.tensor([math.inf]))  # a later micro-batch of the same step
+    assert watch.first_nonfinite_site() == watch.sites[1]
+    model(torch.randint(0, 256, (1, 8))).sum().backward()
+    assert watch.in_backward_order(["embedding_layer.weight", "blocks.3.mlp.l3.weight", "norm.scale"]) == [
+        "norm.scale",
+        "blocks.3.mlp.l3.weight",
+        "embedding_layer.weight",  # tied: complete only when the input side adds its share
+    ]
+    watch.close()

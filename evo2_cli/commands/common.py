@@ -25,6 +25,13 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config key: section.key=value (repeatable).", metavar="KEY=VALUE"),
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+AllowDataChangeOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-data-change",
+        help="Resume even though a dataset's content changed since the checkpoint (not an exact resume).",
+    ),
+]
 
 
 def resolve_config(

@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+from evo2_cli.commands.common import (
+    AllowDataChangeOption,
+    ConfigOption,
+    OverwriteOption,
+    SetOption,
+    console,
+    resolve_config,
+)
 
 app = typer.Typer(
     help="Finetune from a checkpoint or Evo 2 / Vortex weights (run without a subcommand), or merge LoRA.",
@@ -56,6 +63,7 @@ def finetune(
         typer.Option("--resume", help="'auto' (the run directory's latest checkpoint) or a checkpoint dir."),
     ] = "auto",
     overwrite: OverwriteOption = False,
+    allow_data_change: AllowDataChangeOption = False,
 ) -> None:
     """Finetune: the training loop of `evo2 train`, started from --from, with finetuning defaults."""
     if ctx.invoked_subcommand is not None:
@@ -74,7 +82,9 @@ def finetune(
         "train.device": ("--device", device),
     }
     job = resolve_config(FinetuneJob, config, set_, flags)
-    result = run_finetune(job, resume=resume, overwrite=overwrite, console=console)
+    result = run_finetune(
+        job, resume=resume, overwrite=overwrite, allow_data_change=allow_data_change, console=console
+    )
     console.print(f"[green]checkpoint:[/] {result.checkpoint}")
     if result.best_checkpoint is not None:
         console.print(f"[green]best:[/] {result.best_checkpoint}")

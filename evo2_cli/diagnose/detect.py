@@ -28,16 +28,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evo2_cli.diagnose.record import (
-    BLOCK_TYPES,
-    POLE_KINDS,
-    ParamInfo,
-    SiteInfo,
-    StepRecord,
-    group_norm,
-)
+from evo2_cli.diagnose.record import StepRecord, group_norm
 from evo2_cli.train.config import GuardSection
 from evo2_cli.train.guard import GradientGuard
+from evo2_cli.train.origin import BLOCK_TYPES, POLE_KINDS, ParamInfo, SiteInfo, hcl_overflow_detail
 
 
 @dataclass(frozen=True)
@@ -142,12 +136,7 @@ def locate_explosion(
             pole = next((p for p in params if p.layer == site.layer and p.kind in POLE_KINDS), None)
             if stats is not None and pole is not None and stats.overflows(seq_len):
                 parameter, kind = pole.name, pole.kind
-                detail = (
-                    f"forward overflow in the hcl filter of layer {site.layer}: max lambda "
-                    f"{stats.max_lambda:.4g} x (L - 1) = {stats.max_lambda * (seq_len - 1):.4g} > 88.7, "
-                    "exp(lambda t) is inf in fp32 "
-                    f"({100 * stats.frac_nonneg:.0f}% of its modes have lambda >= 0)"
-                )
+                detail = hcl_overflow_detail(site.layer, stats, seq_len)
         if parameter is None:
             broken = [
                 p

@@ -21,10 +21,10 @@ import torch
 
 from evo2_cli.config import read_yaml
 from evo2_cli.diagnose.detect import Flag, SeriesDetector
-from evo2_cli.diagnose.record import HclStats, hcl_stats
 from evo2_cli.errors import InputError
 from evo2_cli.train.checkpoint import CONFIG, METRICS, step_dirs
 from evo2_cli.train.config import GuardSection
+from evo2_cli.train.origin import HclStats, hcl_stats
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from evo2_cli import __version__
 from evo2_cli.config import to_dict
 from evo2_cli.diagnose.detect import block_series
 from evo2_cli.diagnose.posthoc import RunReview
-from evo2_cli.diagnose.record import BLOCK_TYPES, FP32_EXP_LIMIT, ParamInfo, StepRecord, group_norm
+from evo2_cli.diagnose.record import StepRecord, group_norm
 from evo2_cli.diagnose.run import Diagnosis, VariantResult
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import atomic_output_dir, check_replaceable, directory_kind, json_listing
+from evo2_cli.train.origin import BLOCK_TYPES, FP32_EXP_LIMIT, ParamInfo
 
 REPORT_FILES = ("report.json", "steps.csv", "parameters.csv", "activations.csv", "hcl.csv", "report.html")
 

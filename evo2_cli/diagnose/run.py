@@ -26,7 +26,7 @@ from torch import nn
 
 from evo2_cli.diagnose.config import DiagnoseJob, Variant
 from evo2_cli.diagnose.detect import Explosion, locate_explosion
-from evo2_cli.diagnose.record import ParamInfo, Recorder, SiteInfo, StepRecord, hcl_stats
+from evo2_cli.diagnose.record import Recorder, StepRecord
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
@@ -34,6 +34,7 @@ from evo2_cli.train.data import WindowSampler, split_windows
 from evo2_cli.train.distributed import Runtime, choose_device
 from evo2_cli.train.loop import backward_global_batch
 from evo2_cli.train.optim import build_optimizer, learning_rate
+from evo2_cli.train.origin import ParamInfo, SiteInfo, hcl_stats
 
 
 @dataclass

@@ -289,7 +289,14 @@ def train_task(
     """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA)."""
     from evo2_cli.finetune.run import prepare
     from evo2_cli.model.checkpoint import write_model_files
-    from evo2_cli.train.checkpoint import RunDirectory, best_checkpoint, read_train_state, write_checkpoint
+    from evo2_cli.train.checkpoint import (
+        RunDirectory,
+        best_checkpoint,
+        read_train_state,
+        restore_rng_state,
+        rng_state,
+        write_checkpoint,
+    )
     from evo2_cli.train.metrics import MetricsLog
     from evo2_cli.train.optim import build_optimizer, learning_rate
 
@@ -320,7 +327,7 @@ def train_task(
             saved = read_train_state(start)
             optimizer.load_state_dict(saved["optimizer"])
             step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
-            torch.set_rng_state(saved["rng"]["torch"])
+            restore_rng_state(saved["rng"], device)
         run.claim(to_yaml(job))
         if start is not None:
             say(f"resumed from {start} at step {step}")
@@ -333,7 +340,7 @@ def train_task(
             train_state = {
                 "optimizer": optimizer.state_dict(),
                 "loop": {"step": step, "best_val_loss": best},
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": rng_state(device),
             }
             meta = {"metrics": metrics, "task": task_meta}
 

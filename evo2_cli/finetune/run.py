@@ -207,11 +207,13 @@ def finetune(
     *,
     resume: str = "auto",
     overwrite: bool = False,
+    allow_data_change: bool = False,
     hooks=None,
     console: Console | None = None,
 ):
     """Run a finetune (see the module docstring); returns the loop's TrainResult (or the task trainer's).
-    `hooks` (a train.loop.TrainHooks) reach the loop of a language-model finetune."""
+    `hooks` (a train.loop.TrainHooks) and `allow_data_change` reach the loop of a language-model
+    finetune."""
     console = console or Console(stderr=True)
     if job.finetune.task != "lm":
         from evo2_cli.finetune.heads import train_task
@@ -220,7 +222,12 @@ def finetune(
     # A dataset problem fails before the weights load (minutes for a large model); the loop opens it again.
     split_windows(job.data, "train", job.train.seed)
     return train_language_model(
-        prepare(job, console=console), resume=resume, overwrite=overwrite, hooks=hooks, console=console
+        prepare(job, console=console),
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        hooks=hooks,
+        console=console,
     )
 
 
@@ -229,6 +236,7 @@ def train_language_model(
     *,
     resume: str = "auto",
     overwrite: bool = False,
+    allow_data_change: bool = False,
     hooks=None,
     console: Console | None = None,
 ):
@@ -239,6 +247,7 @@ def train_language_model(
         prepared.job,
         resume=resume,
         overwrite=overwrite,
+        allow_data_change=allow_data_change,
         model=prepared.model,
         trainable=lambda name, param: name in prepared.trainable,
         # Frozen weights may be bf16 on CUDA: checkpoints are always written in fp32.

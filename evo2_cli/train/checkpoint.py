@@ -299,3 +299,19 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a resume restores: torch's CPU generator, and the CUDA generator of this process's
+    device when it trains on one (dropout on a GPU draws from that one)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(saved: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back what `rng_state` saved; a checkpoint from a CPU run leaves a CUDA generator as seeded."""
+    torch.set_rng_state(saved["torch"])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], device)

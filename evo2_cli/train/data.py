@@ -15,6 +15,7 @@ A window becomes a `Batch` row (Savanna's `to_upper: normalized_weighted` recipe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, UPPERCASE, reverse_complement
 from evo2_cli.data.indexed import IndexedDataset, paths_of
 from evo2_cli.errors import InputError
+from evo2_cli.fsio import sha256_file
 from evo2_cli.train.config import DataSection
 
 PIPE = ord("|")
@@ -202,3 +204,67 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), reduction="none"
     ).view_as(labels)
+
+
+MANIFEST = "manifest.json"  # written by `evo2 preprocess`: sha256 of every file of the dataset
+SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 1 << 16  # a .bin's content sample: 16 evenly spaced 64 KiB blocks
+
+
+def _sample_sha256(path: Path) -> str:
+    """sha256 of a fixed sample of a file (1 MiB at most, whatever its size): new content of the same
+    length, which leaves the .idx as it was, shows here."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for k in range(SAMPLE_BLOCKS):
+            handle.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLE_BLOCKS - 1))
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def dataset_identity(data: DataSection) -> dict[str, dict[str, dict]]:
+    """What a checkpoint records of each configured dataset (keyed by its path as configured), cheap to take:
+    the sha256 of its manifest.json (which holds the sha256 of every file), else the size and sha256 of its
+    .idx files (the length and offset of every sequence) and the size and a sampled sha256 of its .bin
+    files."""
+    out = {}
+    for source in data.datasets:
+        path = Path(source.path)
+        if (path / MANIFEST).is_file():
+            out[str(source.path)] = {MANIFEST: {"sha256": sha256_file(path / MANIFEST)}}
+            continue
+        indexes = path.glob("*.idx") if path.is_dir() else path.parent.glob(f"{path.name}_*.idx")
+        files = {}
+        for idx in sorted(indexes):
+            files[idx.name] = {"bytes": idx.stat().st_size, "sha256": sha256_file(idx)}
+            bin_path = idx.with_suffix(".bin")
+            if bin_path.is_file():
+                files[bin_path.name] = {"bytes": bin_path.stat().st_size, "sha256": _sample_sha256(bin_path)}
+        out[str(source.path)] = files
+    return out
+
+
+def dataset_changes(saved: dict[str, dict[str, dict]], current: dict[str, dict[str, dict]]) -> list[str]:
+    """How the datasets differ from those a checkpoint recorded: one phrase per changed dataset."""
+    changes = []
+    for name, now in current.items():
+        before = saved.get(name)
+        if before is None:
+            changes.append(f"{name}: not a dataset of the run that wrote the checkpoint")
+            continue
+        what = []
+        for file in sorted(set(before) | set(now)):
+            old, new = before.get(file), now.get(file)
+            if old == new:
+                continue
+            if old is None or new is None:
+                what.append(f"{file} {'added' if old is None else 'removed'}")
+            elif old.get("bytes") != new.get("bytes"):
+                what.append(f"{file} {old['bytes']} -> {new['bytes']} bytes")
+            else:
+                what.append(f"{file} content differs (sha256 {old['sha256'][:12]} -> {new['sha256'][:12]})")
+        if what:
+            changes.append(
+                f"{name}: {', '.join(what[:3])}" + (f" and {len(what) - 3} more" if len(what) > 3 else "")
+            )
+    return changes

@@ -44,6 +44,8 @@ from evo2_cli.train.checkpoint import (
     RunDirectory,
     best_checkpoint,
     read_train_state,
+    restore_rng_state,
+    rng_state,
     truncate_metrics,
     write_checkpoint,
 )
@@ -51,6 +53,8 @@ from evo2_cli.train.config import TrainJob
 from evo2_cli.train.data import (
     Batch,
     WindowSampler,
+    dataset_changes,
+    dataset_identity,
     no_val_message,
     split_windows,
     token_losses,
@@ -69,6 +73,7 @@ from evo2_cli.train.distributed import (
 from evo2_cli.train.guard import GradientGuard, GuardState, Verdict
 from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
 from evo2_cli.train.optim import build_optimizer, learning_rate
+from evo2_cli.train.origin import FP32_EXP_LIMIT, StepWatch, hcl_overflow_detail, hcl_stats
 
 LN2 = math.log(2)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SLURM sends SIGUSR1 (--signal) before the time limit
@@ -121,6 +126,7 @@ def train(
     *,
     resume: str = "auto",
     overwrite: bool = False,
+    allow_data_change: bool = False,
     model: nn.Module | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     hooks: TrainHooks | None = None,
@@ -128,10 +134,11 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
-    if any) or a checkpoint directory."""
+    if any) or a checkpoint directory. A resume refuses datasets whose content changed since the checkpoint
+    unless `allow_data_change`."""
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
-    wrapped = None
+    wrapped = watch = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
     signals = contextlib.ExitStack()
     stop_requested = signals.enter_context(_stop_on_signals(announce=runtime.is_main))
@@ -148,18 +155,20 @@ def train(
             val_windows, without_val = validation_windows(data, cfg.seed)
             if without_val:
                 say(f"[yellow]warning: {escape(no_val_message(without_val, val_windows is not None))}[/]")
+        data_identity = dataset_identity(data)
 
         # ---- run directory (locked), model, starting point: nothing is written until the starting
         # checkpoint has loaded, and an old run --overwrite replaces stays until the first checkpoint
         run = RunDirectory(cfg.run_dir, overwrite, say)
         run_on_main(runtime, lambda: signals.enter_context(run))
         start = run.starting_checkpoint(resume, job)
+        saved = read_train_state(start) if start is not None else None
+        if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
+            _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
-        saved = None
         if start is not None:
             _load_weights(model, start)
-            saved = read_train_state(start)
         if trainable is not None:
             for name, param in model.named_parameters():
                 param.requires_grad_(trainable(name, param))
@@ -167,13 +176,15 @@ def train(
         model.to(runtime.device)
         fsdp = runtime.distributed and cfg.parallelism == "fsdp"
         wrapped = parallelize(model, runtime, cfg.parallelism)
+        watch = StepWatch(model)  # where a bad step started, for the guard's report
+        shown: set[str] = set()  # detail lines of the guard's reports already printed (printed once)
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         state = LoopState()
         if saved is not None:
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
-            torch.set_rng_state(saved["rng"]["torch"])
+            restore_rng_state(saved["rng"], runtime.device)
         run_on_main(runtime, lambda: run.claim(job_yaml))
         if start is not None:
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
@@ -196,7 +207,8 @@ def train(
             train_state = {
                 "optimizer": _full_optimizer_state(model, optimizer),  # collective too
                 "loop": asdict(state),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": rng_state(runtime.device),
+                "data": data_identity,
             }
             meta = {
                 "tokens_seen": state.tokens_seen,
@@ -239,6 +251,7 @@ def train(
 
             # ---- forward and backward over this process's micro-batches
             wrapped.train()
+            watch.start_step()
             batches = []
             for micro in range(accumulation):
                 first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
@@ -256,7 +269,11 @@ def train(
             grad_norm = full_tensor(total_norm).item()
             verdict = guard.assess(step_loss, grad_norm)
             if verdict.problem:
-                say(_describe_bad_step(state.step, verdict, step_loss, grad_norm, model))
+                head, *details = _describe_bad_step(
+                    state.step, verdict, step_loss, grad_norm, model, watch, data.seq_len
+                )
+                say("\n".join([head, *(line for line in details if line not in shown)]))
+                shown.update(details)
             if verdict.apply_step:
                 if job.optim.grad_clip > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
@@ -367,6 +384,8 @@ def train(
             losses,
         )
     finally:
+        if watch is not None:
+            watch.close()  # a caller's model leaves without our hooks
         wrapped = None  # DDP's reducer must be gone before its process group, also when unwinding an error
         stop_runtime(runtime)
         signals.close()
@@ -545,30 +564,86 @@ def _non_finite_tensors(tree, prefix: str = "") -> list[str]:
     return []
 
 
-def _describe_bad_step(step: int, verdict: Verdict, loss: float, grad_norm: float, model: nn.Module) -> str:
-    """Which parameters were non-finite, or which layers carried the spike. Collective under FSDP."""
+def _describe_bad_step(
+    step: int,
+    verdict: Verdict,
+    loss: float,
+    grad_norm: float,
+    model: nn.Module,
+    watch: StepWatch,
+    seq_len: int,
+) -> list[str]:
+    """A line on where a bad step started (train/origin.py's rule) or, for a spike, which layers carried it;
+    then detail lines: the non-finite gradients (a few names), any hcl layer whose poles have crossed to
+    lambda >= 0. Collective under FSDP."""
     norms = {
         name: full_tensor(p.grad).float().norm().item()
         for name, p in model.named_parameters()
         if p.grad is not None
     }
+    poles = hcl_stats(model, seq_len)
     head = f"[yellow]step {step + 1}: {verdict.problem} (loss {loss:.4g}, grad norm {grad_norm:.4g}"
     head += f", threshold {verdict.threshold:.4g})" if verdict.threshold is not None else ")"
     head += ", step skipped" if not verdict.apply_step else ", step applied"
+    lines = []
     if verdict.problem == "non-finite":
-        bad = [name for name, norm in norms.items() if not math.isfinite(norm)]
-        return f"{head}; non-finite gradients in {len(bad)} parameter(s): {', '.join(bad[:12])}[/]"
-    by_layer: dict[str, float] = {}
-    for name, norm in norms.items():
-        parts = name.split(".")
-        layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-        by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
-    top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
-    return (
-        f"{head}; largest gradients: "
-        + ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
-        + "[/]"
-    )
+        bad = watch.in_backward_order([name for name, norm in norms.items() if not math.isfinite(norm)])
+        site = watch.first_nonfinite_site()
+        if site is not None:
+            where = f"layer {site.layer} ({site.block})" if site.layer is not None else site.name
+            stats = poles.get(site.layer) if site.block == "hcl" and site.role == "mixer" else None
+            if stats is not None and stats.overflows(seq_len):
+                cause = f"started in {where}: {hcl_overflow_detail(site.layer, stats, seq_len)}"
+            elif stats is not None:  # h itself finite, the convolution's sums overflowed
+                cause = (
+                    f"started in {where}: the forward output of {site.name} went non-finite; its filter h "
+                    f"reaches {stats.max_abs_h:.3g} (max lambda {stats.max_lambda:.4g} x (L - 1) = "
+                    f"{stats.max_lambda * (seq_len - 1):.4g}; fp32 ends at exp({FP32_EXP_LIMIT:.1f}))"
+                )
+            else:
+                cause = f"started in {where}: the forward output of {site.name} went non-finite"
+        elif bad:
+            cause = f"started at {bad[0]}, the first non-finite gradient in backward order"
+        else:
+            cause = "the loss is non-finite, every gradient is finite"
+        lines.append(f"{head}; {cause}; {len(bad)} non-finite gradient(s)[/]")
+        if bad:
+            names = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
+            lines.append(f"  non-finite gradients in {len(bad)} parameter(s), backward order: {names}")
+    else:
+        by_layer: dict[str, float] = {}
+        for name, norm in norms.items():
+            parts = name.split(".")
+            layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+            by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
+        top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
+        largest = ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
+        lines.append(f"{head}; largest gradients: {largest}[/]")
+    bound = FP32_EXP_LIMIT / (seq_len - 1)
+    for layer, stats in poles.items():
+        if stats.nonneg:
+            lines.append(
+                f"  hcl layer {layer}: {stats.nonneg} pole(s) with lambda >= 0, largest "
+                f"{stats.max_lambda:.4g} against the fp32 overflow bound {FP32_EXP_LIMIT:.1f}/(L-1) = "
+                f"{bound:.4g} at L={seq_len}; `model.hcl_form: modal` keeps every lambda < 0"
+            )
+    return lines
+
+
+def _check_data_identity(
+    saved: dict | None, current: dict, start: Path, allow_change: bool, say: Callable[[str], None]
+) -> None:
+    """A resume continues exactly only on the data the checkpoint was trained on (checkpoints written
+    before the data identity was recorded pass)."""
+    changes = dataset_changes(saved, current) if saved is not None else []
+    if not changes:
+        return
+    if not allow_change:
+        raise InputError(
+            f"the data changed since checkpoint {start}: {'; '.join(changes)}. Resume with the data it "
+            "was trained on, or pass --allow-data-change to continue on the new data (not an exact resume)"
+        )
+    say(f"[yellow]the data changed since the checkpoint ({'; '.join(changes)}); continuing on it[/]")
 
 
 def _refuse_non_finite(step: int, weights: dict, train_state: dict, run_dir: Path) -> None:

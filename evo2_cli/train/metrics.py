@@ -33,8 +33,10 @@ GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an fp32 square matmul on this CPU (the best of a few runs)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    """FLOP/s of an fp32 square matmul on this CPU (the best of a few runs). The operands come from a
+    private generator: the probe runs after a resume restored the global RNG, which dropout draws from."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
     a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
