@@ -25,6 +25,14 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config key: section.key=value (repeatable).", metavar="KEY=VALUE"),
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+NoVerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Read checkpoints of ours without checking their files against the sha256 in meta.json "
+        "(only for files changed on purpose).",
+    ),
+]
 
 
 def resolve_config(

@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+from evo2_cli.commands.common import (
+    ConfigOption,
+    NoVerifyOption,
+    OverwriteOption,
+    SetOption,
+    console,
+    resolve_config,
+)
 
 app = typer.Typer(
     help="Finetune from a checkpoint or Evo 2 / Vortex weights (run without a subcommand), or merge LoRA.",
@@ -56,6 +63,7 @@ def finetune(
         typer.Option("--resume", help="'auto' (the run directory's latest checkpoint) or a checkpoint dir."),
     ] = "auto",
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Finetune: the training loop of `evo2 train`, started from --from, with finetuning defaults."""
     if ctx.invoked_subcommand is not None:
@@ -74,7 +82,7 @@ def finetune(
         "train.device": ("--device", device),
     }
     job = resolve_config(FinetuneJob, config, set_, flags)
-    result = run_finetune(job, resume=resume, overwrite=overwrite, console=console)
+    result = run_finetune(job, resume=resume, overwrite=overwrite, verify=not no_verify, console=console)
     console.print(f"[green]checkpoint:[/] {result.checkpoint}")
     if result.best_checkpoint is not None:
         console.print(f"[green]best:[/] {result.best_checkpoint}")
@@ -92,6 +100,7 @@ def merge(
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32 or bf16.")] = "fp32",
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Fold LoRA adapters into the weights: a plain checkpoint for infer, convert and the official engine."""
     from evo2_cli.commands.convert import _check_free, _dtype
@@ -101,7 +110,9 @@ def merge(
     if vortex is not None:
         for path in (vortex, vortex.with_suffix(".yml")):
             _check_free(path, overwrite)
-    model, merged = run_merge(checkpoint, out, vortex=vortex, dtype=torch_dtype, overwrite=overwrite)
+    model, merged = run_merge(
+        checkpoint, out, vortex=vortex, dtype=torch_dtype, overwrite=overwrite, verify=not no_verify
+    )
     console.print(
         f"[green]merged[/] {merged} LoRA layer(s); wrote {out} ({model.num_parameters():,} parameters)"
     )

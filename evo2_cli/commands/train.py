@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import ConfigOption, OverwriteOption, SetOption, console, resolve_config
+from evo2_cli.commands.common import (
+    ConfigOption,
+    NoVerifyOption,
+    OverwriteOption,
+    SetOption,
+    console,
+    resolve_config,
+)
 
 DeviceOption = Annotated[
     str | None,
@@ -31,13 +38,14 @@ def train(
     device: DeviceOption = None,
     resume: ResumeOption = "auto",
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Train from scratch; checkpoints go to train.run_dir/checkpoints (latest, best)."""
     from evo2_cli.train.config import TrainJob
     from evo2_cli.train.loop import train as run_training
 
     job = resolve_config(TrainJob, config, set_, {"train.device": ("--device", device)})
-    result = run_training(job, resume=resume, overwrite=overwrite, console=console)
+    result = run_training(job, resume=resume, overwrite=overwrite, verify=not no_verify, console=console)
     if result.is_main:
         console.print(f"[green]checkpoint:[/] {result.checkpoint}")
         if result.best_checkpoint is not None:

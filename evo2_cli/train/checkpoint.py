@@ -28,6 +28,7 @@ import torch
 from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text, sha256_file, temporary_sibling
+from evo2_cli.model.checkpoint import WEIGHTS_FILE, check_file, load_tensor_file, recorded_hashes
 
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
@@ -99,27 +100,28 @@ def _rotate(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Read meta.json and check every file's sha256; returns the meta. InputError names what is wrong."""
+def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
+    """Check every file a resume reads against the sha256 in meta.json (the model package's verification;
+    `verify=False`: only that they exist); returns the meta. InputError names what is wrong."""
     directory = Path(directory)
     meta_path = directory / META
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: not a training checkpoint (no {META})")
+    hashes = recorded_hashes(directory, verify)
+    for name in dict.fromkeys([*(hashes or {}), WEIGHTS_FILE, CONFIG, TRAIN_STATE]):
+        path = directory / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
+        check_file(path, hashes)
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{directory}: not a training checkpoint (no {META})") from None
+        return json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{meta_path}: unreadable: {exc}") from None
-    for name, digest in meta.get("files", {}).items():
-        path = directory / name
-        if not path.is_file() or sha256_file(path) != digest:
-            raise InputError(
-                f"{path}: missing or does not match the sha256 in {META}; the checkpoint is corrupt"
-            )
-    return meta
 
 
 def read_train_state(directory: Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    """The train state of a checkpoint directory (tensor-only; a pickle payload is refused, never run)."""
+    return load_tensor_file(Path(directory) / TRAIN_STATE)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -136,19 +138,21 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return link.parent / os.readlink(link) if link.is_symlink() else None
 
 
-def starting_checkpoint(run_dir: Path, resume: str, claim: Callable[[], object]) -> Path | None:
-    """The verified checkpoint a run starts from. `resume` "auto": the run directory's latest checkpoint (None
-    for a fresh run), looked up after `claim` made the directory this run's (an --overwrite empties it
-    first). Otherwise the checkpoint directory `resume`, verified before `claim` so that a bad one writes
-    nothing."""
+def starting_checkpoint(
+    run_dir: Path, resume: str, claim: Callable[[], object], verify: bool = True
+) -> Path | None:
+    """The verified checkpoint a run starts from (`verify=False`: --no-verify). `resume` "auto": the run
+    directory's latest checkpoint (None for a fresh run), looked up after `claim` made the directory this
+    run's (an --overwrite empties it first). Otherwise the checkpoint directory `resume`, verified before
+    `claim` so that a bad one writes nothing."""
     if resume != "auto":
-        verify_checkpoint(Path(resume))
+        verify_checkpoint(Path(resume), verify)
         claim()
         return Path(resume)
     claim()
     start = latest_checkpoint(run_dir)
     if start is not None:
-        verify_checkpoint(start)
+        verify_checkpoint(start, verify)
     return start
 
 

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from rich.console import Console
 from torch import nn
@@ -37,7 +36,7 @@ from torch import nn
 from evo2_cli.config import to_yaml
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
-from evo2_cli.model.checkpoint import all_finite, build_model
+from evo2_cli.model.checkpoint import all_finite, build_model, load_weights_into, read_weights
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
     best_checkpoint,
@@ -114,6 +113,7 @@ def train(
     *,
     resume: str = "auto",
     overwrite: bool = False,
+    verify: bool = True,
     model: nn.Module | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     hooks: TrainHooks | None = None,
@@ -121,7 +121,8 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
-    if any) or a checkpoint directory."""
+    if any) or a checkpoint directory, whose files are checked against their sha256 unless `verify` is
+    False (--no-verify)."""
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = None
@@ -143,6 +144,7 @@ def train(
             cfg.run_dir,
             resume,
             lambda: run_on_main(runtime, lambda: claim_run_dir(cfg.run_dir, job, job_yaml, overwrite)),
+            verify,
         )
         torch.manual_seed(cfg.seed)
         model = model if model is not None else StripedHyena(job.model)
@@ -472,20 +474,13 @@ def _stop_on_signals(announce: bool) -> Iterator[threading.Event]:
 
 
 def _load_weights(model: nn.Module, directory: Path, fsdp: bool = False) -> None:
-    path = Path(directory) / "model.safetensors"
-    try:
-        weights = safetensors.torch.load_file(path)
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise InputError(f"{path}: cannot read model weights: {exc}") from None
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    if not fsdp:
+        load_weights_into(model, directory)
         return
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: weights do not fit the configured model: {exc}") from None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = read_weights(directory, None)  # a rollback: a checkpoint of this run, of this model
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, fsdp: bool) -> None:
