@@ -298,6 +298,10 @@ def test_checkpoint_not_matching_its_config_exits_2(base, tmp_path):
     config.write_text(config.read_text().replace("inner_mlp_size: 16", "inner_mlp_size: 24"))
     result = invoke("generate", edited, "-p", "ACGT", "-n", 2)
     assert result.exit_code == 2, result.output
+    squeezed = "".join(result.output.split())  # a long path may wrap anywhere
+    assert "config.yaml:corrupt:itssha256doesnotmatchmeta.json" in squeezed
+    result = invoke("generate", edited, "-p", "ACGT", "-n", 2, "--no-verify")  # edited on purpose
+    assert result.exit_code == 2, result.output
     assert "has shape (16, 8), expected (24, 8)" in said(result) and "Traceback" not in said(result)
 
 

@@ -32,6 +32,14 @@ AllowDataChangeOption = Annotated[
         help="Resume even though a dataset's content changed since the checkpoint (not an exact resume).",
     ),
 ]
+NoVerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Read checkpoints of ours without checking their files against the sha256 in meta.json "
+        "(only for files changed on purpose).",
+    ),
+]
 
 
 def resolve_config(

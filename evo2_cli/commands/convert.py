@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import OverwriteOption, SetOption, console
+from evo2_cli.commands.common import NoVerifyOption, OverwriteOption, SetOption, console
 from evo2_cli.errors import InputError
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ def to_vortex(
     ] = None,
     dtype: DtypeOption = "fp32",
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Export a checkpoint to an Evo 2 / Vortex .pt and a release-style config YAML.
 
@@ -75,7 +76,7 @@ def to_vortex(
     config_out = config_out or out.with_suffix(".yml")
     check_vortex_outputs(out, config_out, overwrite)
     torch_dtype = _dtype(dtype)
-    model = load_model(resolve_checkpoint(checkpoint))
+    model = load_model(resolve_checkpoint(checkpoint), verify=not no_verify)
     export_vortex(model, out, config_out, dtype=torch_dtype)
     console.print(f"[green]wrote[/] {out} and {config_out} ({model.num_parameters():,} parameters)")
 

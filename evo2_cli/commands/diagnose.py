@@ -13,6 +13,7 @@ import typer
 
 from evo2_cli.commands.common import (
     ConfigOption,
+    NoVerifyOption,
     OverwriteOption,
     SetOption,
     comma_list,
@@ -76,6 +77,7 @@ def diagnose_grads(
     device: DeviceOption = None,
     output: OutputOption = None,
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Per-layer gradient diagnostics: hcl forms, precisions, lrs and clipping side by side (exit 3 on an
     explosion), or spikes of an existing run (--run)."""
@@ -99,10 +101,10 @@ def diagnose_grads(
     d = job.diagnose
     check_output_dir(d.output_dir, overwrite)
     if d.run_dir is not None:
-        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, d.plots)
+        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, d.plots, not no_verify)
         problem = f"grad-norm spikes in {d.run_dir}"
     else:
-        healthy, written = _diagnose(job, overwrite)
+        healthy, written = _diagnose(job, overwrite, not no_verify)
         problem = "gradient explosion"
     console.print(f"[green]report:[/] {d.output_dir} ({', '.join(written)})")
     if d.plots and not any(name.endswith(".png") for name in written):
@@ -114,24 +116,24 @@ def diagnose_grads(
         raise DiagnosisFailed(f"{problem} found; see {d.output_dir / 'report.json'}")
 
 
-def _diagnose(job, overwrite: bool) -> tuple[bool, list[str]]:
+def _diagnose(job, overwrite: bool, verify: bool) -> tuple[bool, list[str]]:
     from evo2_cli.diagnose.report import summary_tables, write_report
     from evo2_cli.diagnose.run import run_diagnosis
 
     with console.status("diagnose-grads: starting") as status:
-        diagnosis = run_diagnosis(job, progress=status.update)
+        diagnosis = run_diagnosis(job, progress=status.update, verify=verify)
     for table in summary_tables(diagnosis):
         console.print(table)
     return diagnosis.healthy, write_report(diagnosis, job.diagnose.output_dir, overwrite)
 
 
 def _review(
-    run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool
+    run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool, verify: bool
 ) -> tuple[bool, list[str]]:
     from evo2_cli.diagnose.posthoc import review_run
     from evo2_cli.diagnose.report import review_tables, write_review
 
-    review = review_run(run_dir, settings)
+    review = review_run(run_dir, settings, verify)
     for table in review_tables(review):
         console.print(table)
     return review.healthy, write_review(review, output_dir, overwrite, plots)

@@ -15,6 +15,7 @@ import typer
 from evo2_cli.commands.common import (
     AllowDataChangeOption,
     ConfigOption,
+    NoVerifyOption,
     OverwriteOption,
     SetOption,
     console,
@@ -64,6 +65,7 @@ def finetune(
     ] = "auto",
     overwrite: OverwriteOption = False,
     allow_data_change: AllowDataChangeOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Finetune: the training loop of `evo2 train`, started from --from, with finetuning defaults."""
     if ctx.invoked_subcommand is not None:
@@ -83,7 +85,12 @@ def finetune(
     }
     job = resolve_config(FinetuneJob, config, set_, flags)
     result = run_finetune(
-        job, resume=resume, overwrite=overwrite, allow_data_change=allow_data_change, console=console
+        job,
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        verify=not no_verify,
+        console=console,
     )
     console.print(f"[green]checkpoint:[/] {result.checkpoint}")
     if result.best_checkpoint is not None:
@@ -102,6 +109,7 @@ def merge(
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32 or bf16.")] = "fp32",
     overwrite: OverwriteOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Fold LoRA adapters into the weights: a plain checkpoint for infer, convert and the official engine."""
     from evo2_cli.commands.convert import _dtype, check_vortex_outputs
@@ -113,7 +121,9 @@ def merge(
     check_replaceable(out, CHECKPOINT_DIR, overwrite)  # before loading; save_model checks again as it writes
     if vortex is not None:
         check_vortex_outputs(vortex, vortex.with_suffix(".yml"), overwrite)
-    model, merged = run_merge(checkpoint, out, vortex=vortex, dtype=torch_dtype, overwrite=overwrite)
+    model, merged = run_merge(
+        checkpoint, out, vortex=vortex, dtype=torch_dtype, overwrite=overwrite, verify=not no_verify
+    )
     console.print(
         f"[green]merged[/] {merged} LoRA layer(s); wrote {out} ({model.num_parameters():,} parameters)"
     )

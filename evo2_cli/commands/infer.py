@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import console
+from evo2_cli.commands.common import NoVerifyOption, console
 from evo2_cli.errors import InputError
 
 app = typer.Typer(
@@ -73,6 +73,7 @@ def _model(
     dtype: str,
     clamp_poles: float | None = None,
     threads: int = 0,
+    verify: bool = True,
 ):
     import torch
 
@@ -82,7 +83,9 @@ def _model(
         raise InputError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
     if threads:
         torch.set_num_threads(threads)
-    model = load_inference_model(path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles)
+    model = load_inference_model(
+        path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles, verify=verify
+    )
     parameter = next(model.parameters())
     console.print(
         f"model {path}: {model.num_parameters():,} parameters, {len(model.blocks)} blocks, "
@@ -160,6 +163,7 @@ def generate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
 
@@ -197,7 +201,7 @@ def generate(
     for path in (output, logprobs):
         if path is not None:
             check_output(path)
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     with _progress("generating", len(prompts) * num_samples * max_new_tokens) as advance:
         results = run_generate(
             model,
@@ -268,6 +272,7 @@ def score(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
@@ -285,7 +290,7 @@ def score(
             check_output(path)
     records = read_sequences(fasta)
     first = next(records, None)  # a missing or empty FASTA fails before the model loads
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
         if token_handle is not None:
@@ -346,6 +351,7 @@ def embed(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
@@ -359,7 +365,7 @@ def embed(
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output)
     sequences = list(read_sequences(fasta))
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     resolve_layer(model, layer)  # a bad --layer fails before any work
     with _progress("embedding (bases)", sum(len(s.tokens) for s in sequences)) as advance:
         result = embed_sequences(
@@ -417,6 +423,7 @@ def variants(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
@@ -430,7 +437,7 @@ def variants(
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
     planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
+    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     with _progress("variants (bases)", None) as advance:
         results = score_planned(model, listed, planned, batch_tokens=batch_tokens, on_tokens=advance)
     count = write_table(output, (r.row() for r in results), "tsv")

@@ -12,6 +12,7 @@ import typer
 from evo2_cli.commands.common import (
     AllowDataChangeOption,
     ConfigOption,
+    NoVerifyOption,
     OverwriteOption,
     SetOption,
     console,
@@ -39,6 +40,7 @@ def train(
     resume: ResumeOption = "auto",
     overwrite: OverwriteOption = False,
     allow_data_change: AllowDataChangeOption = False,
+    no_verify: NoVerifyOption = False,
 ) -> None:
     """Train from scratch; checkpoints go to train.run_dir/checkpoints (latest, best)."""
     from evo2_cli.train.config import TrainJob
@@ -46,7 +48,12 @@ def train(
 
     job = resolve_config(TrainJob, config, set_, {"train.device": ("--device", device)})
     result = run_training(
-        job, resume=resume, overwrite=overwrite, allow_data_change=allow_data_change, console=console
+        job,
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        verify=not no_verify,
+        console=console,
     )
     if result.is_main:
         console.print(f"[green]checkpoint:[/] {result.checkpoint}")

@@ -145,10 +145,10 @@ def run_seq_len(run_dir: Path) -> int:
 
 
 @torch.no_grad()
-def checkpoint_stats(directory: Path, step: int, seq_len: int) -> CheckpointStats:
+def checkpoint_stats(directory: Path, step: int, seq_len: int, verify: bool = True) -> CheckpointStats:
     from evo2_cli.model import load_model
 
-    model = load_model(directory)
+    model = load_model(directory, verify=verify)
     params = [p.detach().float() for p in model.parameters()]
     return CheckpointStats(
         step=step,
@@ -159,13 +159,15 @@ def checkpoint_stats(directory: Path, step: int, seq_len: int) -> CheckpointStat
     )
 
 
-def review_run(run_dir: Path, settings: GuardSection) -> RunReview:
+def review_run(run_dir: Path, settings: GuardSection, verify: bool = True) -> RunReview:
+    """Judge a run from its metrics and checkpoints (each checked against its sha256 unless `verify` is
+    False)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run directory; give the train.run_dir of an `evo2 train` run")
     steps = read_metrics(run_dir)
     seq_len = run_seq_len(run_dir)
     checkpoints = [
-        checkpoint_stats(d, int(d.name.removeprefix("step_")), seq_len) for d in step_dirs(run_dir)
+        checkpoint_stats(d, int(d.name.removeprefix("step_")), seq_len, verify) for d in step_dirs(run_dir)
     ]
     return RunReview(run_dir, seq_len, steps, find_spikes(steps, settings), checkpoints, settings)

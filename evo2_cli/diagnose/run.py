@@ -93,14 +93,16 @@ def place_slow_modes(model: nn.Module, count: int, lam: float) -> int:
     return moved
 
 
-def starting_model(job: DiagnoseJob) -> tuple[StripedHyena, str]:
-    """The weights every variant starts from (CPU, fp32), and where they came from."""
+def starting_model(job: DiagnoseJob, verify: bool = True) -> tuple[StripedHyena, str]:
+    """The weights every variant starts from (CPU, fp32), and where they came from (a checkpoint of ours is
+    checked against its sha256 unless `verify` is False)."""
     d = job.diagnose
     if d.checkpoint is not None:
         from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 
         # A Vortex .pt keeps its free poles as they are; each variant then converts to its own form.
-        model = load_inference_model(d.checkpoint, d.vortex_config, hcl_form="vortex").requires_grad_(True)
+        model = load_inference_model(d.checkpoint, d.vortex_config, hcl_form="vortex", verify=verify)
+        model.requires_grad_(True)
         source = str(resolve_checkpoint(d.checkpoint))
         if d.slow_modes > model.config.state_size:
             raise InputError(
@@ -205,11 +207,14 @@ def run_variant(
 # ---------------------------------------------------------------- all variants
 
 
-def run_diagnosis(job: DiagnoseJob, progress: Callable[[str], None] | None = None) -> Diagnosis:
-    """Every variant of `job`, one after the other, from the same weights and windows."""
+def run_diagnosis(
+    job: DiagnoseJob, progress: Callable[[str], None] | None = None, verify: bool = True
+) -> Diagnosis:
+    """Every variant of `job`, one after the other, from the same weights and windows (`verify`: see
+    `starting_model`)."""
     windows = split_windows(job.data, "train", job.diagnose.seed)  # dataset problems surface before training
     device = choose_device(job.diagnose.device)
-    base, source = starting_model(job)
+    base, source = starting_model(job, verify)
     results = []
     for variant in job.variant_list(base.config.hcl_form):
         results.append(run_variant(job, variant, base, windows, device, progress))

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -284,11 +283,17 @@ class TaskResult:
 
 
 def train_task(
-    job: FinetuneJob, *, resume: str = "auto", overwrite: bool = False, console: Console | None = None
+    job: FinetuneJob,
+    *,
+    resume: str = "auto",
+    overwrite: bool = False,
+    verify: bool = True,
+    console: Console | None = None,
 ) -> TaskResult:
-    """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA)."""
+    """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA);
+    checkpoints read are checked against their sha256 unless `verify` is False."""
     from evo2_cli.finetune.run import prepare
-    from evo2_cli.model.checkpoint import write_model_files
+    from evo2_cli.model.checkpoint import load_weights_into, write_model_files
     from evo2_cli.train.checkpoint import (
         RunDirectory,
         best_checkpoint,
@@ -311,19 +316,17 @@ def train_task(
     )
     # Locked from here (a second run on the run directory stops at once), before the weights load.
     with RunDirectory(job.train.run_dir, overwrite, say) as run:
-        prepared = prepare(job, outputs, console)
+        prepared = prepare(job, outputs, console, verify)
         job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
         # Nothing is written until the starting checkpoint has loaded (RunDirectory, as in the training loop).
-        start = run.starting_checkpoint(resume, job)
+        start = run.starting_checkpoint(resume, job, verify)
         torch.manual_seed(cfg.seed)
         model.to(device)
         optimizer = build_optimizer(model, job.optim)
         params = [p for p in model.parameters() if p.requires_grad]
         step, best = 0, math.inf
         if start is not None:
-            model.load_state_dict(
-                safetensors.torch.load_file(start / "model.safetensors", device=str(device))
-            )
+            load_weights_into(model, start, device)
             saved = read_train_state(start)
             optimizer.load_state_dict(saved["optimizer"])
             step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]

@@ -37,10 +37,12 @@ from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
     META_FILE,
     WEIGHTS_FILE,
-    CheckpointError,
+    check_file,
     check_tensors,
     load_checkpoint_config,
     load_model,
+    read_weights,
+    recorded_hashes,
     resolve_checkpoint_dir,
     save_model,
     write_model_files,
@@ -56,6 +58,7 @@ class StartingPoint:
     path: Path
     config: ModelConfig
     vortex_config: Path | None  # the release YAML of a Vortex .pt; None for our checkpoint directories
+    verify: bool = True  # check our checkpoint's files against their sha256 (False: --no-verify)
 
     def load(self, clamp_poles: float | None = None) -> StripedHyena:
         """The weights in fp32 on CPU, in train mode (`adapt` sets the device's dtypes, the loop moves them).
@@ -65,7 +68,7 @@ class StartingPoint:
         model package accepts."""
         if self.vortex_config is not None:
             return load_vortex(self.config, self.path, clamp_poles=clamp_poles).train().requires_grad_(True)
-        model = load_finetuned(self.path)
+        model = load_finetuned(self.path, self.verify)
         if hasattr(model, HEAD_NAME):
             raise InputError(
                 f"{self.path}: holds a task head; start from the backbone checkpoint it was trained from, "
@@ -75,8 +78,8 @@ class StartingPoint:
         return model.train().requires_grad_(True)
 
 
-def resolve_start(section: FinetuneSection) -> StartingPoint:
-    """Read the starting point's model config without loading its weights."""
+def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoint:
+    """Read the starting point's model config without loading its weights (`verify`: see StartingPoint)."""
     path = section.init_from
     if path is None:
         raise InputError(
@@ -97,7 +100,7 @@ def resolve_start(section: FinetuneSection) -> StartingPoint:
             f"finetune.init_config is only for a Vortex .pt; {path} is a checkpoint directory whose own "
             "config.yaml describes the model"
         )
-    return StartingPoint(path, load_checkpoint_config(path), None)
+    return StartingPoint(path, load_checkpoint_config(path, verify), None, verify)
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -170,12 +173,15 @@ class Prepared:
     device: torch.device
 
 
-def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) -> Prepared:
-    """Resolve, estimate (on a fake-tensor model), refuse when it does not fit, then load and adapt."""
+def prepare(
+    job: FinetuneJob, outputs: int = 0, console: Console | None = None, verify: bool = True
+) -> Prepared:
+    """Resolve, estimate (on a fake-tensor model), refuse when it does not fit, then load and adapt
+    (`verify`: check a checkpoint of ours against its sha256)."""
     from evo2_cli.train.distributed import choose_device
 
     say = console.print if console is not None else (lambda *a, **k: None)
-    start = resolve_start(job.finetune)
+    start = resolve_start(job.finetune, verify)
     config = model_config_for(job, start)
     job = dataclasses.replace(job, model=config)
     if job.finetune.method == "lora" and job.train.parallelism == "fsdp":
@@ -208,24 +214,27 @@ def finetune(
     resume: str = "auto",
     overwrite: bool = False,
     allow_data_change: bool = False,
+    verify: bool = True,
     hooks=None,
     console: Console | None = None,
 ):
     """Run a finetune (see the module docstring); returns the loop's TrainResult (or the task trainer's).
     `hooks` (a train.loop.TrainHooks) and `allow_data_change` reach the loop of a language-model
-    finetune."""
+    finetune; `verify` False (--no-verify) reads the starting and resumed checkpoints without checking
+    their sha256."""
     console = console or Console(stderr=True)
     if job.finetune.task != "lm":
         from evo2_cli.finetune.heads import train_task
 
-        return train_task(job, resume=resume, overwrite=overwrite, console=console)
+        return train_task(job, resume=resume, overwrite=overwrite, verify=verify, console=console)
     # A dataset problem fails before the weights load (minutes for a large model); the loop opens it again.
     split_windows(job.data, "train", job.train.seed)
     return train_language_model(
-        prepare(job, console=console),
+        prepare(job, console=console, verify=verify),
         resume=resume,
         overwrite=overwrite,
         allow_data_change=allow_data_change,
+        verify=verify,
         hooks=hooks,
         console=console,
     )
@@ -237,6 +246,7 @@ def train_language_model(
     resume: str = "auto",
     overwrite: bool = False,
     allow_data_change: bool = False,
+    verify: bool = True,
     hooks=None,
     console: Console | None = None,
 ):
@@ -248,6 +258,7 @@ def train_language_model(
         resume=resume,
         overwrite=overwrite,
         allow_data_change=allow_data_change,
+        verify=verify,
         model=prepared.model,
         trainable=lambda name, param: name in prepared.trainable,
         # Frozen weights may be bf16 on CUDA: checkpoints are always written in fp32.
@@ -268,18 +279,18 @@ def read_finetune_section(directory: Path) -> FinetuneSection | None:
     return build_config(FinetuneSection, raw["finetune"] or {}, name=str(directory / CONFIG_FILE))
 
 
-def load_finetuned(path: str | Path) -> StripedHyena:
+def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     """Any checkpoint directory of ours as a model: plain (as `load_model`), with LoRA adapters, or with a
-    task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files, checked
+    against their sha256 unless `verify` is False."""
     directory = checkpoint_dir(path)
+    hashes = recorded_hashes(directory, verify)
+    check_file(directory / CONFIG_FILE, hashes)
     section = read_finetune_section(directory)
     meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
     task = meta.get("task") or {}
     if section is None or (section.method != "lora" and not task):
-        return load_model(directory)
+        return load_model(directory, verify=verify)
     config = load_model_config(directory / CONFIG_FILE)
     with torch.device("meta"):
         model = StripedHyena(config)
@@ -287,13 +298,12 @@ def load_finetuned(path: str | Path) -> StripedHyena:
             attach_head(model, int(task["outputs"]))
         if section.method == "lora":
             inject_lora(model, section.lora)
-    weights = directory / WEIGHTS_FILE
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: cannot read: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_tensors(tensors, expected, str(weights), hint=f"the weights do not match {directory / CONFIG_FILE}")
+    hint = f"the weights do not match {directory / CONFIG_FILE}"
+    source = str(directory / WEIGHTS_FILE)
+    tensors = read_weights(
+        directory, hashes, check=lambda tensors: check_tensors(tensors, expected, source, hint=hint)
+    )
     model.load_state_dict(tensors, strict=True, assign=True)
     if task:
         model.task_classes = task.get("classes")
@@ -308,12 +318,15 @@ def merge(
     vortex_config: str | Path | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> tuple[StripedHyena, int]:
     """Fold the LoRA adapters of checkpoint `path` into its weights and write a plain checkpoint directory
     `out` (loadable by `load_model`); with `vortex`, also export it as a Vortex .pt + release YAML.
-    Returns the merged model and how many layers were merged (0 for a checkpoint without adapters)."""
+    Returns the merged model and how many layers were merged (0 for a checkpoint without adapters).
+    The source is checked against its sha256 first (unless `verify` is False): the output's fresh hashes
+    must never vouch for corrupted weights."""
     directory = checkpoint_dir(path)
-    model = load_finetuned(directory)
+    model = load_finetuned(directory, verify)
     if hasattr(model, HEAD_NAME):
         raise InputError(
             f"{directory}: holds a {json.loads((directory / META_FILE).read_text())['task']['kind']} head; "

@@ -91,13 +91,15 @@ def load_inference_model(
     dtype: str | torch.dtype = "fp32",
     hcl_form: str | None = None,
     clamp_poles: float | None = None,
+    verify: bool = True,
 ) -> StripedHyena:
     """The model at `path` (see module docstring) on `device` in `dtype` (hyena filter parameters stay fp32),
     in eval mode, gradients off.
 
     `vortex_config` is required for a Vortex `.pt` and refused for our checkpoints (they carry their own
     config). `hcl_form` / `clamp_poles` apply to Vortex imports (see `evo2_cli.model.vortex.load_vortex`).
-    A checkpoint whose tensors do not match its config is an InputError (exit 2) naming the key.
+    A checkpoint whose tensors do not match its config is an InputError (exit 2) naming the key, and so is
+    one whose files do not match the sha256 in its meta.json, unless `verify` is False (--no-verify).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
@@ -119,7 +121,7 @@ def load_inference_model(
             raise InputError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
         from evo2_cli.model.checkpoint import load_model
 
-        model = load_model(source)
+        model = load_model(source, verify=verify)
     model = model.to(device=device)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

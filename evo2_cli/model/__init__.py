@@ -41,8 +41,9 @@ Vortex / Evo 2 checkpoints (evo2_cli.model.vortex)
 Our checkpoint directory (evo2_cli.model.checkpoint)
     save_model(model, directory, extra_config=None, meta=None)
                                     model.safetensors + config.yaml (`model:` section) + meta.json
-    load_model(directory, map_location='cpu') -> StripedHyena
-    load_checkpoint_config(directory) -> ModelConfig
+    load_model(directory, map_location='cpu', dtype=None, verify=True) -> StripedHyena
+    load_checkpoint_config(directory, verify=True) -> ModelConfig
+                                    verify: the files' sha256 against meta.json (False: --no-verify)
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ Files are read with `torch.load(weights_only=True)`: a `.pt` carrying pickled Py
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -30,7 +29,13 @@ import yaml
 from torch import Tensor
 
 from evo2_cli.fsio import atomic_path, atomic_write_text, file_kind
-from evo2_cli.model.checkpoint import CheckpointError, build_model, check_tensors, expected_shapes
+from evo2_cli.model.checkpoint import (
+    CheckpointError,
+    build_model,
+    check_tensors,
+    expected_shapes,
+    load_tensor_file,
+)
 from evo2_cli.model.config import ModelConfig, load_model_config
 from evo2_cli.model.model import AttentionBlock, LongFilter, StripedHyena, modal_poles
 
@@ -50,16 +55,7 @@ def read_vortex_checkpoint(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path}: cannot read as a PyTorch checkpoint: not a torch.save zip archive (or a truncated one)"
         )
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled Python objects, not only tensors ({first}); "
-            "only weights_only-loadable checkpoints are read"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {exc}") from None
+    data = load_tensor_file(path, mmap=True)
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     tensors = {}

@@ -38,7 +38,13 @@ from evo2_cli.fsio import (
     sha256_file,
     temporary_sibling,
 )
-from evo2_cli.model.checkpoint import CHECKPOINT_DIR
+from evo2_cli.model.checkpoint import (
+    CHECKPOINT_DIR,
+    WEIGHTS_FILE,
+    check_file,
+    load_tensor_file,
+    recorded_hashes,
+)
 
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
@@ -110,27 +116,28 @@ def _rotate(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Read meta.json and check every file's sha256; returns the meta. InputError names what is wrong."""
+def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
+    """Check every file a resume reads against the sha256 in meta.json (the model package's verification;
+    `verify=False`: only that they exist); returns the meta. InputError names what is wrong."""
     directory = Path(directory)
     meta_path = directory / META
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: not a training checkpoint (no {META})")
+    hashes = recorded_hashes(directory, verify)
+    for name in dict.fromkeys([*(hashes or {}), WEIGHTS_FILE, CONFIG, TRAIN_STATE]):
+        path = directory / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
+        check_file(path, hashes)
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{directory}: not a training checkpoint (no {META})") from None
+        return json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{meta_path}: unreadable: {exc}") from None
-    for name, digest in meta.get("files", {}).items():
-        path = directory / name
-        if not path.is_file() or sha256_file(path) != digest:
-            raise InputError(
-                f"{path}: missing or does not match the sha256 in {META}; the checkpoint is corrupt"
-            )
-    return meta
 
 
 def read_train_state(directory: Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    """The train state of a checkpoint directory (tensor-only; a pickle payload is refused, never run)."""
+    return load_tensor_file(Path(directory) / TRAIN_STATE)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -226,10 +233,10 @@ class RunDirectory:
                 "pass --overwrite to replace it or choose another train.run_dir"
             )
 
-    def starting_checkpoint(self, resume: str, job: Any) -> Path | None:
-        """The verified checkpoint the run starts from, after `check`: with `resume` "auto", the run
-        directory's latest one (None for a fresh run or one --overwrite replaces); else the checkpoint
-        directory `resume`. Writes nothing."""
+    def starting_checkpoint(self, resume: str, job: Any, verify: bool = True) -> Path | None:
+        """The verified checkpoint the run starts from (`verify=False`: --no-verify), after `check`: with
+        `resume` "auto", the run directory's latest one (None for a fresh run or one --overwrite replaces);
+        else the checkpoint directory `resume`. Writes nothing."""
         self.check(job)
         if resume != "auto":
             source = Path(resume)
@@ -238,13 +245,13 @@ class RunDirectory:
                     f"--resume {resume} lies inside {self.path}, which --overwrite replaces; copy the "
                     "checkpoint elsewhere first, or resume without --overwrite"
                 )
-            verify_checkpoint(source)
+            verify_checkpoint(source, verify)
             return source
         if self.overwrite:
             return None
         start = latest_checkpoint(self.path)
         if start is not None:
-            verify_checkpoint(start)
+            verify_checkpoint(start, verify)
         return start
 
     def claim(self, job_yaml: str) -> None:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -38,7 +37,7 @@ from torch import nn
 from evo2_cli.config import to_yaml
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
-from evo2_cli.model.checkpoint import all_finite, build_model
+from evo2_cli.model.checkpoint import all_finite, build_model, load_weights_into, read_weights
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
     RunDirectory,
@@ -127,6 +126,7 @@ def train(
     resume: str = "auto",
     overwrite: bool = False,
     allow_data_change: bool = False,
+    verify: bool = True,
     model: nn.Module | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     hooks: TrainHooks | None = None,
@@ -134,8 +134,9 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
-    if any) or a checkpoint directory. A resume refuses datasets whose content changed since the checkpoint
-    unless `allow_data_change`."""
+    if any) or a checkpoint directory, whose files are checked against their sha256 unless `verify` is
+    False (--no-verify). A resume refuses datasets whose content changed since the checkpoint unless
+    `allow_data_change`."""
     cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = watch = None
@@ -161,7 +162,7 @@ def train(
         # checkpoint has loaded, and an old run --overwrite replaces stays until the first checkpoint
         run = RunDirectory(cfg.run_dir, overwrite, say)
         run_on_main(runtime, lambda: signals.enter_context(run))
-        start = run.starting_checkpoint(resume, job)
+        start = run.starting_checkpoint(resume, job, verify)
         saved = read_train_state(start) if start is not None else None
         if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
             _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
@@ -506,20 +507,13 @@ def _stop_on_signals(announce: bool) -> Iterator[threading.Event]:
 
 
 def _load_weights(model: nn.Module, directory: Path, fsdp: bool = False) -> None:
-    path = Path(directory) / "model.safetensors"
-    try:
-        weights = safetensors.torch.load_file(path)
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise InputError(f"{path}: cannot read model weights: {exc}") from None
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    if not fsdp:
+        load_weights_into(model, directory)
         return
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: weights do not fit the configured model: {exc}") from None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = read_weights(directory, None)  # a rollback: a checkpoint of this run, of this model
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, fsdp: bool) -> None:
