@@ -32,6 +32,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from evo2_cli.config import to_yaml
+from evo2_cli.console import make_console
 from evo2_cli.data.alphabet import PAD_ID, UPPERCASE
 from evo2_cli.data.fasta import display, read_fasta
 from evo2_cli.data.preprocess import split_of
@@ -299,7 +300,7 @@ def train_task(
     from evo2_cli.train.metrics import MetricsLog
     from evo2_cli.train.optim import build_optimizer, learning_rate
 
-    console = console or Console(stderr=True)
+    console = console or make_console()
     say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
     task, section = job.finetune.task, job.finetune.labels
     train_set, val_set, classes = read_labeled(section, task, job.data.seq_len, job.train.seed)

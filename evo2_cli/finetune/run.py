@@ -26,6 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from evo2_cli.config import build_config, read_yaml, to_dict
+from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
 from evo2_cli.finetune.freeze import trainable_names
@@ -212,7 +213,7 @@ def finetune(
 ):
     """Run a finetune (see the module docstring); returns the loop's TrainResult (or the task trainer's).
     `hooks` (a train.loop.TrainHooks) reach the loop of a language-model finetune."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if job.finetune.task != "lm":
         from evo2_cli.finetune.heads import train_task
 

@@ -35,6 +35,7 @@ from rich.console import Console
 from torch import nn
 
 from evo2_cli.config import to_yaml
+from evo2_cli.console import make_console
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
 from evo2_cli.model.checkpoint import all_finite, build_model
@@ -122,7 +123,7 @@ def train(
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
     if any) or a checkpoint directory."""
-    cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
+    cfg, hooks, console = job.train, hooks or TrainHooks(), console or make_console()
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
