@@ -868,3 +868,16 @@ def test_progress_from_workers_adds_up(tmp_path):
     )
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [(b"%s\nAC*GT\n", "has '*'"), (b"%s\nACGT\n%s\nACGT\n", "duplicate record id")],
+)
+def test_a_huge_record_id_is_quoted_short(tmp_path, body, problem):
+    header = b">r" + b"x" * (1 << 20)
+    source = tmp_path / "in.fa"
+    source.write_bytes(body.replace(b"%s", header))
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "out"), "--split", "1,0,0"])
+    assert result.exit_code == 2 and problem in result.stderr
+    assert len(result.stderr) < 2000 and "(1,048,577 characters)" in result.stderr

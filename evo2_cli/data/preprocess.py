@@ -51,7 +51,7 @@ from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
 from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
-from evo2_cli.errors import Evo2Error, InputError
+from evo2_cli.errors import Evo2Error, InputError, shorten
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text, pread_exact, sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -191,11 +191,11 @@ def load_tags(path: Path) -> tuple[TagRule, ...]:
         pattern, sep, lineage = line.partition("\t")
         lineage = lineage.strip()
         if not sep or not pattern:
-            raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {line!r}")
+            raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {shorten(repr(line))}")
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise InputError(f"{path}:{number}: bad regex {pattern!r}: {exc}") from None
+            raise InputError(f"{path}:{number}: bad regex {shorten(repr(pattern))}: {exc}") from None
         inner = lineage[1:-1]
         if not (
             len(lineage) > 2 and lineage[0] == lineage[-1] == "|" and "|" not in inner and inner.isascii()
@@ -320,7 +320,7 @@ def _write_records(
         record = int(np.searchsorted(columns.document_ends, np.argmax(columns.lengths), side="right"))
         where = record_place(task.path, task.regions, int(columns.fixed["line"][record]))
         raise InputError(
-            f"{where}: record '{display(columns.ids[record])}' makes a "
+            f"{where}: record '{shorten(display(columns.ids[record]))}' makes a "
             f"document of {columns.lengths.max():,} tokens; the dataset format holds at most "
             f"{MAX_DOCUMENT_TOKENS:,} per document: cut long records with --set preprocess.chunk_length=N"
         )
@@ -881,8 +881,8 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
                 first = record_place(*sources[repeat.first_input], repeat.first_line)
                 raise InputError(
                     f"{record_place(*sources[repeat.input_index], repeat.line)}: duplicate record id "
-                    f"'{display(repeat.record_id)}' (also at {first}); make ids unique, or keep both with "
-                    "--set preprocess.duplicate_ids=keep"
+                    f"'{shorten(display(repeat.record_id))}' (also at {first}); make ids unique, or keep "
+                    "both with --set preprocess.duplicate_ids=keep"
                 )
             with _progress_bar(console, stored, "writing", "documents") as advance:
                 for index, name in enumerate(SPLITS):
