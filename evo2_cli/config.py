@@ -127,6 +127,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         loader.dispose()
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    if not data:  # every command refuses it alike, rather than running on defaults the user never saw
+        raise InputError(f"{path}: empty config file; write the sections to set in it (examples in configs/)")
     return data, lines
 
 

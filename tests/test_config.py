@@ -194,3 +194,45 @@ def test_quoted_values_are_cut_to_a_few_hundred_characters(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_config(Job, None, overrides)
         assert len(str(info.value)) < 1000 and "1,048,5" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "{}\n"])
+def test_an_empty_config_file_is_refused_by_every_command(tmp_path, text):
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    path = write(tmp_path, text)
+    for args in (["config", "validate"], ["config", "validate", "--kind", "train"], ["train", "-c"]):
+        result = CliRunner().invoke(app, [*args, str(path)])
+        assert result.exit_code == 2 and f"{path}: empty config file" in result.stderr, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "sections"),
+    [
+        ("train", {"train": {"max_steps": 3}}),
+        ("finetune", {"finetune": {"init_from": "ckpt"}}),
+        ("diagnose", {"model": {"preset": "test"}}),
+    ],
+)
+def test_no_hidden_default_dataset(tmp_path, kind, sections):
+    from evo2_cli.config import build_config
+    from evo2_cli.schemas import schema_for
+
+    with pytest.raises(ConfigError) as info:
+        build_config(schema_for(kind), sections, name="job.yaml")
+    assert info.value.key == "data.datasets" and info.value.where == "job.yaml"
+    assert "--set 'data.datasets=[{path: DIR}]'" in str(info.value)
+    with_data = {**sections, "data": {"datasets": [{"path": "ds"}]}}
+    assert build_config(schema_for(kind), with_data).data.datasets[0].path == Path("ds")
+
+
+def test_a_finetune_head_reads_no_dataset():
+    from evo2_cli.config import build_config
+    from evo2_cli.finetune.config import FinetuneJob
+
+    labels = {"fasta": ["labeled.fa"], "header_regex": "label=(\\S+)"}
+    job = build_config(FinetuneJob, {"finetune": {"task": "classify", "labels": labels}})
+    assert job.data.datasets == []

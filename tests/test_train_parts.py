@@ -258,14 +258,17 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
     verify_checkpoint(latest_checkpoint(tmp_path))
 
 
+TEST_RUN = {"model": {"preset": "test"}, "data": {"datasets": [{"path": "dataset"}]}}
+
+
 def test_run_dir_of_another_config_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    job = build_config(TrainJob, {"model": {"preset": "test"}})
+    job = build_config(TrainJob, TEST_RUN)
     claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)
     claim_run_dir(run_dir, job, to_yaml(job), overwrite=False)  # same identity: fine
-    longer = build_config(TrainJob, {"model": {"preset": "test"}, "train": {"max_steps": 5000}})
+    longer = build_config(TrainJob, {**TEST_RUN, "train": {"max_steps": 5000}})
     claim_run_dir(run_dir, longer, to_yaml(longer), overwrite=False)  # run control may change
-    other = build_config(TrainJob, {"model": {"preset": "test"}, "optim": {"lr": 1e-2}})
+    other = build_config(TrainJob, {**TEST_RUN, "optim": {"lr": 1e-2}})
     with pytest.raises(InputError, match=r"different config \(optim.lr differ\)"):
         claim_run_dir(run_dir, other, to_yaml(other), overwrite=False)
     (run_dir / "keep.txt").write_text("x")
