@@ -250,7 +250,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(
-        Evo2Error, match=r"No space left on device; the previous checkpoint .*step_00000005 is intact"
+        Evo2Error,
+        match=r"no space left on device \(.* bytes free .*\); the previous checkpoint .*step_00000005 is",
     ):
         save(tmp_path, 6, write_model=full_disk)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()] == ["step_00000005"]
