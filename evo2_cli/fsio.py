@@ -72,7 +72,7 @@ class DiskFullError(Evo2Error):
 
     def __init__(self, target: Path, code: int):
         self.target, self.code = Path(target), code
-        super().__init__(str(target))
+        super().__init__(target, code)  # the arguments, so that it pickles back
 
     @property
     def reason(self) -> str:

@@ -34,7 +34,7 @@ class DatasetSource:
 
 @dataclass
 class DataSection:
-    # No default: a config that names no dataset is refused, never trained on a path it did not give.
+    # Empty unless given, and then refused (require_datasets): never a path the user did not name.
     datasets: list[DatasetSource] = field(default_factory=list)
     seq_len: int = 1024
     lowercase_weight: float = 0.1  # loss weight of soft-masked (lowercase) labels
@@ -142,11 +142,11 @@ class TrainJob:
             "optim.global_batch",
             f"{self.optim.global_batch} is not a multiple of train.micro_batch={self.train.micro_batch}",
         )
-
         if self.needs_datasets():
             require_datasets(self.data)
 
     def needs_datasets(self) -> bool:
+        """Whether the job reads training windows from data.datasets."""
         return True
 
     def identity(self) -> dict:
