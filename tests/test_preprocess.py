@@ -145,16 +145,16 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
 def test_workers_start_without_a_fork_server_when_its_socket_path_is_too_long(monkeypatch):
     # A fork server binds a socket under the temporary directory: past ~107 bytes (a long $TMPDIR) it cannot.
     monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
-    assert not pre._forkserver_usable()
+    assert pre._start_method() == "spawn"
     monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
-    assert pre._forkserver_usable() == ("forkserver" in pre.multiprocessing.get_all_start_methods())
+    available = "forkserver" in pre.multiprocessing.get_all_start_methods()
+    assert pre._start_method() == ("forkserver" if available else "spawn")
 
 
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
     """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
-    method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
-    process_class = pre.multiprocessing.get_context(method).Process
+    process_class = pre.multiprocessing.get_context(pre._start_method()).Process
     original_start, started = process_class.start, []
 
     def start(self):

@@ -543,15 +543,15 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
         return _run_in_workers(tasks, job, min(workers, len(tasks)), advance)
 
 
-def _forkserver_usable() -> bool:
-    """The fork server listens on a socket under the temporary directory, and a socket path longer than the
-    AF_UNIX limit (107 bytes on Linux, 103 on macOS) cannot be bound: a long $TMPDIR, common on clusters,
-    would stop every multi-worker run. Spawn needs no socket."""
+def _start_method() -> str:
+    """'forkserver' where it can run, else 'spawn'. The fork server listens on a socket under the temporary
+    directory, and a socket path longer than the AF_UNIX limit (107 bytes on Linux, 103 on macOS) cannot be
+    bound: a long $TMPDIR, common on clusters, would stop every multi-worker run. Spawn needs no socket."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
+        return "spawn"
     # The name forkserver gives its socket: listener- and 8 random characters.
     socket_path = os.path.join(multiprocessing.util.get_temp_dir(), "listener-12345678")
-    return len(os.fsencode(socket_path)) <= 103
+    return "forkserver" if len(os.fsencode(socket_path)) <= 103 else "spawn"
 
 
 def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
@@ -560,7 +560,7 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
     hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once."""
     # A fork server imports this module once, in a clean process, and forks each worker from it: workers
     # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
-    method = "forkserver" if _forkserver_usable() else "spawn"
+    method = _start_method()
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload([__name__])
