@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import signal
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -69,11 +71,26 @@ class _Evo2Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except Evo2Error as exc:
-            from evo2_cli.commands.common import console
+            _fail(exc)
+        except Exception as exc:
+            # A full disk met outside the atomic writers (which report it themselves): a message, not a
+            # traceback. Any other unexpected error keeps its traceback for the bug report.
+            from evo2_cli.fsio import full_disk_errno, full_disk_reason
 
-            console.print("[bold red]error:[/] ", end="")
-            console.print(str(exc), highlight=False, markup=False)
-            raise typer.Exit(exc.exit_code) from None
+            code = full_disk_errno(exc)
+            if code is None:
+                raise
+            name = getattr(exc, "filename", None)
+            what = f"cannot write {name}: {full_disk_reason(code, Path(name))}" if name else os.strerror(code)
+            _fail(Evo2Error(f"{what}; free some space and run again"))
+
+
+def _fail(exc: Evo2Error) -> NoReturn:
+    from evo2_cli.commands.common import console
+
+    console.print("[bold red]error:[/] ", end="")
+    console.print(str(exc), highlight=False, markup=False)
+    raise typer.Exit(exc.exit_code) from None
 
 
 app = typer.Typer(

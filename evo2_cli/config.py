@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from evo2_cli.errors import ConfigError, InputError
+from evo2_cli.errors import ConfigError, InputError, shorten
 
 T = TypeVar("T")
 
@@ -63,14 +63,36 @@ def parse_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _check_tag(loader: _Loader, node: yaml.Node, path: KeyPath, name: str) -> None:
+    """Refuse an explicit tag that is not plain data. The walk below builds mappings and lists itself, so
+    without this a `!!python/object:...` mapping would pass as a plain one (and read as unknown keys)."""
+    if isinstance(node, yaml.MappingNode):
+        plain = node.tag == yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG
+    elif isinstance(node, yaml.SequenceNode):
+        plain = node.tag == yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG
+    else:
+        plain = node.tag in loader.yaml_constructors
+    if plain:
+        return
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    where = f"{name}:{node.start_mark.line + 1}"
+    if tag.startswith("!!python/"):
+        problem = f"unsafe YAML tag '{shorten(tag)}': a config holds plain values, never Python objects"
+    else:
+        problem = f"unsupported YAML tag '{shorten(tag)}'"
+    raise ConfigError(".".join(path), problem, where, "remove the tag")
+
+
 def _node_to_python(loader: _Loader, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], name: str):
+    _check_tag(loader, node, path, name)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node)
             line = key_node.start_mark.line + 1
             if not isinstance(key, str):
-                raise ConfigError(".".join(path), f"keys must be strings, got {key!r}", f"{name}:{line}")
+                problem = f"keys must be strings, got {shorten(repr(key))}"
+                raise ConfigError(".".join(path), problem, f"{name}:{line}")
             if key in out:
                 dotted = ".".join((*path, key))
                 raise ConfigError(dotted, "appears twice", f"{name}:{line}", "keep one of the two entries")
@@ -105,6 +127,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         loader.dispose()
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    if not data:  # every command refuses it alike, rather than running on defaults the user never saw
+        raise InputError(f"{path}: empty config file; write the sections to set in it (examples in configs/)")
     return data, lines
 
 
@@ -115,6 +139,12 @@ class _Source:
         self.name, self.lines, self.overridden = name, lines, overridden
 
     def where(self, path: KeyPath) -> str | None:
+        if path and path not in self.lines and path not in self.overridden:
+            # A section no file gives, made by an override of a key inside it: `--set foo.bar=1` makes 'foo'.
+            made_by = (label for key, label in self.overridden.items() if key[: len(path)] == path)
+            label = next(made_by, None)
+            if label is not None:
+                return label
         for end in range(len(path), 0, -1):
             if path[:end] in self.overridden:
                 return self.overridden[path[:end]]
@@ -141,7 +171,7 @@ def _coerce(tp: Any, value: Any, path: KeyPath, source: _Source) -> Any:
     dotted = ".".join(path)
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(dotted, f"expected {expected}, got {value!r}", source.where(path))
+        return ConfigError(dotted, f"expected {expected}, got {shorten(repr(value))}", source.where(path))
 
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -221,7 +251,8 @@ def _coerce(tp: Any, value: Any, path: KeyPath, source: _Source) -> Any:
 def _build(cls: type[T], raw: Any, prefix: KeyPath, source: _Source) -> T:
     dotted = ".".join(prefix) or "<root>"
     if not isinstance(raw, dict):
-        raise ConfigError(dotted, f"expected a mapping of keys, got {raw!r}", source.where(prefix))
+        problem = f"expected a mapping of keys, got {shorten(repr(raw))}"
+        raise ConfigError(dotted, problem, source.where(prefix))
     expand = getattr(cls, "expand_config", None)
     if expand is not None:
         try:
@@ -273,11 +304,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(key, f"--set expects section.key=value, got {assignment!r}", "--set")
+        raise ConfigError(key, f"--set expects section.key=value, got {shorten(repr(assignment))}", "--set")
     try:
         value = parse_yaml_value(text) if text.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse value {text!r}: {exc}", "--set") from None
+        raise ConfigError(key, f"cannot parse value {shorten(repr(text))}: {exc}", "--set") from None
     path = tuple(key.split("."))
     node = raw
     for depth, part in enumerate(path[:-1]):
@@ -323,7 +354,7 @@ def build_config(
     for override in overrides:
         assignment, label = (override, None) if isinstance(override, str) else override
         path = apply_override(raw, assignment)
-        overridden[path] = label or "--set " + ".".join(path)
+        overridden[path] = label or "--set " + shorten(".".join(path))
     return _build(cls, raw, (), _Source(name, lines or {}, overridden))
 
 

@@ -6,6 +6,17 @@ the CLI turns them into a one-paragraph message and the exit code, never a trace
 
 from __future__ import annotations
 
+# The most characters of one value from the user's input (a record id, a config value, a line of a file) that
+# a message quotes: a 1 MB record id must not become 1 MB of stderr.
+QUOTE_LIMIT = 200
+
+
+def shorten(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` as a message quotes it: whole up to `limit` characters, else its start and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
 
 class Evo2Error(Exception):
     """A failure the user should see as a message, not a traceback."""
@@ -25,7 +36,7 @@ class ConfigError(InputError):
     def __init__(self, key: str, message: str, where: str | None = None, hint: str | None = None):
         self.key, self.where, self.hint = key, where, hint
         text = f"{where}: " if where else ""
-        text += f"config key '{key}': {message}" if key else message
+        text += f"config key '{shorten(key)}': {message}" if key else message
         if hint:
             text += f"\n  hint: {hint}"
         super().__init__(text)

@@ -4,6 +4,7 @@ Nothing half-written ever carries a final name, and nothing evo2 did not write i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo2_cli.errors import InputError
+from evo2_cli.errors import Evo2Error, InputError
 
 HOST = socket.gethostname()
 
@@ -214,6 +215,65 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def full_disk_errno(exc: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when `exc` comes from a full filesystem or quota: an OSError, an error raised while
+    handling one (torch's writer wraps the OSError of the file it writes to), or a library error that quotes
+    the OS error (safetensors: '... (os error 28)'). None otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc.errno
+        quoted = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
+        if quoted and int(quoted.group(1)) in _FULL:
+            return int(quoted.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def full_disk_reason(code: int, path: Path) -> str:
+    """'no space left on device (N bytes free on that filesystem)', for the filesystem of `path` (or of its
+    nearest existing parent)."""
+    for directory in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return f"{_FULL[code]} ({shutil.disk_usage(directory).free:,} bytes free on that filesystem)"
+    return _FULL[code]
+
+
+class DiskFullError(Evo2Error):
+    """A write to `target` stopped by a full filesystem or quota. The text is made when it is shown, after
+    the writer removed its temporary output: the free bytes and what is intact are those the user finds."""
+
+    def __init__(self, target: Path, code: int):
+        self.target, self.code = Path(target), code
+        super().__init__(target, code)  # the arguments, so that it pickles back
+
+    @property
+    def reason(self) -> str:
+        return full_disk_reason(self.code, self.target)
+
+    def __str__(self) -> str:
+        exists = self.target.exists()
+        intact = f"the existing {self.target} is untouched" if exists else "nothing was left behind"
+        return f"cannot write {self.target}: {self.reason}; {intact}"
+
+
+@contextlib.contextmanager
+def reporting_full_disk(target: Path) -> Iterator[None]:
+    """Turn a full disk met while `target` is written into a DiskFullError naming `target`. Nested writers (a
+    file inside an output directory) report the outermost: the output the user asked for."""
+    try:
+        yield
+    except Exception as exc:
+        code = full_disk_errno(exc)
+        if code is None:
+            raise
+        raise DiskFullError(target, code) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write by name (a library's `save_file`, which
@@ -221,12 +281,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     over `path`, on any error removed."""
     tmp = temporary_sibling(path)
     try:
-        yield tmp
-        # The umask's permissions, as for any other file: safetensors creates its files 0600, and a checkpoint
-        # the rest of the group cannot read is a surprise on a shared cluster.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        with reporting_full_disk(path):
+            yield tmp
+            # The umask's permissions, as for any other file: safetensors creates its files 0600, and a
+            # checkpoint the rest of the group cannot read is a surprise on a shared cluster.
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -266,7 +327,8 @@ def atomic_output_dir(
             tmp.mkdir()
         except OSError as exc:
             raise InputError(f"{final.parent}: cannot write here: {exc.strerror}") from None
-        yield tmp
+        with reporting_full_disk(final):
+            yield tmp
         old = temporary_sibling(final, "old")
         shutil.rmtree(old, ignore_errors=True)  # left by a crashed run with the same pid: not ours to restore
         try:

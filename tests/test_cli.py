@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -73,7 +74,11 @@ def test_a_device_that_cannot_run_the_self_test_is_a_failed_check(monkeypatch):
     assert "RuntimeError: CUDA error" in result.output and "FAIL" in result.output
 
 
-def test_root_help_lists_the_exit_codes():
+def test_root_help_lists_the_exit_codes(monkeypatch):
+    import typer.rich_utils
+
+    # Help is drawn in panels at the terminal's width (COLUMNS when piped): pin a width it fits in.
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 200)
     result = runner.invoke(app, ["-h"])
     assert result.exit_code == 0 and "Exit codes: 0 ok, 1 failure, 2 bad input" in result.output
 
@@ -142,3 +147,32 @@ def test_a_device_that_cannot_be_queried_is_a_failed_check(monkeypatch):
     checks = {check.name: check for check in doctor.environment_checks()}
     assert not checks["cuda:0"].ok and checks["cuda:0"].required
     assert checks["cuda:0"].detail == "RuntimeError: CUDA error: no CUDA-capable device is detected"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_wraps_only_in_a_terminal(monkeypatch):
+    """A log or a pipe gets whole lines whatever COLUMNS says; a terminal gets lines cut at its width."""
+    from evo2_cli.console import make_console
+
+    monkeypatch.setenv("COLUMNS", "40")
+    message = "error: " + "/a-long-directory" * 12 + "/missing: model not found"
+    console = make_console()
+    console.file = io.StringIO()
+    console.print(message, highlight=False)
+    assert console.file.getvalue() == message + "\n"
+    console.file = _Terminal()
+    console.print(message, highlight=False)
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) > 1 and max(len(line) for line in lines) <= 40
+
+
+def test_an_error_naming_a_long_path_stays_on_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    missing = tmp_path / ("d" * 150) / "missing"
+    result = runner.invoke(app, ["convert", "to-vortex", str(missing), "--out", str(tmp_path / "o.pt")])
+    assert result.exit_code == 2
+    assert f"error: {missing}: model not found" in result.output.splitlines()[0]

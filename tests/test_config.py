@@ -151,3 +151,88 @@ def test_set_one_key_of_a_listed_dataset():
     shipped = Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny-cpu.yaml"
     job = load_config(TrainJob, shipped, ["data.datasets.0.path=/data/mine"])
     assert str(job.data.datasets[0].path) == "/data/mine"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "line", "problem"),
+    [
+        ("run:\n  steps: !!python/object/apply:os.system [echo hi]\n", "run.steps", 2, "unsafe YAML tag"),
+        ("\nrun: !!python/object:os.system\n  nosuch: 1\n", "run", 2, "unsafe YAML tag"),
+        ("run:\n  tags: !!python/tuple [a]\n", "run.tags", 2, "unsafe YAML tag"),
+        ("!!python/object/apply:os.system\n- echo hi\n", "", 1, "unsafe YAML tag"),
+        ("run:\n  name: !custom abc\n", "run.name", 2, "unsupported YAML tag '!custom'"),
+    ],
+)
+def test_a_yaml_tag_that_builds_objects_is_refused_as_such(tmp_path, yaml_text, key, line, problem):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path)
+    assert info.value.key == key and info.value.where == f"{path}:{line}"
+    assert problem in str(info.value) and "unknown key" not in str(info.value)
+
+
+def test_plain_yaml_tags_still_read():
+    assert load_config(Job, None, ["run.name=!!str 12"]).run.name == "12"
+
+
+def test_an_unknown_section_made_by_set_is_blamed_on_set(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0\n")
+    for assignment, key in (("foo.bar=1", "foo"), ("optim.foo.x=1", "optim.foo")):
+        with pytest.raises(ConfigError) as info:
+            load_config(Job, path, [assignment])
+        assert info.value.key == key and info.value.where == "--set " + assignment.split("=")[0]
+    # A section the file has keeps the file's line, even when an override reaches inside it.
+    path = write(tmp_path, "foo:\n  a: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path, ["foo.bar=1"])
+    assert info.value.where == f"{path}:1"
+
+
+def test_quoted_values_are_cut_to_a_few_hundred_characters(tmp_path):
+    huge = "x" * (1 << 20)
+    for overrides in ([f"run.steps={huge}"], [f"run.{huge}=1"], [f"{huge}"]):
+        with pytest.raises(ConfigError) as info:
+            load_config(Job, None, overrides)
+        assert len(str(info.value)) < 1000 and "1,048,5" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "{}\n"])
+def test_an_empty_config_file_is_refused_by_every_command(tmp_path, text):
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    path = write(tmp_path, text)
+    for args in (["config", "validate"], ["config", "validate", "--kind", "train"], ["train", "-c"]):
+        result = CliRunner().invoke(app, [*args, str(path)])
+        assert result.exit_code == 2 and f"{path}: empty config file" in result.stderr, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "sections"),
+    [
+        ("train", {"train": {"max_steps": 3}}),
+        ("finetune", {"finetune": {"init_from": "ckpt"}}),
+        ("diagnose", {"model": {"preset": "test"}}),
+    ],
+)
+def test_no_hidden_default_dataset(tmp_path, kind, sections):
+    from evo2_cli.config import build_config
+    from evo2_cli.schemas import schema_for
+
+    with pytest.raises(ConfigError) as info:
+        build_config(schema_for(kind), sections, name="job.yaml")
+    assert info.value.key == "data.datasets" and info.value.where == "job.yaml"
+    assert "--set 'data.datasets=[{path: DIR}]'" in str(info.value)
+    with_data = {**sections, "data": {"datasets": [{"path": "ds"}]}}
+    assert build_config(schema_for(kind), with_data).data.datasets[0].path == Path("ds")
+
+
+def test_a_finetune_head_reads_no_dataset():
+    from evo2_cli.config import build_config
+    from evo2_cli.finetune.config import FinetuneJob
+
+    labels = {"fasta": ["labeled.fa"], "header_regex": "label=(\\S+)"}
+    job = build_config(FinetuneJob, {"finetune": {"task": "classify", "labels": labels}})
+    assert job.data.datasets == []

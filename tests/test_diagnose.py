@@ -181,7 +181,12 @@ def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
 
 def test_every_variant_starts_from_the_same_function():
     job = build_config(
-        DiagnoseJob, {"model": {"preset": "test"}, "diagnose": {"slow_modes": 1, "slow_mode_lambda": -1e-4}}
+        DiagnoseJob,
+        {
+            "model": {"preset": "test"},
+            "data": {"datasets": [{"path": "unused"}]},
+            "diagnose": {"slow_modes": 1, "slow_mode_lambda": -1e-4},
+        },
     )
     base, _ = starting_model(job)
     assert base.blocks[2].filter.poles().max().item() == pytest.approx(-1e-4)  # one slow mode per channel

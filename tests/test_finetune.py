@@ -198,7 +198,7 @@ def test_evo2_1b_layout_on_the_meta_device(tmp_path):
     job = build_config(
         FinetuneJob,
         {
-            "data": {"seq_len": 1024},
+            "data": {"datasets": [{"path": "unused"}], "seq_len": 1024},
             "optim": {"global_batch": 1},
             "train": {"device": "cpu", "micro_batch": 1},
             "finetune": {
@@ -310,6 +310,7 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
     clamped = build_config(
         FinetuneJob,
         {
+            "data": {"datasets": [{"path": "unused"}]},
             "train": {"device": "cpu"},
             "finetune": {"init_from": str(tmp_path / "grows.pt"), "clamp_poles": -0.01},
         },

@@ -149,11 +149,19 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
         run(tmp_path, [good, bad], workers=2)
 
 
+def test_workers_start_without_a_fork_server_when_its_socket_path_is_too_long(monkeypatch):
+    # A fork server binds a socket under the temporary directory: past ~107 bytes (a long $TMPDIR) it cannot.
+    monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
+    assert pre._start_method() == "spawn"
+    monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
+    available = "forkserver" in pre.multiprocessing.get_all_start_methods()
+    assert pre._start_method() == ("forkserver" if available else "spawn")
+
+
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
     """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
-    method = "forkserver" if "forkserver" in pre.multiprocessing.get_all_start_methods() else "spawn"
-    process_class = pre.multiprocessing.get_context(method).Process
+    process_class = pre.multiprocessing.get_context(pre._start_method()).Process
     original_start, started = process_class.start, []
 
     def start(self):
@@ -995,3 +1003,16 @@ def test_split_by_position_still_finds_repeated_ids_and_refuses_group_regex(tmp_
             None,
             ["preprocess.inputs=[a]", "preprocess.group_regex=(x)", "preprocess.split_by=position"],
         )
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [(b"%s\nAC*GT\n", "has '*'"), (b"%s\nACGT\n%s\nACGT\n", "duplicate record id")],
+)
+def test_a_huge_record_id_is_quoted_short(tmp_path, body, problem):
+    header = b">r" + b"x" * (1 << 20)
+    source = tmp_path / "in.fa"
+    source.write_bytes(body.replace(b"%s", header))
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "out"), "--split", "1,0,0"])
+    assert result.exit_code == 2 and problem in result.stderr
+    assert len(result.stderr) < 2000 and "(1,048,577 characters)" in result.stderr

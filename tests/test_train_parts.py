@@ -252,7 +252,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(
-        Evo2Error, match=r"No space left on device; the previous checkpoint .*step_00000005 is intact"
+        Evo2Error,
+        match=r"no space left on device \(.* bytes free .*\); the previous checkpoint .*step_00000005 is",
     ):
         save(tmp_path, 6, write_model=full_disk)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()] == ["step_00000005"]
@@ -267,14 +268,17 @@ def claim_run_dir(run_dir, job, overwrite):
         run.committed()
 
 
+TEST_RUN = {"model": {"preset": "test"}, "data": {"datasets": [{"path": "dataset"}]}}
+
+
 def test_run_dir_of_another_config_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    job = build_config(TrainJob, {"model": {"preset": "test"}})
+    job = build_config(TrainJob, TEST_RUN)
     claim_run_dir(run_dir, job, overwrite=False)
     claim_run_dir(run_dir, job, overwrite=False)  # same identity: fine
-    longer = build_config(TrainJob, {"model": {"preset": "test"}, "train": {"max_steps": 5000}})
+    longer = build_config(TrainJob, {**TEST_RUN, "train": {"max_steps": 5000}})
     claim_run_dir(run_dir, longer, overwrite=False)  # run control may change
-    other = build_config(TrainJob, {"model": {"preset": "test"}, "optim": {"lr": 1e-2}})
+    other = build_config(TrainJob, {**TEST_RUN, "optim": {"lr": 1e-2}})
     with pytest.raises(InputError, match=r"different config \(optim.lr differ\); pass --overwrite"):
         claim_run_dir(run_dir, other, overwrite=False)
     (run_dir / "metrics.jsonl").write_text("")

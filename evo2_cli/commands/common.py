@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 
 from evo2_cli.config import load_config, parse_yaml_value
+from evo2_cli.console import make_console
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+console = make_console()
 
 ConfigOption = Annotated[
     Path | None,

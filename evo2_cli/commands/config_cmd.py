@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from evo2_cli.commands.common import SetOption, console
+from evo2_cli.console import make_console
 
 app = typer.Typer(help="Inspect and check config files.", no_args_is_help=True)
 
@@ -54,7 +55,6 @@ def validate(
 def presets() -> None:
     """List the model presets (`model.preset: NAME`) with their shapes and parameter counts."""
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from evo2_cli.model import PRESETS, StripedHyena, preset_config
@@ -77,4 +77,4 @@ def presets() -> None:
             cfg.layout,
             f"{count:,}",
         )
-    Console().print(table)
+    make_console(stderr=False).print(table)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evo2_cli.data.alphabet import IUPAC_BYTES
-from evo2_cli.errors import InputError
+from evo2_cli.errors import InputError, shorten
 
 try:  # ISA-L inflates gzip about 3x faster than zlib, to the same bytes; zlib is the fallback
     from isal import isal_zlib as inflate_lib
@@ -244,7 +244,7 @@ class _RecordBuilder:
             at = min(body.find(bytes([value])) for value in offenders)
             line = first_line + body.count(b"\n", 0, at)
             self.problem = (
-                f"{self.path}:{line}: record '{display(self.header.split(None, 1)[0])}' has "
+                f"{self.path}:{line}: record '{shorten(display(self.header.split(None, 1)[0]))}' has "
                 f"{describe_byte(body[at])}; fix the record, or skip bad records with "
                 "--set preprocess.on_bad_record=skip"
             )

@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import re
@@ -55,7 +56,7 @@ from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
 from evo2_cli.data.transforms import BaseCounts, Recipe, letter_table
-from evo2_cli.errors import Evo2Error, InputError
+from evo2_cli.errors import Evo2Error, InputError, shorten
 from evo2_cli.fsio import (
     atomic_output_dir,
     atomic_write_text,
@@ -230,11 +231,11 @@ def load_tags(path: Path) -> tuple[TagRule, ...]:
         pattern, sep, lineage = line.partition("\t")
         lineage = lineage.strip()
         if not sep or not pattern:
-            raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {line!r}")
+            raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {shorten(repr(line))}")
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise InputError(f"{path}:{number}: bad regex {pattern!r}: {exc}") from None
+            raise InputError(f"{path}:{number}: bad regex {shorten(repr(pattern))}: {exc}") from None
         inner = lineage[1:-1]
         if not (
             len(lineage) > 2 and lineage[0] == lineage[-1] == "|" and "|" not in inner and inner.isascii()
@@ -361,7 +362,7 @@ def _write_records(
         record = int(np.searchsorted(columns.document_ends, np.argmax(columns.lengths), side="right"))
         where = record_place(task.path, task.regions, int(columns.fixed["line"][record]))
         raise InputError(
-            f"{where}: record '{display(columns.ids[record])}' makes a "
+            f"{where}: record '{shorten(display(columns.ids[record]))}' makes a "
             f"document of {columns.lengths.max():,} tokens; the dataset format holds at most "
             f"{MAX_DOCUMENT_TOKENS:,} per document: cut long records with --set preprocess.chunk_length=N"
         )
@@ -588,13 +589,24 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
         return _run_in_workers(tasks, job, min(workers, len(tasks)), advance)
 
 
+def _start_method() -> str:
+    """'forkserver' where it can run, else 'spawn'. The fork server listens on a socket under the temporary
+    directory, and a socket path longer than the AF_UNIX limit (107 bytes on Linux, 103 on macOS) cannot be
+    bound: a long $TMPDIR, common on clusters, would stop every multi-worker run. Spawn needs no socket."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    # The name forkserver gives its socket: listener- and 8 random characters.
+    socket_path = os.path.join(multiprocessing.util.get_temp_dir(), "listener-12345678")
+    return "forkserver" if len(os.fsencode(socket_path)) <= 103 else "spawn"
+
+
 def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
     """Runs the tasks in `workers` processes, each fed one task at a time through its own pipe. Nothing is
     shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
     hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once."""
     # A fork server imports this module once, in a clean process, and forks each worker from it: workers
     # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    method = _start_method()
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload([__name__])
@@ -970,8 +982,8 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
                 first = record_place(*sources[repeat.first_input], repeat.first_line)
                 raise InputError(
                     f"{record_place(*sources[repeat.input_index], repeat.line)}: duplicate record id "
-                    f"'{display(repeat.record_id)}' (also at {first}); make ids unique, or keep both with "
-                    "--set preprocess.duplicate_ids=keep"
+                    f"'{shorten(display(repeat.record_id))}' (also at {first}); make ids unique, or keep "
+                    "both with --set preprocess.duplicate_ids=keep"
                 )
             with _progress_bar(console, stored, "writing", "documents") as advance:
                 empty = empty_splits(results)

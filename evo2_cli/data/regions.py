@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo2_cli.data.fasta import FastaRecord, make_record
-from evo2_cli.errors import InputError
+from evo2_cli.errors import InputError, shorten
 
 _INTERVAL = re.compile(r"^(?P<chrom>[^:\s]+)(?::(?P<start>[\d,]+)-(?P<end>[\d,]+))?$")
 
@@ -55,7 +55,8 @@ def read_bed(path: Path) -> list[Region]:
             chrom, start, end = fields[0], int(fields[1]), int(fields[2])
         except (IndexError, ValueError):
             raise InputError(
-                f"{path}:{number}: a BED line needs chrom, start and end (integers), got {line!r}"
+                f"{path}:{number}: a BED line needs chrom, start and end (integers), "
+                f"got {shorten(repr(line))}"
             ) from None
         if not 0 <= start < end:
             raise InputError(f"{path}:{number}: need 0 <= start < end (BED is 0-based, half-open)")

@@ -33,7 +33,7 @@ from typing import Literal
 
 from evo2_cli.config import check
 from evo2_cli.model import ModelConfig
-from evo2_cli.train.config import DataSection, GuardSection, OptimSection
+from evo2_cli.train.config import DataSection, GuardSection, OptimSection, require_datasets
 
 HCL_FORMS = ("vortex", "modal")
 PRECISIONS = ("fp32", "bf16")
@@ -242,6 +242,7 @@ class DiagnoseJob:
                 "post-hoc mode reads a finished run; leave out the model section and diagnose.checkpoint",
             )
             return
+        require_datasets(self.data)
         check(
             (self.model is None) != (d.checkpoint is None),
             "model" if self.model is not None else "diagnose.checkpoint",

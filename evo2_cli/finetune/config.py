@@ -112,5 +112,8 @@ class FinetuneJob(TrainJob):
     model: ModelConfig | None = None  # type: ignore[assignment]  # from the starting checkpoint
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
+    def needs_datasets(self) -> bool:
+        return self.finetune.task == "lm"  # classify and regress read labeled FASTA (finetune.labels)
+
     def identity(self) -> dict:
         return {**super().identity(), "finetune": to_dict(self.finetune)}

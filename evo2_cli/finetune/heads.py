@@ -31,10 +31,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from evo2_cli.config import to_yaml
+from evo2_cli.console import make_console
 from evo2_cli.data.alphabet import PAD_ID, UPPERCASE
 from evo2_cli.data.fasta import display, read_fasta
 from evo2_cli.data.preprocess import split_of
-from evo2_cli.errors import InputError
+from evo2_cli.errors import InputError, shorten
 from evo2_cli.finetune.config import FinetuneJob, LabelsSection
 
 HEAD_NAME = "task_head"
@@ -160,7 +161,7 @@ def read_labeled(
                 match = pattern.search(display(record.header))
                 label = match.group(1) if match else None
             if label is None or label == "":
-                missing.append(f"{path}:{record.line} {record_id}")
+                missing.append(f"{path}:{record.line} {shorten(record_id)}")
                 continue
             ids.append(record_id)
             raw_labels.append(label)
@@ -180,7 +181,8 @@ def read_labeled(
         raise InputError(f"no records in {', '.join(map(str, section.fasta))}")
     if any(len(s) == 0 for s in sequences):
         empty = [i for i, s in zip(ids, sequences, strict=True) if len(s) == 0]
-        raise InputError(f"empty sequence(s): {', '.join(empty[:5])}; every labeled record needs bases")
+        listed = ", ".join(map(shorten, empty[:5]))
+        raise InputError(f"empty sequence(s): {listed}; every labeled record needs bases")
     classes = None
     if task == "classify":
         classes = sorted(set(raw_labels))
@@ -195,8 +197,9 @@ def read_labeled(
                 f", and {len(bad) - 1} other record(s) are not finite numbers either" if len(bad) > 1 else ""
             )
             raise InputError(
-                f"task regress needs finite numeric labels; record {ids[first]} ({places[first]}) has "
-                f"label {raw_labels[first]!r} from {source}{others}; use --task classify for categories"
+                f"task regress needs finite numeric labels; record {shorten(ids[first])} ({places[first]}) "
+                f"has label {shorten(repr(raw_labels[first]))} from {source}{others}; use --task classify "
+                "for categories"
             )
         targets = np.array([float(label) for label in raw_labels], dtype=np.float32)
     fraction = section.val_fraction
@@ -305,7 +308,7 @@ def train_task(
     from evo2_cli.train.metrics import MetricsLog
     from evo2_cli.train.optim import build_optimizer, learning_rate
 
-    console = console or Console(stderr=True)
+    console = console or make_console()
     say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
     task, section = job.finetune.task, job.finetune.labels
     train_set, val_set, classes = read_labeled(section, task, job.data.seq_len, job.train.seed)

@@ -26,6 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from evo2_cli.config import build_config, read_yaml, to_dict
+from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
 from evo2_cli.finetune.freeze import trainable_names
@@ -222,7 +223,7 @@ def finetune(
     `hooks` (a train.loop.TrainHooks) and `allow_data_change` reach the loop of a language-model
     finetune; `verify` False (--no-verify) reads the starting and resumed checkpoints without checking
     their sha256."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if job.finetune.task != "lm":
         from evo2_cli.finetune.heads import train_task
 

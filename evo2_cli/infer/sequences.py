@@ -16,7 +16,7 @@ import numpy as np
 
 from evo2_cli.data.alphabet import IUPAC_BYTES, UPPERCASE
 from evo2_cli.data.fasta import describe_byte, display, read_fasta
-from evo2_cli.errors import InputError
+from evo2_cli.errors import InputError, shorten
 
 InvalidPolicy = Literal["error", "n"]
 
@@ -66,7 +66,8 @@ def read_sequences(path: Path, on_bytes=None) -> Iterator[Sequence]:
             raise InputError(record.problem.split("; fix the record")[0] + "; fix the record")
         if not record.sequence:
             raise InputError(
-                f"{path}:{record.line}: record '{display(record.id)}' is empty; remove it or give it bases"
+                f"{path}:{record.line}: record '{shorten(display(record.id))}' is empty; remove it or give "
+                "it bases"
             )
         tokens = UPPERCASE[np.frombuffer(record.sequence, dtype=np.uint8)]
         header = display(record.header)

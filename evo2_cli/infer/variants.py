@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from evo2_cli.data.alphabet import UPPERCASE
-from evo2_cli.errors import InputError
+from evo2_cli.errors import InputError, shorten
 from evo2_cli.infer.sequences import encode_dna, read_sequences
 from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS, run_windows, token_logprobs
 from evo2_cli.model.model import StripedHyena
@@ -63,14 +63,15 @@ def read_variants(path: Path) -> list[Variant]:
         try:
             pos = int(fields[1])
         except ValueError:
-            raise InputError(f"{where}: position {fields[1]!r} is not an integer") from None
+            raise InputError(f"{where}: position {shorten(repr(fields[1]))} is not an integer") from None
         if pos < 1:
             raise InputError(f"{where}: position {pos} must be >= 1 (1-based)")
         ref = fields[ref_col]
         encode_dna(ref, f"{where}: ref allele")
         for alt in fields[alt_col].split(","):
             if alt.startswith("<") or alt in ("*", "."):
-                raise InputError(f"{where}: symbolic or missing ALT allele {alt!r} is not supported")
+                problem = f"symbolic or missing ALT allele {shorten(repr(alt))} is not supported"
+                raise InputError(f"{where}: {problem}")
             encode_dna(alt, f"{where}: alt allele")
             variants.append(Variant(fields[0], pos, ref.upper(), alt.upper(), number))
     if not variants:
@@ -109,7 +110,8 @@ def load_reference(path: Path, chroms: set[str]) -> dict[str, np.ndarray]:
     found = {s.id: s.tokens for s in read_sequences(path) if s.id in chroms}
     missing = sorted(chroms - set(found))
     if missing:
-        raise InputError(f"{path}: no record named {', '.join(missing[:5])} (the variants' chromosomes)")
+        named = ", ".join(map(shorten, missing[:5]))
+        raise InputError(f"{path}: no record named {named} (the variants' chromosomes)")
     return found
 
 

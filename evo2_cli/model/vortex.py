@@ -296,6 +296,7 @@ def export_vortex(
     dtype: torch.dtype | None = None,
 ) -> None:
     """Write `model` as a Vortex-layout `.pt` and a release-style YAML, each atomically."""
-    with atomic_path(Path(checkpoint_path)) as tmp:
-        torch.save(vortex_state_dict(model, dtype), tmp)  # streamed to the file, never whole in memory
+    # Streamed to the file, never whole in memory; through a handle, so a full disk raises an OSError.
+    with atomic_path(Path(checkpoint_path)) as tmp, open(tmp, "wb") as handle:
+        torch.save(vortex_state_dict(model, dtype), handle)
     atomic_write_text(Path(config_path), release_yaml(model.config))

@@ -29,6 +29,7 @@ import torch
 from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import (
+    DiskFullError,
     atomic_output_dir,
     atomic_write_text,
     check_replaceable,
@@ -92,17 +93,19 @@ def write_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(root / name, CHECKPOINT_DIR, overwrite=True) as tmp:
-            torch.save(train_state, tmp / TRAIN_STATE)
+            with open(tmp / TRAIN_STATE, "wb") as handle:  # a handle: a full disk then raises an OSError
+                torch.save(train_state, handle)
             write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
         _point(root / "latest", name)
         if is_best:
             _point(root / "best", name)
-    except OSError as exc:
+    except (OSError, DiskFullError) as exc:
         previous = step_dirs(run_dir)
         kept = (
             f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint was written"
         )
-        raise Evo2Error(f"{root / name}: cannot save checkpoint: {exc.strerror or exc}; {kept}") from None
+        problem = exc.reason if isinstance(exc, DiskFullError) else exc.strerror or exc
+        raise Evo2Error(f"{root / name}: cannot save checkpoint: {problem}; {kept}") from None
     _rotate(root, keep_last)
     return root / name
 

@@ -34,18 +34,28 @@ class DatasetSource:
 
 @dataclass
 class DataSection:
-    datasets: list[DatasetSource] = field(default_factory=lambda: [DatasetSource(Path("runs/demo/dataset"))])
+    # Empty unless given, and then refused (require_datasets): never a path the user did not name.
+    datasets: list[DatasetSource] = field(default_factory=list)
     seq_len: int = 1024
     lowercase_weight: float = 0.1  # loss weight of soft-masked (lowercase) labels
     reverse_complement_prob: float = 0.0  # chance to flip a training window at batch time
     val_windows: int = 64  # fixed windows of the val split scored at every evaluation
 
     def __post_init__(self):
-        check(len(self.datasets) > 0, "datasets", "list at least one dataset: [{path: DIR}]")
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         check(0 <= self.lowercase_weight <= 1, "lowercase_weight", "must be in [0, 1]")
         check(0 <= self.reverse_complement_prob <= 1, "reverse_complement_prob", "must be in [0, 1]")
         check(self.val_windows >= 0, "val_windows", "must be >= 0 (0 disables validation)")
+
+
+def require_datasets(data: DataSection) -> None:
+    """The check of every config that reads training windows: at least one dataset, named by the user."""
+    check(
+        len(data.datasets) > 0,
+        "data.datasets",
+        "is required: the `evo2 preprocess` output directories to read windows from; add "
+        "`data: {datasets: [{path: DIR}]}` to the config or pass --set 'data.datasets=[{path: DIR}]'",
+    )
 
 
 @dataclass
@@ -132,6 +142,12 @@ class TrainJob:
             "optim.global_batch",
             f"{self.optim.global_batch} is not a multiple of train.micro_batch={self.train.micro_batch}",
         )
+        if self.needs_datasets():
+            require_datasets(self.data)
+
+    def needs_datasets(self) -> bool:
+        """Whether the job reads training windows from data.datasets."""
+        return True
 
     def identity(self) -> dict:
         """What must match for a run directory to be resumed with this config."""

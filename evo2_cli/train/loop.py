@@ -35,6 +35,7 @@ from rich.markup import escape
 from torch import nn
 
 from evo2_cli.config import to_yaml
+from evo2_cli.console import make_console
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
 from evo2_cli.model.checkpoint import all_finite, build_model, load_weights_into, read_weights
@@ -137,7 +138,7 @@ def train(
     if any) or a checkpoint directory, whose files are checked against their sha256 unless `verify` is
     False (--no-verify). A resume refuses datasets whose content changed since the checkpoint unless
     `allow_data_change`."""
-    cfg, hooks, console = job.train, hooks or TrainHooks(), console or Console(stderr=True)
+    cfg, hooks, console = job.train, hooks or TrainHooks(), console or make_console()
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = watch = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
