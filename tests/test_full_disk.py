@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
-from evo2_cli.fsio import DiskFullError, atomic_output_dir, atomic_path, full_disk_errno
+from evo2_cli.fsio import DiskFullError, atomic_output_dir, atomic_path, directory_kind, full_disk_errno
 from evo2_cli.train.checkpoint import step_dirs, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +75,10 @@ def test_atomic_writers_report_the_target_the_free_bytes_and_what_is_intact(tmp_
     # An existing output stays as it was, and a file inside an output directory is reported as the directory.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
+    ours = directory_kind("an output", "old.txt", lambda directory: {"old.txt"})
     with (
         pytest.raises(DiskFullError) as info,
-        atomic_output_dir(tmp_path / "out", overwrite=True) as tmp,
+        atomic_output_dir(tmp_path / "out", ours, overwrite=True) as tmp,
         atomic_path(tmp / "new.bin") as inner,
     ):
         inner.write_bytes(b"x")
