@@ -419,3 +419,34 @@ def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # nothing lost
     code, out = cli(*base, "--set=optim.lr=1e-2", "--overwrite")
     assert code == 0, out
+
+
+def test_train_reads_a_bionemo_nucleotide_tokenizer_directory_and_prefix(tmp_path):
+    """BioNeMo's current recipe names its files PREFIX_nucleotide_fast_tokenizer_256_{split} (uint16 ids)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(5)
+    prefix = tmp_path / "bionemo" / "og2_nucleotide_fast_tokenizer_256"
+    prefix.parent.mkdir()
+    for split in ("train", "val", "test"):
+        builder = IndexedDatasetBuilder(f"{prefix}_{split}.bin", np.uint16)
+        for _ in range(3):
+            builder.add_item(torch.from_numpy(np.append(rng.choice(list(b"ACGTacgt"), 400), 0)))
+            builder.end_document()
+        builder.finalize(f"{prefix}_{split}.idx")
+    losses = []
+    for given in (prefix.parent, prefix):
+        run_dir = tmp_path / f"run_{given.name}"
+        code, out = cli(
+            "--set=model.preset=test",
+            f"--set=train.run_dir={run_dir}",
+            "--set=data.seq_len=32",
+            "--set=data.val_windows=2",
+            f"--set=data.datasets=[{{path: {given}}}]",
+            "--set=train.max_steps=2",
+            "--set=train.log_interval=1",
+            "--device=cpu",
+        )
+        assert code == 0, out
+        losses.append(logged_losses(run_dir))
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

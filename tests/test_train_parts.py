@@ -321,6 +321,42 @@ def test_bionemo_datasets_train_like_ours(tmp_path):
         torch.testing.assert_close(getattr(a, field_name), getattr(b, field_name))
 
 
+def write_nucleotide_tokenizer_dataset(directory: Path, documents: list[bytes]) -> Path:
+    """BioNeMo's current recipe: PREFIX_nucleotide_fast_tokenizer_256_{split}.bin/.idx, uint16 ids (megatron's
+    choice for a vocab this small); the DNA bytes keep their ids, 0-4 are special tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    directory.mkdir()
+    prefix = directory / "og2_nucleotide_fast_tokenizer_256"
+    for split in ("train", "val", "test"):
+        builder = IndexedDatasetBuilder(f"{prefix}_{split}.bin", np.uint16)
+        for doc in documents:
+            builder.add_item(torch.from_numpy(np.frombuffer(doc, np.uint8).astype(np.int32)))
+            builder.end_document()
+        builder.finalize(f"{prefix}_{split}.idx")
+    return prefix
+
+
+def test_bionemo_nucleotide_tokenizer_datasets_are_found_and_their_special_ids_are_not_bases(tmp_path):
+    rng = np.random.default_rng(4)
+    # id 2 opens each document and 0 ends it: both label positions weigh 1 but are not bases
+    documents = [
+        b"\x02" + bytes(rng.choice(list(b"ACGTacgt"), 40).astype(np.uint8)) + b"\x00" for _ in range(3)
+    ]
+    prefix = write_nucleotide_tokenizer_dataset(tmp_path / "bionemo", documents)
+    ours = write_dataset(tmp_path / "ours_train", documents)
+    for given in (tmp_path / "bionemo", prefix):  # the directory, or the prefix before _{split}
+        assert resolve_split(given, "train") == Path(f"{prefix}_train")
+        assert resolve_split(given, "val") == Path(f"{prefix}_val")
+    a, b = sampler([ours]).batch(range(16)), sampler([Path(f"{prefix}_train")]).batch(range(16))
+    for field_name in ("input_ids", "labels", "loss_weights", "counts_as_base"):
+        torch.testing.assert_close(getattr(a, field_name), getattr(b, field_name))
+    special = b.labels < 5
+    assert special.any() and (b.labels == 2).any()
+    assert not b.counts_as_base[special].any() and (b.loss_weights[special] == 1).all()
+    assert b.counts_as_base[~special].all()
+
+
 def test_metrics_log_writes_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch):
     import sys
     import types
