@@ -79,8 +79,11 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
         tmp_path / "run",
         train={"max_steps": 12, "eval_interval": 6, "save_interval": 6, "peak_flops": 1e9},
     )
-    result = train(job, console=quiet())
+    console = quiet()
+    result = train(job, console=console)
     assert result.step == 12 and result.stop_reason == "max_steps"
+    printed = " ".join(console.file.getvalue().split())
+    assert "MFU peak: 1e+09 FLOP/s per device (train.peak_flops)" in printed
     assert result.losses[-1] < result.losses[0] - 0.5
     model = load_model(result.checkpoint)  # the model package reads our checkpoint directories
     assert model.config.hidden_size == 8

@@ -400,11 +400,23 @@ def test_metrics_log_writes_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch)
 
 
 def test_peak_flops_prefers_the_configured_value_then_a_measurement():
-    from evo2_cli.train.metrics import peak_flops
+    from evo2_cli.train.metrics import MATMUL_PROBES, PeakFlops, peak_flops
 
-    assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == 1e12
+    assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == PeakFlops(1e12, "train.peak_flops")
+    rng_before = torch.get_rng_state()
     measured = peak_flops(torch.device("cpu"), bf16=False, configured=0)
-    assert 1e8 < measured < 1e14
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the probe draws nothing from the global RNG
+    assert 1e8 < measured.flops < 1e14
+    assert measured.source.startswith(f"best of {MATMUL_PROBES} fp32 matmul probes")
+
+
+def test_matmul_probe_reports_the_fastest_of_its_runs(monkeypatch):
+    """A busy machine makes some runs slow; the peak is the fastest run, not the first or the mean."""
+    from evo2_cli.train import metrics
+
+    readings = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0, 30.0, 34.0])  # (start, stop) pairs: 3, 1, 2, 4 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(readings))
+    assert metrics.measure_matmul_flops(size=8, probes=4) == 2 * 8**3 / 1.0
 
 
 def test_example_configs_validate():

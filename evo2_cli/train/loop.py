@@ -213,6 +213,7 @@ def train(
             f"{runtime.device.type} ({'bf16 autocast' if runtime.autocast_dtype else 'fp32'}), "
             f"{accumulation} micro-batch(es) of {cfg.micro_batch} x {data.seq_len} per process per step"
         )
+        say(f"MFU peak: {device_peak.flops:.3g} FLOP/s per device ({device_peak.source})")
 
         stop_reason, last_val, losses = "max_steps", None, []
         timed_seconds, timed_steps = 0.0, 0  # compute time of the steps since the last log line
@@ -295,7 +296,7 @@ def train(
                     "grad_norm": grad_norm,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_s": tokens_per_step / step_seconds,
-                    "mfu": train_flops_per_step / step_seconds / (device_peak * runtime.world_size),
+                    "mfu": train_flops_per_step / step_seconds / (device_peak.flops * runtime.world_size),
                     "eta_s": step_seconds * (cfg.max_steps - state.step),
                     "skipped": not verdict.apply_step,
                 }
