@@ -383,7 +383,6 @@ def test_lora_layer_computes_the_scaled_low_rank_update_and_merges_to_it():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_on_cuda_holds_frozen_weights_in_bf16_and_filters_in_fp32(dataset, base, tmp_path):
     job = make_job(dataset, base, tmp_path / "run", method="lora")
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, device="cuda", max_steps=4))

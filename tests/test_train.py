@@ -188,7 +188,6 @@ def test_accumulation_matches_one_big_micro_batch(dataset, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_trains_under_bf16_autocast_with_fp32_master_weights(dataset, tmp_path):
     cpu = train(make_job(dataset, tmp_path / "cpu", train={"max_steps": 4}), console=quiet())
     out = io.StringIO()
