@@ -24,12 +24,12 @@ from evo2_cli.errors import InputError
 from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned, merge, prepare
 from evo2_cli.finetune.freeze import frozen_names
 from evo2_cli.finetune.lora import LoRALinear
-from evo2_cli.finetune.memory import estimate_memory, fake_mode
 from evo2_cli.finetune.run import adapt
 from evo2_cli.model import StripedHyena, load_model, load_vortex, preset_config, save_model
 from evo2_cli.model.vortex import vortex_expected_shapes
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import StepInfo, TrainHooks
+from evo2_cli.train.memory import estimate_memory, fake_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "yersinia_pestis_pPCP1_NC_005816.fa"

@@ -28,10 +28,9 @@ from torch import nn
 from evo2_cli.config import build_config, read_yaml, to_dict
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
-from evo2_cli.finetune.freeze import trainable_names
+from evo2_cli.finetune.freeze import is_adapter_parameter, trainable_names
 from evo2_cli.finetune.heads import HEAD_NAME, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
-from evo2_cli.finetune.memory import MemoryEstimate, check_memory, estimate_memory, fake_mode
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
@@ -47,6 +46,7 @@ from evo2_cli.model.checkpoint import (
 )
 from evo2_cli.model.vortex import export_vortex, load_vortex
 from evo2_cli.train.data import split_windows
+from evo2_cli.train.memory import MemoryEstimate, check_memory, estimate_memory, fake_mode
 
 # ---------------------------------------------------------------- the starting point
 
@@ -190,6 +190,7 @@ def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) 
             job.data.seq_len,
             bf16_autocast=low_precision,
             activation_checkpointing=job.train.activation_checkpointing,
+            is_adapter=is_adapter_parameter,
         )
     say(
         f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"

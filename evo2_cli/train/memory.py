@@ -1,4 +1,4 @@
-"""Memory of a finetune before it starts: weights + gradients + AdamW state + activations, against the
+"""Memory of a training run or finetune before it starts: weights + gradients + AdamW state + activations, against the
 device's memory.
 
 The estimate is read off the adapted model itself, built under a FakeTensorMode (shapes and dtypes, no
@@ -19,6 +19,7 @@ slack, CUDA context and kernels' workspaces (several hundred MiB on a GPU), and 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from evo2_cli.errors import InputError
-from evo2_cli.finetune.freeze import is_adapter_parameter
 
 GIB = 1024**3
 
@@ -84,6 +84,7 @@ def estimate_memory(
     *,
     bf16_autocast: bool = False,
     activation_checkpointing: bool = False,
+    is_adapter: Callable[[str], bool] = lambda name: False,
 ) -> MemoryEstimate:
     """The estimate for `model` as adapted (requires_grad marks the trainable parameters; dtypes as they
     will be on the device). `model` must have been built under `fake_mode()`; call this inside it."""
@@ -93,7 +94,7 @@ def estimate_memory(
         weight_bytes += param.numel() * param.element_size()
         if param.requires_grad:
             trainable += param.numel()
-        if is_adapter_parameter(name):
+        if is_adapter(name):
             adapters += param.numel()
     activations = activation_bytes(model, micro_batch, seq_len, bf16_autocast, activation_checkpointing)
     where = f"micro_batch {micro_batch} x seq_len {seq_len}"
