@@ -84,6 +84,8 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
     assert result.step == 12 and result.stop_reason == "max_steps"
     printed = " ".join(console.file.getvalue().split())
     assert "MFU peak: 1e+09 FLOP/s per device (train.peak_flops)" in printed
+    estimate = "memory: parameters 7,628 (trainable 7,628 = 100%); estimated memory per process (1 process)"
+    assert printed.index(estimate) < printed.index("step 1/12")  # printed before the first step
     assert result.losses[-1] < result.losses[0] - 0.5
     model = load_model(result.checkpoint)  # the model package reads our checkpoint directories
     assert model.config.hidden_size == 8
@@ -452,3 +454,29 @@ def test_train_reads_a_bionemo_nucleotide_tokenizer_directory_and_prefix(tmp_pat
         assert code == 0, out
         losses.append(logged_losses(run_dir))
     assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_train_refuses_a_run_over_its_memory_with_the_fix(dataset, tmp_path):
+    base = [
+        "--set=model.preset=test",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        "--set=data.seq_len=32",
+        f"--set=data.datasets=[{{path: {dataset}}}]",
+        "--set=train.max_steps=1",
+        "--device=cpu",
+    ]
+    # 7,628 parameters x 16 bytes = 119 KiB of weights, gradients and AdamW state: over a 100 KB limit
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-4")
+    assert code == 2, out
+    assert (
+        "this training run needs about" in out and "than the 104.86 KiB train.memory_limit_gb=0.0001" in out
+    )
+    assert "Set train.parallelism: fsdp and run N processes under torchrun" in out
+    # 1 MiB: the weights fit, the activations of 8 windows of 32 do not
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-3", "--set=train.micro_batch=8")
+    assert (
+        code == 2 and "Lower train.micro_batch or data.seq_len, or set train.activation_checkpointing" in out
+    )
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-3", "--set=train.micro_batch=1")
+    assert code == 0, out

@@ -419,6 +419,25 @@ def test_matmul_probe_reports_the_fastest_of_its_runs(monkeypatch):
     assert metrics.measure_matmul_flops(size=8, probes=4) == 2 * 8**3 / 1.0
 
 
+def test_memory_estimate_per_process_under_ddp_and_fsdp2():
+    from evo2_cli.train.memory import estimate_memory, fake_mode
+
+    with fake_mode():
+        model = StripedHyena(preset_config("test"))  # 7,628 parameters: blocks of 764/1256/840/664, root 4104
+        alone, ddp, fsdp = (
+            estimate_memory(model, 2, 32, **kwargs)
+            for kwargs in ({}, {"processes": 4}, {"processes": 4, "parallelism": "fsdp"})
+        )
+    fields = ("weight_bytes", "gradient_bytes", "optimizer_bytes", "parallel_bytes")
+    assert [getattr(alone, f) for f in fields] == [4 * 7628, 4 * 7628, 8 * 7628, 0]
+    assert [getattr(ddp, f) for f in fields] == [4 * 7628, 4 * 7628, 8 * 7628, 4 * 7628]  # + DDP's buckets
+    # FSDP2: a quarter each, plus two gathered blocks (the largest), the root's own and one block's gradients
+    assert [getattr(fsdp, f) for f in fields] == [7628, 7628, 2 * 7628, 4 * (2 * 1256 + 4104 + 1256)]
+    assert alone.activation_bytes == ddp.activation_bytes == fsdp.activation_bytes > 0  # per process
+    assert fsdp.layout == "FSDP2 over 4 processes" and ddp.layout == "DDP over 4 processes"
+    assert "estimated memory per process (FSDP2 over 4 processes)" in fsdp.describe()
+
+
 def test_example_configs_validate():
     from evo2_cli.config import load_config
 

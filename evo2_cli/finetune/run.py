@@ -195,7 +195,8 @@ def prepare(job: FinetuneJob, outputs: int = 0, console: Console | None = None) 
     say(
         f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"
     )
-    check_memory(estimate, device, job.finetune.memory_limit_gb)
+    fix = "Use method: lora (fewer trainable parameters), freeze more (finetune.freeze), or a bigger device"
+    check_memory(estimate, device, job.train.memory_limit_gb, subject="this finetune", static_fix=fix)
     model, trainable = adapt(start.load(job.finetune.clamp_poles), job, low_precision, outputs)
     return Prepared(job, model, trainable, estimate, device)
 

@@ -60,6 +60,7 @@ from evo2_cli.train.distributed import (
     stop_runtime,
 )
 from evo2_cli.train.guard import GradientGuard, GuardState, Verdict
+from evo2_cli.train.memory import preflight_memory
 from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
 from evo2_cli.train.optim import build_optimizer, learning_rate
 
@@ -137,6 +138,8 @@ def train(
         data = job.data
         train_windows = split_windows(data, "train", cfg.seed)
         val_windows = split_windows(data, "val", cfg.seed) if data.val_windows and cfg.eval_interval else None
+        if model is None:  # a finetune estimated its adapted model itself, before loading the weights
+            say(f"memory: {preflight_memory(job, runtime).describe()}")
 
         # ---- run directory, model, starting point
         start = starting_checkpoint(
