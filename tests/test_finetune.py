@@ -244,13 +244,13 @@ def test_evo2_1b_layout_on_the_meta_device(tmp_path):
 
 
 def test_memory_estimate_refuses_what_does_not_fit(dataset, base, tmp_path):
-    # 7,628 parameters x (4 weights + 4 gradients + 8 AdamW) bytes = 119.19 KiB, + 1.26 MiB of activations
+    # 7,628 parameters x (4 weights + 8 AdamW) bytes = 89.39 KiB, + 1.26 MiB of activations (> gradients)
     job = make_job(dataset, base, tmp_path / "run")
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, memory_limit_gb=1e-6))
     expected = (
-        r"this finetune needs about 1.38 MiB, more than the 1.05 KiB train.memory_limit_gb=1e-06: parameters "
-        r"7,628 .* weights 29.80 KiB \+ gradients 29.80 KiB \+ AdamW state 59.59 KiB \+ activations 1.26 MiB "
-        r"\(micro_batch 4 x seq_len 64\)\. Use method: lora"
+        r"this finetune needs about 1.35 MiB, more than the 1.05 KiB train.memory_limit_gb=1e-06: parameters "
+        r"7,628 .* weights 29.80 KiB \+ AdamW state 59.59 KiB \+ the larger of gradients 29.80 KiB and "
+        r"activations 1.26 MiB \(micro_batch 4 x seq_len 64\)\. Use method: lora"
     )
     with pytest.raises(InputError, match=expected):
         finetune(job, console=quiet())

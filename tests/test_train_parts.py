@@ -434,6 +434,9 @@ def test_memory_estimate_per_process_under_ddp_and_fsdp2():
     # FSDP2: a quarter each, plus two gathered blocks (the largest), the root's own and one block's gradients
     assert [getattr(fsdp, f) for f in fields] == [7628, 7628, 2 * 7628, 4 * (2 * 1256 + 4104 + 1256)]
     assert alone.activation_bytes == ddp.activation_bytes == fsdp.activation_bytes > 0  # per process
+    # the peak holds weights, AdamW state and parallel buffers, and the larger of activations and gradients
+    assert alone.total_bytes == 12 * 7628 + max(alone.activation_bytes, 4 * 7628)
+    assert fsdp.total_bytes == 3 * 7628 + fsdp.parallel_bytes + max(fsdp.activation_bytes, 7628)
     assert fsdp.layout == "FSDP2 over 4 processes" and ddp.layout == "DDP over 4 processes"
     assert "estimated memory per process (FSDP2 over 4 processes)" in fsdp.describe()
 

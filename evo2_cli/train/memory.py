@@ -19,6 +19,7 @@ Under torchrun with N processes (each one's share; activations do not change, mi
                  two blocks (the one computing and the one prefetched) and the root's own (embedding, final
                  norm), and one block's unsharded gradients before they are reduce-scattered
 
+The peak counts the larger of gradients and activations, not both (see MemoryEstimate.total_bytes).
 Not counted: the transient buffers of backward (about one block's activations at a time), allocator
 slack, CUDA context and kernels' workspaces (several hundred MiB on a GPU), and the Python process itself.
 """
@@ -70,7 +71,11 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.static_bytes + self.activation_bytes
+        """The peak: weights, AdamW state and parallel buffers, plus the larger of activations and gradients.
+        The two are not at their largest together: gradients are freed after each step (set_to_none), and
+        backward frees a block's activations as it makes that block's gradients."""
+        rest = self.weight_bytes + self.optimizer_bytes + self.parallel_bytes
+        return rest + max(self.activation_bytes, self.gradient_bytes)
 
     def describe(self) -> str:
         share = 100 * self.trainable / max(1, self.parameters)
@@ -81,8 +86,8 @@ class MemoryEstimate:
         return (
             f"parameters {self.parameters:,} (trainable {self.trainable:,} = {share:.3g}%{adapters}); "
             f"estimated memory per process ({self.layout}) {format_bytes(self.total_bytes)} = weights "
-            f"{format_bytes(self.weight_bytes)} + gradients {format_bytes(self.gradient_bytes)} + AdamW "
-            f"state {format_bytes(self.optimizer_bytes)}{parallel} + activations "
+            f"{format_bytes(self.weight_bytes)} + AdamW state {format_bytes(self.optimizer_bytes)}{parallel}"
+            f" + the larger of gradients {format_bytes(self.gradient_bytes)} and activations "
             f"{format_bytes(self.activation_bytes)} ({self.activations_for})"
         )
 
