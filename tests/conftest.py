@@ -14,6 +14,16 @@ import torch
 from evo2_cli.model import StripedHyena, preset_config, save_model
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests are skipped, not failed, on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Every model in the suite is tiny: a second OpenMP thread only adds synchronization, and on a busy

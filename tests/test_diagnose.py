@@ -306,7 +306,6 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_explosion_on_cuda_under_bf16_autocast(ecoli, tmp_path):
     out = tmp_path / "diag"
     args = [a for a in reproduction_args(ecoli, out) if a != "--device=cpu"]

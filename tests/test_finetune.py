@@ -24,12 +24,12 @@ from evo2_cli.errors import InputError
 from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned, merge, prepare
 from evo2_cli.finetune.freeze import frozen_names
 from evo2_cli.finetune.lora import LoRALinear
-from evo2_cli.finetune.memory import estimate_memory, fake_mode
 from evo2_cli.finetune.run import adapt
 from evo2_cli.model import StripedHyena, load_model, load_vortex, preset_config, save_model
 from evo2_cli.model.vortex import vortex_expected_shapes
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import StepInfo, TrainHooks
+from evo2_cli.train.memory import estimate_memory, fake_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "yersinia_pestis_pPCP1_NC_005816.fa"
@@ -241,16 +241,18 @@ def test_evo2_1b_layout_on_the_meta_device(tmp_path):
 
 
 def test_memory_estimate_refuses_what_does_not_fit(dataset, base, tmp_path):
-    # 7,628 parameters x (4 weights + 4 gradients + 8 AdamW) bytes = 119.19 KiB, + 1.26 MiB of activations
-    job = make_job(dataset, base, tmp_path / "run", memory_limit_gb=1e-6)
+    # 7,628 parameters x (4 weights + 8 AdamW) bytes = 89.39 KiB, + 1.26 MiB of activations (> gradients)
+    job = make_job(dataset, base, tmp_path / "run")
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, memory_limit_gb=1e-6))
     expected = (
-        r"needs about 1.38 MiB, more than the 1.05 KiB finetune.memory_limit_gb=1e-06: parameters 7,628 .*"
-        r"weights 29.80 KiB \+ gradients 29.80 KiB \+ AdamW state 59.59 KiB \+ activations 1.26 MiB "
-        r"\(micro_batch 4 x seq_len 64\)\. Use method: lora"
+        r"this finetune needs about 1.35 MiB, more than the 1.05 KiB train.memory_limit_gb=1e-06: parameters "
+        r"7,628 .* weights 29.80 KiB \+ AdamW state 59.59 KiB \+ the larger of gradients 29.80 KiB and "
+        r"activations 1.26 MiB \(micro_batch 4 x seq_len 64\)\. Use method: lora"
     )
     with pytest.raises(InputError, match=expected):
         finetune(job, console=quiet())
-    job = make_job(dataset, base, tmp_path / "run", memory_limit_gb=1e-3)  # 1 MiB: only activations miss
+    # 1 MiB: only activations miss
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, memory_limit_gb=1e-3))
     with pytest.raises(InputError, match=r"Lower train.micro_batch or data.seq_len, or set train.activation"):
         finetune(job, console=quiet())
     assert not (tmp_path / "run").exists()
@@ -381,7 +383,6 @@ def test_lora_layer_computes_the_scaled_low_rank_update_and_merges_to_it():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_on_cuda_holds_frozen_weights_in_bf16_and_filters_in_fp32(dataset, base, tmp_path):
     job = make_job(dataset, base, tmp_path / "run", method="lora")
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, device="cuda", max_steps=4))

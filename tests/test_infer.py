@@ -405,7 +405,6 @@ def test_bf16_keeps_hyena_filters_fp32():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generation_scoring_and_embeddings_match_the_cpu(tiny):
     gpu = load_inference_model(WEIGHTS, CONFIG, device="cuda", dtype="fp32")
     prompts = [_dna(7, 1), _dna(7, 2), _dna(3, 3)]

@@ -81,8 +81,13 @@ def test_train_learns_and_writes_a_loadable_checkpoint(dataset, tmp_path):
         tmp_path / "run",
         train={"max_steps": 12, "eval_interval": 6, "save_interval": 6, "peak_flops": 1e9},
     )
-    result = train(job, console=quiet())
+    console = quiet()
+    result = train(job, console=console)
     assert result.step == 12 and result.stop_reason == "max_steps"
+    printed = " ".join(console.file.getvalue().split())
+    assert "MFU peak: 1e+09 FLOP/s per device (train.peak_flops)" in printed
+    estimate = "memory: parameters 7,628 (trainable 7,628 = 100%); estimated memory per process (1 process)"
+    assert printed.index(estimate) < printed.index("step 1/12")  # printed before the first step
     assert result.losses[-1] < result.losses[0] - 0.5
     model = load_model(result.checkpoint)  # the model package reads our checkpoint directories
     assert model.config.hidden_size == 8
@@ -234,7 +239,6 @@ def test_accumulation_matches_one_big_micro_batch(dataset, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_trains_under_bf16_autocast_with_fp32_master_weights(dataset, tmp_path):
     cpu = train(make_job(dataset, tmp_path / "cpu", train={"max_steps": 4}), console=quiet())
     out = io.StringIO()
@@ -579,3 +583,60 @@ def test_dataset_identity_is_the_manifest_when_there_is_one(tmp_path):
     changes = dataset_changes(manifest, dataset_identity(data))
     assert len(changes) == 1 and changes[0].startswith(f"{tmp_path}: manifest.json content differs (sha256 ")
     assert dataset_changes(manifest, manifest) == []
+
+
+def test_train_reads_a_bionemo_nucleotide_tokenizer_directory_and_prefix(tmp_path):
+    """BioNeMo's current recipe names its files PREFIX_nucleotide_fast_tokenizer_256_{split} (uint16 ids)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(5)
+    prefix = tmp_path / "bionemo" / "og2_nucleotide_fast_tokenizer_256"
+    prefix.parent.mkdir()
+    for split in ("train", "val", "test"):
+        builder = IndexedDatasetBuilder(f"{prefix}_{split}.bin", np.uint16)
+        for _ in range(3):
+            builder.add_item(torch.from_numpy(np.append(rng.choice(list(b"ACGTacgt"), 400), 0)))
+            builder.end_document()
+        builder.finalize(f"{prefix}_{split}.idx")
+    losses = []
+    for given in (prefix.parent, prefix):
+        run_dir = tmp_path / f"run_{given.name}"
+        code, out = cli(
+            "--set=model.preset=test",
+            f"--set=train.run_dir={run_dir}",
+            "--set=data.seq_len=32",
+            "--set=data.val_windows=2",
+            f"--set=data.datasets=[{{path: {given}}}]",
+            "--set=train.max_steps=2",
+            "--set=train.log_interval=1",
+            "--device=cpu",
+        )
+        assert code == 0, out
+        losses.append(logged_losses(run_dir))
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_train_refuses_a_run_over_its_memory_with_the_fix(dataset, tmp_path):
+    base = [
+        "--set=model.preset=test",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        "--set=data.seq_len=32",
+        f"--set=data.datasets=[{{path: {dataset}}}]",
+        "--set=train.max_steps=1",
+        "--device=cpu",
+    ]
+    # 7,628 parameters x 16 bytes = 119 KiB of weights, gradients and AdamW state: over a 100 KB limit
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-4")
+    assert code == 2, out
+    assert (
+        "this training run needs about" in out and "than the 104.86 KiB train.memory_limit_gb=0.0001" in out
+    )
+    assert "Set train.parallelism: fsdp and run N processes under torchrun" in out
+    # 1 MiB: the weights fit, the activations of 8 windows of 32 do not
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-3", "--set=train.micro_batch=8")
+    assert (
+        code == 2 and "Lower train.micro_batch or data.seq_len, or set train.activation_checkpointing" in out
+    )
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    code, out = cli(*base, "--set=train.memory_limit_gb=1e-3", "--set=train.micro_batch=1")
+    assert code == 0, out

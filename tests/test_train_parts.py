@@ -341,6 +341,42 @@ def test_bionemo_datasets_train_like_ours(tmp_path):
         torch.testing.assert_close(getattr(a, field_name), getattr(b, field_name))
 
 
+def write_nucleotide_tokenizer_dataset(directory: Path, documents: list[bytes]) -> Path:
+    """BioNeMo's current recipe: PREFIX_nucleotide_fast_tokenizer_256_{split}.bin/.idx, uint16 ids (megatron's
+    choice for a vocab this small); the DNA bytes keep their ids, 0-4 are special tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    directory.mkdir()
+    prefix = directory / "og2_nucleotide_fast_tokenizer_256"
+    for split in ("train", "val", "test"):
+        builder = IndexedDatasetBuilder(f"{prefix}_{split}.bin", np.uint16)
+        for doc in documents:
+            builder.add_item(torch.from_numpy(np.frombuffer(doc, np.uint8).astype(np.int32)))
+            builder.end_document()
+        builder.finalize(f"{prefix}_{split}.idx")
+    return prefix
+
+
+def test_bionemo_nucleotide_tokenizer_datasets_are_found_and_their_special_ids_are_not_bases(tmp_path):
+    rng = np.random.default_rng(4)
+    # id 2 opens each document and 0 ends it: both label positions weigh 1 but are not bases
+    documents = [
+        b"\x02" + bytes(rng.choice(list(b"ACGTacgt"), 40).astype(np.uint8)) + b"\x00" for _ in range(3)
+    ]
+    prefix = write_nucleotide_tokenizer_dataset(tmp_path / "bionemo", documents)
+    ours = write_dataset(tmp_path / "ours_train", documents)
+    for given in (tmp_path / "bionemo", prefix):  # the directory, or the prefix before _{split}
+        assert resolve_split(given, "train") == Path(f"{prefix}_train")
+        assert resolve_split(given, "val") == Path(f"{prefix}_val")
+    a, b = sampler([ours]).batch(range(16)), sampler([Path(f"{prefix}_train")]).batch(range(16))
+    for field_name in ("input_ids", "labels", "loss_weights", "counts_as_base"):
+        torch.testing.assert_close(getattr(a, field_name), getattr(b, field_name))
+    special = b.labels < 5
+    assert special.any() and (b.labels == 2).any()
+    assert not b.counts_as_base[special].any() and (b.loss_weights[special] == 1).all()
+    assert b.counts_as_base[~special].all()
+
+
 def test_metrics_log_writes_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch):
     import sys
     import types
@@ -384,18 +420,48 @@ def test_metrics_log_writes_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch)
 
 
 def test_peak_flops_prefers_the_configured_value_then_a_measurement():
-    from evo2_cli.train.metrics import peak_flops
+    from evo2_cli.train.metrics import MATMUL_PROBES, PeakFlops, peak_flops
 
-    assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == 1e12
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
+    assert peak_flops(torch.device("cpu"), bf16=False, configured=1e12) == PeakFlops(1e12, "train.peak_flops")
+    rng_before = torch.get_rng_state()
     measured = peak_flops(torch.device("cpu"), bf16=False, configured=0)
-    assert 1e8 < measured < 1e14
-    assert torch.equal(torch.rand(4), expected)  # the probe left the global RNG alone (exact resume)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the probe draws nothing from the global RNG
+    assert 1e8 < measured.flops < 1e14
+    assert measured.source.startswith(f"best of {MATMUL_PROBES} fp32 matmul probes")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_matmul_probe_reports_the_fastest_of_its_runs(monkeypatch):
+    """A busy machine makes some runs slow; the peak is the fastest run, not the first or the mean."""
+    from evo2_cli.train import metrics
+
+    readings = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0, 30.0, 34.0])  # (start, stop) pairs: 3, 1, 2, 4 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(readings))
+    assert metrics.measure_matmul_flops(size=8, probes=4) == 2 * 8**3 / 1.0
+
+
+def test_memory_estimate_per_process_under_ddp_and_fsdp2():
+    from evo2_cli.train.memory import estimate_memory, fake_mode
+
+    with fake_mode():
+        model = StripedHyena(preset_config("test"))  # 7,628 parameters: blocks of 764/1256/840/664, root 4104
+        alone, ddp, fsdp = (
+            estimate_memory(model, 2, 32, **kwargs)
+            for kwargs in ({}, {"processes": 4}, {"processes": 4, "parallelism": "fsdp"})
+        )
+    fields = ("weight_bytes", "gradient_bytes", "optimizer_bytes", "parallel_bytes")
+    assert [getattr(alone, f) for f in fields] == [4 * 7628, 4 * 7628, 8 * 7628, 0]
+    assert [getattr(ddp, f) for f in fields] == [4 * 7628, 4 * 7628, 8 * 7628, 4 * 7628]  # + DDP's buckets
+    # FSDP2: a quarter each, plus two gathered blocks (the largest), the root's own and one block's gradients
+    assert [getattr(fsdp, f) for f in fields] == [7628, 7628, 2 * 7628, 4 * (2 * 1256 + 4104 + 1256)]
+    assert alone.activation_bytes == ddp.activation_bytes == fsdp.activation_bytes > 0  # per process
+    # the peak holds weights, AdamW state and parallel buffers, and the larger of activations and gradients
+    assert alone.total_bytes == 12 * 7628 + max(alone.activation_bytes, 4 * 7628)
+    assert fsdp.total_bytes == 3 * 7628 + fsdp.parallel_bytes + max(fsdp.activation_bytes, 7628)
+    assert fsdp.layout == "FSDP2 over 4 processes" and ddp.layout == "DDP over 4 processes"
+    assert "estimated memory per process (FSDP2 over 4 processes)" in fsdp.describe()
+
+
+@pytest.mark.gpu
 def test_rng_state_round_trips_the_cuda_generator():
     device = torch.device("cuda")
     torch.manual_seed(5)

@@ -249,7 +249,6 @@ def test_vtx_engine_agrees_on_other_configs(tmp_path, overrides, vtx_logits):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fixture_on_cuda_fp32_bf16_and_cached():
     model = load_vortex(CONFIG, WEIGHTS).eval().cuda()
     ids = _load("input_ids.pt").cuda()

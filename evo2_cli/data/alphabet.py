@@ -4,6 +4,7 @@ Evo 2 tokenizes bytes: a token id is the byte itself (A=65, C=67, G=71, T=84, lo
 512 (ids >= 256 unused), EOD is 0 and padding is 1; there is no BOS.
 
     EOD_ID, PAD_ID, VOCAB_SIZE
+    SPECIAL_IDS                 ids below it are special tokens, never bases
     TAG_MARKERS, MAX_TAG_BYTES  what makes `|...|` a phylogenetic tag, and its longest allowed form
     IUPAC_BYTES                 the sequence letters a FASTA record may hold (upper and lower case)
     COMPLEMENT, UPPERCASE,      256-entry uint8 lookup tables: `table[tokens]` maps a uint8 array and
@@ -19,6 +20,9 @@ import numpy as np
 EOD_ID = 0
 PAD_ID = 1
 VOCAB_SIZE = 512
+# BioNeMo's nucleotide_fast_tokenizer_256 keeps the byte ids but reserves 0-4 for special tokens (0 and 1 as
+# ours); a dataset written with it may hold ids 2-4, which are control bytes that no FASTA sequence has.
+SPECIAL_IDS = 5
 
 # Phylogenetic tags `|d__...;s__...|`: training finds them by these bytes (never in sequence) between two
 # pipes, and reads this much context around a window to see a cut tag whole.

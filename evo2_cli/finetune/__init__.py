@@ -10,7 +10,7 @@ Public API:
     merge(path, out, vortex=None, ...)        fold LoRA into the weights; plain checkpoint (+ Vortex .pt)
     inject_lora / merge_lora / LoRALinear     (lora.py)
     frozen_names / trainable_names / selector grammar   (freeze.py)
-    estimate_memory / check_memory / MemoryEstimate / fake_mode   (memory.py)
+    memory estimate: evo2_cli.train.memory (shared with `evo2 train`)
     auroc / spearman / rankdata, train_task   (heads.py)
 """
 

@@ -87,7 +87,6 @@ class FinetuneSection:
     lora: LoraSection = field(default_factory=LoraSection)
     task: Literal["lm", "classify", "regress"] = "lm"
     labels: LabelsSection = field(default_factory=LabelsSection)
-    memory_limit_gb: float = 0.0  # refuse above this estimate; 0 = the device's free memory
     clamp_poles: float | None = None  # Vortex import: set poles with lambda >= 0 to this negative value
 
     def __post_init__(self):
@@ -96,7 +95,6 @@ class FinetuneSection:
             "freeze",
             "LoRA already freezes every base weight; leave freeze empty with method: lora",
         )
-        check(self.memory_limit_gb >= 0, "memory_limit_gb", "must be >= 0 (0 = the device's free memory)")
         check(self.clamp_poles is None or self.clamp_poles < 0, "clamp_poles", "must be negative")
         if self.task != "lm":
             check(len(self.labels.fasta) > 0, "labels.fasta", f"task {self.task} needs labeled FASTA files")

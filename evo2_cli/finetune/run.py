@@ -29,10 +29,9 @@ from evo2_cli.config import build_config, read_yaml, to_dict
 from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
-from evo2_cli.finetune.freeze import trainable_names
+from evo2_cli.finetune.freeze import is_adapter_parameter, trainable_names
 from evo2_cli.finetune.heads import HEAD_NAME, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
-from evo2_cli.finetune.memory import MemoryEstimate, check_memory, estimate_memory, fake_mode
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
@@ -50,6 +49,7 @@ from evo2_cli.model.checkpoint import (
 )
 from evo2_cli.model.vortex import export_vortex, load_vortex
 from evo2_cli.train.data import split_windows
+from evo2_cli.train.memory import MemoryEstimate, check_memory, estimate_memory, fake_mode
 
 # ---------------------------------------------------------------- the starting point
 
@@ -197,11 +197,13 @@ def prepare(
             job.data.seq_len,
             bf16_autocast=low_precision,
             activation_checkpointing=job.train.activation_checkpointing,
+            is_adapter=is_adapter_parameter,
         )
     say(
         f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"
     )
-    check_memory(estimate, device, job.finetune.memory_limit_gb)
+    fix = "Use method: lora (fewer trainable parameters), freeze more (finetune.freeze), or a bigger device"
+    check_memory(estimate, device, job.train.memory_limit_gb, subject="this finetune", static_fix=fix)
     model, trainable = adapt(start.load(job.finetune.clamp_poles), job, low_precision, outputs)
     return Prepared(job, model, trainable, estimate, device)
 

@@ -9,6 +9,7 @@ Loading (evo2_cli.infer.loading)
                                     directory, a `latest` pointer, a training run directory (its latest
                                     checkpoint) or a Vortex .pt with its config YAML. Finetune reuses it.
     resolve_checkpoint(path), resolve_device(name), resolve_dtype(name, device)
+    prepare_for_inference(model, device, dtype)  a built model cast and placed as load_inference_model does
 Inputs (evo2_cli.infer.sequences)
     encode_dna(text, where, policy='error'|'n') -> uint8 tokens, upper-cased
     read_sequences(fasta) -> Iterator[Sequence(id, tokens, description)]

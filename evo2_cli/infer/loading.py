@@ -122,6 +122,11 @@ def load_inference_model(
         from evo2_cli.model.checkpoint import load_model
 
         model = load_model(source, verify=verify)
+    return prepare_for_inference(model, device, dtype)
+
+
+def prepare_for_inference(model: StripedHyena, device: torch.device, dtype: torch.dtype) -> StripedHyena:
+    """`model` on `device` in `dtype` except its hyena filter parameters, in eval mode, gradients off."""
     model = model.to(device=device)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

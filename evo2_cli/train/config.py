@@ -97,6 +97,7 @@ class TrainSection:
     early_stopping_patience: int = 0  # evaluations without a better val loss before stopping; 0 = never
     tensorboard: bool = False  # write run_dir/tensorboard when tensorboard is installed
     peak_flops: float = 0.0  # per-device peak for MFU; 0 = table for GPUs, measured matmul peak on CPU
+    memory_limit_gb: float = 0.0  # refuse a run whose memory estimate is above; 0 = the device's free memory
 
     def __post_init__(self):
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -104,7 +105,13 @@ class TrainSection:
         check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
         for name in ("log_interval",):
             check(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("eval_interval", "save_interval", "early_stopping_patience", "peak_flops"):
+        for name in (
+            "eval_interval",
+            "save_interval",
+            "early_stopping_patience",
+            "peak_flops",
+            "memory_limit_gb",
+        ):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
 

@@ -8,8 +8,9 @@ same sample indices (DESIGN.md section 3).
 A window becomes a `Batch` row (Savanna's `to_upper: normalized_weighted` recipe):
 - inputs and labels are upper-cased; a lowercase label (a soft-masked repeat) gets `lowercase_weight`;
 - phylogenetic tags `|d__...;...|` get weight 0, pipes included;
-- EOD labels keep weight 1 (the model learns where a record ends), padding gets 0;
-- `counts_as_base` marks nucleotide labels, the denominator of bits per base.
+- EOD labels keep weight 1 (the model learns where a record ends), padding gets 0; the other special ids
+  (2-4, written by BioNeMo's nucleotide tokenizers) are treated like EOD;
+- `counts_as_base` marks nucleotide labels (not tags or special ids), the denominator of bits per base.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, UPPERCASE, reverse_complement
+from evo2_cli.data.alphabet import (
+    MAX_TAG_BYTES,
+    PAD_ID,
+    SPECIAL_IDS,
+    TAG_MARKERS,
+    UPPERCASE,
+    reverse_complement,
+)
 from evo2_cli.data.indexed import IndexedDataset, paths_of
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import sha256_file
@@ -152,7 +160,7 @@ class WindowSampler:
             input_ids=torch.from_numpy(upper[:, :-1].copy()),
             labels=torch.from_numpy(upper[:, 1:].copy()),
             loss_weights=torch.from_numpy(weights),
-            counts_as_base=torch.from_numpy(~ignored & (labels_raw != EOD_ID)),
+            counts_as_base=torch.from_numpy(~ignored & (labels_raw >= SPECIAL_IDS)),
         )
 
 

@@ -71,6 +71,7 @@ from evo2_cli.train.distributed import (
     stop_runtime,
 )
 from evo2_cli.train.guard import GradientGuard, GuardState, Verdict
+from evo2_cli.train.memory import preflight_memory
 from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
 from evo2_cli.train.optim import build_optimizer, learning_rate
 from evo2_cli.train.origin import FP32_EXP_LIMIT, StepWatch, hcl_overflow_detail, hcl_stats
@@ -158,6 +159,8 @@ def train(
             if without_val:
                 say(f"[yellow]warning: {escape(no_val_message(without_val, val_windows is not None))}[/]")
         data_identity = dataset_identity(data)
+        if model is None:  # a finetune estimated its adapted model itself, before loading the weights
+            say(f"memory: {preflight_memory(job, runtime).describe()}")
 
         # ---- run directory (locked), model, starting point: nothing is written until the starting
         # checkpoint has loaded, and an old run --overwrite replaces stays until the first checkpoint
@@ -242,6 +245,7 @@ def train(
             f"{runtime.device.type} ({'bf16 autocast' if runtime.autocast_dtype else 'fp32'}), "
             f"{accumulation} micro-batch(es) of {cfg.micro_batch} x {data.seq_len} per process per step"
         )
+        say(f"MFU peak: {device_peak.flops:.3g} FLOP/s per device ({device_peak.source})")
 
         stop_reason, last_val, losses = "max_steps", None, []
         timed_seconds, timed_steps = 0.0, 0  # compute time of the steps since the last log line
@@ -329,7 +333,7 @@ def train(
                     "grad_norm": grad_norm,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_s": tokens_per_step / step_seconds,
-                    "mfu": train_flops_per_step / step_seconds / (device_peak * runtime.world_size),
+                    "mfu": train_flops_per_step / step_seconds / (device_peak.flops * runtime.world_size),
                     "eta_s": step_seconds * (cfg.max_steps - state.step),
                     "skipped": not verdict.apply_step,
                 }

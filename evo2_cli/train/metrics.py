@@ -3,7 +3,8 @@
 MFU = achieved model FLOP/s / peak FLOP/s of the devices. Achieved FLOP/s come from the model package's
 `estimate_flops` (forward + backward, FFT convolutions counted) times windows per second. The peak is
 `train.peak_flops` when set, else the dense bf16 figure of a known GPU (fp32 figure under fp32), else, on a
-CPU, a matmul measured once at start-up.
+CPU, the best of several matmul probes at start-up (a busy CPU reads low, so MFU may then pass 100%). The
+loop prints which.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +34,45 @@ GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
 }
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an fp32 square matmul on this CPU (the best of a few runs). The operands come from a
-    private generator: the probe runs after a resume restored the global RNG, which dropout draws from."""
-    generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+MATMUL_PROBES = 10
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """The per-device peak MFU is measured against, and where it came from (printed once at start)."""
+
+    flops: float  # nan when unknown: MFU shown as n/a
+    source: str
+
+
+def measure_matmul_flops(size: int = 1024, probes: int = MATMUL_PROBES) -> float:
+    """FLOP/s of an fp32 square matmul on this CPU: the best of `probes` timed runs, since other jobs on a
+    busy machine only ever make a run slower. Constant matrices: the global RNG is left alone."""
+    a, b = torch.full((size, size), 0.5), torch.full((size, size), 0.25)
     a @ b  # warm-up
     best = math.inf
-    for _ in range(repeats):
+    for _ in range(probes):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device, bf16: bool, configured: float) -> float:
+def peak_flops(device: torch.device, bf16: bool, configured: float) -> PeakFlops:
     if configured > 0:
-        return configured
+        return PeakFlops(configured, "train.peak_flops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (bf16_peak, fp32_peak) in GPU_PEAK_FLOPS.items():
             if key in name:
-                return bf16_peak if bf16 else fp32_peak
-        return math.nan  # unknown GPU: MFU shown as n/a unless train.peak_flops is set
-    return measure_matmul_flops()
+                return PeakFlops(
+                    bf16_peak if bf16 else fp32_peak, f"{key} datasheet, {'bf16' if bf16 else 'fp32'}"
+                )
+        return PeakFlops(math.nan, f"unknown GPU {name!r}; set train.peak_flops")
+    measured = measure_matmul_flops()
+    return PeakFlops(
+        measured, f"best of {MATMUL_PROBES} fp32 matmul probes on this CPU; set train.peak_flops to fix it"
+    )
 
 
 def format_duration(seconds: float) -> str:
