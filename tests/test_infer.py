@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
-from evo2_cli.infer.embedding import embed_sequences, hidden_states, resolve_layer
+from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 from evo2_cli.infer.outputs import atomic_text_output
@@ -255,17 +255,79 @@ def test_embeddings_windowed_follow_the_stitching_rule(tiny):
     for p in (0, 15, 16, 30, 44):
         start = min(w.start for w in windows if w.start <= p < w.stop)
         with torch.no_grad():
-            expected = hidden_states(tiny, torch.from_numpy(tokens[start : p + 1].astype(np.int64))[None], 7)
+            ids = torch.from_numpy(tokens[start : p + 1].astype(np.int64))[None]
+            expected = hidden_states(tiny, ids, Layer("blocks.7", "blocks.7"))
         np.testing.assert_allclose(got[p], expected[0, -1].numpy(), atol=1e-5)
 
 
 def test_layer_names(tiny):
-    assert resolve_layer(tiny, None) == ("blocks.4", 4)  # default: the middle block
-    assert resolve_layer(tiny, "-1") == ("blocks.7", 7)
-    assert resolve_layer(tiny, "final_norm") == ("final_norm", None)
-    for bad in ("8", "-9", "mlp"):
-        with pytest.raises(InputError, match="--layer"):
+    assert resolve_layer(tiny, None) == Layer("blocks.4", "blocks.4")  # default: the middle block
+    assert resolve_layer(tiny, "-1") == Layer("blocks.7", "blocks.7")
+    assert resolve_layer(tiny, "final_norm") == Layer("final_norm", "norm")
+    assert resolve_layer(tiny, "blocks.-5.inner_mha_cls.Wqkv") == Layer(
+        "blocks.3.inner_mha_cls.Wqkv", "blocks.3.attn.Wqkv"
+    )
+    for bad in (
+        "8",
+        "-9",
+        "mlp",
+        "blocks",
+        "3.mlp",
+        "blocks.3.filter",
+        "blocks.2.mlp.l4",
+        "blocks.3.attn.rotary_emb",
+    ):
+        with pytest.raises(InputError, match="--layer") as caught:
             resolve_layer(tiny, bad)
+        if bad not in ("8", "-9"):
+            assert "blocks.N.{pre_norm,post_norm,projections,filter," in str(caught.value)  # lists names
+
+
+def _official_hook(model, name, ids):
+    """What the official engine's embedding hook returns: output[0] of a tuple, else the output."""
+    found = []
+    module = model.get_submodule(name.replace("inner_mha_cls", "attn"))
+    handle = module.register_forward_hook(
+        lambda _m, _i, out: found.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return found[0][0].float().numpy()
+
+
+@pytest.mark.parametrize(
+    "name, width",
+    [
+        ("blocks.6.mlp.l3", 64),
+        ("blocks.6.mlp.l1", 176),
+        ("blocks.2.filter", 64),
+        ("blocks.1.projections", 192),
+        ("blocks.3.inner_mha_cls", 64),
+        ("embedding_layer", 64),
+        ("norm", 64),
+    ],
+)
+def test_submodule_embeddings_are_the_forward_hook_output(tiny, name, width):
+    records = [Sequence("a", _dna(50, 1)), Sequence("b", _dna(20, 2))]
+    got = embed_sequences(tiny, records, layer=name, pooling="none")
+    assert got.layer == name and got.vectors.shape == (70, width)
+    for i, record in enumerate(records):
+        ids = torch.from_numpy(record.tokens.astype(np.int64))[None]
+        rows = got.vectors[got.offsets[i] : got.offsets[i + 1]]
+        np.testing.assert_allclose(rows, _official_hook(tiny, name, ids), atol=1e-5)
+
+
+def test_block_output_is_its_input_plus_mixer_and_mlp_outputs(tiny):
+    """The names mean what the block computes: blocks.2 = blocks.1 + out_filter_dense + mlp.l3."""
+    records = [Sequence("a", _dna(40, 3))]
+    parts = {
+        name: embed_sequences(tiny, records, layer=name, pooling="none").vectors
+        for name in ("blocks.1", "blocks.2", "blocks.2.out_filter_dense", "blocks.2.mlp", "blocks.2.mlp.l3")
+    }
+    np.testing.assert_array_equal(parts["blocks.2.mlp"], parts["blocks.2.mlp.l3"])
+    summed = parts["blocks.1"] + parts["blocks.2.out_filter_dense"] + parts["blocks.2.mlp.l3"]
+    np.testing.assert_allclose(parts["blocks.2"], summed, atol=1e-5)
 
 
 # ---------------------------------------------------------------- variants

@@ -240,6 +240,13 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert result.exit_code == 2
     result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
     assert result.exit_code == 2 and "out of range" in said(result)
+    assert "parameters" not in said(result)  # checked on the config, before the weights load
+    result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.3.filter")
+    assert result.exit_code == 2 and "not a module of this model" in said(result)
+    assert "blocks.N.{pre_norm,post_norm,projections,filter," in said(result)  # the valid names, listed
+    result = invoke("embed", base, fasta, "-o", tmp_path / "m.npy", "--layer", "blocks.2.mlp.l3")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "m.npy").shape == (3, 8)
     # A bad --pooling is refused before the model loads (this model path does not even exist).
     result = invoke("embed", tmp_path / "no_model", fasta, "-o", tmp_path / "x.npy", "--pooling", "max")
     assert result.exit_code == 2 and "--pooling: expected mean or none, got 'max'" in said(result)

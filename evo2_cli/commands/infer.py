@@ -331,7 +331,9 @@ def embed(
         str | None,
         typer.Option(
             "--layer",
-            help="Block index (negative from the end), blocks.N or final_norm.",
+            help="Block index (negative from the end), blocks.N, final_norm, or a submodule as the "
+            "official engine names it (blocks.28.mlp.l3, blocks.N.mlp, blocks.N.filter, ...): its "
+            "forward hook's output.",
             show_default="the middle block",
         ),
     ] = None,
@@ -351,16 +353,25 @@ def embed(
 
     Per token, the vectors of all records are concatenated: each record's rows start at its offset (in the
     index file and the safetensors `offsets` tensor) and end where the next record's start."""
-    from evo2_cli.infer.embedding import check_pooling, embed_sequences, resolve_layer
+    from evo2_cli.infer.embedding import (
+        check_pooling,
+        embed_sequences,
+        resolve_layer,
+        resolve_layer_in_config,
+    )
+    from evo2_cli.infer.loading import load_inference_config
     from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
     from evo2_cli.infer.sequences import read_sequences
 
     overlap = _checked_overlap(window, overlap)
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output)
+    config = load_inference_config(model_path, vortex_config)
+    if config is not None:
+        resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(fasta))
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads)
-    resolve_layer(model, layer)  # a bad --layer fails before any work
+    resolve_layer(model, layer)
     with _progress("embedding (bases)", sum(len(s.tokens) for s in sequences)) as advance:
         result = embed_sequences(
             model,
