@@ -79,6 +79,7 @@ def test_cache_misuse_is_a_clear_error(model):
     cache = model.new_cache(1)
     with pytest.raises(ValueError, match="prefill"):
         model.step(torch.tensor([65]), cache)
-    model.prefill(torch.tensor([[65, 67]]), cache)
-    with pytest.raises(ValueError, match="fresh cache"):
-        model.prefill(torch.tensor([[65]]), cache)
+    with pytest.raises(ValueError, match=r"shape \(1, P>=1\)"):
+        model.prefill(torch.tensor([[65], [67]]), cache)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        model.prefill(torch.tensor([[65, 67]]), cache, chunk_size=0)

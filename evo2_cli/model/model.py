@@ -31,6 +31,7 @@ Parameter names mirror the Vortex checkpoint layout where the math is the same (
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -110,20 +111,21 @@ def _decay_blocks(log_poles: Tensor, length: int) -> tuple[Tensor, Tensor, int]:
 def modal_filter(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
     """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L).
 
-    One batched matmul over the factored exponentials:
+    `residues` may carry leading batch dims, (..., D, S) -> (..., D, L) (chunked prefill weights the modes
+    by each sequence's carried state). One batched matmul over the factored exponentials:
     h[d, c B + k] = sum_s (R across)[d, c, s] within[d, s, k].
     """
     within, across, _ = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
-    weighted = (residues.float().unsqueeze(-1) * across).transpose(1, 2)  # (D, C, S)
-    h = torch.bmm(weighted, within)  # (D, C, B)
-    return h.reshape(h.shape[0], -1)[:, :length]  # (D, C * B) -> (D, L)
+    weighted = (residues.float().unsqueeze(-1) * across).transpose(-1, -2)  # (..., D, C, S)
+    h = torch.matmul(weighted, within)  # (..., D, C, B)
+    return h.flatten(-2)[..., :length]  # (..., D, C * B) -> (..., D, L)
 
 
 def modal_filter_reference(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
-    """The formula as written (materializes (D, S, L)); Vortex computes it this way."""
+    """The formula as written, materializing (D, S, L), as Vortex does. (..., D, S) -> (..., D, L)."""
     t = torch.arange(length, device=log_poles.device, dtype=torch.float32)  # (L,)
     modes = torch.exp(log_poles.float().unsqueeze(-1) * t)  # (D, S, L)
-    return torch.einsum("ds,dsl->dl", residues.float(), modes)  # (D, L)
+    return torch.einsum("...ds,dsl->...dl", residues.float(), modes)  # (..., D, L)
 
 
 def modal_state(log_poles: Tensor, u: Tensor) -> Tensor:
@@ -150,6 +152,39 @@ def modal_state_reference(log_poles: Tensor, u: Tensor) -> Tensor:
     return state
 
 
+def modal_continue(
+    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor, own: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One chunk of hcl after earlier tokens (DESIGN.md section 4, chunked prefill), without the D term.
+
+    u (B, D, C): the chunk's inputs; state (B, D, S): x_s = sum_{tau < t0} exp(lambda_s (t0 - 1 - tau)) u_tau,
+    the modal state after everything before the chunk (fp64); own (B, D, C): the chunk's convolution with
+    itself (filter of length C). Returns y (B, D, C) fp32 and the state after the chunk (state's dtype):
+        y[t0 + t] = own[t] + sum_s R_s exp(lambda_s (t + 1)) x_s
+        x_s'      = exp(lambda_s C) x_s + sum_{k < C} exp(lambda_s (C - 1 - k)) u_k
+    Work and memory O(B D S C), none of it as long as the sequence.
+    """
+    length = u.shape[-1]
+    lam = log_poles.to(state.dtype)  # (D, S)
+    # The past as a modal filter whose residues are R exp(lambda) x (one step of decay folded in).
+    carried = (residues.to(state.dtype) * torch.exp(lam) * state).float()  # (B, D, S)
+    y = own + modal_filter(log_poles, carried, length)  # (B, D, C)
+    state = torch.exp(lam * length) * state + modal_state(log_poles, u).to(state.dtype)  # (B, D, S)
+    return y, state
+
+
+def modal_continue_reference(
+    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`modal_continue` by the recurrence, token by token in fp64: x = exp(lambda) x + u_t, y_t = R . x."""
+    poles = torch.exp(log_poles.double())  # (D, S)
+    state, ys = state.double(), []
+    for k in range(u.shape[-1]):
+        state = poles * state + u[..., k, None].double()  # (B, D, S)
+        ys.append(torch.einsum("bds,ds->bd", state, residues.double()))
+    return torch.stack(ys, -1).float(), state  # (B, D, C), (B, D, S)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -163,6 +198,33 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, Lq, hd)
+
+
+def causal_attention_blocked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of Lq queries over Lk >= Lq keys, query i at key position Lk - Lq + i (a chunk after a
+    KV cache), one block of keys at a time with a running softmax, in fp32. Memory O(B H Lq block) instead of
+    the O(B H Lq Lk) scores (16 GiB per head at 1M cached tokens and a 4096-token chunk). Equal to
+    `attention_reference`. q (B, H, Lq, hd), k and v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    block = max(1024, (1 << 22) // lq)  # keeps each block's scores to about 4M numbers per (B, H)
+    query = q.float() / math.sqrt(q.shape[-1])
+    position = torch.arange(lk - lq, lk, device=q.device)  # (Lq,) each query's own key position
+    row_max = query.new_full((*q.shape[:-1], 1), float("-inf"))  # (B, H, Lq, 1)
+    row_sum = query.new_zeros(*q.shape[:-1], 1)  # (B, H, Lq, 1)
+    out = query.new_zeros(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, hd)
+    for start in range(0, lk, block):
+        keys = k[..., start : start + block, :].float()  # (B, H, b, hd)
+        scores = query @ keys.transpose(-2, -1)  # (B, H, Lq, b)
+        if start + keys.shape[-2] > lk - lq + 1:  # the block reaches past the first query: mask the future
+            index = torch.arange(start, start + keys.shape[-2], device=q.device)  # (b,)
+            scores = scores.masked_fill(index > position[:, None], float("-inf"))
+        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))  # finite: key 0 is in every row
+        weights = torch.exp(scores - new_max)  # (B, H, Lq, b)
+        rescale = torch.exp(row_max - new_max)  # (B, H, Lq, 1)
+        row_sum = row_sum * rescale + weights.sum(-1, keepdim=True)
+        out = out * rescale + weights @ v[..., start : start + block, :].float()
+        row_max = new_max
+    return (out / row_sum).to(v.dtype)
 
 
 # ============================================================== layers
@@ -237,11 +299,17 @@ class KVCache:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.length = 0
+        self.reserved = 0  # the buffer's size at the next growth, when the final length is known
+
+    def reserve(self, length: int) -> None:
+        """Grow straight to `length` positions when next needed (no doubling past what a prefill needs)."""
+        self.reserved = max(self.reserved, length)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         new = k.shape[-2]
         if self.k is None or self.length + new > self.k.shape[-2]:
-            capacity = max(2 * (self.length + new), 16)
+            needed = self.length + new
+            capacity = self.reserved if self.reserved >= needed else max(2 * needed, 16)
             shape = (*k.shape[:-2], capacity, k.shape[-1])
             grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
             if self.k is not None:
@@ -276,15 +344,16 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, length, -1))  # (B, H, L, hd) -> (B, L, D)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Causal self-attention over x (B, L, D); with `cache`, x continues the cached sequence."""
+        """Causal self-attention over x (B, L, D); with `cache`, x continues the cached sequence (rotary
+        positions go on from the cached length)."""
         start = cache.length if cache is not None else 0
         q, k, v = self._qkv(x, start)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + L, hd)
-        causal = q.shape[-2] > 1
-        if causal and k.shape[-2] != q.shape[-2]:
-            raise ValueError("chunked prefill after earlier tokens is not supported; prefill once, then step")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, hd)
+        if start > 0 and q.shape[-2] > 1:  # a chunk after cached tokens: bottom-right causal
+            y = causal_attention_blocked(q, k, v)  # (B, H, L, hd)
+        else:  # a whole sequence (causal) or one new token (sees every key)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)  # (B, H, L, hd)
         return self._out(y)
 
 
@@ -297,6 +366,8 @@ class HyenaState:
 
     fir: Tensor  # (B, 3D, short_filter_length - 1): last pre-featurizer inputs
     inner: Tensor  # hcs/hcm: (B, D, K - 1) last inputs u; hcl: (B, D, S) modal state (fp64)
+    # Before the first token both are zeros (`HyenaOperator.initial_state`): the same as the zero padding
+    # of the full forward, and a modal state with no past.
 
 
 def _tail(x: Tensor, n: int) -> Tensor:
@@ -327,30 +398,49 @@ class HyenaOperator(nn.Module):
     def inner(self, u: Tensor) -> Tensor:  # (B, D, L) -> (B, D, L), fp32
         raise NotImplementedError
 
-    def inner_state(self, u: Tensor) -> Tensor:  # state after u (B, D, P)
+    def initial_inner(self, batch: int, device: torch.device) -> Tensor:  # the inner state before any token
+        raise NotImplementedError
+
+    def inner_continue(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """u (B, D, C) continues the tokens summarized by `state` -> (B, D, C) fp32, the state after u."""
         raise NotImplementedError
 
     def inner_step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:  # (B, D) -> (B, D), new state
         raise NotImplementedError
+
+    def initial_state(self, batch: int, device: torch.device) -> HyenaState:
+        taps = self.short_filter_weight.shape[-1]
+        fir = torch.zeros(batch, 3 * self.hidden_size, taps - 1, device=device)  # (B, 3D, K - 1)
+        return HyenaState(fir=fir, inner=self.initial_inner(batch, device))
 
     # -- shared featurizer
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """De-interleave featurized channels by c mod 3 -> x2 (gate), x1, v; each (B, D, ...)."""
         return z[:, 0::3], z[:, 1::3], z[:, 2::3]
 
-    def forward(self, z: Tensor, with_state: bool = False) -> tuple[Tensor, HyenaState | None]:
-        """z: projected input (B, L, 3D) -> gated filter output (B, L, D) in fp32 (+ decoding state)."""
+    def forward(self, z: Tensor, state: HyenaState | None = None) -> tuple[Tensor, HyenaState | None]:
+        """z: projected input (B, L, 3D) -> (gated filter output (B, L, D) in fp32, state).
+
+        Without `state`, z is a whole sequence and the state returned is None. With `state` (the state after
+        the sequence's earlier tokens; `initial_state` before the first), z continues that sequence and the
+        state after z is returned: chunked prefill.
+        """
         with _no_autocast(z.device.type):
             z = z.float().transpose(1, 2)  # (B, 3D, L)
-            w = self.short_filter_weight.float()[:, 0]  # (3D, 3)
-            zc = causal_cross_correlation(z, w)  # (B, 3D, L)
+            w = self.short_filter_weight.float()[:, 0]  # (3D, K)
+            if state is None:
+                zc = causal_cross_correlation(z, w)  # (B, 3D, L)
+            else:
+                past = state.fir.shape[-1]
+                z = torch.cat((state.fir, z), dim=-1)  # (B, 3D, K - 1 + L): the last inputs before z first
+                zc = causal_cross_correlation(z, w)[..., past:]  # (B, 3D, L)
             x2, x1, v = self._split(zc)  # (B, D, L) each
             u = x1 * v
-            y = x2 * self.inner(u)  # (B, D, L)
-            state = None
-            if with_state:
-                state = HyenaState(fir=_tail(z, w.shape[-1] - 1), inner=self.inner_state(u))
-            return y.transpose(1, 2), state  # (B, L, D)
+            if state is None:
+                return (x2 * self.inner(u)).transpose(1, 2), None  # (B, L, D)
+            y, inner = self.inner_continue(u, state.inner)  # (B, D, L)
+            state = HyenaState(fir=_tail(z, w.shape[-1] - 1), inner=inner)
+            return (x2 * y).transpose(1, 2), state  # (B, L, D)
 
     def step(self, z: Tensor, state: HyenaState) -> Tensor:
         """One token: z (B, 3D) -> (B, D) fp32; updates `state` in place."""
@@ -369,7 +459,20 @@ def _expand_groups(h: Tensor, channels: int) -> Tensor:
     return h[:, 0].float().repeat_interleave(channels // h.shape[0], dim=0)
 
 
-class ShortFilter(HyenaOperator):
+class _ExplicitFilter(HyenaOperator):
+    """hcs and hcm: a grouped FIR `h` (G, 1, K) whose state is its last K - 1 inputs."""
+
+    h: nn.Parameter
+
+    def initial_inner(self, batch, device):
+        return torch.zeros(batch, self.hidden_size, self.h.shape[-1] - 1, device=device)  # (B, D, K - 1)
+
+    def inner_continue(self, u, state):
+        window = torch.cat((state, u), dim=-1)  # (B, D, K - 1 + C): the last inputs before u first
+        return self.inner(window)[..., state.shape[-1] :], _tail(window, state.shape[-1])
+
+
+class ShortFilter(_ExplicitFilter):
     """hcs: grouped short FIR, cross-correlation (tap K-1 = current step), no D term."""
 
     kind = "hcs"
@@ -381,15 +484,12 @@ class ShortFilter(HyenaOperator):
     def inner(self, u):
         return causal_cross_correlation(u, _expand_groups(self.h, self.hidden_size))
 
-    def inner_state(self, u):
-        return _tail(u, self.h.shape[-1] - 1)
-
     def inner_step(self, u, state):
         window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K)
         return _fir_step(_expand_groups(self.h, self.hidden_size), window), window[..., 1:]
 
 
-class MediumFilter(HyenaOperator):
+class MediumFilter(_ExplicitFilter):
     """hcm: grouped medium FIR, convolution (tap 0 = current step), plus D * u. Direct conv for up to 256
     taps (faster on a CPU), FFT beyond."""
 
@@ -404,9 +504,6 @@ class MediumFilter(HyenaOperator):
         h = _expand_groups(self.h, self.hidden_size)  # (D, K)
         conv = causal_convolution_direct if h.shape[-1] <= 256 else causal_convolution_fft
         return conv(u, h) + self.D.float()[:, None] * u
-
-    def inner_state(self, u):
-        return _tail(u, self.h.shape[-1] - 1)
 
     def inner_step(self, u, state):
         window = torch.cat((state, u.unsqueeze(-1)), dim=-1)  # (B, D, K), newest last
@@ -450,8 +547,14 @@ class LongFilter(HyenaOperator):
 
     # The decoding state is kept in fp64 (it is only D x S per layer): repeated multiplication by a rounded
     # fp32 exp(lambda) would drift by ~1e-4 relative over a few thousand tokens for slow modes.
-    def inner_state(self, u):
-        return modal_state(self.poles(), u).to(_state_dtype(u.device))
+    def initial_inner(self, batch, device):
+        shape = (batch, *self.residues.shape)  # (B, D, S)
+        return torch.zeros(shape, dtype=_state_dtype(device), device=device)
+
+    def inner_continue(self, u, state):
+        """The chunk convolves with itself (filter and FFT of the chunk's length only); the past comes from
+        the modal state (`modal_continue`)."""
+        return modal_continue(self.poles(), self.residues, u, state, own=self.inner(u))
 
     def inner_step(self, u, state):
         poles = torch.exp(self.poles().to(state.dtype))  # (D, S)
@@ -494,8 +597,11 @@ class HyenaBlock(nn.Module):
         y, _ = self.filter(self.projections(self.pre_norm(x)))  # (B, L, D)
         return self._finish(x, y)
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, HyenaState]:
-        y, state = self.filter(self.projections(self.pre_norm(x)), with_state=True)
+    def prefill(self, x: Tensor, state: HyenaState | None) -> tuple[Tensor, HyenaState]:
+        """x (B, C, D) continues the tokens summarized by `state` (None: x starts the sequence)."""
+        if state is None:
+            state = self.filter.initial_state(x.shape[0], x.device)
+        y, state = self.filter(self.projections(self.pre_norm(x)), state)
         return self._finish(x, y), state
 
     def step(self, x: Tensor, state: HyenaState) -> Tensor:
@@ -518,8 +624,9 @@ class AttentionBlock(nn.Module):
         x = x + self.attn(self.pre_norm(x), cache)
         return x + self.mlp(self.post_norm(x))
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, KVCache]:
-        cache = KVCache()
+    def prefill(self, x: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        """x (B, C, D) continues the tokens in `cache` (None: x starts the sequence)."""
+        cache = cache if cache is not None else KVCache()
         return self(x, cache), cache
 
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -534,7 +641,7 @@ class InferenceCache:
     """Decoding state of a whole model: one HyenaState or KVCache per layer, and the tokens seen so far."""
 
     batch_size: int
-    layers: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # None for a layer until its first prefill
     seqlen: int = 0
 
 
@@ -621,13 +728,7 @@ class StripedHyena(nn.Module):
         residual stream after block i (negative i counts from the end; -1 is the last block, before the
         final norm).
         """
-        want = set()
-        if return_hidden_layers is not None:
-            n = len(self.blocks)
-            for i in return_hidden_layers:
-                if not -n <= i < n:
-                    raise ValueError(f"return_hidden_layers: layer {i} out of range for {n} layers")
-                want.add(i % n)
+        want = self._hidden_layers(return_hidden_layers)
         hidden: dict[int, Tensor] = {}
         x = self.embedding_layer(input_ids)  # (B, L, D)
         for i, block in enumerate(self.blocks):
@@ -642,25 +743,91 @@ class StripedHyena(nn.Module):
             return logits
         return logits, {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
 
+    def _hidden_layers(self, return_hidden_layers) -> set[int]:
+        """The block indices (0..n-1) asked for by `return_hidden_layers`; negative counts from the end."""
+        n, want = len(self.blocks), set()
+        for i in return_hidden_layers or ():
+            if not -n <= i < n:
+                raise ValueError(f"return_hidden_layers: layer {i} out of range for {n} layers")
+            want.add(i % n)
+        return want
+
     # ------------------------------------------------------------ cached inference
 
     def new_cache(self, batch_size: int) -> InferenceCache:
         return InferenceCache(batch_size=batch_size, layers=[None] * len(self.blocks))
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
-        """Run the prompt (B, P), P >= 1, fill `cache`; returns logits (B, P, V)."""
-        if cache.seqlen != 0:
-            raise ValueError("prefill needs a fresh cache (model.new_cache(batch)); continue with step()")
-        if input_ids.ndim != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] != cache.batch_size:
-            raise ValueError(
-                f"prefill expects ids of shape ({cache.batch_size}, P>=1), got {input_ids.shape}"
-            )
-        x = self.embedding_layer(input_ids)
+    def prefill(
+        self,
+        input_ids: Tensor,
+        cache: InferenceCache,
+        chunk_size: int | None = None,
+        return_hidden_layers: list[int] | tuple[int, ...] | None = None,
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """Run input_ids (B, P), P >= 1, after whatever `cache` holds (nothing for a fresh cache); returns
+        logits (B, P, V), or (logits, {layer: hidden (B, P, D)}) with `return_hidden_layers` as in forward.
+
+        `chunk_size` C runs the input C tokens at a time (`prefill_chunks`), the same numbers up to float
+        rounding; None runs it in one chunk. Afterwards `step` or another `prefill` continues the sequence.
+        """
+        chunks = list(self.prefill_chunks(input_ids, cache, chunk_size, return_hidden_layers))
+        logits = torch.cat([c[0] for c in chunks], dim=1)  # (B, P, V)
+        if return_hidden_layers is None:
+            return logits
+        return logits, {i: torch.cat([c[1][i] for c in chunks], dim=1) for i in return_hidden_layers}
+
+    @torch.no_grad()
+    def prefill_chunks(
+        self,
+        input_ids: Tensor,
+        cache: InferenceCache,
+        chunk_size: int | None = None,
+        return_hidden_layers: list[int] | tuple[int, ...] | None = None,
+    ) -> Iterator[tuple[Tensor, dict[int, Tensor]]]:
+        """Exact long-context prefill, chunk by chunk: yields (logits (B, C, V), {layer: hidden (B, C, D)})
+        for each chunk of `chunk_size` tokens of input_ids (B, P) (the last chunk may be shorter; hidden is {}
+        without `return_hidden_layers`, which takes layer indices as in forward).
+
+        Each chunk continues `cache` (fresh or already holding earlier tokens) and leaves it after the
+        chunk, so a caller can consume the outputs of a 1M-token input without holding (B, P, V), and can
+        `step` or `prefill` on afterwards. Every position sees its whole left context: hcl layers convolve
+        the chunk with itself (FFT of size ~2C) and add the past from their modal state, hcs/hcm and the
+        featurizer carry their last inputs, attention its KV cache (rotary positions continue). Memory is
+        O(B D C) plus the KV cache, whatever the length; outputs equal the full forward to float rounding.
+        hcl_form vortex with a pole lambda >= 0 is refused when a chunk follows earlier tokens.
+        """
+        batch, total = cache.batch_size, input_ids.shape[-1]
+        if input_ids.ndim != 2 or total < 1 or input_ids.shape[0] != batch:
+            raise ValueError(f"prefill expects ids of shape ({batch}, P>=1), got {tuple(input_ids.shape)}")
+        chunk_size = total if chunk_size is None else chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
+        want = self._hidden_layers(return_hidden_layers)
+        if cache.seqlen > 0 or chunk_size < total:
+            self._refuse_growing_poles()
         for i, block in enumerate(self.blocks):
-            x, cache.layers[i] = block.prefill(x)
-        cache.seqlen = input_ids.shape[1]
-        return self.unembed(x)
+            if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
+                cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
+                cache.layers[i].reserve(cache.seqlen + total)
+        for start in range(0, total, chunk_size):
+            x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
+            hidden: dict[int, Tensor] = {}
+            for i, block in enumerate(self.blocks):
+                x, cache.layers[i] = block.prefill(x, cache.layers[i])
+                if i in want:
+                    hidden[i] = x
+            cache.seqlen += x.shape[1]
+            yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers or ()}
+
+    def _refuse_growing_poles(self) -> None:
+        for i, block in enumerate(self.blocks):
+            if block.kind == "hcl" and (growing := int((block.filter.poles() >= 0).sum())):
+                raise ValueError(
+                    f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
+                    "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
+                    "with --clamp-poles"
+                )
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
