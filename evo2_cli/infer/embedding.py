@@ -14,15 +14,16 @@ Every name is captured with a forward hook on that module, as the official engin
 Default: `blocks.{num_layers // 2}`, a middle layer: Evo 2's own embedding examples read intermediate blocks,
 which carry more general features than the last one (trained to predict the next byte).
 
-`pooling='mean'` averages over every position of the record; `'none'` keeps one vector per position.
-Long records are windowed and stitched with the scoring rule (windows.py): each position's vector comes
-from the window that gives it the most left context.
+`pooling='mean'` averages over every position of the record; `'none'` keeps one vector per position
+(`embedding_pieces` yields them as they are computed, for streaming to a file). Records longer than one
+chunk are run exactly through the chunked prefill, or windowed with `Context(mode='windows')` (context.py;
+each position's vector then comes from the window that gives it the most left context).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from evo2_cli.errors import InputError
+from evo2_cli.infer.context import Context, Readout, per_token_pieces
 from evo2_cli.infer.sequences import Sequence
-from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW, run_windows
 from evo2_cli.model.config import ModelConfig
 from evo2_cli.model.model import RotaryEmbedding, StripedHyena
 
@@ -155,6 +156,31 @@ def hidden_states(model: StripedHyena, ids: Tensor, layer: Layer) -> Tensor:
     return output.float()
 
 
+def chunked_hidden_states(model: StripedHyena, ids: Tensor, layer: Layer, chunk: int) -> Iterator[Tensor]:
+    """`hidden_states` through the chunked prefill: (B, c, F) float32 per chunk, in order. A block's own
+    output comes from prefill_chunks' hidden states (a hyena block's prefill is not its forward, so a hook
+    on the block would not fire); every other module is hooked as in one forward."""
+    parts = layer.module.split(".")
+    block = int(parts[1]) if len(parts) == 2 and parts[0] == "blocks" else None
+    cache = model.new_cache(ids.shape[0])
+    chunks = model.prefill_chunks(ids, cache, chunk, None if block is None else [block])
+    with capture(model, layer) as outputs:
+        for _, hidden in chunks:
+            if block is not None:
+                yield hidden[block].float()
+            else:
+                (output,) = outputs
+                outputs.clear()
+                yield output.float()
+
+
+def layer_readout(model: StripedHyena, layer: Layer) -> Readout:
+    return Readout(
+        lambda ids: hidden_states(model, ids, layer),
+        lambda ids, chunk: chunked_hidden_states(model, ids, layer, chunk),
+    )
+
+
 @dataclass(frozen=True)
 class Embeddings:
     layer: str
@@ -165,7 +191,12 @@ class Embeddings:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate(([0], np.cumsum(self.lengths))).astype(np.int64)
+        return record_offsets(self.lengths)
+
+
+def record_offsets(lengths: list[int]) -> np.ndarray:
+    """(N + 1,) int64: record i's per-token rows are offsets[i]:offsets[i + 1]."""
+    return np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
 
 
 def check_pooling(pooling: str) -> Pooling:
@@ -174,34 +205,52 @@ def check_pooling(pooling: str) -> Pooling:
     return pooling  # type: ignore[return-value]
 
 
+def embedding_pieces(
+    model: StripedHyena,
+    sequences: Iterable[Sequence],
+    layer: Layer,
+    context: Context = Context(),
+    *,
+    on_tokens: Callable[[int], None] | None = None,
+    before_long: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(record index, rows (n, F) float32) pieces of every record's per-position vectors, records in input
+    order and each record's rows in position order (context.per_token_pieces)."""
+    return per_token_pieces(
+        model,
+        (s.tokens for s in sequences),
+        layer_readout(model, layer),
+        context,
+        on_tokens=on_tokens,
+        before_long=before_long,
+    )
+
+
 def embed_sequences(
     model: StripedHyena,
     sequences: list[Sequence],
     *,
     layer: str | int | None = None,
     pooling: Pooling = "mean",
-    window: int = DEFAULT_WINDOW,
-    overlap: int = DEFAULT_WINDOW // 4,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    context: Context = Context(),
     on_tokens: Callable[[int], None] | None = None,
+    before_long: Callable[[int], None] | None = None,
 ) -> Embeddings:
+    """Every record's vectors in memory (mean: one per record; none: one per position, concatenated)."""
     pooling = check_pooling(pooling)
     chosen = resolve_layer(model, layer)
-    per_token = run_windows(
-        model,
-        [s.tokens for s in sequences],
-        lambda ids: hidden_states(model, ids, chosen),
-        window,
-        overlap,
-        batch_tokens,
-        on_tokens,
-    )
-    dim = output_width(model, chosen)
+    width = output_width(model, chosen)
+    sums = np.zeros((len(sequences), width), np.float64)
+    rows: list[np.ndarray] = []
+    pieces = embedding_pieces(model, sequences, chosen, context, on_tokens=on_tokens, before_long=before_long)
+    for index, piece in pieces:
+        if pooling == "mean":
+            sums[index] += piece.sum(0, dtype=np.float64)
+        else:
+            rows.append(piece)
+    lengths = [len(s.tokens) for s in sequences]
     if pooling == "mean":
-        vectors = np.stack([h.mean(0, dtype=np.float64) for h in per_token]).astype(np.float32)
+        vectors = (sums / np.maximum(lengths, 1)[:, None]).astype(np.float32)
     else:
-        vectors = np.concatenate(per_token) if per_token else np.zeros((0, dim), np.float32)
-    vectors = vectors.reshape(-1, dim)
-    return Embeddings(
-        chosen.name, pooling, [s.id for s in sequences], [len(s.tokens) for s in sequences], vectors
-    )
+        vectors = np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
+    return Embeddings(chosen.name, pooling, [s.id for s in sequences], lengths, vectors)
