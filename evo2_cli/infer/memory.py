@@ -64,7 +64,7 @@ def chunk_activation_bytes(config: ModelConfig, chunk: int, batch: int, element_
     hyena = 3 * d * a + 3 * 3 * d * 4 + 2 * d * 4 + 24 * d
     mlp = 3 * inner * a + d * a
     block = max(1024, (1 << 22) // chunk)
-    attention = 3 * d * a + 2 * d * 4 + 3 * heads * block * 4 + d * 4
+    attention = 3 * d * a + 2 * d * 4 + 3 * heads * block * 4 + d * 4 if "*" in config.layout else 0
     logits = 3 * config.vocab_size * 4
     per_token = 3 * d * a + max(hyena, mlp, attention) + logits
     return batch * chunk * per_token
