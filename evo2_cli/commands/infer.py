@@ -517,7 +517,7 @@ def variants(
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
-    _context("exact", chunk, 2, 1, batch_tokens)  # checks --chunk and --batch-tokens before any work
+    _context("exact", chunk, 8192, None, batch_tokens)  # checks --chunk and --batch-tokens before any work
     check_output(output)
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
