@@ -16,8 +16,12 @@ Model (evo2_cli.model.model)
     StripedHyena(config)            nn.Module
         .forward(input_ids [B, L], return_hidden_layers=None) -> logits [B, L, V]
                                     (or (logits, {layer: hidden [B, L, D]}) when return_hidden_layers given)
-        .new_cache(batch_size) -> InferenceCache
-        .prefill(input_ids [B, P], cache) -> logits [B, P, V]
+        .new_cache(batch_size, max_length=0) -> InferenceCache   (max_length: sizes the KV buffers once)
+        .prefill(input_ids [B, P], cache, chunk_size=None, return_hidden_layers=None) -> logits [B, P, V]
+                                    (or (logits, {layer: hidden [B, P, D]})); continues a non-empty cache
+        .prefill_chunks(input_ids [B, P], cache, chunk_size, return_hidden_layers=None)
+                                    -> iterator of (logits [B, C, V], {layer: hidden [B, C, D]}) per chunk:
+                                    exact long context, memory O(B D C) + the KV cache
         .step(token_ids [B], cache) -> logits [B, V]
         .generate_greedy(prompt_ids [B, P], num_tokens) -> (ids [B, N], logits [B, N, V])
         .hcl_filters(length) -> {layer: h [D, length]}
