@@ -572,7 +572,6 @@ def test_cuda_generation_scoring_and_embeddings_match_the_cpu(tiny):
 
 
 def test_kv_cache_estimate_is_what_the_chunked_prefill_allocates(tiny):
-    from evo2_cli.infer.generation import _reserved_cache
     from evo2_cli.infer.memory import estimate_inference_memory, kv_cache_bytes
 
     ids = torch.from_numpy(np.stack([_dna(40, 1), _dna(40, 2)]).astype(np.int64))
@@ -584,7 +583,7 @@ def test_kv_cache_estimate_is_what_the_chunked_prefill_allocates(tiny):
     estimate = estimate_inference_memory(tiny, 40, 16, 2)
     assert estimate.kv_cache_bytes == allocated and estimate.chunk == 16
     assert estimate.weight_bytes == sum(p.numel() * 4 for p in tiny.parameters())
-    cache = _reserved_cache(tiny, 2, 45)  # generation: sized for the prompt and every new token, once
+    cache = tiny.new_cache(2, max_length=45)  # as generation sizes it: prompt + every new token, once
     tiny.prefill(ids, cache, chunk_size=16)
     for _ in range(5):
         tiny.step(torch.zeros(2, dtype=torch.long), cache)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from evo2_cli.infer.context import DEFAULT_CHUNK
 from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
-from evo2_cli.model.model import AttentionBlock, InferenceCache, KVCache, StripedHyena
+from evo2_cli.model.model import StripedHyena
 
 DNA_TOKENS = b"ACGT"
 
@@ -106,7 +106,7 @@ def generate(
         total = ids.shape[1] + max_new_tokens
         if before_long is not None and ids.shape[1] > chunk:
             before_long(total, len(rows))
-        cache = _reserved_cache(model, len(rows), total)
+        cache = model.new_cache(len(rows), max_length=total)  # KV buffers sized once, no regrowth
         for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)
             if on_prefill is not None:
                 on_prefill(logits.shape[0] * logits.shape[1])
@@ -122,18 +122,6 @@ def generate(
                 on_tokens(len(rows))
         results.extend(_collect(rows, tokens, logprobs))
     return sorted(results, key=lambda g: (g.prompt_index, g.sample_index))
-
-
-def _reserved_cache(model: StripedHyena, batch: int, length: int) -> InferenceCache:
-    """A fresh cache whose attention KV buffers are sized once for `length` tokens: the prefill would
-    reserve the prompt only, and the first decoding step would then double the buffer (briefly three
-    copies of a 1 Mbase prompt's keys and values)."""
-    cache = model.new_cache(batch)
-    for i, block in enumerate(model.blocks):
-        if isinstance(block, AttentionBlock):
-            cache.layers[i] = KVCache()
-            cache.layers[i].reserve(length)
-    return cache
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@
                  3D in the model dtype; featurizer input, its concatenation with the carried taps and its
                  output, 3D fp32 each; u and the filter output, D fp32 each; the FFT of size 2C: two
                  complex spectra and the real inverse, 24 D bytes per token), the MLP (three inner-size
-                 tensors) and blocked attention (q, k, v and their fp32 rotary copies, and the running
-                 softmax's three (H, C, block) fp32 tensors, block = max(1024, 4M / C)), plus the chunk's
+                 tensors) and fused attention (q, k, v, their fp32 rotary copies, the partial outputs over
+                 the cache and over the chunk, merged in fp32), plus the chunk's
                  logits (three C x vocab fp32 tensors: logits, their fp32 copy, log-softmax)
 
 The peak RSS growth measured on a CPU (benchmarks/long_context.py, `small` preset, chunk 8192) was 1.6-2.2x
@@ -64,11 +64,12 @@ def kv_cache_bytes(config: ModelConfig, length: int, batch: int, element_size: i
 
 def chunk_activation_bytes(config: ModelConfig, chunk: int, batch: int, element_size: int) -> int:
     """The widest point of one chunk, with the measured slack (see the module docstring)."""
-    d, inner, heads, a = config.hidden_size, config.inner_mlp_size, config.num_attention_heads, element_size
+    d, inner, a = config.hidden_size, config.inner_mlp_size, element_size
     hyena = 3 * d * a + 3 * 3 * d * 4 + 2 * d * 4 + 24 * d
     mlp = 3 * inner * a + d * a
-    block = max(1024, (1 << 22) // chunk)
-    attention = 3 * d * a + 2 * d * 4 + 3 * heads * block * 4 + d * 4 if "*" in config.layout else 0
+    # fused attention (CUDA SDPA, the CPU flash kernel): q, k, v, their fp32 rotary copies, and the two
+    # partial outputs (cache, chunk) merged in fp32; no (chunk x keys) scores
+    attention = 3 * d * a + 2 * d * 4 + 3 * d * 4 if "*" in config.layout else 0
     logits = 3 * config.vocab_size * 4
     per_token = 3 * d * a + max(hyena, mlp, attention) + logits
     return int(ACTIVATION_SLACK * batch * chunk * per_token)
