@@ -63,6 +63,7 @@ def bench_generation(model, context: int, decode_tokens: int, naive_tokens: int,
 
 
 def bench_scoring(model, bases: int, record: int, window: int, batch_tokens: int, seed: int) -> dict:
+    from evo2_cli.infer.context import Context
     from evo2_cli.infer.scoring import score_sequences
     from evo2_cli.infer.sequences import read_sequences
 
@@ -78,7 +79,9 @@ def bench_scoring(model, bases: int, record: int, window: int, batch_tokens: int
         start = time.perf_counter()
         scores = list(
             score_sequences(
-                model, read_sequences(path), window=window, overlap=window // 4, batch_tokens=batch_tokens
+                model,
+                read_sequences(path),
+                Context("windows", window=window, overlap=window // 4, batch_tokens=batch_tokens),
             )
         )
         elapsed = time.perf_counter() - start

@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
-from evo2_cli.infer.embedding import embed_sequences, hidden_states, resolve_layer
+from evo2_cli.infer.context import Context
+from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 from evo2_cli.infer.outputs import atomic_text_output
@@ -136,6 +137,24 @@ def test_greedy_generation_equals_argmax_of_full_forward(request, model_name, pr
         ids = torch.cat((ids, logits.argmax().reshape(1, 1)), dim=1)
 
 
+def test_long_prompts_are_prefilled_in_chunks(tiny):
+    """A prompt longer than the chunk: the chunked prefill continues exactly as the full forward, the
+    prefill reports its progress and the pre-flight sees prompt + new tokens."""
+    prompts = [_dna(45, 1), _dna(45, 2), _dna(10, 3)]
+    prefilled, long = [], []
+    settings = SamplingSettings(top_k=1)
+    chunked = generate(
+        tiny, prompts, 6, settings, chunk=8, alphabet=None, on_prefill=prefilled.append,
+        before_long=lambda length, rows: long.append((length, rows)),
+    )  # fmt: skip
+    slow = generate_reference(tiny, prompts, 6, settings, alphabet=None)
+    for a, b in zip(chunked, slow, strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert sum(prefilled) == 100 and prefilled[0] == 8  # one row of 10, then two rows of 45, 8 at a time
+    assert long == [(16, 1), (51, 2)]  # prompt + 6 new tokens, rows
+
+
 def test_sampled_generation_equals_the_uncached_reference(test_model):
     prompts = [_dna(5, 1), _dna(9, 2), _dna(5, 3)]  # two lengths: grouped into separate batches
     settings = SamplingSettings(top_k=0, temperature=1.3, top_p=0.95)
@@ -191,7 +210,9 @@ def test_score_matches_the_official_engine_logits(tiny):
 
 def test_windowed_score_equals_unwindowed_when_the_window_covers(tiny):
     records = [Sequence("a", _dna(150, 1)), Sequence("b", _dna(90, 2)), Sequence("c", _dna(3, 3))]
-    scores = list(score_sequences(tiny, records, window=150, overlap=10, batch_tokens=400))
+    scores = list(
+        score_sequences(tiny, records, Context("windows", window=150, overlap=10, batch_tokens=400))
+    )
     assert [s.id for s in scores] == ["a", "b", "c"]
     for record, s in zip(records, scores, strict=True):  # bucketed, padded batches change nothing
         np.testing.assert_allclose(s.logprobs[1:], score_reference(tiny, record.tokens)[1:], atol=2e-5)
@@ -200,7 +221,9 @@ def test_windowed_score_equals_unwindowed_when_the_window_covers(tiny):
 def test_stitching_rule_on_a_long_record(tiny):
     tokens = _dna(50, 4)
     window, overlap = 16, 5
-    got = next(score_sequences(tiny, [Sequence("x", tokens)], window=window, overlap=overlap)).logprobs
+    got = next(
+        score_sequences(tiny, [Sequence("x", tokens)], Context("windows", window=window, overlap=overlap))
+    ).logprobs
     windows = plan_windows(50, window, overlap)
     assert [(w.start, w.keep_from) for w in windows] == [(0, 0), (11, 16), (22, 27), (33, 38), (34, 49)]
     for p in range(1, 50):  # brute force: the containing window that gives p the most left context
@@ -209,6 +232,38 @@ def test_stitching_rule_on_a_long_record(tiny):
         assert got[p] == pytest.approx(float(expected), abs=2e-5), p
     full = score_reference(tiny, tokens)  # beyond the window the context is cut: the numbers differ
     assert not np.allclose(got[window:], full[window:], atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_exact_mode_equals_one_forward_over_the_whole_record(tiny, chunk):
+    """Records longer than the chunk go through the chunked prefill: every position sees its whole left
+    context, the one-shot forward's numbers (the windows of the test above do not); --window is ignored."""
+    records = [Sequence("a", _dna(150, 1)), Sequence("b", _dna(5, 2)), Sequence("c", _dna(67, 3))]
+    context = Context("exact", chunk=chunk, window=16, overlap=5)
+    scores = list(score_sequences(tiny, records, context, reverse_complement=True))
+    assert [s.id for s in scores] == ["a", "b", "c"]
+    for record, s in zip(records, scores, strict=True):
+        assert np.isnan(s.logprobs[0])
+        np.testing.assert_allclose(s.logprobs[1:], score_reference(tiny, record.tokens)[1:], atol=1e-4)
+        rc = float(np.sum(score_reference(tiny, reverse_complement(record.tokens))[1:]))
+        assert s.sum_ll_rc == pytest.approx(rc, abs=2e-3)
+
+
+def test_exact_mode_reports_long_records_and_progress(test_model):
+    records = [Sequence("a", _dna(40, 1)), Sequence("b", _dna(8, 2)), Sequence("c", _dna(33, 3))]
+    long, progress = [], []
+    list(
+        score_sequences(
+            test_model, records, Context(chunk=8), before_long=long.append, on_tokens=progress.append
+        )
+    )
+    assert long == [40, 33]  # the pre-flight hook: once per record longer than a chunk
+    assert sum(progress) == 81 and progress[:5] == [8, 8, 8, 8, 8]
+    long.clear()
+    list(
+        score_sequences(test_model, records, Context("windows", window=8, overlap=2), before_long=long.append)
+    )
+    assert long == []  # windows hold no growing cache
 
 
 def test_reverse_complement_average(test_model):
@@ -249,23 +304,103 @@ def test_embeddings_mean_and_per_token(tiny):
 def test_embeddings_windowed_follow_the_stitching_rule(tiny):
     tokens = _dna(45, 9)
     got = embed_sequences(
-        tiny, [Sequence("x", tokens)], layer=-1, pooling="none", window=16, overlap=5
+        tiny,
+        [Sequence("x", tokens)],
+        layer=-1,
+        pooling="none",
+        context=Context("windows", window=16, overlap=5),
     ).vectors
     windows = plan_windows(45, 16, 5)
     for p in (0, 15, 16, 30, 44):
         start = min(w.start for w in windows if w.start <= p < w.stop)
         with torch.no_grad():
-            expected = hidden_states(tiny, torch.from_numpy(tokens[start : p + 1].astype(np.int64))[None], 7)
+            ids = torch.from_numpy(tokens[start : p + 1].astype(np.int64))[None]
+            expected = hidden_states(tiny, ids, Layer("blocks.7", "blocks.7"))
         np.testing.assert_allclose(got[p], expected[0, -1].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name", ["blocks.2", "-1", "blocks.3.inner_mha_cls", "blocks.6.filter", "blocks.5.mlp.l1", "norm"]
+)
+def test_exact_mode_embeddings_equal_one_forward(tiny, name):
+    records = [Sequence("a", _dna(70, 5)), Sequence("b", _dna(9, 6))]
+    got = embed_sequences(tiny, records, layer=name, pooling="none", context=Context(chunk=16))
+    mean = embed_sequences(tiny, records, layer=name, context=Context(chunk=16))
+    for i, record in enumerate(records):
+        ids = torch.from_numpy(record.tokens.astype(np.int64))[None]
+        expected = _official_hook(tiny, resolve_layer(tiny, name).module, ids)
+        np.testing.assert_allclose(got.vectors[got.offsets[i] : got.offsets[i + 1]], expected, atol=1e-4)
+        np.testing.assert_allclose(mean.vectors[i], expected.mean(0), atol=1e-5)
+
+
 def test_layer_names(tiny):
-    assert resolve_layer(tiny, None) == ("blocks.4", 4)  # default: the middle block
-    assert resolve_layer(tiny, "-1") == ("blocks.7", 7)
-    assert resolve_layer(tiny, "final_norm") == ("final_norm", None)
-    for bad in ("8", "-9", "mlp"):
-        with pytest.raises(InputError, match="--layer"):
+    assert resolve_layer(tiny, None) == Layer("blocks.4", "blocks.4")  # default: the middle block
+    assert resolve_layer(tiny, "-1") == Layer("blocks.7", "blocks.7")
+    assert resolve_layer(tiny, "final_norm") == Layer("final_norm", "norm")
+    assert resolve_layer(tiny, "blocks.-5.inner_mha_cls.Wqkv") == Layer(
+        "blocks.3.inner_mha_cls.Wqkv", "blocks.3.attn.Wqkv"
+    )
+    for bad in (
+        "8",
+        "-9",
+        "mlp",
+        "blocks",
+        "3.mlp",
+        "blocks.3.filter",
+        "blocks.2.mlp.l4",
+        "blocks.3.attn.rotary_emb",
+    ):
+        with pytest.raises(InputError, match="--layer") as caught:
             resolve_layer(tiny, bad)
+        if bad not in ("8", "-9"):
+            assert "blocks.N.{pre_norm,post_norm,projections,filter," in str(caught.value)  # lists names
+
+
+def _official_hook(model, name, ids):
+    """What the official engine's embedding hook returns: output[0] of a tuple, else the output."""
+    found = []
+    module = model.get_submodule(name.replace("inner_mha_cls", "attn"))
+    handle = module.register_forward_hook(
+        lambda _m, _i, out: found.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return found[0][0].float().numpy()
+
+
+@pytest.mark.parametrize(
+    "name, width",
+    [
+        ("blocks.6.mlp.l3", 64),
+        ("blocks.6.mlp.l1", 176),
+        ("blocks.2.filter", 64),
+        ("blocks.1.projections", 192),
+        ("blocks.3.inner_mha_cls", 64),
+        ("embedding_layer", 64),
+        ("norm", 64),
+    ],
+)
+def test_submodule_embeddings_are_the_forward_hook_output(tiny, name, width):
+    records = [Sequence("a", _dna(50, 1)), Sequence("b", _dna(20, 2))]
+    got = embed_sequences(tiny, records, layer=name, pooling="none")
+    assert got.layer == name and got.vectors.shape == (70, width)
+    for i, record in enumerate(records):
+        ids = torch.from_numpy(record.tokens.astype(np.int64))[None]
+        rows = got.vectors[got.offsets[i] : got.offsets[i + 1]]
+        np.testing.assert_allclose(rows, _official_hook(tiny, name, ids), atol=1e-5)
+
+
+def test_block_output_is_its_input_plus_mixer_and_mlp_outputs(tiny):
+    """The names mean what the block computes: blocks.2 = blocks.1 + out_filter_dense + mlp.l3."""
+    records = [Sequence("a", _dna(40, 3))]
+    parts = {
+        name: embed_sequences(tiny, records, layer=name, pooling="none").vectors
+        for name in ("blocks.1", "blocks.2", "blocks.2.out_filter_dense", "blocks.2.mlp", "blocks.2.mlp.l3")
+    }
+    np.testing.assert_array_equal(parts["blocks.2.mlp"], parts["blocks.2.mlp.l3"])
+    summed = parts["blocks.1"] + parts["blocks.2.out_filter_dense"] + parts["blocks.2.mlp.l3"]
+    np.testing.assert_allclose(parts["blocks.2"], summed, atol=1e-5)
 
 
 # ---------------------------------------------------------------- variants
@@ -300,6 +435,10 @@ def test_variants_delta_equals_direct_scoring(test_model, tmp_path):
         - ref_sum,
         abs=1e-4,
     )
+    chunked = score_variants(test_model, variants, {"chr1": chrom}, window=40, chunk=6)  # exact, in chunks
+    for whole, parts in zip(results, chunked, strict=True):
+        assert parts.ref_sum_ll == pytest.approx(whole.ref_sum_ll, abs=1e-4)
+        assert parts.delta_mean_ll == pytest.approx(whole.delta_mean_ll, abs=1e-5)
 
 
 def test_variant_ref_mismatch(test_model, tmp_path):
@@ -415,8 +554,8 @@ def test_cuda_generation_scoring_and_embeddings_match_the_cpu(tiny):
         assert a.tokens.tolist() == b.tokens.tolist()
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)  # TF32 matmuls may be on
     records = [Sequence("a", _dna(300, 4)), Sequence("b", _dna(40, 5))]
-    cpu_scores = list(score_sequences(tiny, records, window=128, overlap=32))
-    gpu_scores = list(score_sequences(gpu, records, window=128, overlap=32))
+    cpu_scores = list(score_sequences(tiny, records, Context("windows", window=128, overlap=32)))
+    gpu_scores = list(score_sequences(gpu, records, Context("windows", window=128, overlap=32)))
     for a, b in zip(cpu_scores, gpu_scores, strict=True):
         assert b.mean_ll == pytest.approx(a.mean_ll, abs=1e-3)
     cpu_embeddings = embed_sequences(tiny, records, layer=5).vectors
@@ -426,3 +565,44 @@ def test_cuda_generation_scoring_and_embeddings_match_the_cpu(tiny):
     assert low[0].mean_ll == pytest.approx(cpu_scores[0].mean_ll, abs=0.05)
     sampled = [g.tokens for g in generate(bf16, prompts, 16, SamplingSettings(top_k=4), seed=3)]
     assert all(len(t) == 16 and set(t.tolist()) <= set(b"ACGT") for t in sampled)
+
+
+# ---------------------------------------------------------------- memory pre-flight
+
+
+def test_kv_cache_estimate_is_what_the_chunked_prefill_allocates(tiny):
+    from evo2_cli.infer.memory import estimate_inference_memory, kv_cache_bytes
+
+    ids = torch.from_numpy(np.stack([_dna(40, 1), _dna(40, 2)]).astype(np.int64))
+    cache = tiny.new_cache(2)
+    for _ in tiny.prefill_chunks(ids, cache, 16):
+        pass
+    allocated = sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers if hasattr(layer, "k"))
+    assert allocated == kv_cache_bytes(tiny.config, 40, 2, 4) == 2 * 2 * 40 * 64 * 4  # one attention layer
+    estimate = estimate_inference_memory(tiny, 40, 16, 2)
+    assert estimate.kv_cache_bytes == allocated and estimate.chunk == 16
+    assert estimate.weight_bytes == sum(p.numel() * 4 for p in tiny.parameters())
+    cache = tiny.new_cache(2, max_length=45)  # as generation sizes it: prompt + every new token, once
+    tiny.prefill(ids, cache, chunk_size=16)
+    for _ in range(5):
+        tiny.step(torch.zeros(2, dtype=torch.long), cache)
+    assert [layer.k.shape[-2] for layer in cache.layers if hasattr(layer, "k")] == [45]
+
+
+def test_memory_preflight_refuses_with_the_fix(tiny, monkeypatch):
+    from evo2_cli.infer import memory
+
+    estimate = memory.estimate_inference_memory(tiny, 1_000_000, 4096)
+    assert estimate.kv_cache_bytes == 2 * 1_000_000 * 64 * 4
+    monkeypatch.setattr(memory, "available_memory", lambda device: 100 * 2**20)
+    with pytest.raises(InputError) as caught:
+        memory.check_inference_memory(estimate, torch.device("cpu"))
+    text = " ".join(str(caught.value).split())
+    for fragment in (
+        "1,000,000 tokens",
+        "KV cache 488.28 MiB",
+        "100.00 MiB free on cpu",
+        "--chunk",
+        "--mode windows",
+    ):
+        assert fragment in text

@@ -240,6 +240,13 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert result.exit_code == 2
     result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.9")
     assert result.exit_code == 2 and "out of range" in said(result)
+    assert "parameters" not in said(result)  # checked on the config, before the weights load
+    result = invoke("embed", base, fasta, "-o", tmp_path / "x.npy", "--layer", "blocks.3.filter")
+    assert result.exit_code == 2 and "not a module of this model" in said(result)
+    assert "blocks.N.{pre_norm,post_norm,projections,filter," in said(result)  # the valid names, listed
+    result = invoke("embed", base, fasta, "-o", tmp_path / "m.npy", "--layer", "blocks.2.mlp.l3")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "m.npy").shape == (3, 8)
     # A bad --pooling is refused before the model loads (this model path does not even exist).
     result = invoke("embed", tmp_path / "no_model", fasta, "-o", tmp_path / "x.npy", "--pooling", "max")
     assert result.exit_code == 2 and "--pooling: expected mean or none, got 'max'" in said(result)
@@ -316,3 +323,78 @@ def test_run_directory_resolves_latest(base, tmp_path, fasta):
     via_run = invoke("score", run, fasta)
     assert via_run.exit_code == 0, via_run.output
     assert via_run.stdout == direct.stdout
+
+
+def test_per_token_embeddings_stream_to_a_file_that_memory_maps(base, tmp_path):
+    """A record longer than the chunk, per token: the file is written as the chunks come, and memory-maps
+    to exactly the in-memory result (.npy with numpy, .safetensors with safe_open)."""
+    from safetensors import safe_open
+
+    from evo2_cli.infer.embedding import embed_sequences
+    from evo2_cli.infer.loading import load_inference_model
+    from evo2_cli.infer.sequences import read_sequences
+
+    rng = np.random.default_rng(4)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(
+        "".join(f">r{i}\n{''.join(rng.choice(list('ACGT'), n))}\n" for i, n in enumerate((300, 20, 77)))
+    )
+    args = ["--pooling", "none", "--chunk", 32, "--layer", "blocks.2.mlp.l3", "--device", "cpu"]
+    for name in ("e.npy", "e.safetensors"):
+        result = invoke("embed", base, fasta, "-o", tmp_path / name, *args)
+        assert result.exit_code == 0, result.output
+    expected = embed_sequences(
+        load_inference_model(base), list(read_sequences(fasta)), layer="blocks.2.mlp.l3", pooling="none"
+    )  # exact in one forward per record (the default chunk is longer than every record)
+    mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
+    assert isinstance(mapped, np.memmap) and mapped.shape == (397, 8)
+    np.testing.assert_allclose(mapped, expected.vectors, atol=1e-5)
+    with safe_open(tmp_path / "e.safetensors", "np") as handle:
+        np.testing.assert_array_equal(handle.get_tensor("embeddings"), np.asarray(mapped))
+        assert handle.get_tensor("offsets").tolist() == [0, 300, 320, 397]
+        assert handle.metadata() == {"layer": "blocks.2.mlp.l3", "pooling": "none", "model": str(base)}
+
+
+def test_score_modes_and_their_flags(base, tmp_path):
+    rng = np.random.default_rng(5)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(f">r\n{''.join(rng.choice(list('ACGT'), 200))}\n")
+    sums = {}
+    for mode, extra in (("exact", ["--chunk", 16]), ("exact", []), ("windows", ["--window", 32])):
+        result = invoke("score", base, fasta, "-o", tmp_path / "s.tsv", "--mode", mode, *extra, "--rc")
+        assert result.exit_code == 0, result.output
+        sums[(mode, bool(extra))] = float((tmp_path / "s.tsv").read_text().splitlines()[1].split("\t")[3])
+        assert ("estimated memory" in said(result)) == (extra == ["--chunk", 16])  # the pre-flight, printed
+    assert sums[("exact", True)] == pytest.approx(sums[("exact", False)], abs=1e-3)  # chunked = one forward
+    assert sums[("windows", True)] != pytest.approx(sums[("exact", False)], abs=1e-3)  # windows cut context
+    for bad, message in (
+        (["--mode", "sliding"], "--mode: expected exact or windows"),
+        (["--chunk", 1], "--chunk"),
+    ):
+        result = invoke("score", tmp_path / "no_model", fasta, *bad)
+        assert result.exit_code == 2 and message in said(result)
+
+
+def test_memory_preflight_exits_2_before_the_record_runs(base, tmp_path, monkeypatch):
+    from evo2_cli.infer import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    rng = np.random.default_rng(6)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(f">r\n{''.join(rng.choice(list('ACGT'), 100))}\n")
+    out = tmp_path / "s.tsv"
+    result = invoke("score", base, fasta, "-o", out, "--chunk", 16)
+    assert result.exit_code == 2
+    for fragment in (
+        "estimated memory",
+        "100 tokens does not fit",
+        "--chunk",
+        "--dtype bf16",
+        "--mode windows",
+    ):
+        assert fragment in said(result)
+    assert not out.exists()
+    result = invoke("embed", base, fasta, "-o", tmp_path / "e.npy", "--chunk", 16, "--pooling", "none")
+    assert result.exit_code == 2 and "does not fit" in said(result) and not (tmp_path / "e.npy").exists()
+    result = invoke("score", base, fasta, "-o", out, "--mode", "windows", "--window", 16)
+    assert result.exit_code == 0, result.output  # windows: no KV cache, nothing to refuse

@@ -50,13 +50,29 @@ ThreadsOption = Annotated[
     ),
 ]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Output file ('-' = stdout).")]
-WindowOption = Annotated[
-    int, typer.Option("--window", help="Context window in tokens; longer records are scored in windows.")
+ModeOption = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="Records longer than --chunk: exact (chunked prefill, every position sees its whole left "
+        "context) or windows (overlapping --window windows, approximate, no KV cache).",
+    ),
 ]
+ChunkOption = Annotated[
+    int,
+    typer.Option(
+        "--chunk",
+        help="Exact mode: tokens per chunk of the chunked prefill (activation memory grows with it); "
+        "records up to this length are one forward.",
+    ),
+]
+WindowOption = Annotated[int, typer.Option("--window", help="--mode windows: the window in tokens.")]
 OverlapOption = Annotated[
     int | None,
     typer.Option(
-        "--overlap", help="Left context every windowed position keeps at least.", show_default="window/4"
+        "--overlap",
+        help="--mode windows: left context every windowed position keeps at least.",
+        show_default="window/4",
     ),
 ]
 BatchTokensOption = Annotated[
@@ -98,21 +114,47 @@ def _model(
 @contextlib.contextmanager
 def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr (transient); yields `advance(n)`."""
+    with _progress_bars((description, total)) as (advance,):
+        yield advance
+
+
+@contextlib.contextmanager
+def _progress_bars(*bars: tuple[str, int | None]) -> Iterator[list[Callable[[int], None]]]:
+    """Several bars in one live display (rich allows one at a time); yields one `advance(n)` per bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        tasks = [progress.add_task(description, total=total) for description, total in bars]
+        yield [lambda n, task=task: progress.advance(task, n) for task in tasks]
 
 
-def _checked_overlap(window: int, overlap: int | None) -> int:
-    """--overlap (default window / 4), checked against --window before anything loads."""
-    from evo2_cli.infer.windows import check_window
+def _context(mode: str, chunk: int, window: int, overlap: int | None, batch_tokens: int):
+    """The checked Context (--overlap defaults to window / 4), before anything loads."""
+    from evo2_cli.infer.context import Context
 
     overlap = overlap if overlap is not None else max(1, window // 4)
-    check_window(window, overlap)
-    return overlap
+    return Context(mode, chunk, window, overlap, batch_tokens)  # type: ignore[arg-type]
+
+
+def _preflight(model, chunk: int) -> Callable[..., None]:
+    """`check(length, batch=1)` before a record (or a batch of prompts) longer than one chunk: prints the
+    memory estimate (for each new largest batch x length) and refuses (exit 2, with the fix) what cannot
+    fit the device's free memory."""
+    from evo2_cli.infer.memory import check_inference_memory, estimate_inference_memory
+
+    device = next(model.parameters()).device
+    largest = 0
+
+    def check(length: int, batch: int = 1) -> None:
+        nonlocal largest
+        if length * batch > largest:
+            largest = length * batch
+            estimate = estimate_inference_memory(model, length, chunk, batch)
+            console.print(estimate.describe(), highlight=False)
+            check_inference_memory(estimate, device)
+
+    return check
 
 
 # ---------------------------------------------------------------- generate
@@ -136,6 +178,10 @@ def generate(
     num_samples: Annotated[int, typer.Option("--num-samples", help="Continuations per prompt.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same output (any batch size).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
+    chunk: Annotated[
+        int,
+        typer.Option("--chunk", help="Prompts are prefilled this many tokens at a time (any length, exact)."),
+    ] = 8192,
     alphabet: Annotated[
         str,
         typer.Option("--alphabet", help="Sample from acgt only, or from all tokens (the official engine)."),
@@ -184,6 +230,7 @@ def generate(
         ("--max-new-tokens", max_new_tokens, 1),
         ("--num-samples", num_samples, 1),
         ("--batch-size", batch_size, 1),
+        ("--chunk", chunk, 1),
     ):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
@@ -202,7 +249,11 @@ def generate(
         if path is not None:
             check_output(path)
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
-    with _progress("generating", len(prompts) * num_samples * max_new_tokens) as advance:
+    bars = (
+        ("prefill (tokens)", sum(len(p) for p in prompts) * num_samples),
+        ("generating", len(prompts) * num_samples * max_new_tokens),
+    )
+    with _progress_bars(*bars) as (prefilled, generated):
         results = run_generate(
             model,
             prompts,
@@ -212,7 +263,10 @@ def generate(
             seed=seed,
             batch_size=batch_size,
             alphabet=DNA_TOKENS if alphabet == "acgt" else None,
-            on_tokens=advance,
+            chunk=chunk,
+            on_tokens=generated,
+            on_prefill=prefilled,
+            before_long=_preflight(model, chunk),
         )
     with atomic_text_output(output) as handle:
         for g in results:
@@ -264,6 +318,8 @@ def score(
             "--per-token", help="Also write per-position log-probs (TSV: id, position, base, logprob)."
         ),
     ] = None,
+    mode: ModeOption = "exact",
+    chunk: ChunkOption = 8192,
     window: WindowOption = 8192,
     overlap: OverlapOption = None,
     batch_tokens: BatchTokensOption = 16384,
@@ -276,14 +332,15 @@ def score(
 ) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
-    Natural-log sums over positions 1..L-1 (the first base has no context). Records longer than --window
-    are scored in windows: every position once, from the first window that holds it, with at least
+    Natural-log sums over positions 1..L-1 (the first base has no context). Records longer than --chunk
+    are scored exactly, chunk by chunk, every position with its whole left context (--mode exact), or in
+    windows (--mode windows): every position once, from the first window that holds it, with at least
     --overlap tokens of left context."""
     from evo2_cli.infer.outputs import atomic_text_output, check_output, table_format, write_table
     from evo2_cli.infer.scoring import score_sequences
     from evo2_cli.infer.sequences import read_sequences
 
-    overlap = _checked_overlap(window, overlap)
+    context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen = table_format(output, fmt)
     for path in (output, per_token):
         if path is not None:
@@ -298,11 +355,10 @@ def score(
         scores = score_sequences(
             model,
             itertools.chain([first] if first is not None else [], records),
-            window=window,
-            overlap=overlap,
-            batch_tokens=batch_tokens,
+            context,
             reverse_complement=reverse_complement,
             on_tokens=advance,
+            before_long=_preflight(model, chunk),
         )
 
         def rows():
@@ -336,13 +392,20 @@ def embed(
         str | None,
         typer.Option(
             "--layer",
-            help="Block index (negative from the end), blocks.N or final_norm.",
+            help="Block index (negative from the end), blocks.N, final_norm, or a submodule as the "
+            "official engine names it (blocks.28.mlp.l3, blocks.N.mlp, blocks.N.filter, ...): its "
+            "forward hook's output.",
             show_default="the middle block",
         ),
     ] = None,
     pooling: Annotated[
-        str, typer.Option("--pooling", help="mean (one vector per record) or none (per token).")
+        str,
+        typer.Option(
+            "--pooling", help="mean (one vector per record) or none (per token, streamed to the file)."
+        ),
     ] = "mean",
+    mode: ModeOption = "exact",
+    chunk: ChunkOption = 8192,
     window: WindowOption = 8192,
     overlap: OverlapOption = None,
     batch_tokens: BatchTokensOption = 16384,
@@ -356,39 +419,60 @@ def embed(
     """Hidden states of one layer for every record, mean-pooled or per token.
 
     Per token, the vectors of all records are concatenated: each record's rows start at its offset (in the
-    index file and the safetensors `offsets` tensor) and end where the next record's start."""
-    from evo2_cli.infer.embedding import check_pooling, embed_sequences, resolve_layer
-    from evo2_cli.infer.outputs import check_embeddings_output, write_embeddings
+    index file and the safetensors `offsets` tensor) and end where the next record's start. They are
+    written to the file as they are computed (a 1 Mbase record never sits in memory)."""
+    from evo2_cli.infer.embedding import (
+        check_pooling,
+        embed_sequences,
+        embedding_pieces,
+        output_width,
+        record_offsets,
+        resolve_layer,
+        resolve_layer_in_config,
+    )
+    from evo2_cli.infer.loading import load_inference_config
+    from evo2_cli.infer.outputs import (
+        check_embeddings_output,
+        embeddings_file,
+        write_embeddings,
+        write_embeddings_index,
+    )
     from evo2_cli.infer.sequences import read_sequences
 
-    overlap = _checked_overlap(window, overlap)
+    context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output)
+    config = load_inference_config(model_path, vortex_config)
+    if config is not None:
+        resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(fasta))
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
-    resolve_layer(model, layer)  # a bad --layer fails before any work
-    with _progress("embedding (bases)", sum(len(s.tokens) for s in sequences)) as advance:
-        result = embed_sequences(
-            model,
-            sequences,
-            layer=layer,
-            pooling=chosen_pooling,
-            window=window,
-            overlap=overlap,
-            batch_tokens=batch_tokens,
-            on_tokens=advance,
-        )
-    index = write_embeddings(
-        output,
-        result.vectors,
-        result.ids,
-        result.lengths,
-        result.offsets if result.pooling == "none" else None,
-        {"layer": result.layer, "pooling": result.pooling, "model": str(model_path)},
-    )
+    chosen = resolve_layer(model, layer)
+    ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
+    preflight = _preflight(model, chunk)
+    if context.mode == "exact" and max(lengths) > chunk:
+        preflight(max(lengths))  # refuse what cannot fit before any work
+    metadata = {"layer": chosen.name, "pooling": chosen_pooling, "model": str(model_path)}
+    with _progress("embedding (bases)", sum(lengths)) as advance:
+        if chosen_pooling == "mean":
+            result = embed_sequences(
+                model, sequences, layer=chosen.name, context=context, on_tokens=advance, before_long=preflight
+            )
+            shape = result.vectors.shape
+            index = write_embeddings(output, result.vectors, ids, lengths, None, metadata)
+        else:
+            offsets = record_offsets(lengths)
+            shape = (int(offsets[-1]), output_width(model, chosen))
+            with embeddings_file(output, *shape, offsets, metadata) as write:
+                pieces = embedding_pieces(
+                    model, sequences, chosen, context, on_tokens=advance, before_long=preflight
+                )
+                for _, rows in pieces:
+                    write(rows)
+            index = write_embeddings_index(output, ids, lengths, offsets)
     console.print(
-        f"[green]wrote[/] {output} {tuple(result.vectors.shape)} (layer {result.layer}, pooling "
-        f"{result.pooling}) and {index}",
+        f"[green]wrote[/] {output} {tuple(shape)} (layer {chosen.name}, pooling {chosen_pooling}) "
+        f"and {index}",
         highlight=False,
     )
 
@@ -417,6 +501,13 @@ def variants(
         str,
         typer.Option("--on-mismatch", help="A ref allele that differs from the reference: error or skip."),
     ] = "error",
+    chunk: Annotated[
+        int,
+        typer.Option(
+            "--chunk",
+            help="Windows longer than this go through the chunked prefill (exact, bounded memory).",
+        ),
+    ] = 8192,
     batch_tokens: BatchTokensOption = 16384,
     vortex_config: VortexConfigOption = None,
     clamp_poles: ClampPolesOption = None,
@@ -433,13 +524,26 @@ def variants(
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
+    _context("exact", chunk, 8192, None, batch_tokens)  # checks --chunk and --batch-tokens before any work
     check_output(output)
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
     planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
+    preflight = _preflight(model, chunk)
+    longest = max((len(a) for plan in planned if plan is not None for a in plan[1:]), default=0)
+    if longest > chunk:
+        preflight(longest)  # refuse what cannot fit before any work
     with _progress("variants (bases)", None) as advance:
-        results = score_planned(model, listed, planned, batch_tokens=batch_tokens, on_tokens=advance)
+        results = score_planned(
+            model,
+            listed,
+            planned,
+            chunk=chunk,
+            batch_tokens=batch_tokens,
+            on_tokens=advance,
+            before_long=preflight,
+        )
     count = write_table(output, (r.row() for r in results), "tsv")
     if str(output) != "-":
         console.print(f"[green]wrote[/] {count} variant score(s) to {output}")

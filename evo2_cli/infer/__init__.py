@@ -17,15 +17,22 @@ Generation (evo2_cli.infer.generation, evo2_cli.infer.sampling)
     SamplingSettings(top_k, temperature, top_p); sample(logits, settings, generators)
     generate(model, prompts, max_new_tokens, settings, num_samples, seed, batch_size, alphabet)
     generate_reference(...)         the same without the cache (full forward per token)
-Windows, scoring, embedding, variants
+Long records, scoring, embedding, variants
+    Context(mode='exact'|'windows', chunk, window, overlap, batch_tokens)              (context.py)
+    per_token_pieces(model, records, readout, context, ...) -> Iterator[(record, rows)]: exact (chunked
+                                    prefill) or windowed, in input order, in pieces (streamable)
     plan_windows(length, window, overlap); run_windows(model, arrays, forward, ...)   (windows.py)
-    score_sequences(model, sequences, window, overlap, reverse_complement, ...) -> Iterator[Score]
-    score_reference(model, tokens)  one unwindowed forward
-    embed_sequences(model, sequences, layer, pooling, ...) -> Embeddings
+    score_sequences(model, sequences, context, reverse_complement, ...) -> Iterator[Score]
+    score_reference(model, tokens)  one forward over the whole record
+    resolve_layer(model, name) -> Layer: our index names and the official engine's submodule names
+    embed_sequences(model, sequences, layer, pooling, context) -> Embeddings; embedding_pieces(...)
     read_variants(path); load_reference(fasta, chroms); score_variants(model, variants, reference, ...)
     plan_variants(variants, reference, ...) then score_planned(model, variants, plans): checks before loading
+Memory (evo2_cli.infer.memory)
+    estimate_inference_memory(model, length, chunk, batch); check_inference_memory(estimate, device)
 Outputs (evo2_cli.infer.outputs)
-    write_table(path, rows, fmt), write_embeddings(...), atomic_text_output(path)
+    write_table(path, rows, fmt), write_embeddings(...), embeddings_file(...) (streamed),
+    atomic_text_output(path)
 """
 
 from evo2_cli.infer.loading import load_inference_model

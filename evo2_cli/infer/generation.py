@@ -4,6 +4,10 @@ Each output row is one (prompt, sample) pair. Rows are grouped by prompt length 
 padding (the cache has no notion of padding), and every row draws from its own generator seeded from
 (seed, prompt index, sample index): the output does not depend on --batch-size or on the other prompts.
 
+Prompts of any length: the prefill runs `chunk` tokens at a time (`model.prefill_chunks`, exact), so a
+1 Mbase prompt needs one chunk's activations plus the attention KV cache, which is reserved once for the
+prompt and every new token (no regrowth while decoding).
+
 `generate_reference` re-runs the full forward over the whole sequence for every new token (the naive
 baseline of the benchmark) with the same sampler and generators; tests compare the two.
 """
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evo2_cli.infer.context import DEFAULT_CHUNK
 from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
 from evo2_cli.model.model import StripedHyena
 
@@ -80,12 +85,17 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     alphabet: bytes | None = DNA_TOKENS,
+    chunk: int = DEFAULT_CHUNK,
     on_tokens: Callable[[int], None] | None = None,
+    on_prefill: Callable[[int], None] | None = None,
+    before_long: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Continue each prompt (uint8 tokens, already validated and upper-cased) `num_samples` times.
 
     `alphabet`: the tokens that may be sampled (default A C G T; None = the whole vocabulary as the official
-    engine). Returns Generations ordered by (prompt, sample). `on_tokens(n)` reports progress.
+    engine). Returns Generations ordered by (prompt, sample). `on_tokens(n)` reports generated tokens,
+    `on_prefill(n)` prefilled ones (rows x chunk); `before_long(prompt + new tokens, rows)` runs before
+    a batch whose prompts are longer than one chunk (the memory pre-flight).
     """
     device = next(model.parameters()).device
     mask = allowed_mask(alphabet, model.config.vocab_size, device)
@@ -93,8 +103,14 @@ def generate(
     for rows in _batches(prompts, num_samples, batch_size):
         ids = torch.as_tensor(np.stack([prompts[p] for p, _ in rows]), dtype=torch.long, device=device)
         generators = [row_generator(seed, p, s) for p, s in rows]
-        cache = model.new_cache(len(rows))
-        logits = model.prefill(ids, cache)[:, -1]  # (B, V)
+        total = ids.shape[1] + max_new_tokens
+        if before_long is not None and ids.shape[1] > chunk:
+            before_long(total, len(rows))
+        cache = model.new_cache(len(rows), max_length=total)  # KV buffers sized once, no regrowth
+        for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)
+            if on_prefill is not None:
+                on_prefill(logits.shape[0] * logits.shape[1])
+        logits = logits[:, -1]  # (B, V): the prompt's last position
         tokens, logprobs = [], []
         for n in range(max_new_tokens):
             token, logprob = _draw(logits, mask, settings, generators)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from evo2_cli.errors import InputError
+from evo2_cli.model.config import ModelConfig, load_model_config
 from evo2_cli.model.model import StripedHyena, is_filter_parameter
 
 DTYPES: dict[str, torch.dtype] = {
@@ -137,3 +138,15 @@ def prepare_for_inference(model: StripedHyena, device: torch.device, dtype: torc
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_inference_config(path: str | Path, vortex_config: str | Path | None = None) -> ModelConfig | None:
+    """The ModelConfig `load_inference_model(path, vortex_config)` would build, read without the weights,
+    so options that depend on the model's shape are checked before a long load; None for a Vortex .pt
+    without its config (the loader explains)."""
+    source = resolve_checkpoint(Path(path))
+    if source.is_file():
+        return None if vortex_config is None else load_model_config(vortex_config)
+    from evo2_cli.model.checkpoint import load_checkpoint_config
+
+    return load_checkpoint_config(source)

@@ -3,7 +3,9 @@ complete (fsio's rule: nothing half-written ever carries a final name); '-' mean
 
 Tables: TSV (default), CSV, or Parquet (needs pyarrow), chosen by `format` or the file suffix.
 Embeddings: `.safetensors` (tensors `embeddings` and, per-token, `offsets`; metadata layer/pooling) or `.npy`
-(the array), each with an index `OUT.ids.tsv`: index, id, length, offset.
+(the array), each with an index `OUT.ids.tsv`: index, id, length, offset. Both are written header first and
+then streamed row by row (`embeddings_file`): per-token vectors of a 1 Mbase record never sit in memory, and
+the finished file memory-maps (np.load(mmap_mode='r'), safetensors' safe_open).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Literal
 
@@ -122,6 +125,73 @@ def check_embeddings_output(path: Path) -> None:
     check_output(embeddings_index(Path(path)))
 
 
+def _safetensors_header(rows: int, width: int, offsets: np.ndarray | None, metadata: dict[str, str]) -> bytes:
+    """The safetensors header (u64 length + JSON, space-padded so the data starts 8-byte aligned) of
+    `embeddings` (rows, width) float32 followed by `offsets` int64, in that order in the data."""
+    size = rows * width * 4
+    header: dict[str, object] = {
+        "__metadata__": metadata,
+        "embeddings": {"dtype": "F32", "shape": [rows, width], "data_offsets": [0, size]},
+    }
+    if offsets is not None:
+        header["offsets"] = {
+            "dtype": "I64",
+            "shape": [len(offsets)],
+            "data_offsets": [size, size + 8 * len(offsets)],
+        }
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+@contextlib.contextmanager
+def embeddings_file(
+    path: Path, rows: int, width: int, offsets: np.ndarray | None, metadata: dict[str, str]
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Stream `rows` x `width` float32 vectors into `path` (.npy or .safetensors, by suffix): the header is
+    written first (the shape is known), then each block given to `write(block (n, width))`, in order. The
+    file is renamed into place only when exactly `rows` rows came (fsio's rule)."""
+    path = Path(path)
+    check_embeddings_output(path)
+    written = 0
+
+    def write(block: np.ndarray) -> None:
+        nonlocal written
+        block = np.ascontiguousarray(block, dtype="<f4")
+        if block.ndim != 2 or block.shape[1] != width or written + len(block) > rows:
+            raise ValueError(
+                f"{path}: block {block.shape} does not fit ({written} of {rows} x {width} written)"
+            )
+        handle.write(memoryview(block).cast("B"))
+        written += len(block)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        if path.suffix.lower() == ".npy":
+            header = {"descr": "<f4", "fortran_order": False, "shape": (rows, width)}
+            np.lib.format.write_array_header_1_0(handle, header)
+        else:
+            handle.write(_safetensors_header(rows, width, offsets, metadata))
+        yield write
+        if written != rows:
+            raise ValueError(f"{path}: {written} of {rows} rows written")
+        if offsets is not None and path.suffix.lower() == ".safetensors":
+            handle.write(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+
+
+def write_embeddings_index(
+    path: Path, ids: list[str], lengths: list[int], offsets: np.ndarray | None
+) -> Path:
+    """The index OUT.ids.tsv beside embeddings file `path` (index, id, length, offset); returns its path."""
+    index = embeddings_index(Path(path))
+    starts = offsets if offsets is not None else np.arange(len(ids))
+    rows = (
+        {"index": i, "id": name, "length": length, "offset": int(starts[i])}
+        for i, (name, length) in enumerate(zip(ids, lengths, strict=True))
+    )
+    write_table(index, rows, "tsv")
+    return index
+
+
 def write_embeddings(
     path: Path,
     vectors: np.ndarray,
@@ -130,27 +200,7 @@ def write_embeddings(
     offsets: np.ndarray | None,
     metadata: dict[str, str],
 ) -> Path:
-    """Write `vectors` (.safetensors or .npy, by suffix) and the index OUT.ids.tsv; returns the index path."""
-    path = Path(path)
-    check_embeddings_output(path)
-    # Streamed to the file: per-token vectors can be most of RAM, and bytes built first would double that.
-    if path.suffix.lower() == ".npy":
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.save adds .npy to a name
-            np.save(handle, np.ascontiguousarray(vectors))
-    else:
-        import torch
-        from safetensors.torch import save_file
-
-        tensors = {"embeddings": torch.from_numpy(np.ascontiguousarray(vectors))}
-        if offsets is not None:
-            tensors["offsets"] = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
-    index = embeddings_index(path)
-    starts = offsets if offsets is not None else np.arange(len(ids))
-    rows = (
-        {"index": i, "id": name, "length": length, "offset": int(starts[i])}
-        for i, (name, length) in enumerate(zip(ids, lengths, strict=True))
-    )
-    write_table(index, rows, "tsv")
-    return index
+    """Write `vectors` (rows, width) in one block (`embeddings_file`) and the index; returns its path."""
+    with embeddings_file(path, len(vectors), vectors.shape[1], offsets, metadata) as write:
+        write(vectors)
+    return write_embeddings_index(path, ids, lengths, offsets)

@@ -4,9 +4,10 @@ A record x of length L is scored as the official Evo 2 scorer does: sum over t =
 log p(x_t | x_<t) (natural log; the first base has no context and is not scored, there is no BOS token).
 mean = sum / (L - 1); bits per base = -mean / ln 2. With `reverse_complement=True` the reverse complement
 is scored the same way and the reported sum and mean are the average of both strands. Records longer than
-the window are scored in overlapping windows (see windows.py for the stitching rule).
+one chunk are scored exactly through the chunked prefill (every position sees its whole left context), or
+in overlapping windows with `Context(mode='windows')` (context.py).
 
-Records are read in pools of about `pool_tokens` tokens; each pool is windowed, length-bucketed, scored and
+Records are read in pools of about `pool_tokens` tokens; each pool is length-bucketed, scored and
 emitted in input order, so memory stays bounded on large files.
 """
 
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from evo2_cli.data.alphabet import reverse_complement as revcomp
+from evo2_cli.infer.context import DEFAULT_POOL_TOKENS, Context, Readout, per_token_pieces
 from evo2_cli.infer.sequences import Sequence
-from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW, run_windows, token_logprobs
+from evo2_cli.infer.windows import pick_logprobs, token_logprobs
 from evo2_cli.model.model import StripedHyena
 
 LN2 = math.log(2.0)
@@ -84,45 +87,72 @@ def _summary(sequence: Sequence, forward: np.ndarray, rc: np.ndarray | None) -> 
     )
 
 
+def chunked_logprobs(model: StripedHyena, ids: Tensor, chunk: int) -> Iterator[Tensor]:
+    """`token_logprobs` of ids (B, L) through the chunked prefill: (B, c) float32 per chunk, in order."""
+    cache = model.new_cache(ids.shape[0])
+    previous = None  # the last logits row before this chunk: it predicts the chunk's first token
+    start = 0
+    for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)
+        stop = start + logits.shape[1]
+        if previous is None:
+            yield pick_logprobs(logits[:, :-1], ids[:, 1:stop], first=True)
+        else:
+            yield pick_logprobs(torch.cat((previous, logits[:, :-1]), dim=1), ids[:, start:stop])
+        previous, start = logits[:, -1:], stop
+
+
+def logprob_readout(model: StripedHyena) -> Readout:
+    """Per-position log p(x_t | x_<t) (NaN at t = 0), in one forward or chunk by chunk."""
+    return Readout(
+        lambda ids: token_logprobs(model, ids), lambda ids, chunk: chunked_logprobs(model, ids, chunk)
+    )
+
+
 def score_sequences(
     model: StripedHyena,
     sequences: Iterable[Sequence],
+    context: Context = Context(),
     *,
-    window: int = DEFAULT_WINDOW,
-    overlap: int = DEFAULT_WINDOW // 4,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     reverse_complement: bool = False,
-    pool_tokens: int = 1 << 22,
+    pool_tokens: int = DEFAULT_POOL_TOKENS,
     on_tokens: Callable[[int], None] | None = None,
+    before_long: Callable[[int], None] | None = None,
 ) -> Iterator[Score]:
-    """One Score per sequence, in input order (sequences are upper-cased uint8 tokens)."""
+    """One Score per sequence, in input order (sequences are upper-cased uint8 tokens). `before_long`: see
+    `per_token_pieces`."""
+    kept: list[Sequence] = []  # sequences whose score is not out yet (at most one pool's worth)
 
-    def flush(pool: list[Sequence]) -> list[Score]:
-        arrays = [s.tokens for s in pool]
-        if reverse_complement:
-            arrays += [revcomp(s.tokens) for s in pool]
-        per_token = run_windows(
-            model,
-            arrays,
-            lambda ids: token_logprobs(model, ids),
-            window,
-            overlap,
-            batch_tokens,
-            on_tokens,
-        )
-        rcs = per_token[len(pool) :] if reverse_complement else [None] * len(pool)
-        return [_summary(s, f, r) for s, f, r in zip(pool, per_token[: len(pool)], rcs, strict=True)]
+    def strands() -> Iterator[np.ndarray]:
+        for sequence in sequences:
+            kept.append(sequence)
+            yield sequence.tokens
+            if reverse_complement:
+                yield revcomp(sequence.tokens)
 
-    pool: list[Sequence] = []
-    size = 0
-    for sequence in sequences:
-        pool.append(sequence)
-        size += len(sequence.tokens)
-        if size >= pool_tokens:
-            yield from flush(pool)
-            pool, size = [], 0
-    if pool:
-        yield from flush(pool)
+    per_record = 2 if reverse_complement else 1
+    arrays: list[np.ndarray] = []
+    pieces: list[np.ndarray] = []
+    current = 0
+    stream = per_token_pieces(
+        model,
+        strands(),
+        logprob_readout(model),
+        context,
+        pool_tokens=pool_tokens,
+        on_tokens=on_tokens,
+        before_long=before_long,
+    )
+    for index, piece in stream:
+        if index != current:  # pieces of one strand are consecutive: `current` is complete
+            arrays.append(np.concatenate(pieces))
+            pieces, current = [], index
+            if len(arrays) == per_record:
+                yield _summary(kept.pop(0), arrays[0], arrays[1] if reverse_complement else None)
+                arrays = []
+        pieces.append(piece)
+    if pieces:
+        arrays.append(np.concatenate(pieces))
+        yield _summary(kept.pop(0), arrays[0], arrays[1] if reverse_complement else None)
 
 
 @torch.no_grad()

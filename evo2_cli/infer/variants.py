@@ -6,7 +6,8 @@ one row per allele; symbolic alleles such as <DEL> or * are refused). Alleles ar
 
 For each variant the reference window is `window` bases centred on the variant (shifted to stay inside the
 chromosome); the alt window is the same window with ref replaced by alt. Both are scored like `evo2 infer
-score` (sum of log p(x_t | x_<t) over t >= 1, upper-cased) and the row reports
+score` (sum of log p(x_t | x_<t) over t >= 1, upper-cased; never windowed: a window longer than `chunk`
+tokens goes through the chunked prefill, exactly) and the row reports
     delta_sum_ll  = sum_ll(alt window) - sum_ll(ref window)
     delta_mean_ll = mean_ll(alt window) - mean_ll(ref window)  (the Evo 2 paper's score for SNVs).
 A ref allele that does not match the reference is an error naming the line (or, with on_mismatch='skip', a
@@ -24,8 +25,10 @@ import numpy as np
 
 from evo2_cli.data.alphabet import UPPERCASE
 from evo2_cli.errors import InputError, shorten
+from evo2_cli.infer.context import DEFAULT_CHUNK, Context, per_token_pieces
+from evo2_cli.infer.scoring import logprob_readout
 from evo2_cli.infer.sequences import encode_dna, read_sequences
-from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS, run_windows, token_logprobs
+from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS
 from evo2_cli.model.model import StripedHyena
 
 OnMismatch = Literal["error", "skip"]
@@ -162,6 +165,7 @@ def score_variants(
     reference: dict[str, np.ndarray],
     *,
     window: int = DEFAULT_VARIANT_WINDOW,
+    chunk: int = DEFAULT_CHUNK,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     source: str = "variants",
     on_mismatch: OnMismatch = "error",
@@ -169,7 +173,9 @@ def score_variants(
 ) -> list[VariantScore]:
     """One VariantScore per variant, in input order."""
     planned = plan_variants(variants, reference, window, source, on_mismatch)
-    return score_planned(model, variants, planned, batch_tokens=batch_tokens, on_tokens=on_tokens)
+    return score_planned(
+        model, variants, planned, chunk=chunk, batch_tokens=batch_tokens, on_tokens=on_tokens
+    )
 
 
 def score_planned(
@@ -177,10 +183,12 @@ def score_planned(
     variants: list[Variant],
     planned: list[Plan],
     *,
+    chunk: int = DEFAULT_CHUNK,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     on_tokens: Callable[[int], None] | None = None,
+    before_long: Callable[[int], None] | None = None,
 ) -> list[VariantScore]:
-    """`score_variants` on windows `plan_variants` already cut."""
+    """`score_variants` on windows `plan_variants` already cut. `before_long`: see `per_token_pieces`."""
     # Alleles of one site share their reference window: score it once (every row shows the same ref_sum_ll).
     arrays: list[np.ndarray] = []
     ref_slots: dict[tuple[str, int], int] = {}
@@ -196,25 +204,28 @@ def score_planned(
             arrays.append(ref_window)
         slots.append((start, ref_slots[key], len(arrays)))
         arrays.append(alt_window)
-    longest = max((len(a) for a in arrays), default=2)
-    per_token = run_windows(
+    sums = np.zeros(len(arrays), np.float64)  # sum of log p over positions >= 1 of each scored window
+    pieces = per_token_pieces(
         model,
         arrays,
-        lambda ids: token_logprobs(model, ids),
-        window=longest,  # alt windows of insertions are longer than `window`: never split a variant window
-        overlap=longest - 1,
-        batch_tokens=batch_tokens,
+        logprob_readout(model),
+        Context(chunk=chunk, batch_tokens=batch_tokens),
         on_tokens=on_tokens,
+        before_long=before_long,
     )
+    first = -1
+    for index, piece in pieces:
+        if index != first:  # a window's first piece: position 0 has no context (NaN), not scored
+            piece, first = piece[1:], index
+        sums[index] += piece.sum(dtype=np.float64)
     results = []
     for variant, slot in zip(variants, slots, strict=True):
         if slot is None:
             results.append(VariantScore(variant, "ref_mismatch"))
             continue
         start, ref_at, alt_at = slot
-        ref_lp, alt_lp = per_token[ref_at], per_token[alt_at]
-        ref_sum = float(np.sum(ref_lp[1:], dtype=np.float64))
-        alt_sum = float(np.sum(alt_lp[1:], dtype=np.float64))
-        delta_mean = alt_sum / max(len(alt_lp) - 1, 1) - ref_sum / max(len(ref_lp) - 1, 1)
+        ref_sum, alt_sum = float(sums[ref_at]), float(sums[alt_at])
+        ref_n, alt_n = max(len(arrays[ref_at]) - 1, 1), max(len(arrays[alt_at]) - 1, 1)
+        delta_mean = alt_sum / alt_n - ref_sum / ref_n
         results.append(VariantScore(variant, "ok", start, ref_sum, alt_sum, alt_sum - ref_sum, delta_mean))
     return results

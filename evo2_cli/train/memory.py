@@ -35,18 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evo2_cli.errors import InputError
+from evo2_cli.memory import GIB, available_memory, format_bytes
 from evo2_cli.model import StripedHyena
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.distributed import Runtime
-
-GIB = 1024**3
-
-
-def format_bytes(count: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count:.0f} B"
 
 
 @dataclass(frozen=True)
@@ -204,21 +196,6 @@ def activation_bytes(
     # exist for one block at a time.
     block_inputs = len(per_block) * micro_batch * seq_len * model.config.hidden_size * 4
     return total - sum(per_block) + block_inputs + max(per_block, default=0)
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes: CUDA device memory, or the host's available RAM (MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_memory(
