@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evo2 train -c configs/train/tiny-cpu.yaml --set train.run_dir=$(DEMO_DIR)/train \
 		--set "data.datasets=[{path: $(DEMO_DIR)/dataset}]" --overwrite
 	$(VENV)/bin/evo2 infer generate $(DEMO_DIR)/train -p ATGAAACGCATTAGCACCACCATTACCACC -n 120 \
-		--num-samples 2 --seed 0 --threads 1 -o $(DEMO_DIR)/generated.fa
+		--num-samples 2 --seed 0 --threads 1 -o $(DEMO_DIR)/generated.fa --overwrite
 	@echo "demo outputs: $(DEMO_DIR)/dataset (dataset), $(DEMO_DIR)/train (checkpoints, metrics.jsonl),"
 	@echo "              $(DEMO_DIR)/generated.fa (sampled continuations)"
 

@@ -152,14 +152,15 @@ def json_listing(marker: str, owned: Callable[[dict], bool], fixed: Collection[s
     return names
 
 
-def file_kind(noun: str, starts_with: bytes) -> OutputKind:
-    """A file evo2 wrote, recognized by its first bytes."""
+def file_kind(noun: str, starts_with: bytes, offset: int = 0) -> OutputKind:
+    """A file evo2 wrote, recognized by its first bytes (from byte `offset`: after a length field)."""
 
     def recognize(path: Path) -> str | None:
         if not path.is_file():
             return "not a regular file"
         try:
             with open(path, "rb") as handle:
+                handle.seek(offset)
                 head = handle.read(len(starts_with))
         except OSError as exc:
             return f"unreadable: {exc.strerror}"
@@ -193,7 +194,13 @@ def check_replaceable(path: Path, kind: OutputKind, overwrite: bool) -> bool:
     protected = _protected(path)
     if protected is not None:
         raise InputError(f"{path}: is {protected}, which evo2 never replaces; choose another output path")
-    empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())  # nothing to lose
+    # nothing to lose: an empty directory, or an empty file (a table of no rows, a `touch`ed name)
+    if path.is_symlink():
+        empty = False
+    elif path.is_dir():
+        empty = not any(path.iterdir())
+    else:
+        empty = path.is_file() and path.stat().st_size == 0
     problem = None if empty else kind.recognize(path)
     if problem is not None:
         raise InputError(

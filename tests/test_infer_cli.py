@@ -361,7 +361,9 @@ def test_score_modes_and_their_flags(base, tmp_path):
     fasta.write_text(f">r\n{''.join(rng.choice(list('ACGT'), 200))}\n")
     sums = {}
     for mode, extra in (("exact", ["--chunk", 16]), ("exact", []), ("windows", ["--window", 32])):
-        result = invoke("score", base, fasta, "-o", tmp_path / "s.tsv", "--mode", mode, *extra, "--rc")
+        result = invoke(
+            "score", base, fasta, "-o", tmp_path / "s.tsv", "--mode", mode, *extra, "--rc", "--overwrite"
+        )
         assert result.exit_code == 0, result.output
         sums[(mode, bool(extra))] = float((tmp_path / "s.tsv").read_text().splitlines()[1].split("\t")[3])
         assert ("estimated memory" in said(result)) == (extra == ["--chunk", 16])  # the pre-flight, printed
@@ -398,3 +400,67 @@ def test_memory_preflight_exits_2_before_the_record_runs(base, tmp_path, monkeyp
     assert result.exit_code == 2 and "does not fit" in said(result) and not (tmp_path / "e.npy").exists()
     result = invoke("score", base, fasta, "-o", out, "--mode", "windows", "--window", 16)
     assert result.exit_code == 0, result.output  # windows: no KV cache, nothing to refuse
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        (["generate", "-p", "ACG", "-n", 4, "-o", "{out}"], "gen.fa"),
+        (["generate", "-p", "ACG", "-n", 4, "--logprobs", "{out}"], "lp.tsv"),
+        (["score", "{fasta}", "-o", "{out}"], "scores.tsv"),
+        (["score", "{fasta}", "--rc", "-o", "{out}"], "scores.csv"),
+        (["score", "{fasta}", "--per-token", "{out}"], "pt.tsv"),
+        (["embed", "{fasta}", "-o", "{out}"], "e.npy"),
+        (["embed", "{fasta}", "--pooling", "none", "-o", "{out}"], "e.safetensors"),
+        (["variants", "{variants}", "-r", "{fasta}", "--window", 20, "-o", "{out}"], "v.tsv"),
+    ],
+)
+def test_existing_output_is_replaced_only_with_overwrite_and_only_if_ours(
+    base, fasta, tmp_path, command, name
+):
+    out = tmp_path / name
+    chrom = fasta.read_text().splitlines()[1].upper()
+    variants = tmp_path / "variants.tsv"
+    variants.write_text(f"chrom\tpos\tref\talt\nrec0\t5\t{chrom[4]}\tA\n")
+    args = [str(a).format(fasta=fasta, out=out, variants=variants) for a in command[1:]]
+
+    def run(*extra):
+        return invoke(command[0], base, *args, "--device", "cpu", *extra)
+
+    assert run().exit_code == 0
+    written = out.read_bytes()
+    refused = run()
+    assert refused.exit_code == 2, refused.output
+    assert "output already exists; pass --overwrite to replace it or choose another path" in said(refused)
+    assert "parameters" not in said(refused)  # refused before the model loads
+    assert out.read_bytes() == written
+    replaced = run("--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert out.read_bytes()[:8] == written[:8]
+    for foreign in [out] + ([out.with_name(name + ".ids.tsv")] if command[0] == "embed" else []):
+        ours = foreign.read_bytes()
+        foreign.write_text("my notes\n")
+        refused = run("--overwrite")
+        assert refused.exit_code == 2, refused.output
+        assert f"{foreign.name}: exists and is not" in said(refused) and "written by evo2" in said(refused)
+        assert "--overwrite" not in said(refused)  # no hint to force it
+        assert foreign.read_text() == "my notes\n"
+        foreign.write_bytes(ours)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_overwrite_never_replaces_a_directory_or_an_output_of_another_kind(base, fasta, tmp_path):
+    assert invoke("score", base, fasta, "-o", tmp_path / "s.tsv").exit_code == 0
+    as_csv = invoke("score", base, fasta, "--format", "csv", "-o", tmp_path / "s.tsv", "--overwrite")
+    assert as_csv.exit_code == 2 and "s.tsv: exists and is not a score table (CSV)" in said(as_csv)
+    fasta_over_scores = invoke("generate", base, "-p", "ACG", "-o", tmp_path / "s.tsv", "--overwrite")
+    assert fasta_over_scores.exit_code == 2 and "is not a FASTA file" in said(fasta_over_scores)
+    (tmp_path / "empty_dir").mkdir()
+    for directory in (tmp_path / "empty_dir", tmp_path):
+        result = invoke("score", base, fasta, "-o", directory, "--overwrite")
+        assert (
+            result.exit_code == 2 and "is a directory" in said(result) and "--overwrite" not in said(result)
+        )
+    (tmp_path / "touched.tsv").touch()  # an empty file holds nothing to lose
+    result = invoke("score", base, fasta, "-o", tmp_path / "touched.tsv", "--overwrite")
+    assert result.exit_code == 0 and (tmp_path / "touched.tsv").read_text().startswith("id\tlength\t")

@@ -35,15 +35,13 @@ def _dtype(name: str):
 
 def check_vortex_outputs(weights: Path, config: Path, overwrite: bool) -> None:
     """Before any work: the .pt and the release YAML of an export may be written (or replaced)."""
-    from evo2_cli.fsio import check_replaceable
     from evo2_cli.infer.outputs import check_output
     from evo2_cli.model.vortex import RELEASE_YAML, VORTEX_WEIGHTS
 
     if config == weights:
         raise InputError(f"--config-out must differ from --out ({weights})")
     for path, kind in ((weights, VORTEX_WEIGHTS), (config, RELEASE_YAML)):
-        check_replaceable(path, kind, overwrite)
-        check_output(path)
+        check_output(path, kind, overwrite)
 
 
 @app.command("to-vortex")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from evo2_cli.commands.common import NoVerifyOption, console
+from evo2_cli.commands.common import NoVerifyOption, OverwriteOption, console
 from evo2_cli.errors import InputError
 
 app = typer.Typer(
@@ -210,14 +210,22 @@ def generate(
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
     no_verify: NoVerifyOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
 
     Sampling as the official engine: top-k, then temperature, then top-p within the top-k (--top-k 1 is
     greedy). Log-probs are under the model's unmodified distribution (natural log)."""
-    from evo2_cli.infer.generation import DNA_TOKENS
+    from evo2_cli.infer.generation import DNA_TOKENS, LOGPROB_COLUMNS
     from evo2_cli.infer.generation import generate as run_generate
-    from evo2_cli.infer.outputs import atomic_text_output, check_output, fasta_lines, write_table
+    from evo2_cli.infer.outputs import (
+        FASTA,
+        atomic_text_output,
+        check_output,
+        fasta_lines,
+        table_kind,
+        write_table,
+    )
     from evo2_cli.infer.sampling import SamplingSettings
     from evo2_cli.infer.sequences import encode_dna, read_sequences, tokens_to_text
 
@@ -245,9 +253,9 @@ def generate(
             prompts.append(record.tokens)
     if not prompts:
         raise InputError("no prompt: give --prompt ACGT... (repeatable) or --prompt-fasta FILE")
-    for path in (output, logprobs):
-        if path is not None:
-            check_output(path)
+    check_output(output, FASTA, overwrite)
+    if logprobs is not None:
+        check_output(logprobs, table_kind("a log-prob table", LOGPROB_COLUMNS, "tsv"), overwrite)
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     bars = (
         ("prefill (tokens)", sum(len(p) for p in prompts) * num_samples),
@@ -283,12 +291,18 @@ def generate(
             handle.write(fasta_lines(header, text))
     if logprobs is not None:
         rows = (
-            {
-                "id": f"{names[g.prompt_index]}_sample{g.sample_index + 1}",
-                "position": n,
-                "token": tokens_to_text(g.tokens[n : n + 1]),
-                "logprob": float(g.logprobs[n]),
-            }
+            dict(
+                zip(
+                    LOGPROB_COLUMNS,
+                    (
+                        f"{names[g.prompt_index]}_sample{g.sample_index + 1}",
+                        n,
+                        tokens_to_text(g.tokens[n : n + 1]),
+                        float(g.logprobs[n]),
+                    ),
+                    strict=True,
+                )
+            )
             for g in results
             for n in range(len(g.tokens))
         )
@@ -329,6 +343,7 @@ def score(
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
     no_verify: NoVerifyOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
@@ -336,22 +351,22 @@ def score(
     are scored exactly, chunk by chunk, every position with its whole left context (--mode exact), or in
     windows (--mode windows): every position once, from the first window that holds it, with at least
     --overlap tokens of left context."""
-    from evo2_cli.infer.outputs import atomic_text_output, check_output, table_format, write_table
-    from evo2_cli.infer.scoring import score_sequences
+    from evo2_cli.infer.outputs import atomic_text_output, check_output, table_format, table_kind, write_table
+    from evo2_cli.infer.scoring import PER_TOKEN_COLUMNS, SCORE_COLUMNS, score_sequences
     from evo2_cli.infer.sequences import read_sequences
 
     context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen = table_format(output, fmt)
-    for path in (output, per_token):
-        if path is not None:
-            check_output(path)
+    check_output(output, table_kind("a score table", SCORE_COLUMNS, chosen), overwrite)
+    if per_token is not None:
+        check_output(per_token, table_kind("a per-token table", PER_TOKEN_COLUMNS, "tsv"), overwrite)
     records = read_sequences(fasta)
     first = next(records, None)  # a missing or empty FASTA fails before the model loads
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
         if token_handle is not None:
-            token_handle.write("id\tposition\tbase\tlogprob\n")
+            token_handle.write("\t".join(PER_TOKEN_COLUMNS) + "\n")
         scores = score_sequences(
             model,
             itertools.chain([first] if first is not None else [], records),
@@ -415,6 +430,7 @@ def embed(
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
     no_verify: NoVerifyOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
@@ -441,7 +457,7 @@ def embed(
 
     context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
-    check_embeddings_output(output)
+    check_embeddings_output(output, overwrite)
     config = load_inference_config(model_path, vortex_config)
     if config is not None:
         resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
@@ -515,17 +531,24 @@ def variants(
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = 0,
     no_verify: NoVerifyOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
     Columns: chrom pos ref alt status window_start ref_sum_ll alt_sum_ll delta_sum_ll delta_mean_ll."""
-    from evo2_cli.infer.outputs import check_output, write_table
-    from evo2_cli.infer.variants import load_reference, plan_variants, read_variants, score_planned
+    from evo2_cli.infer.outputs import check_output, table_kind, write_table
+    from evo2_cli.infer.variants import (
+        VARIANT_COLUMNS,
+        load_reference,
+        plan_variants,
+        read_variants,
+        score_planned,
+    )
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
     _context("exact", chunk, 8192, None, batch_tokens)  # checks --chunk and --batch-tokens before any work
-    check_output(output)
+    check_output(output, table_kind("a variant table", VARIANT_COLUMNS, "tsv"), overwrite)
     listed = read_variants(variant_file)
     chroms = load_reference(reference, {v.chrom for v in listed})
     planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, s
 from evo2_cli.model.model import StripedHyena
 
 DNA_TOKENS = b"ACGT"
+LOGPROB_COLUMNS = ("id", "position", "token", "logprob")  # generate --logprobs' table
 
 
 @dataclass(frozen=True)

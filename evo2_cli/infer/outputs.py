@@ -6,6 +6,9 @@ Embeddings: `.safetensors` (tensors `embeddings` and, per-token, `offsets`; meta
 (the array), each with an index `OUT.ids.tsv`: index, id, length, offset. Both are written header first and
 then streamed row by row (`embeddings_file`): per-token vectors of a 1 Mbase record never sit in memory, and
 the finished file memory-maps (np.load(mmap_mode='r'), safetensors' safe_open).
+
+An existing output is replaced only with --overwrite, and only when it is the kind of file the command
+writes (fsio.check_replaceable): each OutputKind below recognizes one by its first bytes.
 """
 
 from __future__ import annotations
@@ -16,27 +19,57 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
 
 from evo2_cli.errors import InputError
-from evo2_cli.fsio import atomic_path, atomic_write_bytes, temporary_sibling
+from evo2_cli.fsio import (
+    OutputKind,
+    atomic_path,
+    atomic_write_bytes,
+    check_replaceable,
+    file_kind,
+    temporary_sibling,
+)
 
 TableFormat = Literal["tsv", "csv", "parquet"]
 STDOUT = Path("-")
+INDEX_COLUMNS = ("index", "id", "length", "offset")  # the embeddings index OUT.ids.tsv
+
+FASTA = file_kind("a FASTA file", b">")
+PARQUET = file_kind("a Parquet table", b"PAR1")
+NPY = file_kind("a .npy file", b"\x93NUMPY")
+# Our safetensors: an 8-byte header length, then the JSON header, our metadata first (_safetensors_header)
+EMBEDDINGS_SAFETENSORS = file_kind("an embeddings .safetensors file", b'{"__metadata__":{"layer":', offset=8)
 
 
-def check_output(path: Path) -> None:
-    """InputError unless `path` ('-' = stdout) can be written: commands call it on every output before any
-    work, so a typo in an output path never costs a whole run. Creates missing parent directories."""
+def table_kind(noun: str, columns: Sequence[str], fmt: TableFormat) -> OutputKind:
+    """A table of ours: TSV or CSV starting with the header line of `columns` (a prefix: optional columns may
+    follow), or any Parquet file (its magic bytes; the columns are in its footer)."""
+    if fmt == "parquet":
+        return PARQUET
+    separator = "\t" if fmt == "tsv" else ","
+    return file_kind(f"{noun} ({fmt.upper()})", separator.join(columns).encode())
+
+
+def check_output(path: Path, kind: OutputKind, overwrite: bool = False) -> None:
+    """InputError unless `path` ('-' = stdout) may be written: it is new, or it is a `kind` evo2 wrote and
+    `overwrite` is given (fsio.check_replaceable), and its directory is writable. Commands call it on every
+    output before any work, so a typo in an output path never costs a whole run. Creates missing parent
+    directories."""
     if str(path) == "-":
         return
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give an output file name")
+    check_replaceable(path, kind, overwrite)
+    _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
     probe = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +87,7 @@ def atomic_text_output(path: Path) -> Iterator[IO[str]]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    check_output(path)
+    _check_writable(Path(path))
     with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         yield handle
 
@@ -117,12 +150,21 @@ def embeddings_index(path: Path) -> Path:
     return path.with_name(path.name + ".ids.tsv")
 
 
-def check_embeddings_output(path: Path) -> None:
-    """InputError unless `path` is a writable .safetensors or .npy name (and its index can be written)."""
-    if Path(path).suffix.lower() not in (".safetensors", ".npy"):
+def check_embeddings_output(path: Path, overwrite: bool = False) -> None:
+    """InputError unless `path` is a .safetensors or .npy name that check_output allows, and so is its
+    index."""
+    kind = NPY if _embeddings_suffix(path) == ".npy" else EMBEDDINGS_SAFETENSORS
+    check_output(path, kind, overwrite)
+    check_output(
+        embeddings_index(Path(path)), table_kind("an embeddings index", INDEX_COLUMNS, "tsv"), overwrite
+    )
+
+
+def _embeddings_suffix(path: Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".safetensors", ".npy"):
         raise InputError(f"{path}: embeddings are written as .safetensors or .npy; change the suffix")
-    check_output(path)
-    check_output(embeddings_index(Path(path)))
+    return suffix
 
 
 def _safetensors_header(rows: int, width: int, offsets: np.ndarray | None, metadata: dict[str, str]) -> bytes:
@@ -152,7 +194,8 @@ def embeddings_file(
     written first (the shape is known), then each block given to `write(block (n, width))`, in order. The
     file is renamed into place only when exactly `rows` rows came (fsio's rule)."""
     path = Path(path)
-    check_embeddings_output(path)
+    _embeddings_suffix(path)
+    _check_writable(path)
     written = 0
 
     def write(block: np.ndarray) -> None:
@@ -185,7 +228,7 @@ def write_embeddings_index(
     index = embeddings_index(Path(path))
     starts = offsets if offsets is not None else np.arange(len(ids))
     rows = (
-        {"index": i, "id": name, "length": length, "offset": int(starts[i])}
+        dict(zip(INDEX_COLUMNS, (i, name, length, int(starts[i])), strict=True))
         for i, (name, length) in enumerate(zip(ids, lengths, strict=True))
     )
     write_table(index, rows, "tsv")

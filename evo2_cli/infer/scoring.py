@@ -28,6 +28,10 @@ from evo2_cli.infer.windows import pick_logprobs, token_logprobs
 from evo2_cli.model.model import StripedHyena
 
 LN2 = math.log(2.0)
+# The header lines of the score table (plus RC_COLUMNS with --rc) and of --per-token's table
+SCORE_COLUMNS = ("id", "length", "n_scored", "sum_ll", "mean_ll", "bits_per_base")
+RC_COLUMNS = ("sum_ll_forward", "sum_ll_rc")
+PER_TOKEN_COLUMNS = ("id", "position", "base", "logprob")
 
 
 @dataclass(frozen=True)
@@ -54,17 +58,10 @@ class Score:
         )
 
     def row(self) -> dict[str, object]:
-        row: dict[str, object] = {
-            "id": self.id,
-            "length": self.length,
-            "n_scored": self.n_scored,
-            "sum_ll": self.sum_ll,
-            "mean_ll": self.mean_ll,
-            "bits_per_base": self.bits_per_base,
-        }
+        values = (self.id, self.length, self.n_scored, self.sum_ll, self.mean_ll, self.bits_per_base)
+        row: dict[str, object] = dict(zip(SCORE_COLUMNS, values, strict=True))
         if self.sum_ll_rc is not None:
-            row["sum_ll_forward"] = self.sum_ll_forward
-            row["sum_ll_rc"] = self.sum_ll_rc
+            row.update(zip(RC_COLUMNS, (self.sum_ll_forward, self.sum_ll_rc), strict=True))
         return row
 
 

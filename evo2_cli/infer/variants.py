@@ -33,6 +33,18 @@ from evo2_cli.model.model import StripedHyena
 
 OnMismatch = Literal["error", "skip"]
 DEFAULT_VARIANT_WINDOW = 8192
+VARIANT_COLUMNS = (
+    "chrom",
+    "pos",
+    "ref",
+    "alt",
+    "status",
+    "window_start",
+    "ref_sum_ll",
+    "alt_sum_ll",
+    "delta_sum_ll",
+    "delta_mean_ll",
+)
 
 
 @dataclass(frozen=True)
@@ -94,18 +106,19 @@ class VariantScore:
 
     def row(self) -> dict[str, object]:
         v = self.variant
-        return {
-            "chrom": v.chrom,
-            "pos": v.pos,
-            "ref": v.ref,
-            "alt": v.alt,
-            "status": self.status,
-            "window_start": self.window_start + 1,
-            "ref_sum_ll": self.ref_sum_ll,
-            "alt_sum_ll": self.alt_sum_ll,
-            "delta_sum_ll": self.delta_sum_ll,
-            "delta_mean_ll": self.delta_mean_ll,
-        }
+        values = (
+            v.chrom,
+            v.pos,
+            v.ref,
+            v.alt,
+            self.status,
+            self.window_start + 1,
+            self.ref_sum_ll,
+            self.alt_sum_ll,
+            self.delta_sum_ll,
+            self.delta_mean_ll,
+        )
+        return dict(zip(VARIANT_COLUMNS, values, strict=True))
 
 
 def load_reference(path: Path, chroms: set[str]) -> dict[str, np.ndarray]:
