@@ -464,3 +464,34 @@ def test_overwrite_never_replaces_a_directory_or_an_output_of_another_kind(base,
     (tmp_path / "touched.tsv").touch()  # an empty file holds nothing to lose
     result = invoke("score", base, fasta, "-o", tmp_path / "touched.tsv", "--overwrite")
     assert result.exit_code == 0 and (tmp_path / "touched.tsv").read_text().startswith("id\tlength\t")
+
+
+def test_growing_poles_refuse_the_chunked_prefill_with_the_fix(tmp_path):
+    from evo2_cli.model import StripedHyena, preset_config, save_model
+
+    torch.manual_seed(0)
+    model = StripedHyena(preset_config("test", hcl_form="vortex"))
+    layer = next(i for i, block in enumerate(model.blocks) if block.kind == "hcl")
+    with torch.no_grad():
+        model.blocks[layer].filter.log_poles[0, :2] = 1e-3  # two growing modes
+    save_model(model, tmp_path / "ckpt")
+    rng = np.random.default_rng(1)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(f">r\n{''.join(rng.choice(list('ACGT'), 64))}\n")
+    for command in (
+        ["score", fasta, "--chunk", 16],
+        ["embed", fasta, "-o", tmp_path / "e.npy", "--chunk", 16],
+        ["generate", "-p", "ACGT" * 16, "-n", 2, "--chunk", 16],
+    ):
+        result = invoke(command[0], tmp_path / "ckpt", *command[1:], "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        text = said(result)
+        assert f"hcl poles with lambda >= 0 in layer {layer} (2)" in text
+        assert "--chunk 16), which needs decaying poles" in text and "model.hcl_form: modal" in text
+        assert ("--mode windows" in text) == (command[0] != "generate")
+    assert not (tmp_path / "e.npy").exists()
+    windows = invoke(
+        "score", tmp_path / "ckpt", fasta, "--mode", "windows", "--window", 16, "--device", "cpu"
+    )
+    assert windows.exit_code == 0, windows.output

@@ -137,17 +137,29 @@ def _context(mode: str, chunk: int, window: int, overlap: int | None, batch_toke
     return Context(mode, chunk, window, overlap, batch_tokens)  # type: ignore[arg-type]
 
 
-def _preflight(model, chunk: int) -> Callable[..., None]:
-    """`check(length, batch=1)` before a record (or a batch of prompts) longer than one chunk: prints the
-    memory estimate (for each new largest batch x length) and refuses (exit 2, with the fix) what cannot
-    fit the device's free memory."""
+def _preflight(model, chunk: int, model_path: Path, windows: bool = False) -> Callable[..., None]:
+    """`check(length, batch=1)` before a record (or a batch of prompts) longer than one chunk, the one place
+    infer meets the chunked prefill: refuses (exit 2, with the fix) a model whose hcl poles grow (the
+    chunked prefill needs decaying ones), prints the memory estimate (for each new largest batch x length)
+    and refuses what cannot fit the device's free memory. `windows`: the command has --mode windows."""
     from evo2_cli.infer.memory import check_inference_memory, estimate_inference_memory
 
     device = next(model.parameters()).device
+    growing = model.growing_poles()
     largest = 0
 
     def check(length: int, batch: int = 1) -> None:
         nonlocal largest
+        if growing:
+            layers = ", ".join(f"layer {i} ({n})" for i, n in growing.items())
+            fixes = [f"--chunk {length} or more (one forward, no chunked prefill)"]
+            fixes += ["--mode windows (approximate)"] if windows else []
+            fixes += ["a checkpoint with model.hcl_form: modal (or --clamp-poles on a Vortex .pt)"]
+            raise InputError(
+                f"{model_path}: hcl poles with lambda >= 0 in {layers}: a sequence of {length} tokens needs "
+                f"the chunked prefill (--chunk {chunk}), which needs decaying poles; use "
+                + ", or ".join(fixes)
+            )
         if length * batch > largest:
             largest = length * batch
             estimate = estimate_inference_memory(model, length, chunk, batch)
@@ -274,7 +286,7 @@ def generate(
             chunk=chunk,
             on_tokens=generated,
             on_prefill=prefilled,
-            before_long=_preflight(model, chunk),
+            before_long=_preflight(model, chunk, model_path),
         )
     with atomic_text_output(output) as handle:
         for g in results:
@@ -373,7 +385,7 @@ def score(
             context,
             reverse_complement=reverse_complement,
             on_tokens=advance,
-            before_long=_preflight(model, chunk),
+            before_long=_preflight(model, chunk, model_path, windows=True),
         )
 
         def rows():
@@ -465,7 +477,7 @@ def embed(
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
     chosen = resolve_layer(model, layer)
     ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
-    preflight = _preflight(model, chunk)
+    preflight = _preflight(model, chunk, model_path, windows=True)
     if context.mode == "exact" and max(lengths) > chunk:
         preflight(max(lengths))  # refuse what cannot fit before any work
     metadata = {"layer": chosen.name, "pooling": chosen_pooling, "model": str(model_path)}
@@ -553,7 +565,7 @@ def variants(
     chroms = load_reference(reference, {v.chrom for v in listed})
     planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]
     model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
-    preflight = _preflight(model, chunk)
+    preflight = _preflight(model, chunk, model_path)
     longest = max((len(a) for plan in planned if plan is not None for a in plan[1:]), default=0)
     if longest > chunk:
         preflight(longest)  # refuse what cannot fit before any work

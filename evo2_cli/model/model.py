@@ -880,14 +880,23 @@ class StripedHyena(nn.Module):
             yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
 
     @torch.no_grad()
+    def growing_poles(self) -> dict[int, int]:
+        """{layer index: how many hcl poles have lambda >= 0} (only possible with hcl_form vortex): the
+        layers a chunked prefill cannot run."""
+        counts = {
+            i: int((block.filter.poles() >= 0).sum())
+            for i, block in enumerate(self.blocks)
+            if block.kind == "hcl"
+        }
+        return {i: n for i, n in counts.items() if n}
+
     def _refuse_growing_poles(self) -> None:
-        for i, block in enumerate(self.blocks):
-            if block.kind == "hcl" and (growing := int((block.filter.poles() >= 0).sum())):
-                raise ValueError(
-                    f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
-                    "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
-                    "with --clamp-poles"
-                )
+        for i, growing in self.growing_poles().items():
+            raise ValueError(
+                f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
+                "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
+                "with --clamp-poles"
+            )
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
