@@ -17,7 +17,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -58,12 +58,23 @@ _Loader.add_implicit_resolver(
 KeyPath = tuple[str, ...]
 
 
-def parse_yaml_value(text: str) -> Any:
-    """One scalar or flow value as it would read in a config file (`--set` values)."""
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml_value(text: str, key: str = "", where: str = "--set") -> Any:
+    """One scalar or flow value as it would read in a config file (`--set` values), read with the same
+    checks: a tag that builds objects is a ConfigError naming `key` and `where` (the override's label)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        path = tuple(key.split(".")) if key else ()
+        return None if node is None else _node_to_python(loader, node, path, {}, lambda line: where)
+    finally:
+        loader.dispose()
 
 
-def _check_tag(loader: _Loader, node: yaml.Node, path: KeyPath, name: str) -> None:
+# Where a node is: 'FILE:LINE' for a file, the override's label for a --set value
+Locate = Callable[[int], str]
+
+
+def _check_tag(loader: _Loader, node: yaml.Node, path: KeyPath, locate: Locate) -> None:
     """Refuse an explicit tag that is not plain data. The walk below builds mappings and lists itself, so
     without this a `!!python/object:...` mapping would pass as a plain one (and read as unknown keys)."""
     if isinstance(node, yaml.MappingNode):
@@ -75,7 +86,7 @@ def _check_tag(loader: _Loader, node: yaml.Node, path: KeyPath, name: str) -> No
     if plain:
         return
     tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-    where = f"{name}:{node.start_mark.line + 1}"
+    where = locate(node.start_mark.line + 1)
     if tag.startswith("!!python/"):
         problem = f"unsafe YAML tag '{shorten(tag)}': a config holds plain values, never Python objects"
     else:
@@ -83,8 +94,10 @@ def _check_tag(loader: _Loader, node: yaml.Node, path: KeyPath, name: str) -> No
     raise ConfigError(".".join(path), problem, where, "remove the tag")
 
 
-def _node_to_python(loader: _Loader, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], name: str):
-    _check_tag(loader, node, path, name)
+def _node_to_python(
+    loader: _Loader, node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], locate: Locate
+):
+    _check_tag(loader, node, path, locate)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -92,16 +105,16 @@ def _node_to_python(loader: _Loader, node: yaml.Node, path: KeyPath, lines: dict
             line = key_node.start_mark.line + 1
             if not isinstance(key, str):
                 problem = f"keys must be strings, got {shorten(repr(key))}"
-                raise ConfigError(".".join(path), problem, f"{name}:{line}")
+                raise ConfigError(".".join(path), problem, locate(line))
             if key in out:
                 dotted = ".".join((*path, key))
-                raise ConfigError(dotted, "appears twice", f"{name}:{line}", "keep one of the two entries")
+                raise ConfigError(dotted, "appears twice", locate(line), "keep one of the two entries")
             lines[(*path, key)] = line
-            out[key] = _node_to_python(loader, value_node, (*path, key), lines, name)
+            out[key] = _node_to_python(loader, value_node, (*path, key), lines, locate)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
-            _node_to_python(loader, item, (*path, str(i)), lines, name) for i, item in enumerate(node.value)
+            _node_to_python(loader, item, (*path, str(i)), lines, locate) for i, item in enumerate(node.value)
         ]
     return loader.construct_object(node, deep=True)
 
@@ -118,7 +131,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     lines: dict[KeyPath, int] = {}
     try:
         node = loader.get_single_node()
-        data = {} if node is None else _node_to_python(loader, node, (), lines, str(path))
+        data = {} if node is None else _node_to_python(loader, node, (), lines, lambda line: f"{path}:{line}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -299,14 +312,16 @@ def _build(cls: type[T], raw: Any, prefix: KeyPath, source: _Source) -> T:
 Override = str | tuple[str, str | None]
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> KeyPath:
-    """Apply one `a.b.c=value` to the raw mapping in place; returns the key path."""
+def apply_override(raw: dict[str, Any], assignment: str, label: str | None = None) -> KeyPath:
+    """Apply one `a.b.c=value` to the raw mapping in place; returns the key path. `label` names the
+    override in an error about its value (default '--set a.b.c')."""
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(key, f"--set expects section.key=value, got {shorten(repr(assignment))}", "--set")
     try:
-        value = parse_yaml_value(text) if text.strip() else None
+        where = label or "--set " + shorten(key)
+        value = parse_yaml_value(text, key, where) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"cannot parse value {shorten(repr(text))}: {exc}", "--set") from None
     path = tuple(key.split("."))
@@ -353,7 +368,7 @@ def build_config(
     overridden: dict[KeyPath, str] = {}  # key -> the label of the last override that set it
     for override in overrides:
         assignment, label = (override, None) if isinstance(override, str) else override
-        path = apply_override(raw, assignment)
+        path = apply_override(raw, assignment, label)
         overridden[path] = label or "--set " + shorten(".".join(path))
     return _build(cls, raw, (), _Source(name, lines or {}, overridden))
 

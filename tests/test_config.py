@@ -236,3 +236,22 @@ def test_a_finetune_head_reads_no_dataset():
     labels = {"fasta": ["labeled.fa"], "header_regex": "label=(\\S+)"}
     job = build_config(FinetuneJob, {"finetune": {"task": "classify", "labels": labels}})
     assert job.data.datasets == []
+
+
+@pytest.mark.parametrize(
+    ("assignment", "key", "problem"),
+    [
+        ("run.steps=!!python/object/apply:os.system [echo hi]", "run.steps", "unsafe YAML tag"),
+        ("run.name=!!python/name:os.system", "run.name", "unsafe YAML tag"),
+        ("run.tags=[a, !!python/tuple [b]]", "run.tags.1", "unsafe YAML tag"),
+        ("run.name=!custom abc", "run.name", "unsupported YAML tag '!custom'"),
+    ],
+)
+def test_a_yaml_tag_given_through_set_is_refused_and_blamed_on_set(assignment, key, problem):
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, None, [assignment])
+    assert info.value.key == key and info.value.where == "--set " + assignment.split("=")[0]
+    assert problem in str(info.value) and "constructor" not in str(info.value)
+    with pytest.raises(ConfigError) as info:  # a flag's value is blamed on the flag
+        load_config(Job, None, [(assignment, "--name")])
+    assert info.value.where == "--name" and problem in str(info.value)
