@@ -253,3 +253,22 @@ def test_stale_checkpoint_temporaries_are_removed_by_the_next_run(dataset, tmp_p
     result = runner.invoke(app, train_args(dataset, run_dir, "--set=train.max_steps=3"))
     assert result.exit_code == 0, result.output
     assert not stale.exists() and "no longer running" in flat(result.output)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_an_empty_run_dir_empty(
+    dataset, tmp_path, monkeypatch, overwrite
+):
+    from evo2_cli.train import loop
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise InputError("disk full (simulated)")
+
+    monkeypatch.setattr(loop, "write_checkpoint", full_disk)
+    result = CliRunner().invoke(app, train_args(dataset, run_dir, *overwrite))
+    assert result.exit_code == 2 and "disk full (simulated)" in result.output
+    assert run_dir.is_dir() and list(run_dir.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]

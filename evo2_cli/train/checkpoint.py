@@ -172,13 +172,15 @@ class RunDirectory:
             ... train; after the first checkpoint is written:
             run.committed()                                   # the old run is deleted
 
-    On leaving the block before `committed` (any error, a signal), a run directory this run created is removed
-    and an old run moved aside is put back as it was. Enter it on one process only (rank 0)."""
+    On leaving the block before `committed` (any error, a signal), a run directory this run created is
+    removed, one that was empty is emptied again, and an old run moved aside is put back as it was. Enter it
+    on one process only (rank 0)."""
 
     def __init__(self, run_dir: Path, overwrite: bool, say: Callable[[str], None]):
         self.path, self.overwrite, self.say = Path(run_dir), overwrite, say
         self.aside: Path | None = None  # the old run, moved aside by --overwrite
         self.created = False  # this run created the directory
+        self.was_empty = False  # the directory existed, empty: all it holds now is this run's
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RunDirectory:
@@ -196,7 +198,7 @@ class RunDirectory:
 
     def __exit__(self, *exc_info) -> None:
         try:
-            if self.aside is not None or self.created:
+            if self.aside is not None or self.created or self.was_empty:
                 self._roll_back()
         finally:
             self._stack.close()
@@ -268,6 +270,8 @@ class RunDirectory:
             if not self.path.exists():
                 self.path.mkdir(parents=True)
                 self.created = True
+            else:
+                self.was_empty = not any(self.path.iterdir())
             atomic_write_text(self.path / CONFIG, job_yaml)
         except OSError as exc:
             self._roll_back()
@@ -276,19 +280,25 @@ class RunDirectory:
     def committed(self) -> None:
         """The new run wrote its first checkpoint: delete the old run (--overwrite); nothing is rolled back
         from now on."""
-        aside, self.aside, self.created = self.aside, None, False
+        aside, self.aside, self.created, self.was_empty = self.aside, None, False, False
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 
     def _roll_back(self) -> None:
         if self.created or self.aside is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+        elif self.was_empty:  # the directory itself stays (it may be a mount point, or have set permissions)
+            for entry in list(self.path.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
         if self.aside is not None:
             os.replace(self.aside, self.path)
             self.say(
                 f"put back the previous run in {self.path}: the new one stopped before its first checkpoint"
             )
-        self.aside, self.created = None, False
+        self.aside, self.created, self.was_empty = None, False, False
 
 
 def has_checkpoint(run_dir: Path) -> bool:
