@@ -415,7 +415,10 @@ def test_slurm_script_checkpoints_on_usr1_requeues_and_resumes(dataset, tmp_path
 
     code, out = run_sbatch(cli_args(dataset, run_dir, 100_000), bin_dir, requeues, signal_when=trained_a_step)
     assert code == 0, out[-3000:]
-    assert "USR1: time limit near" in out and "stopping at step" in out and "requeueing job 42" in out
+    assert "USR1: time limit near" in out and "stopping at step" in out
+    # The log says the stop was the planned one, without torchrun's SignalException traceback and exit 1.
+    assert "planned stop" in out and "requeueing job 42" in out
+    assert "Traceback" not in out and "SignalException" not in out and "exit code" not in out
     assert requeues.read_text() == "42\n"
     stopped_at = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["step"]
     assert 1 <= stopped_at < 100_000
