@@ -70,6 +70,13 @@ PartitionName=check Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 
 stop_daemons() {
+    if [ -n "${job_id:-}" ] && squeue -h -t PD,R,CG,RQ,S -j "$job_id" 2>/dev/null | grep -q .; then
+        scancel "$job_id" # a failed check: end the job before the daemons that watch it
+        for _ in $(seq 30); do
+            squeue -h -t PD,R,CG,RQ,S -j "$job_id" 2>/dev/null | grep -q . || break
+            sleep 1
+        done
+    fi
     for daemon in slurmd slurmctld; do
         if [ -f "$WORK_DIR/$daemon.pid" ]; then
             kill "$(cat "$WORK_DIR/$daemon.pid")" 2>/dev/null || true
