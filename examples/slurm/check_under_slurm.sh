@@ -77,14 +77,17 @@ stop_daemons() {
             sleep 1
         done
     fi
-    for daemon in slurmd slurmctld; do
-        if [ -f "$WORK_DIR/$daemon.pid" ]; then
-            kill "$(cat "$WORK_DIR/$daemon.pid")" 2>/dev/null || true
-        fi
+    local pids=()
+    for pid_file in "$WORK_DIR/slurmd.pid" "$WORK_DIR/slurmctld.pid" "${munged_pid_file:-}"; do
+        [ -f "$pid_file" ] && pids+=("$(cat "$pid_file")")
     done
-    if [ -n "${munged_pid_file:-}" ] && [ -f "$munged_pid_file" ]; then
-        kill "$(cat "$munged_pid_file")" 2>/dev/null || true
-    fi
+    [ ${#pids[@]} = 0 ] && return
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 30); do # gone before a next check binds their ports
+        alive=$(for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done)
+        [ -z "$alive" ] && break
+        sleep 0.5
+    done
 }
 trap stop_daemons EXIT
 
