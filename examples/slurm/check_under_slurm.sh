@@ -84,10 +84,14 @@ stop_daemons() {
     [ ${#pids[@]} = 0 ] && return
     kill "${pids[@]}" 2>/dev/null || true
     for _ in $(seq 30); do # gone before a next check binds their ports
-        alive=$(for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done)
-        [ -z "$alive" ] && break
+        alive=0
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+        done
+        [ "$alive" = 0 ] && break
         sleep 0.5
     done
+    return 0
 }
 trap stop_daemons EXIT
 
@@ -194,3 +198,4 @@ if not worst <= tolerance:
     sys.exit("check: FAILED: the requeued run's losses differ from the uninterrupted run's")
 EOF
 say "OK: $requeues USR1 -> checkpoint -> requeue -> resume cycles; losses equal the uninterrupted run's"
+exit 0
