@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test check-slurm lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# Opt-in, as root: the SLURM example under a real one-node SLURM (installs it with apt-get; docs/train.md).
+check-slurm: $(STAMP)
+	EVO2_PYTHON=$(PY) examples/slurm/check_under_slurm.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

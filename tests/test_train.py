@@ -434,7 +434,7 @@ esac
 
 
 def run_sbatch(
-    arguments: list[str], bin_dir: Path, requeue_log: Path, *, signal_when=None
+    arguments: list[str], bin_dir: Path, requeue_log: Path, *, signal_when=None, env_overrides=None
 ) -> tuple[int, str]:
     """Run examples/slurm/train.sbatch outside SLURM (fake srun/scontrol, one node, one process); send it
     SIGUSR1, as `--signal=B:USR1@...` would, once `signal_when()` is true."""
@@ -449,6 +449,7 @@ def run_sbatch(
         "EVO2_PYTHON": sys.executable,
         "REQUEUE_LOG": str(requeue_log),
         "OMP_NUM_THREADS": "1",
+        **(env_overrides or {}),
     }
     script = REPO / "examples" / "slurm" / "train.sbatch"
     with subprocess.Popen(
@@ -461,6 +462,50 @@ def run_sbatch(
             process.send_signal(signal.SIGUSR1)
         output, _ = process.communicate(timeout=240)
     return process.returncode, output.decode()
+
+
+FAKE_TORCHRUN = """#!/bin/bash
+# Stands in for `python -m torch.distributed.run ... -m evo2_cli train`: one training process that saves and
+# exits 0 on USR1. A launcher that gets USR1 itself behaves as torchrun does: forwards it, then exits 1.
+{python} -c '
+import pathlib, signal, sys, time
+stop = []
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+pathlib.Path(sys.argv[1]).touch()
+while not stop:
+    time.sleep(0.02)
+print("stopping at step 7 (signal)")
+' "$READY" &
+worker=$!
+trap 'kill -USR1 $worker; wait $worker; echo "SignalException: got signal 10"; exit 1' USR1
+wait $worker
+"""
+
+
+def test_slurm_script_hands_usr1_to_the_training_and_reports_a_planned_stop(tmp_path):
+    """USR1 to examples/slurm/train.sbatch reaches the training processes but not torchrun (which would end
+    with a SignalException traceback and exit 1); the training exits 0 and the log says it was planned."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": FAKE_SRUN,
+        "scontrol": FAKE_SCONTROL,
+        "torchrun": FAKE_TORCHRUN.format(python=sys.executable),
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    ready, requeues = tmp_path / "ready", tmp_path / "requeues"
+    code, out = run_sbatch(
+        ["-c", "unused.yaml"],
+        bin_dir,
+        requeues,
+        signal_when=ready.exists,
+        env_overrides={"EVO2_PYTHON": str(bin_dir / "torchrun"), "READY": str(ready)},
+    )
+    assert code == 0, out
+    assert "stopping at step 7" in out and "planned stop" in out and "SignalException" not in out
+    assert requeues.read_text() == "42\n"
 
 
 @pytest.mark.slow
@@ -480,7 +525,10 @@ def test_slurm_script_checkpoints_on_usr1_requeues_and_resumes(dataset, tmp_path
 
     code, out = run_sbatch(cli_args(dataset, run_dir, 100_000), bin_dir, requeues, signal_when=trained_a_step)
     assert code == 0, out[-3000:]
-    assert "USR1: time limit near" in out and "stopping at step" in out and "requeueing job 42" in out
+    assert "USR1: time limit near" in out and "stopping at step" in out
+    # The log says the stop was the planned one, without torchrun's SignalException traceback and exit 1.
+    assert "planned stop" in out and "requeueing job 42" in out
+    assert "Traceback" not in out and "SignalException" not in out and "exit code" not in out
     assert requeues.read_text() == "42\n"
     stopped_at = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["step"]
     assert 1 <= stopped_at < 100_000
