@@ -141,6 +141,63 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
         assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
 
 
+def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker_count(tmp_path):
+    records = random_records(80, seed=11, length=(1, 4000))
+    source = write_fasta(tmp_path / "one.fa", records, width=61)
+    base = file_bytes(run(tmp_path, [source], "one", workers=1)[0])
+    with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
+        for workers in (2, 3, 5):
+            assert len(pre.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers)[1]) == workers
+            assert file_bytes(run(tmp_path, [source], f"w{workers}", workers=workers)[0]) == base
+        with (
+            mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 10_000),
+            mock.patch.object(pre, "available_cores", return_value=3),
+        ):
+            assert pre.plan_workers(PreprocessConfig(inputs=[str(source)]))[2] == 3
+            assert file_bytes(run(tmp_path, [source], "auto")[0]) == base
+
+
+def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
+    small = write_fasta(tmp_path / "small.fa", random_records(5, seed=1))
+    large = write_fasta(tmp_path / "large.fa", random_records(40, seed=2, length=(500, 1000)))
+    packed = write_fasta(tmp_path / "large.fa.gz", random_records(40, seed=3, length=(500, 1000)))
+    size = large.stat().st_size
+
+    def chosen(*paths: Path, cores: int = 4) -> tuple[int, str]:
+        with mock.patch.object(pre, "available_cores", return_value=cores):
+            _, tasks, workers, note = pre.plan_workers(PreprocessConfig(inputs=[str(p) for p in paths]))
+        assert len(tasks) >= workers
+        return workers, note
+
+    assert PreprocessConfig(inputs=["x.fa"]).workers == "auto"
+    with (
+        mock.patch.object(pre, "MIN_SHARD_BYTES", 1000),
+        mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 2000),
+    ):
+        assert chosen(small)[0] == 1  # under AUTO_BYTES_PER_WORKER
+        workers, note = chosen(large)
+        assert workers == 4 and "workers: 4 (chosen automatically" in note and "4 core(s)" in note
+        assert chosen(large, cores=2)[0] == 2
+        assert chosen(packed)[0] == 1  # one gzip stream is read by one worker
+        assert chosen(packed, small)[0] == 2  # two files: a worker each
+    with mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", size // 2):
+        assert chosen(large)[0] == 1  # too small to cut into MIN_SHARD_BYTES ranges
+    # A count given is used as it is, without a note.
+    assert pre.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3))[2:] == (3, None)
+
+
+def test_cli_says_which_worker_count_it_chose(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", random_records(5, seed=1, length=(10, 50)))
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    assert "workers: 1 (chosen automatically" in " ".join(result.output.split())
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "two"), "--workers", "2"])
+    assert result.exit_code == 0 and "chosen automatically" not in result.output
+    assert file_bytes(tmp_path / "two") == file_bytes(tmp_path / "auto")
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "x"), "--workers", "many"])
+    assert result.exit_code == 2 and "--workers" in result.output and "auto" in result.output
+
+
 def test_a_worker_error_reaches_the_caller(tmp_path):
     good = write_fasta(tmp_path / "a.fa", random_records(40, seed=3, length=(100, 2000)))
     bad = tmp_path / "b.fa"
