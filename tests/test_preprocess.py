@@ -141,20 +141,34 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
         assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
 
 
+def line_of(path: Path, text: bytes) -> int:
+    """The line of a file where `text` (its last occurrence) starts."""
+    content = path.read_bytes()
+    return content.count(b"\n", 0, content.rindex(text)) + 1
+
+
 def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker_count(tmp_path):
     records = random_records(80, seed=11, length=(1, 4000))
+    records[70] = ("bad", b"ACGT*ACGT")  # in the last range: its message names the line of the whole file
     source = write_fasta(tmp_path / "one.fa", records, width=61)
-    base = file_bytes(run(tmp_path, [source], "one", workers=1)[0])
+    base = file_bytes(run(tmp_path, [source], "one", workers=1, on_bad_record="skip")[0])
+    assert base["manifest.json"]["dropped_examples"][0].startswith(f"{source}:{line_of(source, b'ACGT*')}:")
+    repeated = write_fasta(tmp_path / "repeated.fa", [*records, ("rec3", b"ACGT")])
     with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
         for workers in (2, 3, 5):
             assert len(pre.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers)[1]) == workers
-            assert file_bytes(run(tmp_path, [source], f"w{workers}", workers=workers)[0]) == base
+            out = run(tmp_path, [source], f"w{workers}", workers=workers, on_bad_record="skip")[0]
+            assert file_bytes(out) == base
+            with pytest.raises(InputError) as error:
+                run(tmp_path, [repeated], f"r{workers}", workers=workers, on_bad_record="skip")
+            last = line_of(repeated, b">rec3 some description\nACGT\n")
+            assert f"{repeated}:{last}: duplicate record id 'rec3'" in str(error.value)
         with (
             mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 10_000),
             mock.patch.object(pre, "available_cores", return_value=3),
         ):
             assert pre.plan_workers(PreprocessConfig(inputs=[str(source)]))[2] == 3
-            assert file_bytes(run(tmp_path, [source], "auto")[0]) == base
+            assert file_bytes(run(tmp_path, [source], "auto", on_bad_record="skip")[0]) == base
 
 
 def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):

@@ -39,7 +39,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -50,7 +50,14 @@ from evo2_cli import __version__
 from evo2_cli.config import FieldError, check, to_dict
 from evo2_cli.data import record_store
 from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, VOCAB_SIZE
-from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
+from evo2_cli.data.fasta import (
+    FastaRecord,
+    count_lines,
+    display,
+    is_gzip,
+    read_fasta,
+    record_start_after,
+)
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
@@ -279,6 +286,7 @@ class Task:
     end: int | None = None
     regions: tuple[Region, ...] = ()
     size: int = 0  # bytes (or region bases) for the progress bar
+    first_line: int | None = None  # the line number `start` is on (None: the reader counts it)
 
 
 @dataclass
@@ -403,7 +411,7 @@ class _Meter:
 def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecord]:
     if task.regions:
         return read_regions(task.path, task.regions, meter.on_bytes)
-    return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous)
+    return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous, task.first_line)
 
 
 def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
@@ -624,6 +632,22 @@ def _execute(tasks: list[Task], job: Job, workers: int, console) -> list[TaskRes
         return _run_in_workers(tasks, job, min(workers, len(tasks)), advance)
 
 
+def _with_first_lines(tasks: list[Task]) -> list[Task]:
+    """The tasks, byte ranges given the line they start on: counted here in one pass over each file's bytes
+    before its last range, while the workers start, rather than by each range's worker over every byte
+    before its range (the last worker would count almost the whole file before reading)."""
+    counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
+    with_lines = []
+    for task in tasks:
+        if task.start and not task.regions:
+            offset, line = counted.get(task.path, (0, 1))
+            line += count_lines(task.path, offset, task.start)
+            counted[task.path] = task.start, line
+            task = replace(task, first_line=line)
+        with_lines.append(task)
+    return with_lines
+
+
 def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
     """Runs the tasks in `workers` processes, each fed one task at a time through its own pipe. Nothing is
     shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
@@ -633,7 +657,11 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
+        from multiprocessing import forkserver
+
         context.set_forkserver_preload([__name__])
+        forkserver.ensure_running()  # it imports in the background ...
+    tasks = _with_first_lines(tasks)  # ... while this process counts the lines before each byte range
     results: list[TaskResult | None] = [None] * len(tasks)
     queued = collections.deque(enumerate(tasks))
     processes = []
