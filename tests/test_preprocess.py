@@ -212,6 +212,29 @@ def test_cli_says_which_worker_count_it_chose(tmp_path):
     assert result.exit_code == 2 and "--workers" in result.output and "auto" in result.output
 
 
+def test_workers_do_not_run_the_main_script_again(tmp_path):
+    """The `evo2` command is the main script: multiprocessing would import the whole CLI again in every
+    worker. A script that logs each run of its top level, then preprocesses with two workers, runs once."""
+    sources = [
+        write_fasta(tmp_path / f"{i}.fa", random_records(5, seed=i, prefix=f"f{i}_")) for i in range(2)
+    ]
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import os, sys\n"
+        "from evo2_cli.data.preprocess import PreprocessConfig, run_preprocess\n"
+        "with open(sys.argv[1] + '.log', 'a') as log:\n"
+        "    log.write(f'{os.getpid()}\\n')\n"
+        "if __name__ == '__main__':\n"
+        "    inputs = sys.argv[2:]\n"
+        "    run_preprocess(PreprocessConfig(inputs=inputs, output_dir=sys.argv[1], workers=2))\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(pre.__file__).parents[2])}
+    subprocess.run([sys.executable, str(script), str(out), *map(str, sources)], check=True, env=env)
+    assert len(Path(f"{out}.log").read_text().split()) == 1
+    assert (out / "manifest.json").exists()
+
+
 def test_a_worker_error_reaches_the_caller(tmp_path):
     good = write_fasta(tmp_path / "a.fa", random_records(40, seed=3, length=(100, 2000)))
     bad = tmp_path / "b.fa"
