@@ -141,6 +141,100 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
         assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
 
 
+def line_of(path: Path, text: bytes) -> int:
+    """The line of a file where `text` (its last occurrence) starts."""
+    content = path.read_bytes()
+    return content.count(b"\n", 0, content.rindex(text)) + 1
+
+
+def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker_count(tmp_path):
+    records = random_records(80, seed=11, length=(1, 4000))
+    records[70] = ("bad", b"ACGT*ACGT")  # in the last range: its message names the line of the whole file
+    source = write_fasta(tmp_path / "one.fa", records, width=61)
+    base = file_bytes(run(tmp_path, [source], "one", workers=1, on_bad_record="skip")[0])
+    assert base["manifest.json"]["dropped_examples"][0].startswith(f"{source}:{line_of(source, b'ACGT*')}:")
+    repeated = write_fasta(tmp_path / "repeated.fa", [*records, ("rec3", b"ACGT")])
+    with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
+        for workers in (2, 3, 5):
+            assert len(pre.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers)[1]) == workers
+            out = run(tmp_path, [source], f"w{workers}", workers=workers, on_bad_record="skip")[0]
+            assert file_bytes(out) == base
+            with pytest.raises(InputError) as error:
+                run(tmp_path, [repeated], f"r{workers}", workers=workers, on_bad_record="skip")
+            last = line_of(repeated, b">rec3 some description\nACGT\n")
+            assert f"{repeated}:{last}: duplicate record id 'rec3'" in str(error.value)
+        with (
+            mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 10_000),
+            mock.patch.object(pre, "available_cores", return_value=3),
+        ):
+            assert pre.plan_workers(PreprocessConfig(inputs=[str(source)]))[2] == 3
+            assert file_bytes(run(tmp_path, [source], "auto", on_bad_record="skip")[0]) == base
+
+
+def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
+    small = write_fasta(tmp_path / "small.fa", random_records(5, seed=1))
+    large = write_fasta(tmp_path / "large.fa", random_records(40, seed=2, length=(500, 1000)))
+    packed = write_fasta(tmp_path / "large.fa.gz", random_records(40, seed=3, length=(500, 1000)))
+    size = large.stat().st_size
+
+    def chosen(*paths: Path, cores: int = 4) -> tuple[int, str]:
+        with mock.patch.object(pre, "available_cores", return_value=cores):
+            _, tasks, workers, note = pre.plan_workers(PreprocessConfig(inputs=[str(p) for p in paths]))
+        assert len(tasks) >= workers
+        return workers, note
+
+    assert PreprocessConfig(inputs=["x.fa"]).workers == "auto"
+    with (
+        mock.patch.object(pre, "MIN_SHARD_BYTES", 1000),
+        mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 2000),
+    ):
+        assert chosen(small)[0] == 1  # under AUTO_BYTES_PER_WORKER
+        workers, note = chosen(large)
+        assert workers == 4 and "workers: 4 (chosen automatically" in note and "4 core(s)" in note
+        assert chosen(large, cores=2)[0] == 2
+        assert chosen(packed)[0] == 1  # one gzip stream is read by one worker
+        assert chosen(packed, small)[0] == 2  # two files: a worker each
+    with mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", size // 2):
+        assert chosen(large)[0] == 1  # too small to cut into MIN_SHARD_BYTES ranges
+    # A count given is used as it is, without a note.
+    assert pre.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3))[2:] == (3, None)
+
+
+def test_cli_says_which_worker_count_it_chose(tmp_path):
+    source = write_fasta(tmp_path / "in.fa", random_records(5, seed=1, length=(10, 50)))
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    assert "workers: 1 (chosen automatically" in " ".join(result.output.split())
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "two"), "--workers", "2"])
+    assert result.exit_code == 0 and "chosen automatically" not in result.output
+    assert file_bytes(tmp_path / "two") == file_bytes(tmp_path / "auto")
+    result = runner.invoke(app, ["preprocess", str(source), "-o", str(tmp_path / "x"), "--workers", "many"])
+    assert result.exit_code == 2 and "--workers" in result.output and "auto" in result.output
+
+
+def test_workers_do_not_run_the_main_script_again(tmp_path):
+    """The `evo2` command is the main script: multiprocessing would import the whole CLI again in every
+    worker. A script that logs each run of its top level, then preprocesses with two workers, runs once."""
+    sources = [
+        write_fasta(tmp_path / f"{i}.fa", random_records(5, seed=i, prefix=f"f{i}_")) for i in range(2)
+    ]
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import os, sys\n"
+        "from evo2_cli.data.preprocess import PreprocessConfig, run_preprocess\n"
+        "with open(sys.argv[1] + '.log', 'a') as log:\n"
+        "    log.write(f'{os.getpid()}\\n')\n"
+        "if __name__ == '__main__':\n"
+        "    inputs = sys.argv[2:]\n"
+        "    run_preprocess(PreprocessConfig(inputs=inputs, output_dir=sys.argv[1], workers=2))\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(pre.__file__).parents[2])}
+    subprocess.run([sys.executable, str(script), str(out), *map(str, sources)], check=True, env=env)
+    assert len(Path(f"{out}.log").read_text().split()) == 1
+    assert (out / "manifest.json").exists()
+
+
 def test_a_worker_error_reaches_the_caller(tmp_path):
     good = write_fasta(tmp_path / "a.fa", random_records(40, seed=3, length=(100, 2000)))
     bad = tmp_path / "b.fa"

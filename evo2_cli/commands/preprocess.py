@@ -15,6 +15,7 @@ from evo2_cli.commands.common import (
     console,
     resolve_config,
 )
+from evo2_cli.config import parse_yaml_value
 
 InputsArgument = Annotated[
     list[str] | None,
@@ -32,7 +33,10 @@ SplitOption = Annotated[
 ]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed of the split hash.")]
 WorkersOption = Annotated[
-    int | None, typer.Option("--workers", help="Worker processes (same output for any).")
+    str | None,
+    typer.Option(
+        "--workers", help="Worker processes, or auto (default: by input size and cores). Same output for any."
+    ),
 ]
 
 
@@ -57,7 +61,7 @@ def preprocess(
         "preprocess.inputs": ("INPUTS", inputs or None),
         "preprocess.output_dir": ("--output", output),
         "preprocess.seed": ("--seed", seed),
-        "preprocess.workers": ("--workers", workers),
+        "preprocess.workers": ("--workers", None if workers is None else parse_yaml_value(workers)),
         "preprocess.split": ("--split", comma_list(split)),
     }
     cfg = resolve_config(PreprocessJob, config, set_, flags).preprocess

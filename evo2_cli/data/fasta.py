@@ -182,10 +182,10 @@ def _prefetched(blocks: Iterator[bytes]) -> Iterator[bytes]:
         thread.join()
 
 
-def count_lines_before(path: Path, offset: int) -> int:
-    """Line ends in the first `offset` bytes of a plain file (line numbers of a shard's records)."""
+def count_lines(path: Path, start: int, end: int) -> int:
+    """Line ends in bytes [start, end) of a plain file (line numbers of a shard's records)."""
     lines = 0
-    for block in _file_blocks(path, 0, offset, lambda n: None):
+    for block in _file_blocks(path, start, end, lambda n: None):
         lines += block.count(b"\n")
     return lines
 
@@ -285,13 +285,15 @@ def read_fasta(
     end: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
     contiguous: bool = False,
+    first_line: int | None = None,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
     that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
-    it whole: joining pieces afterwards would hold the record twice."""
+    it whole: joining pieces afterwards would hold the record twice. `first_line`: the line `start` is on,
+    when the caller counted it; else it is counted here."""
     path = Path(path)
-    line = 1 + (count_lines_before(path, start) if start else 0)
+    line = first_line if first_line is not None else 1 + (count_lines(path, 0, start) if start else 0)
     header_parts: list[bytes] | None = None  # set while a header line spans blocks
     header_line = 0
     record: _RecordBuilder | None = None

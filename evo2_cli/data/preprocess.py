@@ -38,9 +38,10 @@ import re
 import shutil
 import signal
 import sys
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -51,7 +52,14 @@ from evo2_cli import __version__
 from evo2_cli.config import FieldError, check, to_dict
 from evo2_cli.data import record_store
 from evo2_cli.data.alphabet import EOD_ID, MAX_TAG_BYTES, PAD_ID, TAG_MARKERS, VOCAB_SIZE
-from evo2_cli.data.fasta import FastaRecord, display, is_gzip, read_fasta, record_start_after
+from evo2_cli.data.fasta import (
+    FastaRecord,
+    count_lines,
+    display,
+    is_gzip,
+    read_fasta,
+    record_start_after,
+)
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.regions import Region, parse_interval, read_bed, read_regions, resolve
@@ -68,6 +76,9 @@ from evo2_cli.fsio import (
 
 SPLITS = ("train", "val", "test")
 MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
+# `workers: auto` starts one worker per this much input: a worker reads it in about the 0.15 s that starting
+# the workers costs, so two workers pay off from about twice this much.
+AUTO_BYTES_PER_WORKER = 64 << 20
 MAX_EXAMPLES = 20  # skipped-record messages kept in the manifest
 MAX_DOCUMENT_TOKENS = 2**31 - 1  # the .idx stores each document's length as int32
 
@@ -102,7 +113,7 @@ class PreprocessConfig:
     seed: int = 1234
     split_by: Literal["record", "position"] = "record"  # records by hash, or every record cut by position
     group_regex: str | None = None  # split by this regex's first group in the header instead of the id
-    workers: int = 1
+    workers: int | Literal["auto"] = "auto"  # auto: auto_workers
     append_eod: bool = True
     uppercase: bool = False
     reverse_complement: bool = False  # store a reverse-complement copy of every document, same split
@@ -128,7 +139,7 @@ class PreprocessConfig:
         check(all(f >= 0 for f in self.split), "split", f"fractions must be >= 0, got {list(self.split)}")
         check(abs(sum(self.split) - 1) < 1e-6, "split", f"fractions must sum to 1, got {sum(self.split)}")
         check(self.seed >= 0, "seed", "must be >= 0")
-        check(self.workers >= 1, "workers", "must be >= 1")
+        check(self.workers == "auto" or self.workers >= 1, "workers", "must be >= 1 or auto")
         check(self.min_length >= 0, "min_length", "must be >= 0")
         check(
             self.max_length is None or self.max_length >= max(1, self.min_length),
@@ -277,6 +288,7 @@ class Task:
     end: int | None = None
     regions: tuple[Region, ...] = ()
     size: int = 0  # bytes (or region bases) for the progress bar
+    first_line: int | None = None  # the line number `start` is on (None: the reader counts it)
 
 
 @dataclass
@@ -401,7 +413,7 @@ class _Meter:
 def _records(task: Task, meter: _Meter, contiguous: bool) -> Iterator[FastaRecord]:
     if task.regions:
         return read_regions(task.path, task.regions, meter.on_bytes)
-    return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous)
+    return read_fasta(task.path, task.start, task.end, meter.on_bytes, contiguous, task.first_line)
 
 
 def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
@@ -560,12 +572,12 @@ def _file_tasks(index: int, path: Path, workers: int) -> list[Task]:
     return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
 
 
-def plan_tasks(cfg: PreprocessConfig) -> tuple[list[Path | str], list[Task]]:
-    """Input names (by input index) and the tasks that read them."""
+def plan_tasks(cfg: PreprocessConfig, workers: int = 1) -> tuple[list[Path | str], list[Task]]:
+    """Input names (by input index) and the tasks that read them (large plain files cut for `workers`)."""
     names: list[Path | str] = []
     tasks: list[Task] = []
     for path in expand_inputs(cfg.inputs):
-        tasks += _file_tasks(len(names), path, cfg.workers)
+        tasks += _file_tasks(len(names), path, workers)
         names.append(path)
     for i, source in enumerate(cfg.regions):
         regions = read_bed(source.bed) if source.bed is not None else []
@@ -577,6 +589,39 @@ def plan_tasks(cfg: PreprocessConfig) -> tuple[list[Path | str], list[Task]]:
         tasks.append(Task(len(names), source.fasta, regions=tuple(regions), size=size))
         names.append(f"{source.fasta} ({len(regions)} regions)")
     return names, tasks
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which batch schedulers set), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def auto_workers(tasks: list[Task], cores: int) -> int:
+    """`workers: auto` for tasks planned for `cores` workers: one worker per AUTO_BYTES_PER_WORKER of input
+    (bytes as stored, bases for regions), at most one per core and one per task (a gzip file is one task)."""
+    size = sum(task.size for task in tasks)
+    return max(1, min(cores, len(tasks), size // AUTO_BYTES_PER_WORKER))
+
+
+def plan_workers(cfg: PreprocessConfig) -> tuple[list[Path | str], list[Task], int, str | None]:
+    """Input names, tasks and the worker count; with `workers: auto`, also a line saying what was chosen and
+    why. The worker count never changes a byte of the output."""
+    if cfg.workers != "auto":
+        return *plan_tasks(cfg, cfg.workers), cfg.workers, None
+    cores = available_cores()
+    names, tasks = plan_tasks(cfg, cores)
+    workers = auto_workers(tasks, cores)
+    mib = sum(task.size for task in tasks) / 2**20
+    note = (
+        f"workers: {workers} (chosen automatically: {mib:,.0f} MiB of input in {len(tasks)} part(s) that can "
+        f"be read at once, {cores} core(s), a worker per {AUTO_BYTES_PER_WORKER >> 20} MiB; set --workers "
+        "to choose)"
+    )
+    if workers != cores:
+        names, tasks = plan_tasks(cfg, workers)
+    return names, tasks, workers, note
 
 
 # ---------------------------------------------------------------- running
@@ -600,6 +645,36 @@ def _start_method() -> str:
     return "forkserver" if len(os.fsencode(socket_path)) <= 103 else "spawn"
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """A worker needs nothing of `__main__`, but multiprocessing runs the main script again in every worker
+    it starts with a fork server or spawn: for the `evo2` command that is the whole CLI (typer, rich, every
+    command's options), 0.1-0.2 s of CPU per worker before its first record. An empty `__main__` while the
+    workers start leaves them nothing to run."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _with_first_lines(tasks: list[Task]) -> list[Task]:
+    """The tasks, byte ranges given the line they start on: counted here in one pass over each file's bytes
+    before its last range, while the workers start, rather than by each range's worker over every byte
+    before its range (the last worker would count almost the whole file before reading)."""
+    counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
+    with_lines = []
+    for task in tasks:
+        if task.start and not task.regions:
+            offset, line = counted.get(task.path, (0, 1))
+            line += count_lines(task.path, offset, task.start)
+            counted[task.path] = task.start, line
+            task = replace(task, first_line=line)
+        with_lines.append(task)
+    return with_lines
+
+
 def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
     """Runs the tasks in `workers` processes, each fed one task at a time through its own pipe. Nothing is
     shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
@@ -609,7 +684,11 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
     method = _start_method()
     context = multiprocessing.get_context(method)
     if method == "forkserver":
+        from multiprocessing import forkserver
+
         context.set_forkserver_preload([__name__])
+        forkserver.ensure_running()  # it imports in the background ...
+    tasks = _with_first_lines(tasks)  # ... while this process counts the lines before each byte range
     results: list[TaskResult | None] = [None] * len(tasks)
     queued = collections.deque(enumerate(tasks))
     processes = []
@@ -639,7 +718,8 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
         for _ in range(workers):
             connection, child_end = context.Pipe()
             process = context.Process(target=_worker, args=(child_end, job), daemon=True)
-            process.start()
+            with _main_module_hidden():
+                process.start()
             processes.append(process)
             child_end.close()
             send_next(connection, process)
@@ -957,7 +1037,7 @@ DATASET_DIR = directory_kind("a dataset directory", MANIFEST, json_listing(MANIF
 
 def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None) -> dict:
     """Run the whole preprocess; returns the manifest. `console` (rich) shows progress when given."""
-    names, tasks = plan_tasks(cfg)
+    names, tasks, workers, workers_note = plan_workers(cfg)
     keep_freed_memory()
     tags = load_tags(cfg.tags_file) if cfg.tags_file is not None else ()
     say = (
@@ -965,11 +1045,13 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None)
         if console
         else (lambda text: None)
     )
+    if workers_note:
+        say(workers_note)
     with atomic_output_dir(cfg.output_dir, DATASET_DIR, overwrite, say=say) as tmp:
         job = Job(cfg, tags, tmp / ".spool", tmp / ".records")
         job.spool_dir.mkdir()
         job.records_dir.mkdir()
-        results = _execute(tasks, job, cfg.workers, console)
+        results = _execute(tasks, job, workers, console)
         if not any(stats.counts.bases for result in results for stats in result.splits):
             raise _no_sequence(names, results)
         stored = sum(stats.tokens for result in results for stats in result.splits)
