@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,5 +64,23 @@ def vtx_logits(tmp_path):
         script = Path(__file__).resolve().parents[1] / "benchmarks" / "vtx_cpu.py"
         subprocess.run([sys.executable, str(script), json.dumps(request)], check=True, capture_output=True)
         return torch.load(tmp_path / "vtx_out.pt", weights_only=True)["logits"]
+
+    return run
+
+
+@pytest.fixture
+def torchrun():
+    """`torchrun(args, processes)`: `python -m evo2_cli ARGS` as `processes` gloo processes of one torchrun
+    (one OpenMP thread each), from the repository root; returns the CompletedProcess."""
+
+    def run(args: list[str], processes: int) -> subprocess.CompletedProcess:
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "evo2_cli", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        repo = Path(__file__).resolve().parents[1]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
 
     return run

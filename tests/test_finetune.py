@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
@@ -458,3 +460,89 @@ def test_cli_finetune_resume_refuses_changed_data_unless_allowed(base, tmp_path)
     assert result.exit_code == 2 and "d_train.bin content differs" in said and "--allow-data-change" in said
     result = runner.invoke(app, [*args, "--set", "train.max_steps=2", "--allow-data-change"])
     assert result.exit_code == 0, result.output
+
+
+def test_lora_under_fsdp2_estimates_one_process_share(dataset, base, tmp_path, monkeypatch):
+    """Under torchrun with FSDP2 the pre-flight estimate is per process (the frozen base split over them), and
+    only rank 0 prints it."""
+    job = make_job(dataset, base, tmp_path / "run", method="lora", lora={"rank": 2})
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, parallelism="fsdp"))
+    alone = prepare(job).estimate
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
+    monkeypatch.setenv("RANK", "1")
+    console = quiet()
+    shared = prepare(job, console=console).estimate
+    assert shared.layout == "FSDP2 over 2 processes" and alone.layout == "1 process"
+    assert shared.weight_bytes == -(-alone.weight_bytes // 2) and shared.trainable == alone.trainable
+    assert console.file.getvalue() == ""
+
+
+def finetune_args(dataset: Path, start: Path, run_dir: Path, steps: int, micro_batch: int) -> list[str]:
+    """`evo2 finetune` arguments of a tiny CPU run with a constant lr (a run may stop and continue with more
+    steps), validated at its last step only."""
+    sets = {
+        "data.datasets": f"[{{path: {dataset}}}]",
+        "data.seq_len": 32,
+        "data.val_windows": 4,
+        "optim.lr": 3e-3,
+        "optim.min_lr": 3e-3,
+        "optim.warmup_steps": 0,
+        "optim.global_batch": 4,
+        "train.micro_batch": micro_batch,
+        "train.max_steps": steps,
+        "train.log_interval": 1,
+        "train.run_dir": run_dir,
+    }
+    return ["finetune", "--from", str(start), "--device", "cpu", *(f"--set={k}={v}" for k, v in sets.items())]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """The same training losses and last validation loss (within the FSDP2 test of `evo2 train`'s 1e-5) and a
+    last checkpoint with the same files holding the same tensors: weights and optimizer state."""
+    records = [
+        [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+        for r in (run, reference)
+    ]
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        ours, theirs = ([r[key] for r in rs if r["kind"] == kind] for rs in records)
+        ours = ours if kind == "train" else ours[-1:]  # a run that stopped early validated then too
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5, err_msg=kind)
+    ours, theirs = (r / "checkpoints" / "latest" for r in (run, reference))
+    assert sorted(p.name for p in ours.resolve().iterdir()) == sorted(
+        p.name for p in theirs.resolve().iterdir()
+    )
+    weights = [load_file(c / "model.safetensors") for c in (ours, theirs)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[0][name], value, rtol=0, atol=1e-6, msg=name)
+    states = [
+        torch.load(c / "train_state.pt", weights_only=True)["optimizer"]["state"] for c in (ours, theirs)
+    ]
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[1].items():
+        for key, tensor in value.items():
+            torch.testing.assert_close(states[0][name][key], tensor, rtol=0, atol=1e-6, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_lora_and_frozen_finetunes_under_fsdp2_match_one_process(dataset, base, tmp_path, torchrun):
+    """2 gloo processes with FSDP2 (torchrun) give one process's losses and checkpoints: LoRA (adapters inside
+    sharded frozen linears), stopped at step 2 and resumed to step 4 (its optimizer state loaded back into
+    the shards), and a partial freeze that leaves whole blocks with nothing to train."""
+    fsdp = "--set=train.parallelism=fsdp"
+    runs = {
+        "lora": (["--method", "lora", "--set=finetune.lora.rank=2"], (2, 4)),
+        "frozen": (["--freeze", "embedding,blocks.0-1,filters"], (2,)),
+    }
+    for name, (extra, stops) in runs.items():
+        one = CliRunner().invoke(
+            app, [*finetune_args(dataset, base, tmp_path / f"{name}1", stops[-1], 4), *extra]
+        )
+        assert one.exit_code == 0, one.output
+        for steps in stops:
+            two = torchrun([*finetune_args(dataset, base, tmp_path / f"{name}2", steps, 1), *extra, fsdp], 2)
+            assert two.returncode == 0, two.stderr[-3000:]
+            assert two.stderr.count("checkpoint: ") == 1  # rank 0 reports
+        assert_same_run(tmp_path / f"{name}2", tmp_path / f"{name}1")
+    adapted = load_file(tmp_path / "lora2" / "checkpoints" / "latest" / "model.safetensors")
+    assert all(adapted[n].abs().sum() > 0 for n in adapted if n.endswith("lora_B"))  # the adapters moved

@@ -174,3 +174,13 @@ def test_a_bad_resume_writes_nothing(base, tmp_path):
     with pytest.raises(InputError, match="elsewhere: not a training checkpoint"):
         finetune(job, resume=str(tmp_path / "elsewhere"), console=quiet())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_head_under_torchrun_is_refused(base, tmp_path, monkeypatch):
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta)
+    job = task_job(fasta, base, tmp_path / "run", "classify", r"label=(\S+)")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(InputError, match="trains its head in one process; run it without torchrun"):
+        finetune(job, console=quiet())
+    assert not (tmp_path / "run").exists()

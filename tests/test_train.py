@@ -350,23 +350,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(job_args: list[str], processes: int) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={processes}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        "-m",
-        "evo2_cli",
-        "train",
-        *job_args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-
-
 def cli_args(dataset: Path, run_dir: Path, steps: int, micro_batch: int = 1) -> list[str]:
     """`evo2 train` arguments of a tiny CPU run with a constant lr, so that a run may stop early and continue
     with more steps (max_steps is not part of a run's identity)."""
@@ -390,7 +373,7 @@ def cli_args(dataset: Path, run_dir: Path, steps: int, micro_batch: int = 1) -> 
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path):
+def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(dataset, tmp_path, torchrun):
     """2 processes (torchrun, gloo, DDP) from scratch to step 3, 1 process to step 6, 2 processes with FSDP2
     to step 9, 1 process to step 12 = 12 steps in one process with the global batch in one micro-batch.
     Constant lr, so a run may stop early and continue with more steps on another process count."""
@@ -400,11 +383,12 @@ def test_two_gloo_processes_match_one_and_checkpoints_cross_process_counts(datas
         assert result.exit_code == 0, result.output
 
     one_process(tmp_path / "one", 12, micro_batch=4)
-    ddp = torchrun(cli_args(dataset, tmp_path / "mixed", 3), 2)  # a fresh run: the step-0 save is collective
+    # a fresh run: the step-0 save is collective
+    ddp = torchrun(["train", *cli_args(dataset, tmp_path / "mixed", 3)], 2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count("checkpoint: ") == 1  # rank 0 reports, rank 1 stays quiet
     one_process(tmp_path / "mixed", 6)  # resumes a 2-process checkpoint
-    fsdp = torchrun([*cli_args(dataset, tmp_path / "mixed", 9), "--set=train.parallelism=fsdp"], 2)
+    fsdp = torchrun(["train", *cli_args(dataset, tmp_path / "mixed", 9), "--set=train.parallelism=fsdp"], 2)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     one_process(tmp_path / "mixed", 12)  # resumes a checkpoint that FSDP2 gathered
 

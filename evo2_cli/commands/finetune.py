@@ -92,9 +92,10 @@ def finetune(
         verify=not no_verify,
         console=console,
     )
-    console.print(f"[green]checkpoint:[/] {result.checkpoint}")
-    if result.best_checkpoint is not None:
-        console.print(f"[green]best:[/] {result.best_checkpoint}")
+    if result.is_main:  # under torchrun, rank 0 reports
+        console.print(f"[green]checkpoint:[/] {result.checkpoint}")
+        if result.best_checkpoint is not None:
+            console.print(f"[green]best:[/] {result.best_checkpoint}")
 
 
 @app.command("merge")

@@ -283,6 +283,7 @@ class TaskResult:
     last_val: dict[str, float] | None
     losses: list[float]
     classes: list[str] | None
+    is_main: bool = True  # a task head trains in one process
 
 
 def train_task(

@@ -179,14 +179,13 @@ def prepare(
 ) -> Prepared:
     """Resolve, estimate (on a fake-tensor model), refuse when it does not fit, then load and adapt
     (`verify`: check a checkpoint of ours against its sha256)."""
-    from evo2_cli.train.distributed import choose_device
+    from evo2_cli.train.distributed import choose_device, torchrun_rank
 
-    say = console.print if console is not None else (lambda *a, **k: None)
+    rank, processes = torchrun_rank()
+    say = console.print if console is not None and rank == 0 else (lambda *a, **k: None)
     start = resolve_start(job.finetune, verify)
     config = model_config_for(job, start)
     job = dataclasses.replace(job, model=config)
-    if job.finetune.method == "lora" and job.train.parallelism == "fsdp":
-        raise InputError("method: lora runs with train.parallelism ddp (or one process), not fsdp")
     device = choose_device(job.train.device)
     low_precision = _low_precision(job, device)
     with fake_mode():
@@ -198,11 +197,16 @@ def prepare(
             bf16_autocast=low_precision,
             activation_checkpointing=job.train.activation_checkpointing,
             is_adapter=is_adapter_parameter,
+            processes=processes,
+            parallelism=job.train.parallelism,
         )
     say(
         f"finetune ({job.finetune.method}, task {job.finetune.task}) from {start.path}: {estimate.describe()}"
     )
-    fix = "Use method: lora (fewer trainable parameters), freeze more (finetune.freeze), or a bigger device"
+    fix = (
+        "Use method: lora (fewer trainable parameters), freeze more (finetune.freeze), run N processes "
+        "with train.parallelism: fsdp (the weights are then split N ways), or a bigger device"
+    )
     check_memory(estimate, device, job.train.memory_limit_gb, subject="this finetune", static_fix=fix)
     model, trainable = adapt(start.load(job.finetune.clamp_poles), job, low_precision, outputs)
     return Prepared(job, model, trainable, estimate, device)
@@ -228,6 +232,13 @@ def finetune(
     console = console or make_console()
     if job.finetune.task != "lm":
         from evo2_cli.finetune.heads import train_task
+        from evo2_cli.train.distributed import torchrun_rank
+
+        if torchrun_rank()[1] > 1:
+            raise InputError(
+                f"finetune.task {job.finetune.task} trains its head in one process; run it without torchrun "
+                "(language-model finetunes, task lm, run on many)"
+            )
 
         return train_task(job, resume=resume, overwrite=overwrite, verify=verify, console=console)
     # A dataset problem fails before the weights load (minutes for a large model); the loop opens it again.

@@ -9,7 +9,9 @@ the number of processes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,10 +50,15 @@ def choose_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) that torchrun gave this process; (0, 1) without torchrun. Readable before
+    `start_runtime`, e.g. to estimate one process's share of the memory."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start_runtime(device: str, precision: str) -> Runtime:
     """Pick the device and precision; join the torchrun process group when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = torchrun_rank()
     chosen = choose_device(device)
     if chosen.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,6 +105,18 @@ def parallelize(model: nn.Module, runtime: Runtime, parallelism: str) -> nn.Modu
         return model
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` (its class, adapters, heads and names) whose parameters and buffers are on the meta
+    device, so it costs no memory. Taken before `parallelize`, it is the plain module a gathered FSDP2 state
+    dict is loaded into (`load_state_dict(..., assign=True)`) to write a checkpoint."""
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        is_parameter = isinstance(tensor, nn.Parameter)
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if is_parameter else meta
+    return copy.deepcopy(model, memo)
 
 
 @contextlib.contextmanager

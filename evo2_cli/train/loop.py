@@ -38,7 +38,7 @@ from evo2_cli.config import to_yaml
 from evo2_cli.console import make_console
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
-from evo2_cli.model.checkpoint import all_finite, build_model, load_weights_into, read_weights
+from evo2_cli.model.checkpoint import all_finite, load_weights_into, read_weights
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
     RunDirectory,
@@ -65,6 +65,7 @@ from evo2_cli.train.distributed import (
     all_reduce_sum,
     full_tensor,
     gradient_sync,
+    meta_copy,
     parallelize,
     run_on_main,
     start_runtime,
@@ -180,6 +181,7 @@ def train(
         model.activation_checkpointing = cfg.activation_checkpointing
         model.to(runtime.device)
         fsdp = runtime.distributed and cfg.parallelism == "fsdp"
+        skeleton = meta_copy(model) if fsdp else None  # what a gathered state dict is written from
         wrapped = parallelize(model, runtime, cfg.parallelism)
         watch = StepWatch(model)  # where a bad step started, for the guard's report
         shown: set[str] = set()  # detail lines of the guard's reports already printed (printed once)
@@ -224,7 +226,10 @@ def train(
 
             def write() -> Path:  # rank 0
                 _refuse_non_finite(state.step, gathered or model.state_dict(), train_state, cfg.run_dir)
-                plain = build_model(job.model, gathered) if fsdp else model
+                plain = model
+                if fsdp:
+                    plain = meta_copy(skeleton)  # fresh each time: holds the gathered tensors until written
+                    plain.load_state_dict(gathered, strict=True, assign=True)
                 written = write_checkpoint(
                     cfg.run_dir,
                     state.step,
