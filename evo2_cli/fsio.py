@@ -114,6 +114,7 @@ class OutputKind:
 
     noun: str  # "a dataset directory"
     recognize: Callable[[Path], str | None]
+    is_directory: bool  # an empty directory (or, for a file kind, an empty file) holds nothing to lose
 
 
 def directory_kind(noun: str, marker: str, names: Callable[[Path], Collection[str] | None]) -> OutputKind:
@@ -133,7 +134,7 @@ def directory_kind(noun: str, marker: str, names: Callable[[Path], Collection[st
             return f"it also holds {', '.join(strangers[:3])}" + (", ..." if len(strangers) > 3 else "")
         return None
 
-    return OutputKind(noun, recognize)
+    return OutputKind(noun, recognize, is_directory=True)
 
 
 def json_listing(marker: str, owned: Callable[[dict], bool], fixed: Collection[str] = ()):
@@ -166,7 +167,7 @@ def file_kind(noun: str, starts_with: bytes, offset: int = 0) -> OutputKind:
             return f"unreadable: {exc.strerror}"
         return None if head == starts_with else "its content is not what evo2 writes there"
 
-    return OutputKind(noun, recognize)
+    return OutputKind(noun, recognize, is_directory=False)
 
 
 def _protected(path: Path) -> str | None:
@@ -194,11 +195,12 @@ def check_replaceable(path: Path, kind: OutputKind, overwrite: bool) -> bool:
     protected = _protected(path)
     if protected is not None:
         raise InputError(f"{path}: is {protected}, which evo2 never replaces; choose another output path")
-    # nothing to lose: an empty directory, or an empty file (a table of no rows, a `touch`ed name)
+    # Nothing to lose: an empty directory where a directory goes, or an empty file (a table of no rows, a
+    # `touch`ed name) where a file goes; an empty file is no directory output, nor the reverse.
     if path.is_symlink():
         empty = False
-    elif path.is_dir():
-        empty = not any(path.iterdir())
+    elif kind.is_directory:
+        empty = path.is_dir() and not any(path.iterdir())
     else:
         empty = path.is_file() and path.stat().st_size == 0
     problem = None if empty else kind.recognize(path)
