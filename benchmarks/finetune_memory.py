@@ -12,11 +12,16 @@ reads the process's memory from /proc/self/status:
     step peak    VmHWM over step 2 alone: one LoRA step (reset after step 1)
     save peak    VmHWM over the final checkpoint write (reset after step 2)
 
+and the checkpoints: the size of the loop's final checkpoint directory (adapters, optimizer state, base
+reference), then the model files written both ways, timed (`write_model_files` into a fresh directory: the
+tensors, config.yaml, the sha256 of each): adapters only with the base reference (what finetune writes) and
+every tensor in fp32 (what it wrote before), and the time `load_finetuned` takes to rebuild each.
+
     flock /tmp/evo2-bench.lock .venv/bin/python benchmarks/finetune_memory.py [--seq-len 256]
         [--micro-batch 1] [--workdir DIR] [--keep]
 
-Needs about 3 GiB of disk (the .pt) plus 4.5 GiB (the checkpoint the loop writes in fp32), and about 7 GiB
-of RAM at seq_len 256 (6.6 GiB peak, while importing).
+Needs about 3 GiB of disk (the .pt) plus 4.5 GiB (the full-weight checkpoint written for comparison), and
+about 11 GiB of RAM at seq_len 256 (the adapted model and one rebuilt from a checkpoint at once).
 """
 
 from __future__ import annotations
@@ -131,10 +136,12 @@ def child(workdir: Path, seq_len: int, micro_batch: int) -> dict:
         figures["loss"] = info.loss
         reset_peak()
 
-    train_language_model(
+    result = train_language_model(
         prepared, hooks=TrainHooks(after_step=after_step), console=Console(file=io.StringIO())
     )
     figures["save_peak"] = proc_status("VmHWM")
+    figures["checkpoint_files"] = {p.name: p.stat().st_size for p in result.checkpoint.iterdir()}
+    figures.update(compare_checkpoints(workdir, prepared))
     estimate = prepared.estimate
     figures["estimate"] = {
         "weights": estimate.weight_bytes,
@@ -146,6 +153,44 @@ def child(workdir: Path, seq_len: int, micro_batch: int) -> dict:
         "parameters": estimate.parameters,
     }
     figures["printed"] = printed.getvalue().strip()
+    return figures
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
+def compare_checkpoints(workdir: Path, prepared) -> dict:
+    """The model files of the adapted model written as finetune writes them now (trained tensors + base
+    reference) and as it did before (every tensor, fp32): bytes and seconds, then `load_finetuned` of each."""
+    import gc
+
+    import torch
+
+    from evo2_cli.finetune import load_finetuned
+    from evo2_cli.model.checkpoint import write_model_files
+
+    figures = {}
+    writers = {
+        "adapters": prepared.write_model_files,
+        "full": lambda model, directory, **kw: write_model_files(model, directory, dtype=torch.float32, **kw),
+    }
+    for name, write in writers.items():
+        directory = workdir / f"ckpt-{name}"
+        directory.mkdir()
+        started = time.perf_counter()
+        write(prepared.model, directory, config=prepared.job)
+        figures[f"{name}_save_s"] = time.perf_counter() - started
+        figures[f"{name}_bytes"] = directory_bytes(directory)
+    prepared.model = None
+    gc.collect()
+    for name in writers:
+        started = time.perf_counter()
+        model = load_finetuned(workdir / f"ckpt-{name}")
+        figures[f"{name}_load_s"] = time.perf_counter() - started
+        del model
+        gc.collect()
+        shutil.rmtree(workdir / f"ckpt-{name}")
     return figures
 
 
@@ -199,6 +244,16 @@ def main() -> None:
     ]
     for label, value in rows:
         print(f"| {label} | {value / GIB:.2f} |")
+    print()
+    files = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in figures["checkpoint_files"].items())
+    print(f"the loop's final checkpoint: {files}")
+    print("| model files | size | write (tensors + config + sha256) | load_finetuned |")
+    print("| --- | --- | --- | --- |")
+    for name, label in (("full", "every tensor, fp32 (before)"), ("adapters", "adapters + base reference")):
+        size = figures[f"{name}_bytes"]
+        shown = f"{size / GIB:.2f} GiB" if size > GIB else f"{size / 2**20:.2f} MiB"
+        save, load = figures[f"{name}_save_s"], figures[f"{name}_load_s"]
+        print(f"| {label} | {shown} | {save:.1f} s | {load:.1f} s |")
     print()
     print(json.dumps({"seq_len": args.seq_len, "micro_batch": args.micro_batch, **figures}, indent=None))
 

@@ -28,6 +28,7 @@ from evo2_cli.finetune.freeze import frozen_names
 from evo2_cli.finetune.lora import LoRALinear
 from evo2_cli.finetune.run import adapt
 from evo2_cli.model import StripedHyena, load_model, load_vortex, preset_config, save_model
+from evo2_cli.model.checkpoint import load_weights_into
 from evo2_cli.model.vortex import vortex_expected_shapes
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import StepInfo, TrainHooks
@@ -460,6 +461,173 @@ def test_cli_finetune_resume_refuses_changed_data_unless_allowed(base, tmp_path)
     assert result.exit_code == 2 and "d_train.bin content differs" in said and "--allow-data-change" in said
     result = runner.invoke(app, [*args, "--set", "train.max_steps=2", "--allow-data-change"])
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------- checkpoints of trained tensors only
+
+
+def full_weight_checkpoints(monkeypatch) -> None:
+    """Make finetune write what it wrote before adapter-only checkpoints: every tensor, no base."""
+    from evo2_cli.finetune.run import Prepared
+    from evo2_cli.model.checkpoint import write_model_files
+
+    def write_everything(self, model, directory, **kwargs):
+        write_model_files(model, directory, dtype=torch.float32, **kwargs)
+
+    monkeypatch.setattr(Prepared, "write_model_files", write_everything)
+
+
+def stored_keys(checkpoint: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", "pt") as handle:
+        return set(handle.keys())
+
+
+def said(output: str, *fragments: str) -> bool:
+    squeezed = "".join(output.split())
+    return all("".join(fragment.split()) in squeezed for fragment in fragments)
+
+
+def test_lora_checkpoint_holds_the_adapters_and_resumes_and_merges_as_a_full_one(
+    dataset, base, tmp_path, monkeypatch
+):
+    lora = {"method": "lora", "lora": {"rank": 4, "dropout": 0.1, "targets": ["mlp", "projections"]}}
+
+    def stop_after_second_step(info: StepInfo) -> None:
+        if info.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    job = make_job(dataset, base, tmp_path / "adapters", **lora)
+    first = finetune(job, hooks=TrainHooks(after_step=stop_after_second_step), console=quiet())
+    second = finetune(job, console=quiet())  # resumed from a checkpoint holding the adapters only
+    adapters = {n for n in load_finetuned(second.checkpoint).state_dict() if n.endswith(("lora_A", "lora_B"))}
+    assert stored_keys(second.checkpoint) == adapters and len(adapters) == 2 * (
+        4 * 3 + 3
+    )  # mlp l1-l3 of 4 blocks, 3 hyena projections
+    meta = json.loads((second.checkpoint / "meta.json").read_text())
+    recorded = json.loads((base / "meta.json").read_text())["files"]
+    assert meta["base"]["kind"] == "checkpoint" and meta["base"]["path"] == str(base)
+    assert meta["base"]["sha256"] == {n: recorded[n] for n in ("model.safetensors", "config.yaml")}
+    assert meta["parameters"] == load_finetuned(second.checkpoint).num_parameters()
+
+    full_weight_checkpoints(monkeypatch)  # the old checkpoints, from an uninterrupted run
+    full = finetune(make_job(dataset, base, tmp_path / "full", **lora), console=quiet())
+    assert stored_keys(full.checkpoint) > adapters
+    assert first.losses + second.losses == full.losses  # bit for bit, dropout masks included
+    ours, theirs = merge(second.checkpoint, tmp_path / "m1")[0], merge(full.checkpoint, tmp_path / "m2")[0]
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+
+
+def test_frozen_finetune_checkpoint_is_read_by_every_loader(dataset, base, tmp_path, monkeypatch):
+    freeze = ["embedding", "blocks.0-1", "filters"]
+    job = make_job(dataset, base, tmp_path / "run", freeze=freeze)
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2, eval_interval=0))
+    result = finetune(job, console=quiet())
+    trained = set(load_model(base).state_dict()) - frozen_names(load_model(base), freeze)
+    assert stored_keys(result.checkpoint) == trained
+    full_weight_checkpoints(monkeypatch)
+    full = finetune(dataclasses.replace(job, train=dataclasses.replace(job.train, run_dir=tmp_path / "full")))
+    fresh = StripedHyena(preset_config("test"))  # `evo2 train --resume` of it: the base comes along
+    load_weights_into(fresh, result.checkpoint)
+    for name, value in load_model(full.checkpoint).state_dict().items():
+        assert torch.equal(load_model(result.checkpoint).state_dict()[name], value), name
+        assert torch.equal(fresh.state_dict()[name], value), name
+    fasta = tmp_path / "s.fa"
+    fasta.write_text(">s\nACGTTGCAAGGCTTACGATC\n")
+    runner = CliRunner()
+    for checkpoint, name in ((result.checkpoint, "ours"), (full.checkpoint, "full")):
+        for args in (
+            [
+                "infer",
+                "score",
+                str(checkpoint),
+                str(fasta),
+                "--device=cpu",
+                f"--output={tmp_path / name}.tsv",
+            ],
+            ["convert", "to-vortex", str(checkpoint), "-o", str(tmp_path / f"{name}.pt")],
+        ):
+            outcome = runner.invoke(app, args)
+            assert outcome.exit_code == 0, outcome.output
+    assert (tmp_path / "ours.tsv").read_text() == (tmp_path / "full.tsv").read_text()
+    exported, reference = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("ours", "full"))
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[name], reference[name]) for name in reference)
+
+
+def test_a_changed_or_moved_base_is_refused_with_exit_2(dataset, base, tmp_path):
+    start = Path(shutil.copytree(base, tmp_path / "base"))
+    job = make_job(dataset, start, tmp_path / "run", method="lora", lora={"rank": 2})
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=1, eval_interval=0))
+    checkpoint = finetune(job, console=quiet()).checkpoint
+    runner = CliRunner()
+    merge_args = ["finetune", "merge", str(checkpoint), "-o", str(tmp_path / "merged")]
+
+    start.rename(tmp_path / "elsewhere")
+    result = runner.invoke(app, merge_args)
+    assert result.exit_code == 2 and said(result.output, f"its base {start} is gone", '"absolute"')
+    meta_path = checkpoint / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base"]["absolute"] = str(tmp_path / "elsewhere")  # the fix the message gives
+    meta_path.write_text(json.dumps(meta))
+    result = runner.invoke(app, merge_args)
+    assert result.exit_code == 0, result.output
+
+    weights = tmp_path / "elsewhere" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    data = [f"--set=data.datasets=[{{path: {dataset}}}]", f"--set=train.run_dir={tmp_path / 'next'}"]
+    for args in (
+        [*merge_args, "--overwrite"],
+        ["finetune", "--from", str(checkpoint), "--device=cpu", *data],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert said(result.output, f"{weights}: the base of {checkpoint} changed", "--no-verify")
+    # A base saved anew in place (its own hashes consistent): a resume refuses it too.
+    shutil.rmtree(tmp_path / "elsewhere")
+    torch.manual_seed(1)
+    save_model(StripedHyena(preset_config("test")), start)
+    with pytest.raises(InputError, match="changed since"):
+        finetune(dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2)), console=quiet())
+
+
+def test_finetune_from_an_adapter_checkpoint_continues_it(dataset, base, tmp_path):
+    lora = {"method": "lora", "lora": {"rank": 2, "targets": ["mlp"]}}
+    job = make_job(dataset, base, tmp_path / "first", **lora)
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2, eval_interval=0))
+    first = finetune(job, console=quiet())
+    merged = merge(first.checkpoint, tmp_path / "merged")[0].state_dict()
+    assert merged["blocks.0.mlp.l1.weight"].ne(load_model(base).state_dict()["blocks.0.mlp.l1.weight"]).any()
+    job = dataclasses.replace(
+        job,
+        finetune=dataclasses.replace(job.finetune, init_from=tmp_path / "first"),
+        train=dataclasses.replace(job.train, run_dir=tmp_path / "second"),
+    )
+    second = finetune(job, console=quiet())
+    meta = json.loads((second.checkpoint / "meta.json").read_text())
+    assert meta["base"]["path"] == str(first.checkpoint) and meta["base"]["lora_scaling"] == 8.0
+    weights = load_finetuned(second.checkpoint).state_dict()  # base of a base: folded as merge folds
+    for name, value in merged.items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_an_adapter_checkpoint_on_a_vortex_base(dataset, tmp_path):
+    weights = tmp_path / "tiny.pt"
+    shutil.copy(FIXTURE / "state_dict_checkpoint_layout.pt", weights)
+    shutil.copy(FIXTURE / "tiny_config.yml", tmp_path / "tiny.yml")
+    job = make_job(dataset, weights, tmp_path / "run", method="lora")
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=1, eval_interval=0))
+    checkpoint = finetune(job, console=quiet()).checkpoint
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["base"]["kind"] == "vortex" and list(meta["base"]["sha256"]) == ["tiny.pt"]
+    adapted = load_finetuned(checkpoint).state_dict()
+    for name, value in load_vortex(tmp_path / "tiny.yml", weights).state_dict().items():
+        assert torch.equal(adapted[name], value), name
 
 
 def test_lora_under_fsdp2_estimates_one_process_share(dataset, base, tmp_path, monkeypatch):

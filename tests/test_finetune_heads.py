@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
@@ -121,6 +122,9 @@ def test_regress_head_with_lora_ranks_gc_content(base, tmp_path):
     weights = load_finetuned(result.checkpoint).state_dict()
     frozen = StripedHyena(preset_config("test")).state_dict().keys()
     assert frozen <= weights.keys() and {"task_head.weight", "task_head.bias"} <= weights.keys()
+    with safe_open(result.checkpoint / "model.safetensors", "pt") as stored:  # what trained, nothing else
+        assert set(stored.keys()) == weights.keys() - frozen
+    assert finetune(job, console=quiet()).step == result.step  # resumes onto its base: nothing left to do
 
 
 def test_labels_from_a_csv_and_missing_labels(tmp_path):

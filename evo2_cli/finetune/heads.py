@@ -297,7 +297,7 @@ def train_task(
     """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA);
     checkpoints read are checked against their sha256 unless `verify` is False."""
     from evo2_cli.finetune.run import prepare
-    from evo2_cli.model.checkpoint import load_weights_into, write_model_files
+    from evo2_cli.model.checkpoint import load_weights_into
     from evo2_cli.train.checkpoint import (
         RunDirectory,
         best_checkpoint,
@@ -330,7 +330,7 @@ def train_task(
         params = [p for p in model.parameters() if p.requires_grad]
         step, best = 0, math.inf
         if start is not None:
-            load_weights_into(model, start, device)
+            load_weights_into(model, start, device, holds_base=True)
             saved = read_train_state(start)
             optimizer.load_state_dict(saved["optimizer"])
             step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
@@ -352,7 +352,7 @@ def train_task(
             meta = {"metrics": metrics, "task": task_meta}
 
             def write_model(directory: Path, meta: dict) -> None:
-                write_model_files(model, directory, config=job, meta=meta, dtype=torch.float32)
+                prepared.write_model_files(model, directory, config=job, meta=meta)
 
             written = write_checkpoint(
                 cfg.run_dir, step, write_model, train_state, meta, cfg.keep_last, is_best

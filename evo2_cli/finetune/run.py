@@ -16,7 +16,6 @@ The same code adapts the model whatever the starting point is: our checkpoint di
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +36,12 @@ from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
     META_FILE,
     WEIGHTS_FILE,
+    base_reference,
     check_file,
     check_tensors,
     load_checkpoint_config,
     load_model,
-    read_weights,
+    read_checkpoint_tensors,
     recorded_hashes,
     resolve_checkpoint_dir,
     save_model,
@@ -77,6 +77,17 @@ class StartingPoint:
             )
         merge_lora(model)
         return model.train().requires_grad_(True)
+
+    def reference(self, clamp_poles: float | None = None) -> dict:
+        """The meta.json `base` of this run's checkpoints when they hold only the trained tensors: this
+        starting point's path and sha256; a LoRA checkpoint's adapters are folded in when it is read back,
+        as `load` merges them."""
+        if self.vortex_config is not None:
+            return base_reference(self.path, vortex=True, clamp_poles=clamp_poles)
+        section = read_finetune_section(self.path)
+        lora = section.lora if section is not None and section.method == "lora" else None
+        scaling = lora.alpha / lora.rank if lora is not None else None
+        return base_reference(self.path, verify=self.verify, lora_scaling=scaling)
 
 
 def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoint:
@@ -172,6 +183,14 @@ class Prepared:
     trainable: set[str]
     estimate: MemoryEstimate
     device: torch.device
+    # The starting point, for checkpoints that hold only the trained tensors (None: everything trains).
+    base: dict | None = None
+
+    def write_model_files(self, model: nn.Module, directory: Path, **kwargs) -> None:
+        """The model package's `write_model_files` for this run's checkpoints: fp32 (frozen weights may be
+        bf16 on CUDA), and only the trained tensors beside a reference to the base when some are frozen."""
+        trained = self.trainable if self.base is not None else None
+        write_model_files(model, directory, dtype=torch.float32, trained=trained, base=self.base, **kwargs)
 
 
 def prepare(
@@ -209,7 +228,9 @@ def prepare(
     )
     check_memory(estimate, device, job.train.memory_limit_gb, subject="this finetune", static_fix=fix)
     model, trainable = adapt(start.load(job.finetune.clamp_poles), job, low_precision, outputs)
-    return Prepared(job, model, trainable, estimate, device)
+    frozen = set(model.state_dict()) - trainable
+    base = start.reference(job.finetune.clamp_poles) if frozen else None
+    return Prepared(job, model, trainable, estimate, device, base)
 
 
 # ---------------------------------------------------------------- running
@@ -275,8 +296,7 @@ def train_language_model(
         verify=verify,
         model=prepared.model,
         trainable=lambda name, param: name in prepared.trainable,
-        # Frozen weights may be bf16 on CUDA: checkpoints are always written in fp32.
-        write_model_files=functools.partial(write_model_files, dtype=torch.float32),
+        write_model_files=prepared.write_model_files,
         hooks=hooks,
         console=console,
     )
@@ -315,8 +335,8 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hint = f"the weights do not match {directory / CONFIG_FILE}"
     source = str(directory / WEIGHTS_FILE)
-    tensors = read_weights(
-        directory, hashes, check=lambda tensors: check_tensors(tensors, expected, source, hint=hint)
+    tensors = read_checkpoint_tensors(
+        directory, hashes, verify, check=lambda tensors: check_tensors(tensors, expected, source, hint=hint)
     )
     model.load_state_dict(tensors, strict=True, assign=True)
     if task:

@@ -7,6 +7,12 @@ A checkpoint is a directory that rebuilds the model from its own files alone:
     meta.json           {"format": "evo2-cli-checkpoint", "version": 1, "parameters": N,
                          "files": {name: sha256}, ...the caller's fields (step, tokens, metrics)}
 
+A finetune that trains only some tensors (LoRA adapters, a task head, unfrozen parts) writes only those
+(`write_model_files(..., trained=names, base=reference)`): meta.json's `base` then names the starting point
+the other tensors come from (`base_reference`: its path as given, its absolute path and the sha256 of its
+weight files) and every reader here rebuilds base + trained tensors (`read_checkpoint_tensors`), after
+checking the base against those sha256 (`check_base`).
+
 The training loop may add files (optimizer state, RNG state): `write_model_files` writes the three files
 into a directory the caller manages (for example an `atomic_output_dir`), `save_model` writes a whole
 directory atomically. `load_model` also follows a `latest` pointer (a symlink, or a file naming a
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +64,7 @@ CHECKPOINT_DIR = directory_kind(
     json_listing(META_FILE, lambda meta: meta.get("format") == FORMAT_NAME),
 )
 NO_VERIFY_HINT = "pass --no-verify only if you changed the files on purpose"
+BASE = "base"  # meta.json: the checkpoint holds only the trained tensors; the others come from this base
 
 T = TypeVar("T")
 
@@ -155,17 +162,26 @@ def write_model_files(
     config: Any | None = None,
     meta: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    trained: Collection[str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write model.safetensors, config.yaml and meta.json into an existing `directory` (each file atomically).
 
     `config`: the full job config (a root dataclass or a mapping) whose `model:` section is replaced by the
-    model's own config; other sections are kept as given. `meta`: extra fields for meta.json. Returns the
-    sha256 of each file written before meta.json.
+    model's own config; other sections are kept as given. `meta`: extra fields for meta.json. `trained` and
+    `base` (from `base_reference`) go together: only the tensors named in `trained` are written, and the
+    reference to the base that holds the others goes into meta.json. Returns the sha256 of each file
+    written before meta.json.
     """
     from safetensors.torch import save_file
 
+    if (trained is None) != (base is None):
+        raise ValueError("write_model_files: pass both `trained` and `base`, or neither")
     directory = Path(directory)
-    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if trained is not None:
+        state = {k: v for k, v in state.items() if k in trained}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     # save_file streams the tensors into the file; `save` would build the whole file as bytes first (twice
     # the weights in RAM: 9 GiB for evo2-1b in fp32).
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
@@ -178,6 +194,7 @@ def write_model_files(
         "parameters": model.num_parameters(),
         "hcl_form": model.config.hcl_form,
         **dict(meta or {}),
+        **({BASE: dict(base)} if base is not None else {}),
         "files": {**dict((meta or {}).get("files", {})), **files},
     }
     atomic_write_text(directory / META_FILE, json.dumps(record, indent=1, sort_keys=False) + "\n")
@@ -321,15 +338,153 @@ def read_weights(
 
 
 def load_weights_into(
-    module: torch.nn.Module, directory: str | Path, device: str | torch.device = "cpu"
+    module: torch.nn.Module,
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    holds_base: bool = False,
 ) -> None:
-    """Load DIRECTORY/model.safetensors (verified by the caller) into `module`, keys and shapes compared
-    first: a checkpoint of another model is named in a few lines, not torch's list of every key."""
+    """Load the weights of checkpoint `directory` (verified by the caller) into `module`, keys and shapes
+    compared first: a checkpoint of another model is named in a few lines, not torch's list of every key.
+    A checkpoint of trained tensors only (meta.json `base`) loads just those when `holds_base` (the module
+    holds that base already: a resume or a rollback of the finetune that wrote it), else its base too."""
     path = Path(directory) / WEIGHTS_FILE
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    partial = holds_base and read_meta(directory).get(BASE) is not None
     hint = "the checkpoint holds another model than the configured one: resume from one of this model"
-    check = lambda tensors: check_tensors(tensors, expected, str(path), hint=hint, finite=False)  # noqa: E731
-    module.load_state_dict(read_weights(directory, None, device, check=check))
+
+    def check(tensors: dict[str, Tensor]) -> None:
+        wanted = {k: v for k, v in expected.items() if k in tensors} if partial else expected
+        check_tensors(tensors, wanted, str(path), hint=hint, finite=False)
+
+    if partial:
+        tensors = read_weights(directory, None, device, check=check)
+    else:  # the base was checked with the checkpoint (`check_base`)
+        tensors = read_checkpoint_tensors(directory, None, False, device, check=check)
+    module.load_state_dict(tensors, strict=not partial)
+
+
+# ---------------------------------------------------------------- checkpoints of trained tensors only
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """DIRECTORY/meta.json as a dict ({} when there is none); CheckpointError when unreadable."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
+def base_reference(
+    path: str | Path,
+    *,
+    vortex: bool = False,
+    verify: bool = True,
+    clamp_poles: float | None = None,
+    lora_scaling: float | None = None,
+) -> dict[str, Any]:
+    """The meta.json `base` of a checkpoint whose other tensors are those of `path`: one of our checkpoint
+    directories (its recorded sha256 when `verify`, else computed), or a Vortex `.pt` (`vortex`: hashed
+    here, read back with the checkpoint's own model config and `clamp_poles`). `lora_scaling`: the base
+    holds LoRA adapters, folded into its weights (alpha / rank) when it is read back."""
+    path = Path(path)
+    if vortex:
+        sha256 = {path.name: sha256_file(path)}
+    else:
+        recorded = recorded_hashes(path, verify) or {}
+        sha256 = {
+            name: recorded.get(name) or sha256_file(path / name) for name in (WEIGHTS_FILE, CONFIG_FILE)
+        }
+    reference: dict[str, Any] = {
+        "kind": "vortex" if vortex else "checkpoint",
+        "path": str(path),
+        "absolute": str(path.resolve()),
+        "sha256": sha256,
+    }
+    if clamp_poles is not None:
+        reference["clamp_poles"] = clamp_poles
+    if lora_scaling is not None:
+        reference["lora_scaling"] = lora_scaling
+    return reference
+
+
+def _locate_base(owner: Path, base: Mapping[str, Any]) -> Path:
+    """Where the base of checkpoint `owner` is now: its absolute path, else its path as given (relative to
+    the working directory); CheckpointError naming it and the fix when it is in neither."""
+    for candidate in (base.get("absolute"), base.get("path")):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    raise CheckpointError(
+        f"{owner}: holds only the trained tensors, and its base {base.get('path')} is gone (not at "
+        f'{base.get("absolute")}); put the base back there, or write its new location as "absolute" under '
+        f'"{BASE}" in {owner / META_FILE} (its sha256 is still checked)'
+    )
+
+
+def _check_base_files(owner: Path, base: Mapping[str, Any], located: Path) -> None:
+    for name, expected in base["sha256"].items():
+        path = located if base["kind"] == "vortex" else located / name
+        try:
+            found = sha256_file(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read the base of {owner}: {exc.strerror or exc}") from None
+        if found != expected:
+            raise CheckpointError(
+                f"{path}: the base of {owner} changed since that checkpoint was written (its sha256 is "
+                f"{found}, {owner / META_FILE} records {expected}); the checkpoint holds only the trained "
+                f"tensors, which need that exact base: restore it; {NO_VERIFY_HINT}"
+            )
+
+
+def check_base(directory: str | Path, verify: bool = True) -> None:
+    """For a checkpoint of trained tensors only: its base is where meta.json says, with the recorded sha256
+    (`verify` False: only that it is there). Nothing for a checkpoint that holds all its tensors."""
+    directory = Path(directory)
+    base = read_meta(directory).get(BASE)
+    if base is not None:
+        located = _locate_base(directory, base)
+        if verify:
+            _check_base_files(directory, base, located)
+
+
+def read_checkpoint_tensors(
+    directory: str | Path,
+    hashes: Mapping[str, str] | None,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    check: Callable[[dict[str, Tensor]], None] | None = None,
+) -> dict[str, Tensor]:
+    """Every tensor of checkpoint `directory`: `read_weights`, and for a checkpoint of trained tensors only,
+    its base's tensors beneath them (the base checked against the recorded sha256 unless `verify` is
+    False; a base that is such a checkpoint itself is rebuilt the same way). `check` sees the whole set."""
+    directory = Path(directory)
+    base = read_meta(directory).get(BASE)
+    if base is None:
+        return read_weights(directory, hashes, device, check=check)
+    trained = read_weights(directory, hashes, device)
+    located = _locate_base(directory, base)
+    if verify:
+        _check_base_files(directory, base, located)
+    if base["kind"] == "vortex":
+        from evo2_cli.model.vortex import load_vortex
+
+        config = load_model_config(directory / CONFIG_FILE)
+        tensors = load_vortex(config, located, clamp_poles=base.get("clamp_poles")).state_dict()
+    else:
+        tensors = read_checkpoint_tensors(located, None, verify, device)
+    if base.get("lora_scaling") is not None:
+        from evo2_cli.finetune.lora import fold_lora  # the finetune package's arithmetic, one home
+
+        tensors = fold_lora(tensors, base["lora_scaling"])
+    tensors = {k: v.to(device) for k, v in tensors.items()} | trained
+    if check is not None:
+        check(tensors)
+    return tensors
 
 
 # ---------------------------------------------------------------- load
@@ -387,9 +542,10 @@ def load_model(
     config = load_model_config(directory / CONFIG_FILE)
     expected = expected_shapes(config)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
-    tensors = read_weights(
+    tensors = read_checkpoint_tensors(
         directory,
         hashes,
+        verify,
         map_location,
         check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
     )

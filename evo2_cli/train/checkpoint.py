@@ -6,6 +6,7 @@
         model.safetensors, config.yaml,   the model package's checkpoint (`load_model` reads the directory);
         meta.json                         config.yaml is the full resolved run config, `model:` included;
                                           meta.json: step, tokens seen, metrics, sha256 of every file
+                                          (a LoRA / frozen finetune: only the trained tensors, and `base`)
         train_state.pt                    optimizer (parameter names as keys), step, data position, guard,
                                           RNG; plain tensors and numbers, `torch.load(weights_only=True)`
     RUN_DIR/checkpoints/latest, best    symlinks to a step directory, replaced atomically
@@ -42,6 +43,7 @@ from evo2_cli.fsio import (
 from evo2_cli.model.checkpoint import (
     CHECKPOINT_DIR,
     WEIGHTS_FILE,
+    check_base,
     check_file,
     load_tensor_file,
     recorded_hashes,
@@ -132,6 +134,7 @@ def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
         if not path.is_file():
             raise InputError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
         check_file(path, hashes)
+    check_base(directory, verify)  # a finetune checkpoint of trained tensors only: its base too
     try:
         return json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

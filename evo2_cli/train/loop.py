@@ -7,7 +7,8 @@ reuse it through its keyword arguments:
     hooks=      `TrainHooks(after_backward=..., after_step=...)`, called with a `StepInfo` on every rank
     write_model_files=  `(model, directory, *, config, meta)` writing model.safetensors, config.yaml and
                 meta.json of a checkpoint (default: the model package's); resume loads `model.safetensors`
-                back into the model with `load_state_dict`
+                back into the model with `load_state_dict` (a finetune's trained tensors alone onto the
+                given model, which holds their base)
 
 Per step: lr from the schedule (times the guard's backoff), `global_batch / micro_batch` micro-batches split
 over the processes (micro-batch k of a step holds sample indices data_position + k * micro_batch + j; rank r
@@ -38,7 +39,13 @@ from evo2_cli.config import to_yaml
 from evo2_cli.console import make_console
 from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.model import StripedHyena, estimate_flops
-from evo2_cli.model.checkpoint import all_finite, load_weights_into, read_weights
+from evo2_cli.model.checkpoint import (
+    BASE,
+    all_finite,
+    load_weights_into,
+    read_meta,
+    read_weights,
+)
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
 from evo2_cli.train.checkpoint import (
     RunDirectory,
@@ -172,9 +179,10 @@ def train(
         if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
             _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
         torch.manual_seed(cfg.seed)
+        holds_base = model is not None  # a finetune's model: a checkpoint of trained tensors goes onto it
         model = model if model is not None else StripedHyena(job.model)
         if start is not None:
-            _load_weights(model, start)
+            _load_weights(model, start, holds_base=holds_base)
         if trainable is not None:
             for name, param in model.named_parameters():
                 param.requires_grad_(trainable(name, param))
@@ -312,7 +320,7 @@ def train(
                         f"{job.guard.max_rollbacks} rollback(s); lower optim.lr, check the data, or run "
                         f"`evo2 diagnose-grads`. Last good checkpoint: {last_checkpoint}"
                     )
-                _load_weights(model, last_checkpoint, fsdp)
+                _load_weights(model, last_checkpoint, fsdp, holds_base)
                 saved = read_train_state(last_checkpoint)
                 _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
                 # Back to the checkpoint's weights and step; forward in data (no replay of bad windows).
@@ -516,14 +524,15 @@ def _stop_on_signals(announce: bool) -> Iterator[threading.Event]:
             signal.signal(number, handler)
 
 
-def _load_weights(model: nn.Module, directory: Path, fsdp: bool = False) -> None:
+def _load_weights(model: nn.Module, directory: Path, fsdp: bool = False, holds_base: bool = False) -> None:
     if not fsdp:
-        load_weights_into(model, directory)
+        load_weights_into(model, directory, holds_base=holds_base)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     weights = read_weights(directory, None)  # a rollback: a checkpoint of this run, of this model
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    partial = read_meta(directory).get(BASE) is not None  # trained tensors only: the base stays as it is
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=not partial))
 
 
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, fsdp: bool) -> None:
