@@ -3,6 +3,7 @@ stitching rule, embeddings, variants, the model loader."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch.testing import assert_close
 
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
+from evo2_cli.infer import context as context_module
 from evo2_cli.infer.context import Context
 from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
@@ -23,6 +25,7 @@ from evo2_cli.infer.scoring import score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
+from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model import StripedHyena, load_vortex, preset_config, save_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
@@ -264,6 +267,32 @@ def test_exact_mode_reports_long_records_and_progress(test_model):
         score_sequences(test_model, records, Context("windows", window=8, overlap=2), before_long=long.append)
     )
     assert long == []  # windows hold no growing cache
+
+
+def test_exact_mode_keeps_large_buffers_out_of_the_heap(test_model, monkeypatch):
+    """A record longer than a chunk first fixes malloc's mmap threshold (else the heap crept by about 150
+    bytes per token over a 1M-token record); short records and windows leave the allocator alone."""
+    calls = []
+    monkeypatch.setattr(context_module, "unmap_large_buffers", lambda: calls.append(1))
+    records = [Sequence("a", _dna(40, 1)), Sequence("b", _dna(8, 2))]
+    list(score_sequences(test_model, records[1:], Context(chunk=8)))
+    list(score_sequences(test_model, records, Context("windows", window=8, overlap=2)))
+    assert calls == []
+    list(score_sequences(test_model, records, Context(chunk=8)))
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33 only")
+def test_large_buffers_are_mappings_of_their_own_once_unmapped():
+    libc = ctypes.CDLL(None)
+    fields = [(f"field{i}", ctypes.c_size_t) for i in range(10)]  # struct mallinfo2
+    libc.mallinfo2.restype = type("Mallinfo2", (ctypes.Structure,), {"_fields_": fields})
+    np.ones(16 << 20, np.uint8)  # by default, freeing this raises glibc's threshold past 4 MiB
+    unmap_large_buffers()
+    mapped = libc.mallinfo2().field4  # hblkhd: bytes in mmapped blocks
+    buffer = np.ones(4 << 20, np.uint8)
+    assert libc.mallinfo2().field4 - mapped >= 4 << 20
+    del buffer
 
 
 def test_reverse_complement_average(test_model):
