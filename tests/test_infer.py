@@ -21,7 +21,7 @@ from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
-from evo2_cli.infer.scoring import score_reference, score_sequences
+from evo2_cli.infer.scoring import Score, score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
@@ -293,6 +293,16 @@ def test_large_buffers_are_mappings_of_their_own_once_unmapped():
     buffer = np.ones(4 << 20, np.uint8)
     assert libc.mallinfo2().field4 - mapped >= 4 << 20
     del buffer
+
+
+def test_per_token_lines_come_in_blocks_not_one_string():
+    tokens = np.frombuffer(b"ACGTA", np.uint8)
+    logprobs = np.array([np.nan, -1.5, -0.25, -2.0, -1.0], np.float32)
+    score = Score("r", 5, -4.75, -4.75 / 4, 0.0, tokens, logprobs, -4.75)
+    assert list(score.per_token_lines(block=3)) == [
+        "r\t1\tC\t-1.5\nr\t2\tG\t-0.25\nr\t3\tT\t-2.0\n",
+        "r\t4\tA\t-1.0\n",
+    ]
 
 
 def test_reverse_complement_average(test_model):
