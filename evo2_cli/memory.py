@@ -1,5 +1,6 @@
 """Memory as the pre-flights of `train`, `finetune` and `infer` read it: the bytes free on a device, and byte
-counts written for people. One home, below every command package."""
+counts written for people; and how the host allocator treats long runs of large buffers. One home, below
+every command package."""
 
 from __future__ import annotations
 
