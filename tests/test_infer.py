@@ -3,7 +3,10 @@ stitching rule, embeddings, variants, the model loader."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,14 @@ from torch.testing import assert_close
 
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
+from evo2_cli.infer import context as context_module
 from evo2_cli.infer.context import Context
 from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
-from evo2_cli.infer.scoring import score_reference, score_sequences
+from evo2_cli.infer.scoring import Score, score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
@@ -264,6 +268,57 @@ def test_exact_mode_reports_long_records_and_progress(test_model):
         score_sequences(test_model, records, Context("windows", window=8, overlap=2), before_long=long.append)
     )
     assert long == []  # windows hold no growing cache
+
+
+def test_exact_mode_keeps_large_buffers_out_of_the_heap(test_model, monkeypatch):
+    """A record longer than a chunk first fixes malloc's mmap threshold (else the heap crept by about 150
+    bytes per token over a 1M-token record); short records and windows leave the allocator alone."""
+    calls = []
+    monkeypatch.setattr(context_module, "unmap_large_buffers", lambda: calls.append(1))
+    records = [Sequence("a", _dna(40, 1)), Sequence("b", _dna(8, 2))]
+    list(score_sequences(test_model, records[1:], Context(chunk=8)))
+    list(score_sequences(test_model, records, Context("windows", window=8, overlap=2)))
+    assert calls == []
+    list(score_sequences(test_model, records, Context(chunk=8)))
+    assert calls == [1]
+
+
+_MAPPED_4MIB = """
+import ctypes, sys
+import numpy as np
+from evo2_cli.memory import unmap_large_buffers
+libc = ctypes.CDLL(None)
+fields = [(f"field{i}", ctypes.c_size_t) for i in range(10)]  # struct mallinfo2; field4 = hblkhd (mmapped)
+libc.mallinfo2.restype = type("Mallinfo2", (ctypes.Structure,), {"_fields_": fields})
+np.ones(16 << 20, np.uint8)  # by default, freeing this raises glibc's threshold past 4 MiB
+if sys.argv[1] == "unmap":
+    unmap_large_buffers()
+mapped = libc.mallinfo2().field4
+buffer = np.ones(4 << 20, np.uint8)
+print(libc.mallinfo2().field4 - mapped >= 4 << 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33 only")
+def test_large_buffers_are_mappings_of_their_own_once_unmapped():
+    # A fresh process: in a big one, glibc serves the buffer from a free heap chunk whatever the threshold.
+    def mapped(mode: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _MAPPED_4MIB, mode], capture_output=True, text=True, check=True
+        )
+        return run.stdout.strip()
+
+    assert (mapped("default"), mapped("unmap")) == ("False", "True")
+
+
+def test_per_token_lines_come_in_blocks_not_one_string():
+    tokens = np.frombuffer(b"ACGTA", np.uint8)
+    logprobs = np.array([np.nan, -1.5, -0.25, -2.0, -1.0], np.float32)
+    score = Score("r", 5, -4.75, -4.75 / 4, 0.0, tokens, logprobs, -4.75)
+    assert list(score.per_token_lines(block=3)) == [
+        "r\t1\tC\t-1.5\nr\t2\tG\t-0.25\nr\t3\tT\t-2.0\n",
+        "r\t4\tA\t-1.0\n",
+    ]
 
 
 def test_reverse_complement_average(test_model):

@@ -391,7 +391,7 @@ def score(
         def rows():
             for s in scores:
                 if token_handle is not None:
-                    token_handle.write(s.per_token_lines())
+                    token_handle.writelines(s.per_token_lines())
                 yield s.row()
 
         count = write_table(output, rows(), chosen)

@@ -32,6 +32,7 @@ from evo2_cli.infer.windows import (
     plan_windows,
     run_windows,
 )
+from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model.model import StripedHyena
 
 Mode = Literal["exact", "windows"]
@@ -119,6 +120,7 @@ def per_token_pieces(
         if context.mode == "exact":
             if before_long is not None:
                 before_long(len(tokens))
+            unmap_large_buffers()  # else the heap creeps with the chunk count (memory.py)
             pieces = _chunked(model, tokens, readout, context.chunk, on_tokens)
         else:
             pieces = _windowed(model, tokens, readout, context, on_tokens)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from evo2_cli.infer.context import DEFAULT_CHUNK
 from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
+from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model.model import StripedHyena
 
 DNA_TOKENS = b"ACGT"
@@ -107,6 +108,8 @@ def generate(
         total = ids.shape[1] + max_new_tokens
         if before_long is not None and ids.shape[1] > chunk:
             before_long(total, len(rows))
+        if ids.shape[1] > chunk:
+            unmap_large_buffers()  # else the heap creeps with the chunk count (memory.py)
         cache = model.new_cache(len(rows), max_length=total)  # KV buffers sized once, no regrowth
         for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)
             if on_prefill is not None:

@@ -50,12 +50,15 @@ class Score:
     def n_scored(self) -> int:
         return self.length - 1
 
-    def per_token_lines(self) -> str:
-        """TSV lines `id position base logprob` for positions 1..L-1 (0-based positions)."""
+    def per_token_lines(self, block: int = 1 << 16) -> Iterator[str]:
+        """TSV lines `id position base logprob` for positions 1..L-1 (0-based positions), `block` lines per
+        string: a 1M-token record's text is never held whole (it would cost ~100 bytes per token)."""
         bases = self.tokens.tobytes().decode("ascii", "replace")
-        return "".join(
-            f"{self.id}\t{t}\t{bases[t]}\t{float(self.logprobs[t])!r}\n" for t in range(1, self.length)
-        )
+        for start in range(1, self.length, block):
+            yield "".join(
+                f"{self.id}\t{t}\t{bases[t]}\t{float(self.logprobs[t])!r}\n"
+                for t in range(start, min(start + block, self.length))
+            )
 
     def row(self) -> dict[str, object]:
         values = (self.id, self.length, self.n_scored, self.sum_ll, self.mean_ll, self.bits_per_base)
