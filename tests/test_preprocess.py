@@ -743,10 +743,15 @@ def test_base_counts_batch_short_pieces_and_count_long_ones_at_once():
 
 
 def test_malloc_tuning_is_skipped_where_it_does_not_apply(monkeypatch):
-    with mock.patch.object(pre.sys, "platform", "darwin"), mock.patch.object(pre.ctypes, "CDLL") as cdll:
+    import evo2_cli.memory as memory
+
+    with (
+        mock.patch.object(memory.sys, "platform", "darwin"),
+        mock.patch.object(memory.ctypes, "CDLL") as cdll,
+    ):
         pre.keep_freed_memory()
     cdll.assert_not_called()
-    with mock.patch.object(pre.ctypes, "CDLL", return_value=object()):  # a libc without mallopt (musl)
+    with mock.patch.object(memory.ctypes, "CDLL", return_value=object()):  # a libc without mallopt (musl)
         pre.keep_freed_memory()
 
 

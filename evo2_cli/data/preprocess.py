@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import glob
 import hashlib
 import itertools
@@ -73,6 +72,7 @@ from evo2_cli.fsio import (
     pread_exact,
     sha256_file,
 )
+from evo2_cli.memory import tune_malloc
 
 SPLITS = ("train", "val", "test")
 MIN_SHARD_BYTES = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
@@ -479,17 +479,8 @@ def keep_freed_memory() -> None:
     than hand it back to the kernel at once. Every block read allocates and frees a few MB; with glibc's
     defaults much of it goes back and is faulted in again (about 80,000 page faults, a quarter of the data
     path, per 200 Mbases). Blocks (4 MB) sit below the 8 MB mapping threshold; buffers above it (whole
-    records) are mappings that grow by mremap as before. The heap keeps at most 32 MB unused. Linux only."""
-    if sys.platform != "linux":
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc; absent or a no-op elsewhere
-    if mallopt is None:
-        return
-    mallopt(_M_MMAP_THRESHOLD, 8 << 20)  # below this, memory comes from the heap, not a fresh mapping
-    mallopt(_M_TRIM_THRESHOLD, 32 << 20)  # free memory the heap keeps before trimming its top
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+    records) are mappings that grow by mremap as before. The heap keeps at most 32 MB unused."""
+    tune_malloc(8 << 20, 32 << 20)
 
 
 def _worker(connection, job: Job) -> None:
