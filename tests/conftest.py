@@ -1,7 +1,8 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and the helpers several test files share (`from conftest import ...`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -9,10 +10,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
+from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.model import StripedHyena, preset_config, save_model
+
+VORTEX_TINY = Path(__file__).parent / "fixtures" / "vortex_tiny"  # a tiny Vortex checkpoint and its YAML
+
+
+def quiet() -> Console:
+    """A console that swallows what it prints, wide enough that nothing wraps."""
+    return Console(file=io.StringIO(), width=200)
+
+
+def random_dataset(
+    prefix: Path,
+    seed: int,
+    lengths: dict[str, int],
+    documents: int = 1,
+    alphabet: bytes = b"ACGT",
+    terminated: bool = True,
+) -> Path:
+    """PREFIX_<split> for each split of `lengths`: `documents` documents of that many bases drawn from
+    `alphabet` by one generator of `seed` (split after split, document after document), each followed by a
+    0 token when `terminated`. Returns `prefix`; the bytes depend on every argument, so do golden values."""
+    rng = np.random.default_rng(seed)
+    bases = np.frombuffer(alphabet, np.uint8)
+    for split, length in lengths.items():
+        with IndexedDatasetWriter(Path(f"{prefix}_{split}")) as writer:
+            for _ in range(documents):
+                tokens = rng.choice(bases, length)
+                writer.add_document(np.concatenate([tokens, [0]]).astype(np.uint8) if terminated else tokens)
+    return prefix
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,14 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import random_dataset
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import build_config
-from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import sha256_file
 from evo2_cli.train.config import TrainJob
@@ -25,14 +24,7 @@ SEQUENCE = "ACGTTGCAAGGCTTACGATCGATCGGATCCATGCAAGT"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        with IndexedDatasetWriter(root / f"toy_{split}") as writer:
-            for _ in range(3):
-                bases = rng.choice(np.frombuffer(b"ACGT", np.uint8), 600)
-                writer.add_document(np.concatenate([bases, [0]]).astype(np.uint8))
-    return root / "toy"
+    return random_dataset(tmp_path_factory.mktemp("data") / "toy", 0, {"train": 600, "val": 600}, documents=3)
 
 
 def job_for(dataset: Path, run_dir: Path, **model) -> TrainJob:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_dataset
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -200,10 +201,8 @@ def test_every_variant_starts_from_the_same_function():
 def test_a_diagnosis_step_is_the_training_loops_step_with_accumulation(tmp_path):
     """Same weights, windows and objective as `evo2 train`: the weighted mean over the whole global batch
     (4 windows as 4 micro-batches here, 2 x 2 there), not a mean of per-micro-batch means."""
-    rng = np.random.default_rng(1)
-    bases = np.frombuffer(b"ACGTacgtACGT", np.uint8)  # lowercase: micro-batches weigh differently
-    with IndexedDatasetWriter(tmp_path / "mixed_train") as writer:
-        writer.add_document(np.concatenate([rng.choice(bases, 4000), [0]]).astype(np.uint8))
+    # lowercase: micro-batches weigh differently
+    random_dataset(tmp_path / "mixed", 1, {"train": 4000}, alphabet=b"ACGTacgtACGT")
     shared = {
         "model": {"preset": "test"},
         "data": {"datasets": [{"path": str(tmp_path / "mixed")}], "seq_len": 64, "val_windows": 0},

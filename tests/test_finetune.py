@@ -4,7 +4,6 @@ Vortex starting points (tiny fixture, evo2-1b layout on the meta device), memory
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
+from conftest import VORTEX_TINY, quiet, random_dataset
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -36,11 +35,6 @@ from evo2_cli.train.memory import estimate_memory, fake_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "yersinia_pestis_pPCP1_NC_005816.fa"
-FIXTURE = REPO / "tests" / "fixtures" / "vortex_tiny"
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +159,13 @@ def test_freeze_selectors_and_their_errors(base):
 
 def test_vortex_fixture_is_a_starting_point(dataset, tmp_path):
     weights = tmp_path / "tiny.pt"
-    shutil.copy(FIXTURE / "state_dict_checkpoint_layout.pt", weights)
-    shutil.copy(FIXTURE / "tiny_config.yml", tmp_path / "tiny.yml")  # found beside the .pt
+    shutil.copy(VORTEX_TINY / "state_dict_checkpoint_layout.pt", weights)
+    shutil.copy(VORTEX_TINY / "tiny_config.yml", tmp_path / "tiny.yml")  # found beside the .pt
     job = make_job(dataset, weights, tmp_path / "run", method="lora")
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=1, eval_interval=0))
     prepared = prepare(job)
     reference = load_vortex(tmp_path / "tiny.yml", weights)
-    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True).reshape(1, -1)[:, :32].long()
+    ids = torch.load(VORTEX_TINY / "input_ids.pt", weights_only=True).reshape(1, -1)[:, :32].long()
     with torch.no_grad():  # adapters start at B = 0: the adapted model is the imported model
         torch.testing.assert_close(prepared.model(ids), reference(ids), rtol=0, atol=0)
     assert prepared.job.model.hidden_size == 64
@@ -270,7 +264,7 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
     common = ["--set", f"data.datasets=[{{path: {dataset}}}]", "--set", f"train.run_dir={tmp_path / 'r'}"]
     common += ["--set", "train.device=cpu"]
     # the release YAML given where the weights go
-    result = run("--from", str(FIXTURE / "tiny_config.yml"), *common)
+    result = run("--from", str(VORTEX_TINY / "tiny_config.yml"), *common)
     assert result.exit_code == 2 and "goes to --init-config" in " ".join(result.output.split())
     # everything frozen
     result = run("--from", str(base), "--freeze", "embedding,norm,blocks.*", *common)
@@ -298,16 +292,18 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
     )
     assert result.exit_code == 2 and "'Wqkv' matches no linear layer" in result.output
     # checkpoint shapes that do not match the config
-    torch.save(torch.load(FIXTURE / "state_dict_checkpoint_layout.pt", weights_only=True), tmp_path / "w.pt")
-    (tmp_path / "w.yml").write_text((FIXTURE / "tiny_config.yml").read_text().replace("176", "192"))
+    torch.save(
+        torch.load(VORTEX_TINY / "state_dict_checkpoint_layout.pt", weights_only=True), tmp_path / "w.pt"
+    )
+    (tmp_path / "w.yml").write_text((VORTEX_TINY / "tiny_config.yml").read_text().replace("176", "192"))
     result = run("--from", str(tmp_path / "w.pt"), *common)
     assert result.exit_code == 2 and "mlp.l1.weight' has shape (176, 64), expected (192, 64)" in result.output
     # a growing hcl mode (lambda >= 0) has no stable form: refused unless clamped
-    tensors = torch.load(FIXTURE / "state_dict_checkpoint_layout.pt", weights_only=True)
+    tensors = torch.load(VORTEX_TINY / "state_dict_checkpoint_layout.pt", weights_only=True)
     pole = next(key for key in tensors if key.endswith("log_poles"))
     tensors[pole][0, 0, 0] = 0.5
     torch.save(tensors, tmp_path / "grows.pt")
-    shutil.copy(FIXTURE / "tiny_config.yml", tmp_path / "grows.yml")
+    shutil.copy(VORTEX_TINY / "tiny_config.yml", tmp_path / "grows.yml")
     result = run("--from", str(tmp_path / "grows.pt"), *common)
     assert result.exit_code == 2 and "1 pole(s) with lambda >= 0" in result.output
     result = run("--from", str(tmp_path / "grows.pt"), "--clamp-poles", "0.5", *common)
@@ -330,12 +326,12 @@ def test_bad_input_exits_2_with_a_clear_message(dataset, base, tmp_path, monkeyp
     result = run(*common)
     assert result.exit_code == 2 and "finetune.init_from is not set" in result.output
     # a Vortex .pt without its release YAML, and a release YAML for one of our checkpoints
-    shutil.copy(FIXTURE / "state_dict_checkpoint_layout.pt", tmp_path / "alone.pt")
+    shutil.copy(VORTEX_TINY / "state_dict_checkpoint_layout.pt", tmp_path / "alone.pt")
     result = run("--from", str(tmp_path / "alone.pt"), *common)
     assert (
         result.exit_code == 2 and "needs its release config YAML; set finetune.init_config" in result.output
     )
-    result = run("--from", str(base), "--init-config", str(FIXTURE / "tiny_config.yml"), *common)
+    result = run("--from", str(base), "--init-config", str(VORTEX_TINY / "tiny_config.yml"), *common)
     assert result.exit_code == 2 and "init_config is only for a Vortex .pt" in result.output
 
 
@@ -438,10 +434,7 @@ def test_a_missing_dataset_fails_before_the_weights_load(base, tmp_path, monkeyp
 
 def test_cli_finetune_resume_refuses_changed_data_unless_allowed(base, tmp_path):
     def write_data(seed: int) -> None:  # same lengths (same .idx), other content
-        rng = np.random.default_rng(seed)
-        for split in ("train", "val"):
-            with IndexedDatasetWriter(tmp_path / f"d_{split}") as writer:
-                writer.add_document(rng.choice(np.frombuffer(b"ACGT", np.uint8), 2000))
+        random_dataset(tmp_path / "d", seed, {"train": 2000, "val": 2000}, terminated=False)
 
     write_data(1)
     args = ["finetune", "--from", str(base), "--device", "cpu", "--method", "lora"]
@@ -618,8 +611,8 @@ def test_finetune_from_an_adapter_checkpoint_continues_it(dataset, base, tmp_pat
 
 def test_an_adapter_checkpoint_on_a_vortex_base(dataset, tmp_path):
     weights = tmp_path / "tiny.pt"
-    shutil.copy(FIXTURE / "state_dict_checkpoint_layout.pt", weights)
-    shutil.copy(FIXTURE / "tiny_config.yml", tmp_path / "tiny.yml")
+    shutil.copy(VORTEX_TINY / "state_dict_checkpoint_layout.pt", weights)
+    shutil.copy(VORTEX_TINY / "tiny_config.yml", tmp_path / "tiny.yml")
     job = make_job(dataset, weights, tmp_path / "run", method="lora")
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=1, eval_interval=0))
     checkpoint = finetune(job, console=quiet()).checkpoint

@@ -3,14 +3,13 @@ CSV, `evo2 finetune --task classify|regress` end to end on the `test` preset, ba
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
+from conftest import quiet
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -28,10 +27,6 @@ from evo2_cli.finetune.heads import (
     spearman,
 )
 from evo2_cli.model import StripedHyena, preset_config
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 def test_rankdata_auroc_and_spearman_match_hand_computed_values():

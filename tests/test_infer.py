@@ -7,11 +7,11 @@ import ctypes
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import VORTEX_TINY
 from torch.testing import assert_close
 
 from evo2_cli.data.alphabet import reverse_complement
@@ -29,9 +29,8 @@ from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
 from evo2_cli.model import StripedHyena, load_vortex, preset_config, save_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
-CONFIG = FIXTURE / "tiny_config.yml"
-WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
+CONFIG = VORTEX_TINY / "tiny_config.yml"
+WEIGHTS = VORTEX_TINY / "state_dict_checkpoint_layout.pt"
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +199,8 @@ def test_window_plan_covers_every_position_once(length, window, overlap):
 
 def test_score_matches_the_official_engine_logits(tiny):
     """Golden numbers: per-token log-probs from Vortex's own fp32 logits (the conformance vector)."""
-    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)  # (2, 300)
-    logits = torch.load(FIXTURE / "logits_fp32.pt", weights_only=True)  # (2, 300, 512)
+    ids = torch.load(VORTEX_TINY / "input_ids.pt", weights_only=True)  # (2, 300)
+    logits = torch.load(VORTEX_TINY / "logits_fp32.pt", weights_only=True)  # (2, 300, 512)
     expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     records = [Sequence(f"r{i}", ids[i].numpy().astype(np.uint8)) for i in range(2)]
     scores = list(score_sequences(tiny, records))

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import VORTEX_TINY
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 runner = CliRunner()
 
 
@@ -281,7 +280,7 @@ def test_variants(base, fasta, tmp_path):
 
 
 def test_vortex_checkpoint_and_mismatching_config(tmp_path, fasta):
-    weights, config = FIXTURE / "state_dict_checkpoint_layout.pt", FIXTURE / "tiny_config.yml"
+    weights, config = VORTEX_TINY / "state_dict_checkpoint_layout.pt", VORTEX_TINY / "tiny_config.yml"
     result = invoke("score", weights, fasta, "--vortex-config", config)
     assert result.exit_code == 0, result.output
     result = invoke("score", weights, fasta)

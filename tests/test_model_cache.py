@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import VORTEX_TINY
 from torch.testing import assert_close
 
 from evo2_cli.model import StripedHyena, load_vortex, preset_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 TOTAL = 80
 
 
@@ -59,8 +58,10 @@ def test_prefill_then_steps_equal_full_forward(model, prompt_len):
 @pytest.mark.parametrize("prompt_len", [1, 2, 5, 7])
 def test_short_prompts_on_the_vortex_fixture(prompt_len):
     """Vortex itself is wrong below 6 prompt tokens; ours must match the full forward from 1 token up."""
-    model = load_vortex(FIXTURE / "tiny_config.yml", FIXTURE / "state_dict_checkpoint_layout.pt").eval()
-    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)[:, :40]
+    model = load_vortex(
+        VORTEX_TINY / "tiny_config.yml", VORTEX_TINY / "state_dict_checkpoint_layout.pt"
+    ).eval()
+    ids = torch.load(VORTEX_TINY / "input_ids.pt", weights_only=True)[:, :40]
     with torch.no_grad():
         full = model(ids)
     assert_close(_cached_logits(model, ids, prompt_len), full, atol=1e-4, rtol=0)

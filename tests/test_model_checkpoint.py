@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import VORTEX_TINY
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -29,9 +30,8 @@ from evo2_cli.model import (
 from evo2_cli.model.checkpoint import CheckpointError, all_finite, check_tensors, write_model_files
 from evo2_cli.model.vortex import export_vortex, read_vortex_checkpoint, state_dict_from_vortex
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
-CONFIG = FIXTURE / "tiny_config.yml"
-WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
+CONFIG = VORTEX_TINY / "tiny_config.yml"
+WEIGHTS = VORTEX_TINY / "state_dict_checkpoint_layout.pt"
 runner = CliRunner()
 
 
@@ -290,8 +290,8 @@ def test_convert_both_ways(tmp_path):
     for key, value in original.items():
         assert torch.equal(exported[key], value), key
     reloaded = load_vortex(back.with_suffix(".yml"), back)  # the written release-style YAML loads as is
-    logits = torch.load(FIXTURE / "logits_fp32.pt", weights_only=True)
-    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)
+    logits = torch.load(VORTEX_TINY / "logits_fp32.pt", weights_only=True)
+    ids = torch.load(VORTEX_TINY / "input_ids.pt", weights_only=True)
     with torch.no_grad():
         assert_close(reloaded(ids), logits, atol=1e-4, rtol=0)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VORTEX_TINY
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
@@ -14,7 +15,7 @@ from evo2_cli.errors import ConfigError
 from evo2_cli.model import PRESETS, ModelConfig, StripedHyena, load_model_config, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE = ROOT / "tests" / "fixtures" / "vortex_tiny" / "tiny_config.yml"
+RELEASE = VORTEX_TINY / "tiny_config.yml"
 runner = CliRunner()
 
 

@@ -4,11 +4,11 @@ for chunk sizes from 1 up, on random configs and the Vortex fixture; its fast ke
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VORTEX_TINY
 from torch.nn.attention.bias import causal_lower_right
 from torch.testing import assert_close
 
@@ -25,8 +25,6 @@ from evo2_cli.model.model import (
     modal_filter,
     modal_filter_reference,
 )
-
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
 
 
 def _random_model(seed: int = 0, **overrides) -> StripedHyena:
@@ -45,7 +43,7 @@ def _random_model(seed: int = 0, **overrides) -> StripedHyena:
 
 @functools.cache
 def _vortex_fixture(form: str = "modal") -> StripedHyena:
-    config, weights = FIXTURE / "tiny_config.yml", FIXTURE / "state_dict_checkpoint_layout.pt"
+    config, weights = VORTEX_TINY / "tiny_config.yml", VORTEX_TINY / "state_dict_checkpoint_layout.pt"
     return load_vortex(config, weights, hcl_form=form).eval()
 
 
@@ -100,7 +98,7 @@ def test_chunked_prefill_equals_forward_at_64k():
     ],
 )
 def test_chunked_prefill_on_the_vortex_fixture(form, chunk_size, length):
-    ids = torch.load(FIXTURE / "input_ids.pt", weights_only=True)  # (2, 300)
+    ids = torch.load(VORTEX_TINY / "input_ids.pt", weights_only=True)  # (2, 300)
     if length > ids.shape[1]:
         ids = torch.cat((ids, _ids(2, length - ids.shape[1])), dim=1)
     _assert_chunked_equals_forward(_vortex_fixture(form), ids[:, :length], chunk_size)

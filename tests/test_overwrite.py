@@ -9,26 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import random_dataset
 from filelock import FileLock
 from typer.testing import CliRunner
 
 from evo2_cli.cli import app
-from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import HOST, atomic_output_dir, check_replaceable, directory_kind, exclusive
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        with IndexedDatasetWriter(root / f"toy_{split}") as writer:
-            for _ in range(3):
-                writer.add_document(rng.choice(np.frombuffer(b"ACGT", np.uint8), 500))
-    return root / "toy"
+    prefix = tmp_path_factory.mktemp("data") / "toy"
+    return random_dataset(prefix, 0, {"train": 500, "val": 500}, documents=3, terminated=False)
 
 
 def train_args(dataset: Path, run_dir: Path | str, *more: str) -> list[str]:

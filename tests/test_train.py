@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import quiet, random_dataset
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -64,10 +65,6 @@ def make_job(dataset: Path, run_dir: Path, **sections) -> TrainJob:
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     return build_config(TrainJob, raw)
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 def logged_losses(run_dir: Path) -> list[float]:
@@ -569,12 +566,8 @@ def test_bad_input_exits_2_with_a_message(dataset, tmp_path):
 
 def write_toy(prefix: Path, seed: int) -> None:
     """toy_train / toy_val of fixed document lengths: another seed is other content, same .idx."""
-    rng = np.random.default_rng(seed)
-    bases = np.frombuffer(b"ACGT", np.uint8)
     prefix.parent.mkdir(exist_ok=True)
-    for split in ("train", "val"):
-        with IndexedDatasetWriter(Path(f"{prefix}_{split}")) as writer:
-            writer.add_document(np.concatenate([rng.choice(bases, 3000), [0]]).astype(np.uint8))
+    random_dataset(prefix, seed, {"train": 3000, "val": 3000})
 
 
 def test_resume_refuses_a_changed_dataset_unless_allowed(tmp_path):

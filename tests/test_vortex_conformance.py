@@ -9,10 +9,10 @@ import hashlib
 import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import VORTEX_TINY
 from torch.testing import assert_close
 
 from evo2_cli.errors import InputError
@@ -25,19 +25,18 @@ from evo2_cli.model.vortex import (
     vortex_state_dict,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vortex_tiny"
-CONFIG = FIXTURE / "tiny_config.yml"
-WEIGHTS = FIXTURE / "state_dict_checkpoint_layout.pt"
+CONFIG = VORTEX_TINY / "tiny_config.yml"
+WEIGHTS = VORTEX_TINY / "state_dict_checkpoint_layout.pt"
 
 
 def _load(name: str):
-    return torch.load(FIXTURE / name, weights_only=True)
+    return torch.load(VORTEX_TINY / name, weights_only=True)
 
 
 def test_fixture_is_intact():
-    manifest = json.loads((FIXTURE / "MANIFEST.json").read_text())
+    manifest = json.loads((VORTEX_TINY / "MANIFEST.json").read_text())
     for name, digest in manifest["sha256"].items():
-        assert hashlib.sha256((FIXTURE / name).read_bytes()).hexdigest() == digest, name
+        assert hashlib.sha256((VORTEX_TINY / name).read_bytes()).hexdigest() == digest, name
 
 
 @pytest.fixture(scope="module", params=["modal", "vortex"])
