@@ -511,3 +511,13 @@ def test_step_watch_names_the_first_non_finite_output_in_forward_order():
         "embedding_layer.weight",  # tied: complete only when the input side adds its share
     ]
     watch.close()
+
+
+def test_truncate_metrics_drops_a_half_written_last_line(tmp_path):
+    from evo2_cli.train.checkpoint import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": 1}\n{"kind": "train", "step": 3}\n\n{"kind": "tra'  # kill -9 mid-write
+    )
+    truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'

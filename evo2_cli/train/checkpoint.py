@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -320,8 +321,17 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics line was logged at; infinity (dropped) for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+        return float(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
