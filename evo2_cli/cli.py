@@ -81,6 +81,7 @@ class _Evo2Group(TyperGroup):
             if code is None:
                 raise
             name = getattr(exc, "filename", None)
+            name = os.fsdecode(name) if name is not None else None  # OSError may carry bytes
             what = f"cannot write {name}: {full_disk_reason(code, Path(name))}" if name else os.strerror(code)
             _fail(Evo2Error(f"{what}; free some space and run again"))
 

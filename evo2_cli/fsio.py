@@ -429,7 +429,11 @@ def _read_holder(path: Path) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    pid = record.get("pid")
+    # a damaged record (a pid that is no positive int a process can have) is no holder to judge
+    return record if isinstance(pid, int) and 0 < pid < 2**31 else None
 
 
 def _describe_holder(path: Path) -> str:

@@ -193,3 +193,11 @@ def test_resuming_from_another_model_names_the_first_mismatches(dataset, checkpo
     assert "unexpected key(s) blocks.3." in message and "(and" in message  # the first few, then a count
     assert "key 'blocks.0.mlp.l1.weight' has shape (16, 8), expected (16, 16)" in message
     assert "hint: the checkpoint holds another model" in message
+
+
+def test_a_meta_json_that_is_not_an_object_is_refused_even_without_verification(tmp_path):
+    from evo2_cli.train.checkpoint import verify_checkpoint
+
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(InputError, match=r"meta\.json: not a JSON object"):
+        verify_checkpoint(tmp_path, verify=False)

@@ -94,3 +94,14 @@ def test_pread_exact_reads_on_after_short_reads_and_refuses_a_short_file(tmp_pat
         assert pread_exact(fd, 8, 1) == bytes(range(1, 9))
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("pid", ['"x"', "[1]", str(2**70), "-3"])
+def test_a_damaged_lock_record_is_no_holder(tmp_path, pid):
+    from evo2_cli.fsio import exclusive
+
+    run = tmp_path / "run"
+    (tmp_path / ".run.lock.json").write_text(f'{{"pid": {pid}, "host": "h", "started": "t"}}')
+    said = []
+    with exclusive(run, said.append):
+        pass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import sys
@@ -29,7 +28,6 @@ from evo2_cli.errors import InputError
 from evo2_cli.fsio import (
     OutputKind,
     atomic_path,
-    atomic_write_bytes,
     check_replaceable,
     file_kind,
     temporary_sibling,
@@ -125,9 +123,8 @@ def write_table(path: Path, rows: Iterable[dict[str, object]], fmt: TableFormat)
         materialized = list(rows)
         columns = list(materialized[0]) if materialized else []
         table = pa.table({c: [r[c] for r in materialized] for c in columns})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        with atomic_path(Path(path)) as tmp:
+            pq.write_table(table, tmp)
         return len(materialized)
     count = 0
     with atomic_text_output(path) as handle:

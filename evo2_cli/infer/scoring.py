@@ -13,6 +13,7 @@ emitted in input order, so memory stays bounded on large files.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def score_sequences(
 ) -> Iterator[Score]:
     """One Score per sequence, in input order (sequences are upper-cased uint8 tokens). `before_long`: see
     `per_token_pieces`."""
-    kept: list[Sequence] = []  # sequences whose score is not out yet (at most one pool's worth)
+    kept: collections.deque[Sequence] = collections.deque()  # scores not out yet (one pool's worth at most)
 
     def strands() -> Iterator[np.ndarray]:
         for sequence in sequences:
@@ -147,12 +148,12 @@ def score_sequences(
             arrays.append(np.concatenate(pieces))
             pieces, current = [], index
             if len(arrays) == per_record:
-                yield _summary(kept.pop(0), arrays[0], arrays[1] if reverse_complement else None)
+                yield _summary(kept.popleft(), arrays[0], arrays[1] if reverse_complement else None)
                 arrays = []
         pieces.append(piece)
     if pieces:
         arrays.append(np.concatenate(pieces))
-        yield _summary(kept.pop(0), arrays[0], arrays[1] if reverse_complement else None)
+        yield _summary(kept.popleft(), arrays[0], arrays[1] if reverse_complement else None)
 
 
 @torch.no_grad()

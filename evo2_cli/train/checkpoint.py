@@ -47,6 +47,7 @@ from evo2_cli.model.checkpoint import (
     check_base,
     check_file,
     load_tensor_file,
+    read_meta,
     recorded_hashes,
 )
 
@@ -126,9 +127,9 @@ def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
     """Check every file a resume reads against the sha256 in meta.json (the model package's verification;
     `verify=False`: only that they exist); returns the meta. InputError names what is wrong."""
     directory = Path(directory)
-    meta_path = directory / META
-    if not meta_path.is_file():
+    if not (directory / META).is_file():
         raise InputError(f"{directory}: not a training checkpoint (no {META})")
+    meta = read_meta(directory)  # a JSON object, or CheckpointError (exit 2) naming the file
     hashes = recorded_hashes(directory, verify)
     for name in dict.fromkeys([*(hashes or {}), WEIGHTS_FILE, CONFIG, TRAIN_STATE]):
         path = directory / name
@@ -136,10 +137,7 @@ def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
             raise InputError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
         check_file(path, hashes)
     check_base(directory, verify)  # a finetune checkpoint of trained tensors only: its base too
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{meta_path}: unreadable: {exc}") from None
+    return meta
 
 
 def read_train_state(directory: Path) -> dict[str, Any]:
