@@ -6,7 +6,6 @@ import bz2
 import gzip
 import zlib
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -51,9 +50,8 @@ def render(records, width: int, newline: bytes, blank_lines: bool) -> bytes:
 def test_random_fasta_round_trips(tmp_path_factory, records, width, newline, blank_lines, block):
     path = tmp_path_factory.mktemp("fa") / "x.fa"
     path.write_bytes(render(records, width, newline, blank_lines))
-    with mock.patch.object(fasta, "BLOCK_SIZE", block):  # tiny blocks cut headers and line ends apart
-        got = list(read_fasta(path))
-        whole = list(read_fasta(path, contiguous=True))
+    got = list(read_fasta(path, block_size=block))  # tiny blocks cut headers and line ends apart
+    whole = list(read_fasta(path, contiguous=True, block_size=block))
     assert [(r.id, r.sequence, r.problem) for r in got] == [
         (f"{name}_{i}".encode(), sequence, None) for i, (name, sequence) in enumerate(records)
     ]

@@ -22,10 +22,19 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import FieldError, load_config
-from evo2_cli.data import fasta, record_store
-from evo2_cli.data import preprocess as pre
+from evo2_cli.data import preprocess
 from evo2_cli.data.indexed import IndexedDataset
-from evo2_cli.data.preprocess import PreprocessConfig, PreprocessJob, run_preprocess, split_of
+from evo2_cli.data.preprocess import (
+    Limits,
+    PreprocessConfig,
+    PreprocessJob,
+    assemble,
+    plan,
+    run_preprocess,
+    worker,
+)
+from evo2_cli.data.preprocess import config as preprocess_config
+from evo2_cli.data.splits import SPLITS, position_cuts, split_of
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import sha256_file
 
@@ -51,20 +60,20 @@ def write_fasta(path: Path, records, width: int = 60) -> Path:
     return path
 
 
-def run(tmp_path: Path, inputs, name: str = "out", **options) -> tuple[Path, dict]:
+def run(tmp_path: Path, inputs, name: str = "out", limits=Limits(), **options) -> tuple[Path, dict]:
     cfg = PreprocessConfig(inputs=[str(p) for p in inputs], output_dir=tmp_path / name, **options)
-    return tmp_path / name, run_preprocess(cfg)
+    return tmp_path / name, run_preprocess(cfg, limits=limits)
 
 
 def split_contents(out: Path) -> dict[str, list[bytes]]:
     """Every split's documents; a split the manifest lists as empty has no files."""
     empty = (
         json.loads((out / "manifest.json").read_text())["empty_splits"]
-        if any(not (out / f"data_{split}.bin").exists() for split in pre.SPLITS)
+        if any(not (out / f"data_{split}.bin").exists() for split in SPLITS)
         else []
     )
     return {split: [] if split in empty else [ds[i].tobytes() for i in range(len(ds))]
-            for split in pre.SPLITS
+            for split in SPLITS
             for ds in [None if split in empty else IndexedDataset(out / f"data_{split}")]}  # fmt: skip
 
 
@@ -84,7 +93,7 @@ def test_outputs_load_in_megatron_and_hold_every_record(tmp_path):
     stored = split_contents(out)
     expected = {seq + b"\x00" for _, seq in records if seq}
     assert {doc for docs in stored.values() for doc in docs} == expected
-    for index, split in enumerate(pre.SPLITS):
+    for index, split in enumerate(SPLITS):
         in_split = sorted(
             name for name, seq in records if seq and split_of(name.encode(), 1234, (0.6, 0.2, 0.2)) == index
         )
@@ -127,18 +136,18 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
     assert file_bytes(run(tmp_path, [reordered, second], "shuffled")[0]) == base
     # Records read in many small blocks (stored from several parts): the same bytes and statistics.
-    with mock.patch.object(fasta, "BLOCK_SIZE", 1000):
-        assert file_bytes(run(tmp_path, [first, second], "small_blocks")[0]) == base
+    small_blocks = Limits(read_block=1000)
+    assert file_bytes(run(tmp_path, [first, second], "small_blocks", small_blocks)[0]) == base
     # Long stretches copied by the kernel between gathered short ones: the same bytes and hashes.
-    with mock.patch.object(pre, "_WRITE_BATCH", 2000):
-        assert file_bytes(run(tmp_path, [reordered, second], "copied_and_gathered")[0]) == base
+    copied = Limits(write_batch=2000)
+    assert file_bytes(run(tmp_path, [reordered, second], "copied_and_gathered", copied)[0]) == base
     # Record metadata written, sorted and merged in many small pieces: the same bytes and manifest.
-    with mock.patch.multiple(record_store, FLUSH_DOCUMENTS=7, GROUP_RECORDS=5, MERGE_RECORDS=3):
-        assert file_bytes(run(tmp_path, [reordered, second], "small_groups")[0]) == base
+    small_groups = Limits(flush_documents=7, group_records=5, merge_records=3)
+    assert file_bytes(run(tmp_path, [reordered, second], "small_groups", small_groups)[0]) == base
     # Two byte ranges read by two processes: still the same bytes.
-    with mock.patch.object(pre, "MIN_SHARD_BYTES", 20_000):
-        assert len(pre._file_tasks(0, first, 2)) == 2
-        assert file_bytes(run(tmp_path, [first, second], "two", workers=2)[0]) == base
+    assert len(plan._file_tasks(0, first, 2, 20_000)) == 2
+    two = Limits(shard_bytes=20_000)
+    assert file_bytes(run(tmp_path, [first, second], "two", two, workers=2)[0]) == base
 
 
 def line_of(path: Path, text: bytes) -> int:
@@ -154,21 +163,19 @@ def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker
     base = file_bytes(run(tmp_path, [source], "one", workers=1, on_bad_record="skip")[0])
     assert base["manifest.json"]["dropped_examples"][0].startswith(f"{source}:{line_of(source, b'ACGT*')}:")
     repeated = write_fasta(tmp_path / "repeated.fa", [*records, ("rec3", b"ACGT")])
-    with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
-        for workers in (2, 3, 5):
-            assert len(pre.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers)[1]) == workers
-            out = run(tmp_path, [source], f"w{workers}", workers=workers, on_bad_record="skip")[0]
-            assert file_bytes(out) == base
-            with pytest.raises(InputError) as error:
-                run(tmp_path, [repeated], f"r{workers}", workers=workers, on_bad_record="skip")
-            last = line_of(repeated, b">rec3 some description\nACGT\n")
-            assert f"{repeated}:{last}: duplicate record id 'rec3'" in str(error.value)
-        with (
-            mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 10_000),
-            mock.patch.object(pre, "available_cores", return_value=3),
-        ):
-            assert pre.plan_workers(PreprocessConfig(inputs=[str(source)]))[2] == 3
-            assert file_bytes(run(tmp_path, [source], "auto", on_bad_record="skip")[0]) == base
+    limits = Limits(shard_bytes=10_000)
+    for workers in (2, 3, 5):
+        assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers, limits)[1]) == workers
+        out = run(tmp_path, [source], f"w{workers}", limits, workers=workers, on_bad_record="skip")[0]
+        assert file_bytes(out) == base
+        with pytest.raises(InputError) as error:
+            run(tmp_path, [repeated], f"r{workers}", limits, workers=workers, on_bad_record="skip")
+        last = line_of(repeated, b">rec3 some description\nACGT\n")
+        assert f"{repeated}:{last}: duplicate record id 'rec3'" in str(error.value)
+    limits = Limits(shard_bytes=10_000, auto_bytes_per_worker=10_000)
+    with mock.patch.object(plan, "available_cores", return_value=3):
+        assert plan.plan_workers(PreprocessConfig(inputs=[str(source)]), limits)[2] == 3
+        assert file_bytes(run(tmp_path, [source], "auto", limits, on_bad_record="skip")[0]) == base
 
 
 def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
@@ -177,27 +184,24 @@ def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
     packed = write_fasta(tmp_path / "large.fa.gz", random_records(40, seed=3, length=(500, 1000)))
     size = large.stat().st_size
 
-    def chosen(*paths: Path, cores: int = 4) -> tuple[int, str]:
-        with mock.patch.object(pre, "available_cores", return_value=cores):
-            _, tasks, workers, note = pre.plan_workers(PreprocessConfig(inputs=[str(p) for p in paths]))
+    def chosen(*paths: Path, cores: int = 4, limits=Limits(shard_bytes=1000, auto_bytes_per_worker=2000)):
+        with mock.patch.object(plan, "available_cores", return_value=cores):
+            cfg = PreprocessConfig(inputs=[str(p) for p in paths])
+            _, tasks, workers, note = plan.plan_workers(cfg, limits)
         assert len(tasks) >= workers
         return workers, note
 
     assert PreprocessConfig(inputs=["x.fa"]).workers == "auto"
-    with (
-        mock.patch.object(pre, "MIN_SHARD_BYTES", 1000),
-        mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", 2000),
-    ):
-        assert chosen(small)[0] == 1  # under AUTO_BYTES_PER_WORKER
-        workers, note = chosen(large)
-        assert workers == 4 and "workers: 4 (chosen automatically" in note and "4 core(s)" in note
-        assert chosen(large, cores=2)[0] == 2
-        assert chosen(packed)[0] == 1  # one gzip stream is read by one worker
-        assert chosen(packed, small)[0] == 2  # two files: a worker each
-    with mock.patch.object(pre, "AUTO_BYTES_PER_WORKER", size // 2):
-        assert chosen(large)[0] == 1  # too small to cut into MIN_SHARD_BYTES ranges
+    assert chosen(small)[0] == 1  # under auto_bytes_per_worker
+    workers, note = chosen(large)
+    assert workers == 4 and "workers: 4 (chosen automatically" in note and "4 core(s)" in note
+    assert chosen(large, cores=2)[0] == 2
+    assert chosen(packed)[0] == 1  # one gzip stream is read by one worker
+    assert chosen(packed, small)[0] == 2  # two files: a worker each
+    # too small to cut into shard_bytes ranges
+    assert chosen(large, limits=Limits(auto_bytes_per_worker=size // 2))[0] == 1
     # A count given is used as it is, without a note.
-    assert pre.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3))[2:] == (3, None)
+    assert plan.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3))[2:] == (3, None)
 
 
 def test_cli_says_which_worker_count_it_chose(tmp_path):
@@ -229,7 +233,7 @@ def test_workers_do_not_run_the_main_script_again(tmp_path):
         "    run_preprocess(PreprocessConfig(inputs=inputs, output_dir=sys.argv[1], workers=2))\n"
     )
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(pre.__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(worker.__file__).parents[3])}
     subprocess.run([sys.executable, str(script), str(out), *map(str, sources)], check=True, env=env)
     assert len(Path(f"{out}.log").read_text().split()) == 1
     assert (out / "manifest.json").exists()
@@ -245,17 +249,17 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
 
 def test_workers_start_without_a_fork_server_when_its_socket_path_is_too_long(monkeypatch):
     # A fork server binds a socket under the temporary directory: past ~107 bytes (a long $TMPDIR) it cannot.
-    monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
-    assert pre._start_method() == "spawn"
-    monkeypatch.setattr(pre.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
-    available = "forkserver" in pre.multiprocessing.get_all_start_methods()
-    assert pre._start_method() == ("forkserver" if available else "spawn")
+    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
+    assert worker._start_method() == "spawn"
+    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
+    available = "forkserver" in worker.multiprocessing.get_all_start_methods()
+    assert worker._start_method() == ("forkserver" if available else "spawn")
 
 
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
     """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
-    process_class = pre.multiprocessing.get_context(pre._start_method()).Process
+    process_class = worker.multiprocessing.get_context(worker._start_method()).Process
     original_start, started = process_class.start, []
 
     def start(self):
@@ -278,15 +282,15 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
         for process in started:
             os.kill(process.pid, signal.SIGKILL)
 
-    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
-    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     with (
         started_workers(kill_at_start=when == "at start") as started,
         pytest.raises(
             Evo2Error, match=r"a preprocess worker stopped \(exit code -9: killed, or out of memory"
         ),
     ):
-        pre._run_in_workers(tasks, job, 2, advance)
+        worker._run_in_workers(tasks, job, 2, advance)
     assert all(not process.is_alive() for process in started)
 
 
@@ -298,10 +302,10 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     def advance(count, records):  # the first progress report: the workers hold a task each
         raise KeyboardInterrupt
 
-    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
-    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     with started_workers() as started, pytest.raises(KeyboardInterrupt):
-        pre._run_in_workers(tasks, job, 2, advance)
+        worker._run_in_workers(tasks, job, 2, advance)
     assert [process.exitcode for process in started] == [-signal.SIGTERM] * 2
 
 
@@ -310,8 +314,8 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
     source = write_fasta(tmp_path / "a.fa", random_records(30))
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
-    job = pre.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
-    connection_class = pre.multiprocessing.connection.Connection
+    job = worker.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
+    connection_class = worker.multiprocessing.connection.Connection
     original_send = connection_class.send
 
     def send(self, message):
@@ -321,9 +325,9 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
                 process.join()
         original_send(self, message)
 
-    tasks = pre.plan_tasks(PreprocessConfig(inputs=[str(source)]))[1]
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(source)]))[1]
     with started_workers() as started, mock.patch.object(connection_class, "send", send):
-        results = pre._run_in_workers(tasks, job, 1, lambda count, records: None)
+        results = worker._run_in_workers(tasks, job, 1, lambda count, records: None)
     assert [stats.records for stats in results[0].splits] == [28, 1, 1]
     assert [process.exitcode for process in started] == [-signal.SIGKILL]
 
@@ -348,17 +352,17 @@ class Unpicklable(Exception):
     ids=["pickles", "does_not_rebuild", "does_not_pickle"],
 )
 def test_a_worker_sends_every_error_in_a_form_the_parent_can_read(tmp_path, error, received):
-    parent, child = pre.multiprocessing.Pipe()
-    job = pre.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    parent, child = worker.multiprocessing.Pipe()
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     # The worker's loop run here, in the test's process (the signal handler left as it is).
     with (
         parent,
         child,
-        mock.patch.object(pre, "run_task", side_effect=error),
-        mock.patch.object(pre.signal, "signal"),
+        mock.patch.object(worker, "run_task", side_effect=error),
+        mock.patch.object(worker.signal, "signal"),
     ):
-        parent.send(pre.Task(0, tmp_path / "a.fa"))
-        pre._worker(child, job)
+        parent.send(plan.Task(0, tmp_path / "a.fa"))
+        worker._worker(child, job)
         kind, sent = parent.recv()
     assert (kind, repr(sent)) == ("error", received)
 
@@ -381,24 +385,19 @@ def test_group_regex_keeps_a_group_together(tmp_path):
     assert len(set.union(*splits_of_group.values())) > 1
 
 
-@pytest.fixture(params=[None, 7], ids=["one_block", "7_byte_blocks"])
-def read_blocks(request):
+@pytest.fixture(params=[Limits(), Limits(read_block=7)], ids=["one_block", "7_byte_blocks"])
+def read_blocks(request) -> Limits:
     """Records read in one block, or in many (a record then reaches the recipe in several parts)."""
-    if request.param is None:
-        yield
-    else:
-        with mock.patch.object(fasta, "BLOCK_SIZE", request.param):
-            yield
+    return request.param
 
 
-@pytest.mark.usefixtures("read_blocks")
-def test_options_shape_the_documents(tmp_path):
+def test_options_shape_the_documents(tmp_path, read_blocks):
     source = write_fasta(tmp_path / "in.fa", [("r", b"acgtRNNNNNACGTAC"), ("e", b"")])
     tags = tmp_path / "tags.tsv"
     tags.write_text("# comment\nr\t|d__X;s__Y|\n")
 
     def docs(name: str, **options) -> list[bytes]:
-        out, _ = run(tmp_path, [source], name, split=(1, 0, 0), **options)
+        out, _ = run(tmp_path, [source], name, read_blocks, split=(1, 0, 0), **options)
         return split_contents(out)["train"]
 
     assert docs("plain") == [b"acgtRNNNNNACGTAC\x00"]
@@ -491,11 +490,8 @@ def test_duplicate_ids(tmp_path):
     many = write_fasta(tmp_path / "many.fa", [(f"r{i % 40}", b"ACGT") for i in range(100)])
     for group_records in (1000, 1):
         expected = r"many\.fa:81: duplicate record id 'r0' \(also at .*many\.fa:1\)"
-        with (
-            mock.patch.object(record_store, "GROUP_RECORDS", group_records),
-            pytest.raises(InputError, match=expected),
-        ):
-            run(tmp_path, [many])
+        with pytest.raises(InputError, match=expected):
+            run(tmp_path, [many], limits=Limits(group_records=group_records))
     assert not (tmp_path / "out").exists()
     same_file = write_fasta(tmp_path / "c.fa", [("x", b"AAAA"), ("x", b"CCCC")])
     flipped = write_fasta(tmp_path / "d.fa", [("x", b"CCCC"), ("x", b"AAAA")])
@@ -514,7 +510,7 @@ def test_an_id_repeated_across_splits(tmp_path):
     out, manifest = run(tmp_path, [source], duplicate_ids="keep", **options)
     # Train in id order; the two x of one split and input by the blake2b of their bytes (63ec.. < 80dd..).
     assert split_contents(out) == {"train": [b"CCCC\0", b"TT\0", b"GG\0"], "val": [b"AAAA\0"], "test": []}
-    assert [manifest["splits"][name]["records"] for name in pre.SPLITS] == [3, 1, 0]
+    assert [manifest["splits"][name]["records"] for name in SPLITS] == [3, 1, 0]
 
 
 def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
@@ -525,11 +521,11 @@ def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
     (tmp_path / "s").mkdir()
     reordered = write_fasta(tmp_path / "s" / "a.fa", shuffled)
     base = file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
-    with mock.patch.object(pre, "MIN_SHARD_BYTES", 10_000):
-        assert len(pre._file_tasks(0, reordered, 2)) == 2
-        assert file_bytes(run(tmp_path, [reordered], "two", duplicate_ids="keep", workers=2)[0]) == base
-    with mock.patch.multiple(record_store, FLUSH_DOCUMENTS=5, GROUP_RECORDS=3, MERGE_RECORDS=2):
-        assert file_bytes(run(tmp_path, [reordered], "small", duplicate_ids="keep")[0]) == base
+    assert len(plan._file_tasks(0, reordered, 2, 10_000)) == 2
+    two = Limits(shard_bytes=10_000)
+    assert file_bytes(run(tmp_path, [reordered], "two", two, duplicate_ids="keep", workers=2)[0]) == base
+    small = Limits(flush_documents=5, group_records=3, merge_records=2)
+    assert file_bytes(run(tmp_path, [reordered], "small", small, duplicate_ids="keep")[0]) == base
 
 
 def test_bad_records_error_or_skip(tmp_path):
@@ -551,7 +547,7 @@ def test_existing_output_and_interrupts_leave_nothing_half_written(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         run(tmp_path, [source])
     with (
-        mock.patch.object(pre, "_write_split", side_effect=KeyboardInterrupt),
+        mock.patch.object(assemble, "_write_split", side_effect=KeyboardInterrupt),
         pytest.raises(KeyboardInterrupt),
     ):
         run_preprocess(PreprocessConfig(inputs=[str(source)], output_dir=out, seed=9), overwrite=True)
@@ -563,7 +559,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
     source = write_fasta(tmp_path / "in.fa", random_records(3, length=(1, 50)))
     # The real CLI in a child process whose tasks stall, so the signal surely lands mid-run.
     stall = (
-        "import time, evo2_cli.data.preprocess as p; run = p.run_task; "
+        "import time, evo2_cli.data.preprocess.worker as p; run = p.run_task; "
         "p.run_task = lambda *args: (time.sleep(60), run(*args))[1]; "
         "from evo2_cli.cli import main; main()"
     )
@@ -612,7 +608,7 @@ def test_inputs_must_exist(tmp_path):
 
 
 def test_a_directory_input_gives_its_fasta_files(tmp_path):
-    assert [path.name for path in pre.expand_inputs([str(SAMPLES)])] == [
+    assert [path.name for path in plan.expand_inputs([str(SAMPLES)])] == [
         "arabidopsis_chloroplast_NC_000932.fa.bgz",
         "ecoli_k12_mg1655_slice.fa.gz",
         "handmade.fa",
@@ -621,7 +617,7 @@ def test_a_directory_input_gives_its_fasta_files(tmp_path):
     ]  # not README.md, the .fai index, the BED or the tags file
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match=r"a directory without FASTA files .* 'preprocess.inputs.0'"):
-        pre.expand_inputs([str(tmp_path)])
+        plan.expand_inputs([str(tmp_path)])
 
 
 def test_cli_quick_form(tmp_path):
@@ -693,7 +689,7 @@ def test_cli_config_form_with_set(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    tokens = np.concatenate([IndexedDataset(out / f"data_{s}").tokens for s in pre.SPLITS])
+    tokens = np.concatenate([IndexedDataset(out / f"data_{s}").tokens for s in SPLITS])
     assert not np.any((tokens >= ord("a")) & (tokens <= ord("z")))
 
 
@@ -749,17 +745,17 @@ def test_malloc_tuning_is_skipped_where_it_does_not_apply(monkeypatch):
         mock.patch.object(memory.sys, "platform", "darwin"),
         mock.patch.object(memory.ctypes, "CDLL") as cdll,
     ):
-        pre.keep_freed_memory()
+        worker.keep_freed_memory()
     cdll.assert_not_called()
     with mock.patch.object(memory.ctypes, "CDLL", return_value=object()):  # a libc without mallopt (musl)
-        pre.keep_freed_memory()
+        worker.keep_freed_memory()
 
 
 def test_workers_without_a_fork_server_spawn_and_write_the_same_bytes(tmp_path):
     first = write_fasta(tmp_path / "a.fa", random_records(20, seed=6, length=(1, 500)))
     second = write_fasta(tmp_path / "b.fa", random_records(20, seed=7, prefix="other"))
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
-    with mock.patch.object(pre.multiprocessing, "get_all_start_methods", return_value=["spawn"]):
+    with mock.patch.object(worker.multiprocessing, "get_all_start_methods", return_value=["spawn"]):
         assert file_bytes(run(tmp_path, [first, second], "spawned", workers=2)[0]) == base
 
 
@@ -773,12 +769,11 @@ def test_split_hash_is_golden():
     )
 
 
-@pytest.mark.usefixtures("read_blocks")
-def test_more_options(tmp_path):
+def test_more_options(tmp_path, read_blocks):
     source = write_fasta(tmp_path / "in.fa", [("r", b"acguACGUAC")])
 
     def docs(name: str, **options) -> list[bytes]:
-        out, _ = run(tmp_path, [source], name, split=(1, 0, 0), **options)
+        out, _ = run(tmp_path, [source], name, read_blocks, split=(1, 0, 0), **options)
         return split_contents(out)["train"]
 
     assert docs("back", rna="back_transcribe") == [b"acgtACGTAC\x00"]
@@ -807,7 +802,7 @@ def test_group_regex_that_does_not_match_is_a_bad_record(tmp_path):
 
 def regions_config(tmp_path: Path, fasta: Path, bed: Path | None = None, intervals=()) -> PreprocessConfig:
     return PreprocessConfig(
-        regions=[pre.RegionSource(fasta, bed, list(intervals))],
+        regions=[preprocess_config.RegionSource(fasta, bed, list(intervals))],
         output_dir=tmp_path / f"out_{fasta.name}",
         split=(1, 0, 0),
     )
@@ -855,7 +850,7 @@ def test_progress_bar_shows_bytes_and_records():
     from rich.console import Console
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
-    with pre._progress_bar(console, total=2_000_000) as advance:
+    with preprocess._progress_bar(console, 2_000_000, "reading", "records") as advance:
         advance(1_000_000, 7)
         advance(1_000_000, 5)
     text = console.file.getvalue()
@@ -928,17 +923,17 @@ def test_bad_tags_file_names_the_line(tmp_path, text, message):
     tags = tmp_path / "tags.tsv"
     tags.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=message):
-        pre.load_tags(tags)
+        preprocess_config.load_tags(tags)
 
 
 def test_a_document_too_long_for_the_index_names_the_record(tmp_path):
     source = write_fasta(tmp_path / "a.fa", [("short", b"ACGT"), ("long", b"ACGT" * 5)])
-    with mock.patch.object(pre, "MAX_DOCUMENT_TOKENS", 20), pytest.raises(InputError) as error:
-        run(tmp_path, [source])
+    limits = Limits(max_document_tokens=20)
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], limits=limits)
     assert "a.fa:3: record 'long' makes a document of 21 tokens" in str(error.value)
     assert "at most 20 per document" in str(error.value) and "chunk_length" in str(error.value)
-    with mock.patch.object(pre, "MAX_DOCUMENT_TOKENS", 20):
-        splits = run(tmp_path, [source], "chunked", chunk_length=10)[1]["splits"].values()
+    splits = run(tmp_path, [source], "chunked", limits, chunk_length=10)[1]["splits"].values()
     assert sum(split["documents"] for split in splits) == 3  # short; long cut into 10 + 10 bases
     assert not (tmp_path / "out").exists()
 
@@ -955,9 +950,9 @@ def test_progress_counts_every_record_read(tmp_path):
 
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
-    job = pre.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
-    with mock.patch.object(fasta, "BLOCK_SIZE", 512):
-        pre.run_task(pre.Task(0, source, size=source.stat().st_size), job, advance)
+    cfg, spool, records = PreprocessConfig(inputs=[str(source)]), tmp_path / "spool", tmp_path / "records"
+    job = worker.Job(cfg, (), spool, records, Limits(read_block=512))
+    worker.run_task(plan.Task(0, source, size=source.stat().st_size), job, advance)
     assert totals == [source.stat().st_size, 5000]
 
 
@@ -973,8 +968,8 @@ def test_progress_from_workers_adds_up(tmp_path):
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
     cfg = PreprocessConfig(inputs=[str(path) for path in sources])
-    results = pre._run_in_workers(
-        pre.plan_tasks(cfg)[1], pre.Job(cfg, (), tmp_path / "spool", tmp_path / "records"), 2, advance
+    results = worker._run_in_workers(
+        plan.plan_tasks(cfg)[1], worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records"), 2, advance
     )
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800
@@ -1049,13 +1044,13 @@ def test_a_split_with_documents_has_no_empty_splits_entry(tmp_path):
 
 
 def test_position_cuts_are_golden():
-    assert pre.position_cuts(1000, (0.9, 0.05, 0.05)) == (900, 950)
-    assert pre.position_cuts(19, (0.9, 0.05, 0.05)) == (17, 19)  # val takes the rounding; test gets none
-    assert pre.position_cuts(4_639_675, (0.95, 0.05, 0.0)) == (4_407_691, 4_639_675)  # E. coli, as before
-    assert pre.position_cuts(10, (0.0, 0.5, 0.5)) == (0, 5)
+    assert position_cuts(1000, (0.9, 0.05, 0.05)) == (900, 950)
+    assert position_cuts(19, (0.9, 0.05, 0.05)) == (17, 19)  # val takes the rounding; test gets none
+    assert position_cuts(4_639_675, (0.95, 0.05, 0.0)) == (4_407_691, 4_639_675)  # E. coli, as before
+    assert position_cuts(10, (0.0, 0.5, 0.5)) == (0, 5)
     # Fractions may sum to 1 + 1e-6: train and test never overlap.
-    assert pre.position_cuts(10**7, (0.5, 0.0, 0.5000001)) == (5 * 10**6, 5 * 10**6)
-    assert pre.position_cuts(0, (0.9, 0.05, 0.05)) == (0, 0)
+    assert position_cuts(10**7, (0.5, 0.0, 0.5000001)) == (5 * 10**6, 5 * 10**6)
+    assert position_cuts(0, (0.9, 0.05, 0.05)) == (0, 0)
 
 
 def test_split_by_position_holds_out_the_tail_of_every_record(tmp_path):
@@ -1073,13 +1068,13 @@ def test_split_by_position_holds_out_the_tail_of_every_record(tmp_path):
         "test": [tag + genome[950:] + b"\0"],
     }
     assert split_contents(out) == expected
-    assert [manifest["splits"][name]["records"] for name in pre.SPLITS] == [2, 3, 1]
+    assert [manifest["splits"][name]["records"] for name in SPLITS] == [2, 3, 1]
     assert manifest["splits"]["val"]["bases"] == 50 + 2 + 1 and manifest["dropped"] == {"empty": 1}
     assert manifest["config"]["split_by"] == "position"
     # Any worker count and byte ranges: the same bytes.
-    with mock.patch.object(pre, "MIN_SHARD_BYTES", 300):
-        assert len(pre._file_tasks(0, source, 2)) == 2
-        assert file_bytes(run(tmp_path, [source], "two", workers=2, **options)[0]) == file_bytes(out)
+    assert len(plan._file_tasks(0, source, 2, 300)) == 2
+    two = Limits(shard_bytes=300)
+    assert file_bytes(run(tmp_path, [source], "two", two, workers=2, **options)[0]) == file_bytes(out)
     # Windows and reverse complements are cut from each part, in its split; filters apply to each part.
     source = write_fasta(tmp_path / "windows.fa", [("s", b"AAAACCCCGGGGTT"), ("t", b"ACGTAC")])
     options = {"split": (0.5, 0.5, 0), "split_by": "position", "chunk_length": 4, "reverse_complement": True}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import random
 import zlib
-from unittest import mock
 
 import numpy as np
 from hypothesis import given, settings
@@ -89,19 +88,20 @@ def test_no_records(tmp_path):
     assert (section.records, section.documents) == (0, 0)
     with open(path, "rb") as handle:
         assert rows(section.read(handle.fileno(), 0, 0)) == []
-        assert list(record_store.merged([section, section], {"meta": handle.fileno()})) == []
-    assert list(record_store.merged([], {})) == []
+        assert list(record_store.merged([section, section], {"meta": handle.fileno()}, 8)) == []
+    assert list(record_store.merged([], {}, 8)) == []
 
 
 def test_a_batch_gives_every_record_once_by_sub_bucket(tmp_path):
     rng = random.Random(0)
-    buffer = RecordBuffer(input_index=3, process=11)
+    buffer = RecordBuffer(input_index=3, process=11, flush_documents=600)
     added = []
     for i in range(500):
         record_id = b"r%d" % rng.randrange(300)
         lengths = tuple(rng.randrange(1, 50) for _ in range(rng.randint(1, 3)))
-        buffer.add(record_id, rng.randrange(3), i + 1, 100 * i, lengths, [n - 1 for n in lengths])
+        full = buffer.add(record_id, rng.randrange(3), i + 1, 100 * i, lengths, [n - 1 for n in lengths])
         added.append((record_id, lengths))
+        assert full == (sum(len(documents) for _, documents in added) >= 600)  # time to write it
     path = tmp_path / "11.records"
     with open(path, "wb") as handle:
         batch = record_store.write_batch(handle, path.name, buffer.columns())
@@ -134,15 +134,11 @@ def test_groups_are_bounded_and_cover_every_sub_bucket():
     sizes[0, [0, 1, 2, 500, 1023]] = [3, 3, 3, 9, 1]
     sizes[1] = sizes[0]
     sizes[1, 2] = 40  # many documents in one sub-bucket
-    with (
-        mock.patch.object(record_store, "GROUP_RECORDS", 6),
-        mock.patch.object(record_store, "GROUP_DOCUMENTS", 20),
-    ):
-        groups = plan_groups(sizes)
+    groups = plan_groups(sizes, 6, 20)
     # 6 records; 40 documents (over, but alone); 9 records (over, but alone); the last record. A group
     # reaches up to the next one's first records (no empty groups).
     assert groups == [(0, 2), (2, 500), (500, 1023), (1023, 1024)]
-    assert plan_groups(np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64)) == []
+    assert plan_groups(np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64), 6, 20) == []
 
 
 def test_a_sorted_group_is_written_as_one_section_per_split(tmp_path):
@@ -216,8 +212,8 @@ def test_merging_sorted_runs_gives_the_sorted_whole(tmp_path_factory, records, r
             make_columns(sorted(part, key=lambda r: (r[2], r[0]))).write(handle, "runs")
             for part in by_run.values()
         ]
-    with open(path, "rb") as handle, mock.patch.object(record_store, "MERGE_RECORDS", block * len(sections)):
-        blocks = list(record_store.merged(sections, {"runs": handle.fileno()}))
+    with open(path, "rb") as handle:
+        blocks = list(record_store.merged(sections, {"runs": handle.fileno()}, block * len(sections)))
     assert all(len(part) for part in blocks)
     merged = [
         (record_id, fixed[1], lengths)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from evo2_cli.commands.common import (
     ConfigOption,
@@ -55,7 +56,7 @@ def preprocess(
     Either a config (evo2 preprocess -c configs/preprocess/samples.yaml) or the quick form
     (evo2 preprocess IN.fa IN2.fa.gz -o OUT_DIR). Quick flags are config overrides checked like --set.
     """
-    from evo2_cli.data.preprocess import PreprocessJob, run_preprocess, summary_table
+    from evo2_cli.data.preprocess import PreprocessJob, run_preprocess
 
     flags = {
         "preprocess.inputs": ("INPUTS", inputs or None),
@@ -70,3 +71,28 @@ def preprocess(
     console.print(
         f"dataset written to [bold]{cfg.output_dir}[/] (manifest.json lists every file and its sha256)"
     )
+
+
+def summary_table(manifest: dict):
+    """A rich table of the manifest's per-split figures."""
+    table = Table(title="evo2 preprocess", title_justify="left")
+    for column in ("split", "records", "docs", "tokens", "GC", "N", "lowercase", "median length"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(
+            name,
+            f"{split['records']:,}",
+            f"{split['documents']:,}",
+            f"{split['tokens']:,}",
+            f"{split['gc_fraction']:.3f}",
+            f"{split['n_fraction']:.4f}",
+            f"{split['lowercase_fraction']:.3f}",
+            f"{split['length'].get('median', 0):,}",
+        )
+    notes = []
+    if manifest["dropped"]:
+        notes.append("dropped: " + ", ".join(f"{reason} {n:,}" for reason, n in manifest["dropped"].items()))
+    if "empty_splits" in manifest:
+        notes.append(f"no files for the empty split(s): {', '.join(manifest['empty_splits'])}")
+    table.caption = "\n".join(notes) or None
+    return table

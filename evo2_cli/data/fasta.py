@@ -97,9 +97,9 @@ def is_gzip(path: Path) -> bool:
         return _compression(path, handle.read(8)) == "gzip"
 
 
-def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None]) -> Iterator[bytes]:
+def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_size: int) -> Iterator[bytes]:
     inflater, fed = inflate_lib.decompressobj(31), False
-    while chunk := handle.read(BLOCK_SIZE // 4):
+    while chunk := handle.read(block_size // 4):
         on_bytes(len(chunk))
         while chunk:
             fed = True
@@ -116,11 +116,13 @@ def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None]) -> Itera
         raise InputError(f"{path}: truncated gzip file (ends mid-stream); re-download or recompress it")
 
 
-def _plain_blocks(handle, start: int, end: int | None, on_bytes: Callable[[int], None]) -> Iterator[bytes]:
+def _plain_blocks(
+    handle, start: int, end: int | None, on_bytes: Callable[[int], None], block_size: int
+) -> Iterator[bytes]:
     handle.seek(start)
     left = None if end is None else end - start
     while left is None or left > 0:
-        block = handle.read(BLOCK_SIZE if left is None else min(BLOCK_SIZE, left))
+        block = handle.read(block_size if left is None else min(block_size, left))
         if not block:
             return
         on_bytes(len(block))
@@ -129,7 +131,7 @@ def _plain_blocks(handle, start: int, end: int | None, on_bytes: Callable[[int],
         yield block
 
 
-def _file_blocks(path: Path, start: int, end: int | None, on_bytes) -> Iterator[bytes]:
+def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=BLOCK_SIZE) -> Iterator[bytes]:
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed by the with below, opened here for the message
     except OSError as exc:
@@ -139,9 +141,9 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes) -> Iterator[
             if start or end is not None:
                 raise ValueError("byte ranges are only for plain files")
             handle.seek(0)
-            yield from _gunzip_blocks(handle, path, on_bytes)
+            yield from _gunzip_blocks(handle, path, on_bytes, block_size)
         else:
-            yield from _plain_blocks(handle, start, end, on_bytes)
+            yield from _plain_blocks(handle, start, end, on_bytes, block_size)
 
 
 _END = object()
@@ -286,19 +288,20 @@ def read_fasta(
     on_bytes: Callable[[int], None] | None = None,
     contiguous: bool = False,
     first_line: int | None = None,
+    block_size: int = BLOCK_SIZE,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
     that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
     it whole: joining pieces afterwards would hold the record twice. `first_line`: the line `start` is on,
-    when the caller counted it; else it is counted here."""
+    when the caller counted it; else it is counted here. `block_size`: bytes read at a time."""
     path = Path(path)
     line = first_line if first_line is not None else 1 + (count_lines(path, 0, start) if start else 0)
     header_parts: list[bytes] | None = None  # set while a header line spans blocks
     header_line = 0
     record: _RecordBuilder | None = None
     at_line_start, seen_bytes, seen_records = True, False, False
-    for block in _prefetched(_file_blocks(path, start, end, on_bytes or (lambda n: None))):
+    for block in _prefetched(_file_blocks(path, start, end, on_bytes or (lambda n: None), block_size)):
         seen_bytes = True
         pos, size = 0, len(block)
         while pos < size:

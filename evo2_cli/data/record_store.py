@@ -5,7 +5,7 @@ length of each of its documents) to a metadata file, in batches sorted by sub-bu
 SUB_BUCKETS parts. Every copy of an id lands in the same sub-bucket, so the main process takes sub-buckets a
 group at a time, finds repeated ids inside each group, sorts the group by (split, input, id, content digest
 for records sharing all three) and writes it back as a sorted run per split. Groups are bounded while no
-sub-bucket alone outgrows one: up to about SUB_BUCKETS * GROUP_RECORDS (134M) records; past that, or with one
+sub-bucket alone outgrows one: up to about SUB_BUCKETS * group_records (134M) records; past that, or with one
 id repeated that often, a group is one sub-bucket and grows with the records. Merging the runs of a split by
 (input, id) gives the canonical order: records of one id never sit in two runs, so the merge never has to
 break a tie between runs.
@@ -27,10 +27,6 @@ from evo2_cli.fsio import pread_exact
 
 SUB_BUCKETS = 1024  # ids hash into this many parts; a sorting group is a range of them
 FIXED = ("split", "input", "line", "offset", "process")  # int64 columns (process: the pid that spooled it)
-GROUP_RECORDS = 1 << 17  # a sorting group holds at most this many records (a few hundred bytes each)
-GROUP_DOCUMENTS = 1 << 22  # ... and this many documents (unless one sub-bucket alone holds more)
-MERGE_RECORDS = 1 << 16  # records held by all the runs being merged together, read a block per run
-FLUSH_DOCUMENTS = 1 << 17  # a task writes its records' metadata to disk every this many documents
 
 
 def _pread_int64(fd: int, count: int, offset: int) -> np.ndarray:
@@ -161,8 +157,8 @@ class RecordBuffer:
     """A task's records since its last flush, appended one at a time (the hot path of many short reads), with
     the base count of each of their documents (for the manifest's length percentiles)."""
 
-    def __init__(self, input_index: int, process: int):
-        self.input_index, self.process = input_index, process
+    def __init__(self, input_index: int, process: int, flush_documents: int):
+        self.input_index, self.process, self.flush_documents = input_index, process, flush_documents
         self.clear()
 
     def clear(self) -> None:
@@ -185,7 +181,7 @@ class RecordBuffer:
         self.lengths.extend(lengths)
         self.document_ends.append(len(self.lengths))
         self.base_lengths.extend(base_lengths)
-        return len(self.lengths) >= FLUSH_DOCUMENTS
+        return len(self.lengths) >= self.flush_documents
 
     def columns(self) -> Columns:
         count = len(self)
@@ -216,15 +212,15 @@ def write_batch(handle, file: str, columns: Columns) -> Batch:
     return Batch(columns.take(order).write(handle, file), starts_at)
 
 
-def plan_groups(sizes: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive ranges of sub-buckets of at most GROUP_RECORDS records and GROUP_DOCUMENTS documents
+def plan_groups(sizes: np.ndarray, most_records: int, most_documents: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of sub-buckets of at most `most_records` records and `most_documents` documents
     (`sizes`: records and documents of each sub-bucket); a sub-bucket larger than that is a group alone. A
     group reaches up to the next one's first records (empty sub-buckets never start one)."""
     groups: list[tuple[int, int]] = []
     first, records, documents = 0, 0, 0
     for bucket in range(SUB_BUCKETS):
         more_records, more_documents = int(sizes[0, bucket]), int(sizes[1, bucket])
-        over = records + more_records > GROUP_RECORDS or documents + more_documents > GROUP_DOCUMENTS
+        over = records + more_records > most_records or documents + more_documents > most_documents
         if records and more_records and over:
             groups.append((first, bucket))
             first, records, documents = bucket, 0, 0
@@ -333,13 +329,14 @@ class _Cursor:
         return taken
 
 
-def merged(sections: list[Section], fds) -> Iterator[Columns]:
+def merged(sections: list[Section], fds, held_records: int) -> Iterator[Columns]:
     """The records of sorted sections in (input, id) order, a block at a time (`fds`: file name -> read
-    descriptor). Each round takes from every section's current block the records up to the smallest of the
-    blocks' last keys (no record after that can come before them) and sorts them together: Python's sort
-    merges the sorted pieces in C. Keys never tie between sections (an id lives in one)."""
+    descriptor; `held_records`: the records all the sections' blocks hold together). Each round takes from
+    every section's current block the records up to the smallest of the blocks' last keys (no record after
+    that can come before them) and sorts them together: Python's sort merges the sorted pieces in C. Keys
+    never tie between sections (an id lives in one)."""
     sections = [section for section in sections if section.records]
-    block = max(1, MERGE_RECORDS // max(len(sections), 1))
+    block = max(1, held_records // max(len(sections), 1))
     if len(sections) == 1:
         yield from _blocks(sections[0], fds[sections[0].file], block)
         return

@@ -34,7 +34,7 @@ from evo2_cli.config import to_yaml
 from evo2_cli.console import make_console
 from evo2_cli.data.alphabet import PAD_ID, UPPERCASE
 from evo2_cli.data.fasta import display, read_fasta
-from evo2_cli.data.preprocess import split_of
+from evo2_cli.data.splits import split_of
 from evo2_cli.errors import InputError, shorten
 from evo2_cli.finetune.config import FinetuneJob, LabelsSection
 

@@ -1,0 +1,159 @@
+"""Planning: inputs expanded, regions resolved, large plain files cut into byte ranges, the worker count."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from evo2_cli.data.fasta import count_lines, is_gzip, record_start_after
+from evo2_cli.data.preprocess.config import Limits, PreprocessConfig
+from evo2_cli.data.regions import Region, parse_interval, read_bed, resolve
+from evo2_cli.errors import InputError
+
+
+@dataclass(frozen=True)
+class Task:
+    input_index: int
+    path: Path  # a FASTA file, or the indexed FASTA that `regions` cut from
+    start: int = 0
+    end: int | None = None
+    regions: tuple[Region, ...] = ()
+    size: int = 0  # bytes (or region bases) for the progress bar
+    first_line: int | None = None  # the line number `start` is on (None: the reader counts it)
+
+
+def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
+    """Where a record came from, for messages: FILE:LINE of its header or, for a region task, where region
+    number `line` was given (its BED line or config key) and what it cut."""
+    if not regions:
+        return f"{path}:{line}"
+    region = regions[line]
+    return f"{region.source}:{region.line} (region {region.chrom}:{region.start + 1}-{region.end} of {path})"
+
+
+# What a directory given as an input contributes: its files named like FASTA, compressed or not.
+FASTA_NAMES = tuple(
+    kind + compression
+    for kind in (".fa", ".fasta", ".fna", ".ffn", ".frn", ".fas")
+    for compression in ("", ".gz", ".bgz", ".bgzf")
+)
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Input files by input index: files as given, globs and directories (their FASTA-named files, not
+    recursive) expanded and sorted."""
+    paths: list[Path] = []
+    for i, pattern in enumerate(patterns):
+        if any(char in pattern for char in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise InputError(f"config key 'preprocess.inputs.{i}': '{pattern}' matches no file")
+        elif Path(pattern).is_dir():
+            matches = sorted(
+                path
+                for path in Path(pattern).iterdir()
+                if path.is_file() and path.name.lower().endswith(FASTA_NAMES)
+            )
+            if not matches:
+                raise InputError(
+                    f"{pattern}: a directory without FASTA files (*.fa, *.fasta, *.fna, *.ffn, *.frn, *.fas, "
+                    f"plain or .gz/.bgz); list the files or a glob (config key 'preprocess.inputs.{i}')"
+                )
+        else:
+            if not Path(pattern).is_file():
+                raise InputError(f"{pattern}: input file not found (config key 'preprocess.inputs.{i}')")
+            matches = [Path(pattern)]
+        paths += matches
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            raise InputError(f"{path}: listed twice in preprocess.inputs (also as {seen[real]}); keep one")
+        seen[real] = path
+    return paths
+
+
+def _file_tasks(index: int, path: Path, workers: int, shard_bytes: int) -> list[Task]:
+    size = path.stat().st_size
+    shards = min(workers, size // shard_bytes)
+    if shards <= 1 or is_gzip(path):
+        return [Task(index, path, size=size)]
+    # One byte range per worker: each range counts the line ends before it, so more ranges cost more.
+    cuts = {record_start_after(path, k * size // shards) for k in range(1, shards)}
+    bounds = [*sorted({0, *(cut for cut in cuts if cut < size)}), size]
+    return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
+
+
+def plan_tasks(
+    cfg: PreprocessConfig, workers: int = 1, limits: Limits = Limits()
+) -> tuple[list[Path | str], list[Task]]:
+    """Input names (by input index) and the tasks that read them (large plain files cut for `workers`)."""
+    names: list[Path | str] = []
+    tasks: list[Task] = []
+    for path in expand_inputs(cfg.inputs):
+        tasks += _file_tasks(len(names), path, workers, limits.shard_bytes)
+        names.append(path)
+    for i, source in enumerate(cfg.regions):
+        regions = read_bed(source.bed) if source.bed is not None else []
+        for number, text in enumerate(source.intervals):
+            chrom, start, end = parse_interval(text)
+            regions.append(Region(chrom, start, end, "", f"preprocess.regions.{i}.intervals", number))
+        regions = resolve(source.fasta, regions)
+        size = sum(region.end - region.start for region in regions)
+        tasks.append(Task(len(names), source.fasta, regions=tuple(regions), size=size))
+        names.append(f"{source.fasta} ({len(regions)} regions)")
+    return names, tasks
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which batch schedulers set), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def auto_workers(tasks: list[Task], cores: int, bytes_per_worker: int) -> int:
+    """`workers: auto` for tasks planned for `cores` workers: one worker per `bytes_per_worker` of input
+    (bytes as stored, bases for regions), at most one per core and one per task (a gzip file is one task)."""
+    size = sum(task.size for task in tasks)
+    return max(1, min(cores, len(tasks), size // bytes_per_worker))
+
+
+def plan_workers(
+    cfg: PreprocessConfig, limits: Limits = Limits()
+) -> tuple[list[Path | str], list[Task], int, str | None]:
+    """Input names, tasks and the worker count; with `workers: auto`, also a line saying what was chosen and
+    why. The worker count never changes a byte of the output."""
+    if cfg.workers != "auto":
+        return *plan_tasks(cfg, cfg.workers, limits), cfg.workers, None
+    cores = available_cores()
+    names, tasks = plan_tasks(cfg, cores, limits)
+    workers = auto_workers(tasks, cores, limits.auto_bytes_per_worker)
+    mib = sum(task.size for task in tasks) / 2**20
+    note = (
+        f"workers: {workers} (chosen automatically: {mib:,.0f} MiB of input in {len(tasks)} part(s) that can "
+        f"be read at once, {cores} core(s), a worker per {limits.auto_bytes_per_worker >> 20} MiB; set "
+        "--workers to choose)"
+    )
+    if workers != cores:
+        names, tasks = plan_tasks(cfg, workers, limits)
+    return names, tasks, workers, note
+
+
+def with_first_lines(tasks: list[Task]) -> list[Task]:
+    """The tasks, byte ranges given the line they start on: counted here in one pass over each file's bytes
+    before its last range, while the workers start, rather than by each range's worker over every byte
+    before its range (the last worker would count almost the whole file before reading)."""
+    counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
+    with_lines = []
+    for task in tasks:
+        if task.start and not task.regions:
+            offset, line = counted.get(task.path, (0, 1))
+            line += count_lines(task.path, offset, task.start)
+            counted[task.path] = task.start, line
+            task = replace(task, first_line=line)
+        with_lines.append(task)
+    return with_lines
