@@ -13,7 +13,7 @@ from typing import Any
 from evo2_cli.errors import InputError
 
 SCHEMAS: dict[str, str] = {
-    "preprocess": "evo2_cli.data.preprocess:PreprocessJob",
+    "preprocess": "evo2_cli.data.preprocess.config:PreprocessJob",
     "model": "evo2_cli.model.config:ModelJob",
     "train": "evo2_cli.train.config:TrainJob",
     "finetune": "evo2_cli.finetune.config:FinetuneJob",

@@ -87,7 +87,7 @@ def test_flags_reach_the_config_as_values_of_their_own_type():
     from pathlib import Path
 
     from evo2_cli.commands.common import comma_list, resolve_config
-    from evo2_cli.data.preprocess import PreprocessJob
+    from evo2_cli.data.preprocess.config import PreprocessJob
 
     assert comma_list("vortex, 1e-3,2") == ["vortex", 0.001, 2] and comma_list(None) is None
     flags = {
@@ -103,7 +103,7 @@ def test_a_bad_flag_value_is_reported_under_the_flag_given_its_name():
     import pytest
 
     from evo2_cli.commands.common import resolve_config
-    from evo2_cli.data.preprocess import PreprocessJob
+    from evo2_cli.data.preprocess.config import PreprocessJob
     from evo2_cli.errors import ConfigError
 
     flags = {"preprocess.inputs": ("INPUTS", ["a.fa"]), "preprocess.split": ("--split", [0.5, "a"])}

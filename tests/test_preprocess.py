@@ -27,13 +27,13 @@ from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import (
     Limits,
     PreprocessConfig,
-    PreprocessJob,
     assemble,
     plan,
     run_preprocess,
     worker,
 )
 from evo2_cli.data.preprocess import config as preprocess_config
+from evo2_cli.data.preprocess.config import PreprocessJob
 from evo2_cli.data.splits import SPLITS, position_cuts, split_of
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import sha256_file
@@ -201,7 +201,7 @@ def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
     # too small to cut into shard_bytes ranges
     assert chosen(large, limits=Limits(auto_bytes_per_worker=size // 2))[0] == 1
     # A count given is used as it is, without a note.
-    assert plan.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3))[2:] == (3, None)
+    assert plan.plan_workers(PreprocessConfig(inputs=[str(small)], workers=3), Limits())[2:] == (3, None)
 
 
 def test_cli_says_which_worker_count_it_chose(tmp_path):
@@ -282,7 +282,7 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
         for process in started:
             os.kill(process.pid, signal.SIGKILL)
 
-    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]), 1, Limits())[1]
     job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     with (
         started_workers(kill_at_start=when == "at start") as started,
@@ -302,7 +302,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     def advance(count, records):  # the first progress report: the workers hold a task each
         raise KeyboardInterrupt
 
-    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]))[1]
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]), 1, Limits())[1]
     job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
     with started_workers() as started, pytest.raises(KeyboardInterrupt):
         worker._run_in_workers(tasks, job, 2, advance)
@@ -325,7 +325,7 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
                 process.join()
         original_send(self, message)
 
-    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(source)]))[1]
+    tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 1, Limits())[1]
     with started_workers() as started, mock.patch.object(connection_class, "send", send):
         results = worker._run_in_workers(tasks, job, 1, lambda count, records: None)
     assert [stats.records for stats in results[0].splits] == [28, 1, 1]
@@ -926,6 +926,22 @@ def test_bad_tags_file_names_the_line(tmp_path, text, message):
         preprocess_config.load_tags(tags)
 
 
+def test_tags_and_bed_files_skip_blank_and_comment_lines_and_name_an_unreadable_file(tmp_path):
+    from evo2_cli.data.regions import read_bed
+
+    tags = tmp_path / "tags.tsv"
+    tags.write_text("# comment\n\n  \nr.*\t|d__X;s__Y|\n", encoding="utf-8")
+    assert [rule.lineage for rule in preprocess_config.load_tags(tags)] == [b"|d__X;s__Y|"]
+    bed = tmp_path / "a.bed"
+    bed.write_text("track name=x\nbrowser position chr1\n# c\n\nchr1\t5\t9\n", encoding="utf-8")
+    assert [(r.chrom, r.start, r.end, r.line) for r in read_bed(bed)] == [("chr1", 5, 9, 5)]
+    tags.write_bytes(b"\xff\xfe")
+    with pytest.raises(InputError, match=r"tags\.tsv: cannot read tags file: 'utf-8' codec"):
+        preprocess_config.load_tags(tags)
+    with pytest.raises(InputError, match=r"missing\.bed: cannot read BED file: "):
+        read_bed(tmp_path / "missing.bed")
+
+
 def test_a_document_too_long_for_the_index_names_the_record(tmp_path):
     source = write_fasta(tmp_path / "a.fa", [("short", b"ACGT"), ("long", b"ACGT" * 5)])
     limits = Limits(max_document_tokens=20)
@@ -969,7 +985,10 @@ def test_progress_from_workers_adds_up(tmp_path):
     (tmp_path / "records").mkdir()
     cfg = PreprocessConfig(inputs=[str(path) for path in sources])
     results = worker._run_in_workers(
-        plan.plan_tasks(cfg)[1], worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records"), 2, advance
+        plan.plan_tasks(cfg, 1, Limits())[1],
+        worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records"),
+        2,
+        advance,
     )
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800

@@ -56,7 +56,8 @@ def preprocess(
     Either a config (evo2 preprocess -c configs/preprocess/samples.yaml) or the quick form
     (evo2 preprocess IN.fa IN2.fa.gz -o OUT_DIR). Quick flags are config overrides checked like --set.
     """
-    from evo2_cli.data.preprocess import PreprocessJob, run_preprocess
+    from evo2_cli.data.preprocess import run_preprocess
+    from evo2_cli.data.preprocess.config import PreprocessJob
 
     flags = {
         "preprocess.inputs": ("INPUTS", inputs or None),
@@ -79,16 +80,10 @@ def summary_table(manifest: dict):
     for column in ("split", "records", "docs", "tokens", "GC", "N", "lowercase", "median length"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for name, split in manifest["splits"].items():
-        table.add_row(
-            name,
-            f"{split['records']:,}",
-            f"{split['documents']:,}",
-            f"{split['tokens']:,}",
-            f"{split['gc_fraction']:.3f}",
-            f"{split['n_fraction']:.4f}",
-            f"{split['lowercase_fraction']:.3f}",
-            f"{split['length'].get('median', 0):,}",
-        )
+        counts = [f"{split[key]:,}" for key in ("records", "documents", "tokens")]
+        gc, n, lowercase = split["gc_fraction"], split["n_fraction"], split["lowercase_fraction"]
+        median = split["length"].get("median", 0)
+        table.add_row(name, *counts, f"{gc:.3f}", f"{n:.4f}", f"{lowercase:.3f}", f"{median:,}")
     notes = []
     if manifest["dropped"]:
         notes.append("dropped: " + ", ".join(f"{reason} {n:,}" for reason, n in manifest["dropped"].items()))

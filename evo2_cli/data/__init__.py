@@ -1,2 +1,1 @@
-"""Data: byte-level alphabet facts, FASTA and region reading, the split hash, Megatron indexed datasets and
-`evo2 preprocess` (a package by stage); transforms shape sequences into documents."""
+"""Data: the byte alphabet, FASTA and region reading, the split hash, indexed datasets, `evo2 preprocess`."""

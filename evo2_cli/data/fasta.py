@@ -32,12 +32,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 BLOCK_SIZE = 1 << 22  # plain-file read size; gzip reads a quarter of it (DNA inflates about 3.5x)
 _PREFETCH_BLOCKS = 4
 _BLANKS = b"\r\t "  # tolerated inside sequence lines (CRLF files, trailing spaces) and removed
-_OTHER_COMPRESSION = {
-    b"BZh": "bzip2",
-    b"\xfd7zXZ": "xz",
-    b"\x28\xb5\x2f\xfd": "zstd",
-    b"PK\x03\x04": "zip",
-}
+_OTHER_COMPRESSION = {b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
 @dataclass(slots=True)
@@ -116,9 +111,7 @@ def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_si
         raise InputError(f"{path}: truncated gzip file (ends mid-stream); re-download or recompress it")
 
 
-def _plain_blocks(
-    handle, start: int, end: int | None, on_bytes: Callable[[int], None], block_size: int
-) -> Iterator[bytes]:
+def _plain_blocks(handle, start: int, end: int | None, on_bytes, block_size: int) -> Iterator[bytes]:
     handle.seek(start)
     left = None if end is None else end - start
     while left is None or left > 0:

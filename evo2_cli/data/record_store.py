@@ -331,10 +331,10 @@ class _Cursor:
 
 def merged(sections: list[Section], fds, held_records: int) -> Iterator[Columns]:
     """The records of sorted sections in (input, id) order, a block at a time (`fds`: file name -> read
-    descriptor; `held_records`: the records all the sections' blocks hold together). Each round takes from
-    every section's current block the records up to the smallest of the blocks' last keys (no record after
-    that can come before them) and sorts them together: Python's sort merges the sorted pieces in C. Keys
-    never tie between sections (an id lives in one)."""
+    descriptor; the sections' blocks hold `held_records` together). Each round takes from every section's
+    current block the records up to the smallest of the blocks' last keys (no record after that can come
+    before them) and sorts them together: Python's sort merges the sorted pieces in C. Keys never tie between
+    sections (an id lives in one)."""
     sections = [section for section in sections if section.records]
     block = max(1, held_records // max(len(sections), 1))
     if len(sections) == 1:

@@ -41,15 +41,18 @@ def parse_interval(text: str) -> tuple[str, int, int | None]:
     return match["chrom"], start - 1, end
 
 
-def read_bed(path: Path) -> list[Region]:
+def numbered_lines(path: Path, kind: str, comments: tuple[str, ...] = ("#",)) -> list[tuple[int, str]]:
+    """(line number, line) of the lines of a text file that are neither blank nor comments."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read BED file: {exc}") from None
+        raise InputError(f"{path}: cannot read {kind} file: {exc}") from None
+    return [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith(comments)]
+
+
+def read_bed(path: Path) -> list[Region]:
     regions = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.startswith(("#", "track", "browser")):
-            continue
+    for number, line in numbered_lines(path, "BED", ("#", "track", "browser")):
         fields = line.split("\t") if "\t" in line else line.split()
         try:
             chrom, start, end = fields[0], int(fields[1]), int(fields[2])

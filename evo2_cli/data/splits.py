@@ -1,5 +1,4 @@
-"""The split hash: which of train, val and test a record (or a stretch of it) belongs to, the same on every
-machine; preprocess and finetune share it."""
+"""The split hash, shared by preprocess and finetune: which of train, val and test a record belongs to."""
 
 from __future__ import annotations
 

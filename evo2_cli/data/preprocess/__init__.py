@@ -1,13 +1,8 @@
 """`evo2 preprocess`: FASTA files (and regions of indexed FASTA) -> one Megatron indexed dataset per split.
-
-By stage: config (keys, limits, tag rules); plan (inputs expanded, globs sorted, and cut into tasks: a file,
-a byte range of a large plain file when several workers run, or a region list); worker (the processes that
-run tasks: each streams its records, assigns every record to a split by a stable hash, applies the Recipe,
-appends the documents to a spool file of its process and the record's metadata to its record file);
-assemble (records sorted a bounded group at a time, ids checked, `PREFIX_{train,val,test}.bin/.idx`
-written in the canonical order); manifest (`manifest.json`). All inside a temporary directory renamed into
-place at the end. A split that got no token gets no files (megatron-core cannot map an empty .bin) and is
-listed under `empty_splits` in the manifest. Memory holds a few blocks of records at a time, never all.
+Stages: config, plan (inputs -> tasks), worker (tasks -> spooled records), assemble (records sorted -> .bin
+and .idx files), manifest; all in a temporary directory renamed into place at the end. A split without a token
+gets no files (megatron-core cannot map an empty .bin): the manifest lists it under `empty_splits`. Memory
+holds a few blocks of records at a time, never all of them.
 
 Determinism: a record's split is `blake2b(seed, key)` (data/splits.py) where the key is its id (first
 header word) or the `group_regex` match; with `split_by: position` every record is cut instead, its head to
@@ -21,19 +16,17 @@ the limits, so those give byte-identical datasets and manifests.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from evo2_cli.data.preprocess.assemble import write_splits
-from evo2_cli.data.preprocess.config import Limits, PreprocessConfig, PreprocessJob, load_tags
+from evo2_cli.data.preprocess.config import Limits, PreprocessConfig, load_tags
 from evo2_cli.data.preprocess.manifest import DATASET_DIR, MANIFEST, manifest_of, no_sequence
 from evo2_cli.data.preprocess.plan import plan_workers
 from evo2_cli.data.preprocess.worker import Job, execute, keep_freed_memory
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text
-
-__all__ = ["Limits", "PreprocessConfig", "PreprocessJob", "run_preprocess"]
 
 
 def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None, limits=Limits()) -> dict:
@@ -41,14 +34,10 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None,
     names, tasks, workers, workers_note = plan_workers(cfg, limits)
     keep_freed_memory()
     tags = load_tags(cfg.tags_file) if cfg.tags_file is not None else ()
-    say = (
-        (lambda text: console.print(text, highlight=False, soft_wrap=True))
-        if console
-        else (lambda text: None)
-    )
+    say = partial(console.print, highlight=False, soft_wrap=True) if console else (lambda text: None)
     if workers_note:
         say(workers_note)
-    progress = functools.partial(_progress_bar, console)
+    progress = partial(_progress_bar, console)
     with atomic_output_dir(cfg.output_dir, DATASET_DIR, overwrite, say=say) as tmp:
         job = Job(cfg, tags, tmp / ".spool", tmp / ".records", limits)
         job.spool_dir.mkdir()
@@ -59,7 +48,7 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None,
             raise no_sequence(names, results)
         digests = write_splits(tasks, results, job, tmp, progress)
         shutil.rmtree(job.spool_dir)
-        manifest = manifest_of(cfg, names, results, job, tmp, digests)
+        manifest = manifest_of(cfg, names, results, job.records_dir, tmp, digests)
         shutil.rmtree(job.records_dir)
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -71,24 +60,11 @@ def _progress_bar(console, total: int, label: str, unit: str) -> Iterator[Callab
     if console is None:
         yield lambda count, records: None
         return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich import progress as bar
 
-    columns = (
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TextColumn(f"{{task.fields[records]:,}} {unit}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    columns = [bar.TextColumn(f"[bold]{label}"), bar.BarColumn(), bar.DownloadColumn()]
+    columns += [bar.TransferSpeedColumn(), bar.TextColumn(f"{{task.fields[records]:,}} {unit}")]
+    with bar.Progress(*columns, bar.TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(label, total=total, records=0)
         records = 0
 

@@ -1,5 +1,4 @@
-"""Assembling: the stored records sorted a bounded group at a time into runs, the runs merged into the
-canonical order, each split's documents copied from the spools into its indexed .bin/.idx files."""
+"""Records sorted a bounded group at a time, merged into the canonical order, written as indexed files."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from evo2_cli.data import record_store
 from evo2_cli.data.fasta import display
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.data.preprocess.plan import Task, record_place
-from evo2_cli.data.preprocess.worker import Job, TaskResult, spool_name
+from evo2_cli.data.preprocess.worker import Job, TaskResult, split_totals, spool_name
 from evo2_cli.data.splits import SPLITS
 from evo2_cli.errors import InputError, shorten
 from evo2_cli.fsio import pread_exact
@@ -24,7 +23,7 @@ from evo2_cli.fsio import pread_exact
 def write_splits(tasks: list[Task], results: list[TaskResult], job: Job, directory: Path, progress) -> dict:
     """Writes each split that got a token as `directory`/PREFIX_SPLIT.bin/.idx; returns the sha256 of each
     .bin by file name. `progress(total, label, unit)`: a context giving advance(bytes, items)."""
-    stored = sum(stats.tokens for result in results for stats in result.splits)
+    stored = sum(stats.tokens for stats in split_totals(results))
     spools, records, digests = _OpenFiles(job.spool_dir), _OpenFiles(job.records_dir), {}
     try:
         with progress(stored, "sorting", "records") as advance:
@@ -55,30 +54,25 @@ def write_splits(tasks: list[Task], results: list[TaskResult], job: Job, directo
 
 def empty_splits(results: list[TaskResult]) -> list[str]:
     """The splits that got no token (too few records for their fraction): they get no files."""
-    return [
-        name
-        for index, name in enumerate(SPLITS)
-        if not any(result.splits[index].tokens for result in results)
-    ]
+    return [name for name, stats in zip(SPLITS, split_totals(results), strict=True) if not stats.tokens]
 
 
-class _OpenFiles:
-    """Read descriptors of the files in a directory, opened on first use (pread and descriptors: memory maps
-    would count the spools' pages in the resident set, which must not grow with the input)."""
+class _OpenFiles(dict):
+    """Read descriptors of the files in a directory by name, opened on first use (pread and descriptors:
+    memory maps would count the spools' pages in the resident set, which must not grow with the input)."""
 
     def __init__(self, directory: Path):
+        super().__init__()
         self.directory = directory
-        self.fds: dict[str, int] = {}
 
-    def __getitem__(self, name: str) -> int:
-        if name not in self.fds:
-            self.fds[name] = os.open(self.directory / name, os.O_RDONLY)
-        return self.fds[name]
+    def __missing__(self, name: str) -> int:
+        fd = self[name] = os.open(self.directory / name, os.O_RDONLY)
+        return fd
 
     def close(self) -> None:
-        for fd in self.fds.values():
+        for fd in self.values():
             os.close(fd)
-        self.fds.clear()
+        self.clear()
 
 
 def _sorted_runs(
@@ -138,12 +132,7 @@ def _runs(blocks: Iterator[record_store.Columns]) -> Iterator[tuple[int, int, in
 
 
 def _write_split(
-    prefix: Path,
-    split: int,
-    ordered: Iterator[record_store.Columns],
-    spools: _OpenFiles,
-    advance: Callable[[int, int], None],
-    batch: int,
+    prefix: Path, split: int, ordered: Iterator[record_store.Columns], spools: _OpenFiles, advance, batch: int
 ) -> str:
     """Write one split's records in the canonical order (`ordered`: blocks of them); returns the sha256 of its
     .bin. Stretches of `batch` bytes or more are copied by the kernel (copy_file_range) while a second

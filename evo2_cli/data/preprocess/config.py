@@ -1,25 +1,23 @@
-"""The preprocess config (its keys, checked as they load), the limits that bound memory and work, and the
-tag rules of a tags file."""
+"""The preprocess config (its keys, checked as they load), the limits that bound its work, the tag rules."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from evo2_cli.config import FieldError, check
 from evo2_cli.data.alphabet import MAX_TAG_BYTES, TAG_MARKERS
 from evo2_cli.data.fasta import BLOCK_SIZE, display
-from evo2_cli.data.regions import parse_interval
+from evo2_cli.data.regions import numbered_lines, parse_interval
 from evo2_cli.data.transforms import Recipe, letter_table
 from evo2_cli.errors import InputError, shorten
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Sizes that bound memory and work; none changes a byte of the output (tests pass small ones)."""
+    """Sizes that bound memory and work (tests pass small ones); none but the last changes the output."""
 
     read_block: int = BLOCK_SIZE  # bytes read from a plain file at a time (gzip: a quarter of it)
     shard_bytes: int = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
@@ -112,19 +110,9 @@ class PreprocessConfig:
                 raise FieldError("group_regex", f"not a valid regular expression: {exc}") from None
 
     def recipe(self) -> Recipe:
-        return Recipe(
-            letters=letter_table(self.rna, self.iupac, self.uppercase),
-            n_run_length=self.n_run_length,
-            n_run_action=self.n_run_action,
-            drop_empty=self.drop_empty,
-            min_length=self.min_length,
-            max_length=self.max_length,
-            chunk_length=self.chunk_length,
-            chunk_overlap=self.chunk_overlap,
-            reverse_complement=self.reverse_complement,
-            tag_every=self.tag_every,
-            append_eod=self.append_eod,
-        )
+        """The per-record steps: every field of Recipe but its letter table is the key of the same name."""
+        steps = {step.name: getattr(self, step.name) for step in fields(Recipe) if step.name != "letters"}
+        return Recipe(letters=letter_table(self.rna, self.iupac, self.uppercase), **steps)
 
 
 @dataclass
@@ -136,26 +124,19 @@ class PreprocessJob:
 
 @dataclass(frozen=True)
 class TagRule:
-    pattern: str  # regex that must match the whole record id
+    pattern: re.Pattern[str]  # must match the whole record id
     lineage: bytes  # "|d__...;...|"
-    line: int
 
 
 def load_tags(path: Path) -> tuple[TagRule, ...]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read tags file: {exc}") from None
     rules = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
+    for number, line in numbered_lines(path, "tags"):
         pattern, sep, lineage = line.partition("\t")
         lineage = lineage.strip()
         if not sep or not pattern:
             raise InputError(f"{path}:{number}: expected ID_REGEX<TAB>|lineage|, got {shorten(repr(line))}")
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)
         except re.error as exc:
             raise InputError(f"{path}:{number}: bad regex {shorten(repr(pattern))}: {exc}") from None
         inner = lineage[1:-1]
@@ -172,17 +153,12 @@ def load_tags(path: Path) -> tuple[TagRule, ...]:
             )
         if len(lineage) > MAX_TAG_BYTES:
             raise InputError(f"{path}:{number}: lineage is {len(lineage)} bytes; at most {MAX_TAG_BYTES}")
-        rules.append(TagRule(pattern, lineage.encode(), number))
+        rules.append(TagRule(compiled, lineage.encode()))
     if not rules:
         raise InputError(f"{path}: no tag rules")
     return tuple(rules)
 
 
-@cache
-def _compiled(rules: tuple[TagRule, ...]) -> list[tuple[re.Pattern[str], bytes]]:
-    return [(re.compile(rule.pattern), rule.lineage) for rule in rules]
-
-
 def tag_for(record_id: bytes, rules: tuple[TagRule, ...]) -> bytes | None:
     text = display(record_id)
-    return next((lineage for pattern, lineage in _compiled(rules) if pattern.fullmatch(text)), None)
+    return next((rule.lineage for rule in rules if rule.pattern.fullmatch(text)), None)

@@ -1,5 +1,4 @@
-"""The manifest.json of a dataset: the config, the inputs, each split's figures, what was dropped and why,
-every file with its sha256; and the error for inputs that left nothing to store."""
+"""The manifest.json of a dataset, and the error for inputs that left nothing to store."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from evo2_cli.data.alphabet import EOD_ID, PAD_ID, VOCAB_SIZE
 from evo2_cli.data.lengths import summarize_lengths
 from evo2_cli.data.preprocess.assemble import empty_splits
 from evo2_cli.data.preprocess.config import PreprocessConfig
-from evo2_cli.data.preprocess.worker import MAX_EXAMPLES, Job, SplitStats, TaskResult, lengths_name
+from evo2_cli.data.preprocess.worker import MAX_EXAMPLES, SplitStats, TaskResult, lengths_name, split_totals
 from evo2_cli.data.splits import SPLITS
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import directory_kind, json_listing, sha256_file
@@ -51,18 +50,16 @@ def _dropped(results: list[TaskResult]) -> tuple[dict[str, int], list[tuple[int,
 
 
 def manifest_of(
-    cfg: PreprocessConfig, names: list, results: list[TaskResult], job: Job, directory: Path, digests: dict
+    cfg: PreprocessConfig, names: list, results: list[TaskResult], records: Path, out: Path, digests: dict
 ) -> dict:
-    """`digests`: sha256 of files already hashed while they were written, by file name."""
-    splits = [SplitStats() for _ in SPLITS]
-    for result in results:
-        for total, part in zip(splits, result.splits, strict=True):
-            total.merge(part)
+    """The manifest of the dataset in `out`; `records`: the directory of the document lengths; `digests`:
+    sha256 of files already hashed while they were written, by file name."""
+    splits = split_totals(results)
     dropped, problems = _dropped(results)
     # Where the output went and how many processes wrote it do not change a byte of it.
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "workers")}
     files = {}
-    for path in sorted(directory.iterdir()):
+    for path in sorted(out.iterdir()):
         if path.suffix in (".bin", ".idx"):
             digest = digests.get(path.name) or sha256_file(path)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
@@ -84,7 +81,7 @@ def manifest_of(
         "config": config,
         "inputs": [str(name) for name in names],
         "splits": {
-            name: _split_summary(stats, summarize_lengths(sorted(job.records_dir.glob(lengths_name("*", i)))))
+            name: _split_summary(stats, summarize_lengths(sorted(records.glob(lengths_name("*", i)))))
             for i, (name, stats) in enumerate(zip(SPLITS, splits, strict=True))
         },
         "dropped": dropped,

@@ -35,11 +35,8 @@ def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
 
 
 # What a directory given as an input contributes: its files named like FASTA, compressed or not.
-FASTA_NAMES = tuple(
-    kind + compression
-    for kind in (".fa", ".fasta", ".fna", ".ffn", ".frn", ".fas")
-    for compression in ("", ".gz", ".bgz", ".bgzf")
-)
+_KINDS, _COMPRESSIONS = (".fa", ".fasta", ".fna", ".ffn", ".frn", ".fas"), ("", ".gz", ".bgz", ".bgzf")
+FASTA_NAMES = tuple(kind + compression for kind in _KINDS for compression in _COMPRESSIONS)
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -87,9 +84,7 @@ def _file_tasks(index: int, path: Path, workers: int, shard_bytes: int) -> list[
     return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
 
 
-def plan_tasks(
-    cfg: PreprocessConfig, workers: int = 1, limits: Limits = Limits()
-) -> tuple[list[Path | str], list[Task]]:
+def plan_tasks(cfg: PreprocessConfig, workers: int, limits: Limits) -> tuple[list[Path | str], list[Task]]:
     """Input names (by input index) and the tasks that read them (large plain files cut for `workers`)."""
     names: list[Path | str] = []
     tasks: list[Task] = []
@@ -110,9 +105,7 @@ def plan_tasks(
 
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, which batch schedulers set), else all."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def auto_workers(tasks: list[Task], cores: int, bytes_per_worker: int) -> int:
@@ -123,7 +116,7 @@ def auto_workers(tasks: list[Task], cores: int, bytes_per_worker: int) -> int:
 
 
 def plan_workers(
-    cfg: PreprocessConfig, limits: Limits = Limits()
+    cfg: PreprocessConfig, limits: Limits
 ) -> tuple[list[Path | str], list[Task], int, str | None]:
     """Input names, tasks and the worker count; with `workers: auto`, also a line saying what was chosen and
     why. The worker count never changes a byte of the output."""

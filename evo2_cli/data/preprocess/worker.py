@@ -1,5 +1,4 @@
-"""The work of one task (read its records, split them, apply the recipe, append the documents to this
-process's spool files and their metadata to its record file) and the worker processes that run tasks."""
+"""The work of a task (records read, split, shaped and stored in spool and record files) and the workers."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from evo2_cli.data import record_store
-from evo2_cli.data.fasta import FastaRecord, display, read_fasta
+from evo2_cli.data.fasta import display, read_fasta
 from evo2_cli.data.preprocess.config import Limits, PreprocessConfig, TagRule, tag_for
 from evo2_cli.data.preprocess.plan import Task, record_place, with_first_lines
 from evo2_cli.data.regions import read_regions
@@ -49,6 +48,15 @@ class SplitStats:
         self.documents += other.documents
         self.tokens += other.tokens
         self.counts.merge(other.counts)
+
+
+def split_totals(results: list[TaskResult]) -> list[SplitStats]:
+    """Each split's statistics over every task."""
+    totals = [SplitStats() for _ in SPLITS]
+    for result in results:
+        for total, part in zip(totals, result.splits, strict=True):
+            total.merge(part)
+    return totals
 
 
 @dataclass
@@ -154,14 +162,6 @@ class _Meter:
         self.reported = records
 
 
-def _records(task: Task, meter: _Meter, contiguous: bool, block_size: int) -> Iterator[FastaRecord]:
-    if task.regions:
-        return read_regions(task.path, task.regions, meter.on_bytes)
-    return read_fasta(
-        task.path, task.start, task.end, meter.on_bytes, contiguous, task.first_line, block_size
-    )
-
-
 def split_record(
     parts: list[bytes | bytearray], key: bytes, cfg: PreprocessConfig
 ) -> list[tuple[int, list[bytes | bytearray]]]:
@@ -172,11 +172,7 @@ def split_record(
         return [(split_of(key, cfg.seed, cfg.split), parts)]
     sequence = parts[0] if parts else b""
     bounds = (0, *position_cuts(len(sequence), cfg.split), len(sequence))
-    pieces = [
-        (index, [sequence[start:end]])
-        for index, (start, end) in enumerate(itertools.pairwise(bounds))
-        if end > start
-    ]
+    pieces = [(index, [sequence[a:b]]) for index, (a, b) in enumerate(itertools.pairwise(bounds)) if b > a]
     return pieces or [(0, parts)]
 
 
@@ -188,8 +184,14 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
     result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
     records = record_store.RecordBuffer(task.input_index, os.getpid(), job.limits.flush_documents)
     try:
-        contiguous = recipe.cuts_sequence or cfg.split_by == "position"
-        for number, record in enumerate(_records(task, meter, contiguous, job.limits.read_block)):
+        whole = recipe.cuts_sequence or cfg.split_by == "position"  # each record in one buffer
+        block = job.limits.read_block
+        reader = (
+            read_regions(task.path, task.regions, meter.on_bytes)
+            if task.regions
+            else read_fasta(task.path, task.start, task.end, meter.on_bytes, whole, task.first_line, block)
+        )
+        for number, record in enumerate(reader):
             meter.records += 1
             if not record.problem and not any(map(len, record.parts)):
                 result.empty_records += 1
@@ -235,9 +237,6 @@ def keep_freed_memory() -> None:
     path, per 200 Mbases). Blocks (4 MB) sit below the 8 MB mapping threshold; buffers above it (whole
     records) are mappings that grow by mremap as before. The heap keeps at most 32 MB unused."""
     tune_malloc(8 << 20, 32 << 20)
-
-
-# ---------------------------------------------------------------- worker processes
 
 
 def execute(tasks: list[Task], job: Job, workers: int, advance: Callable) -> list[TaskResult]:
