@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -970,6 +971,29 @@ def test_progress_counts_every_record_read(tmp_path):
     job = worker.Job(cfg, (), spool, records, Limits(read_block=512))
     worker.run_task(plan.Task(0, source, size=source.stat().st_size), job, advance)
     assert totals == [source.stat().st_size, 5000]
+
+
+def test_limits_reach_every_stage(tmp_path):
+    """Each field of Limits bounds the stage it names (tests rely on small ones to cut the work up)."""
+    from evo2_cli.data import record_store
+
+    source = write_fasta(tmp_path / "a.fa", random_records(300, length=(1, 300)))
+    limits = Limits(read_block=1000, flush_documents=7, group_records=5, group_documents=50, merge_records=3)
+    limits = replace(limits, write_batch=2000, shard_bytes=10_000)
+    with (
+        mock.patch.object(worker, "read_fasta", wraps=worker.read_fasta) as reader,
+        mock.patch.object(record_store, "RecordBuffer", wraps=record_store.RecordBuffer) as buffers,
+        mock.patch.object(record_store, "plan_groups", wraps=record_store.plan_groups) as groups,
+        mock.patch.object(record_store, "merged", wraps=record_store.merged) as merged,
+        mock.patch.object(assemble, "_write_split", wraps=assemble._write_split) as writes,
+    ):
+        run(tmp_path, [source], limits=limits, workers=1)
+    assert reader.call_args.args[-1] == 1000
+    assert {call.args[-1] for call in buffers.call_args_list} == {7}
+    assert groups.call_args.args[1:] == (5, 50)
+    assert {call.args[-1] for call in merged.call_args_list} == {3}
+    assert {call.args[-1] for call in writes.call_args_list} == {2000}
+    assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 3
 
 
 def test_progress_from_workers_adds_up(tmp_path):
