@@ -26,6 +26,7 @@ from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
 from evo2_cli.diagnose.record import StepRecord
+from evo2_cli.diagnose.report import chart as report_chart
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
 from evo2_cli.train.config import GuardSection, TrainJob
 from evo2_cli.train.data import split_windows, token_losses
@@ -315,7 +316,7 @@ def test_the_explosion_on_cuda_under_bf16_autocast(ecoli, tmp_path):
 
 
 def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "pyplot", lambda: None)
+    monkeypatch.setattr(report_chart, "pyplot", lambda: None)
     out = tmp_path / "diag"
     code, text = cli(*reproduction_args(ecoli, out, steps=2), "--variants=modal")
     assert code == 0, text

@@ -117,21 +117,23 @@ def diagnose_grads(
 
 
 def _diagnose(job, overwrite: bool, verify: bool) -> tuple[bool, list[str]]:
-    from evo2_cli.diagnose.report import summary_tables, write_report
+    from evo2_cli.diagnose.report import write_report
+    from evo2_cli.diagnose.report.findings import findings
+    from evo2_cli.diagnose.report.terminal import summary_tables
     from evo2_cli.diagnose.run import run_diagnosis
 
     with console.status("diagnose-grads: starting") as status:
-        diagnosis = run_diagnosis(job, progress=status.update, verify=verify)
-    for table in summary_tables(diagnosis):
+        found = findings(run_diagnosis(job, progress=status.update, verify=verify))
+    for table in summary_tables(found):
         console.print(table)
-    return diagnosis.healthy, write_report(diagnosis, job.diagnose.output_dir, overwrite)
+    return found.diagnosis.healthy, write_report(found, job.diagnose.output_dir, overwrite)
 
 
 def _review(
     run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool, verify: bool
 ) -> tuple[bool, list[str]]:
     from evo2_cli.diagnose.posthoc import review_run
-    from evo2_cli.diagnose.report import review_tables, write_review
+    from evo2_cli.diagnose.posthoc_report import review_tables, write_review
 
     review = review_run(run_dir, settings, verify)
     for table in review_tables(review):
