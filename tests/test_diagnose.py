@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import sys
 import xml.dom.minidom
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from evo2_cli.diagnose import report
 from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
 from evo2_cli.diagnose.record import StepRecord
-from evo2_cli.diagnose.report import chart as report_chart
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
 from evo2_cli.train.config import GuardSection, TrainJob
 from evo2_cli.train.data import split_windows, token_losses
@@ -279,9 +279,8 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert vortex_hcl > 1e6 * modal_hcl
 
     # every output is there and consistent
-    for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):
+    for name in (*report.REPORT_FILES, "grad_norms.svg", "hcl_lambda.svg"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "grad_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_rows(out / "steps.csv")
     assert [r["variant"] for r in rows].count("modal") == 12
     assert {"grad_norm_hcl", "hcl_max_lambda", "max_update_ratio"} <= set(rows[0])
@@ -296,6 +295,12 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert len(charts) == 4  # per variant: gradient norm per block type, max lambda
     for chart in charts:
         xml.dom.minidom.parseString(chart)  # well-formed
+    # the chart files hold the very same charts, one panel per variant
+    grad_file, hcl_file = ((out / name).read_text() for name in ("grad_norms.svg", "hcl_lambda.svg"))
+    for text in (grad_file, hcl_file):
+        xml.dom.minidom.parseString(text)
+    assert [grad_file.count(c) for c in charts] == [1, 0, 1, 0]
+    assert [hcl_file.count(c) for c in charts] == [0, 1, 0, 1]
 
     # exit 0 when healthy; an existing output is refused before any training
     code, text = cli(*reproduction_args(ecoli, out, steps=3), "--variants=modal", "--overwrite")
@@ -315,13 +320,14 @@ def test_the_explosion_on_cuda_under_bf16_autocast(ecoli, tmp_path):
     assert vortex["explosion"]["block"] == "hcl" and modal["healthy"]
 
 
-def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path, monkeypatch):
-    monkeypatch.setattr(report_chart, "pyplot", lambda: None)
+def test_the_chart_files_need_no_matplotlib(ecoli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
     out = tmp_path / "diag"
     code, text = cli(*reproduction_args(ecoli, out, steps=2), "--variants=modal")
     assert code == 0, text
-    assert "matplotlib is not installed" in text
-    assert not list(out.glob("*.png")) and (out / "report.html").exists()
+    assert "matplotlib" not in text and not list(out.glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.svg")) == ["grad_norms.svg", "hcl_lambda.svg"]
+    assert ": gradient norm per block type" in (out / "grad_norms.svg").read_text()
 
 
 def test_axis_flags_cross_the_variants(ecoli, tmp_path):
@@ -391,6 +397,9 @@ def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
     assert data["healthy"] and data["logged_steps"] == 8 and data["spikes"] == []
     assert [c["step"] for c in data["checkpoints"]] == [4, 8]
     assert data["checkpoints"][0]["hcl"]["2"]["max_lambda"] < 0
+    chart = (tmp_path / "ok" / "grad_norm.svg").read_text()
+    xml.dom.minidom.parseString(chart)
+    assert "gradient norm per logged step" in chart and "grad_norm.svg" in text
 
     # the run's latest checkpoint as the starting point of a diagnosis
     code, text = cli(

@@ -101,17 +101,12 @@ def diagnose_grads(
     d = job.diagnose
     check_output_dir(d.output_dir, overwrite)
     if d.run_dir is not None:
-        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, d.plots, not no_verify)
+        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, not no_verify)
         problem = f"grad-norm spikes in {d.run_dir}"
     else:
         healthy, written = _diagnose(job, overwrite, not no_verify)
         problem = "gradient explosion"
     console.print(f"[green]report:[/] {d.output_dir} ({', '.join(written)})")
-    if d.plots and not any(name.endswith(".png") for name in written):
-        console.print(
-            "[yellow]no PNG plots: matplotlib is not installed[/] (pip install 'evo2-cli[plot]'); "
-            "report.html has the same charts"
-        )
     if not healthy:
         raise DiagnosisFailed(f"{problem} found; see {d.output_dir / 'report.json'}")
 
@@ -130,7 +125,7 @@ def _diagnose(job, overwrite: bool, verify: bool) -> tuple[bool, list[str]]:
 
 
 def _review(
-    run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool, verify: bool
+    run_dir: Path, settings, output_dir: Path, overwrite: bool, verify: bool
 ) -> tuple[bool, list[str]]:
     from evo2_cli.diagnose.posthoc import review_run
     from evo2_cli.diagnose.posthoc_report import review_tables, write_review
@@ -138,4 +133,4 @@ def _review(
     review = review_run(run_dir, settings, verify)
     for table in review_tables(review):
         console.print(table)
-    return review.healthy, write_review(review, output_dir, overwrite, plots)
+    return review.healthy, write_review(review, output_dir, overwrite)

@@ -194,7 +194,6 @@ class DiagnoseSection:
     slow_modes: int = 0
     slow_mode_lambda: float = -1e-4
     output_dir: Path = Path("runs/diagnose")
-    plots: bool = True  # PNG plots when matplotlib is installed (the HTML report has its own charts)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")

@@ -4,8 +4,8 @@ report.json       the detector settings, every spike (step, problem, grad norm, 
                   every checkpoint's hcl pole statistics and the logged series
 steps.csv         one row per logged step: loss, lr, grad norm, skipped by the guard, problem
 checkpoints.csv   one row per checkpoint and hcl layer
-grad_norm.png     the logged gradient norm with the spikes marked (when matplotlib is installed)
-report.html       the verdict, the spikes and the chart
+grad_norm.svg     the logged gradient norm with the spikes marked
+report.html       the verdict, the spikes and the same chart
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rich.table import Table
 from evo2_cli.config import to_dict
 from evo2_cli.diagnose.posthoc import RunReview
 from evo2_cli.diagnose.report import REPORT_DIR, REVIEW_FILES
-from evo2_cli.diagnose.report.chart import svg_chart, write_review_plot
+from evo2_cli.diagnose.report.chart import svg_chart, write_svg
 from evo2_cli.diagnose.report.csvfiles import write_csv
 from evo2_cli.diagnose.report.findings import fmt, nanmax
 from evo2_cli.diagnose.report.html import html_page, table_html
@@ -101,9 +101,7 @@ def review_tables(review: RunReview) -> list[Table]:
     return tables
 
 
-def write_review(
-    review: RunReview, directory: Path, overwrite: bool = False, plots: bool = True
-) -> list[str]:
+def write_review(review: RunReview, directory: Path, overwrite: bool = False) -> list[str]:
     """Write the post-hoc outputs into `directory` atomically; returns the file names written."""
     flagged = {spike.step: spike for spike in review.spikes}
     with atomic_output_dir(Path(directory), REPORT_DIR, overwrite=overwrite) as tmp:
@@ -150,5 +148,5 @@ def write_review(
         )
         page = f"<p>run {html.escape(str(review.run_dir))}</p>{verdict}{spikes}<div>{chart}</div>"
         (tmp / "report.html").write_text(html_page(page), encoding="utf-8")
-        plotted = plots and write_review_plot(review, tmp / "grad_norm.png")
-    return [*REVIEW_FILES, *(["grad_norm.png"] if plotted else [])]
+        write_svg(tmp / "grad_norm.svg", [chart])
+    return [*REVIEW_FILES, "grad_norm.svg"]

@@ -10,9 +10,9 @@
     activations.csv   one row per variant, step and watched module: max |x|, rms, non-finite entries
     hcl.csv           one row per variant, step and hcl layer: max lambda, fraction of modes with lambda >= 0,
                       max |h[t]|
-    grad_norms.png    chart.py: gradient norm per block type over steps, log scale, one panel per variant
-    hcl_lambda.png    max lambda of each hcl layer over steps, with the fp32 overflow line 88.72 / (L - 1)
-    report.html       html.py: all of the above in one file
+    grad_norms.svg    chart.py: gradient norm per block type over steps, log scale, one panel per variant
+    hcl_lambda.svg    max lambda of each hcl layer over steps, with the fp32 overflow line 88.72 / (L - 1)
+    report.html       html.py: all of the above in one file, the same charts inline
     (terminal)        terminal.py: the summary tables
 
 The post-hoc review of a run writes its own outputs (diagnose/posthoc_report.py) into the same kind of
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from evo2_cli.diagnose.report.chart import write_plots
+from evo2_cli.diagnose.report.chart import variant_charts, write_svg
 from evo2_cli.diagnose.report.csvfiles import write_csvs
 from evo2_cli.diagnose.report.findings import Findings
 from evo2_cli.diagnose.report.html import html_report
@@ -34,7 +34,8 @@ from evo2_cli.fsio import atomic_output_dir, check_replaceable, directory_kind, 
 
 REPORT_FILES = ("report.json", "steps.csv", "parameters.csv", "activations.csv", "hcl.csv", "report.html")
 REVIEW_FILES = ("report.json", "steps.csv", "checkpoints.csv", "report.html")
-PLOT_FILES = ("grad_norms.png", "hcl_lambda.png", "grad_norm.png")
+CHART_FILES = ("grad_norms.svg", "hcl_lambda.svg", "grad_norm.svg")
+OLD_CHART_FILES = ("grad_norms.png", "hcl_lambda.png", "grad_norm.png")  # earlier versions: still replaceable
 # What `--overwrite` may replace: a directory of our report.json and the files a report holds, nothing else.
 REPORT_DIR = directory_kind(
     "a diagnose-grads report directory",
@@ -42,7 +43,7 @@ REPORT_DIR = directory_kind(
     json_listing(
         "report.json",
         lambda data: data.get("tool") == HEADER["tool"],
-        {*REPORT_FILES, *REVIEW_FILES, *PLOT_FILES},
+        {*REPORT_FILES, *REVIEW_FILES, *CHART_FILES, *OLD_CHART_FILES},
     ),
 )
 
@@ -67,5 +68,7 @@ def write_report(found: Findings, directory: Path, overwrite: bool = False) -> l
         write_json(tmp / "report.json", report_data(found))
         write_csvs(found, tmp)
         (tmp / "report.html").write_text(html_report(found), encoding="utf-8")
-        plots = write_plots(found, tmp) if found.diagnosis.job.diagnose.plots else []
-    return [*REPORT_FILES, *plots]
+        charts = variant_charts(found)
+        for name, drawn in charts.items():
+            write_svg(tmp / name, drawn)
+    return [*REPORT_FILES, *charts]

@@ -1,15 +1,14 @@
-"""The charts: one renderer of small line charts as SVG (no dependency) for report.html, and the PNG files
-drawn with matplotlib when it is installed (the `plot` extra)."""
+"""The charts: one renderer of small line charts as SVG (no dependency), drawn inline in report.html and
+written as standalone .svg files (the charts of one kind side by side)."""
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from evo2_cli.diagnose.posthoc import RunReview
-from evo2_cli.diagnose.report.findings import Findings, VariantFindings
+from evo2_cli.diagnose.report.findings import Findings
 from evo2_cli.diagnose.run import VariantResult
 
 
@@ -110,120 +109,25 @@ def explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
     )
 
 
-def variant_charts(found: Findings) -> list[str]:
-    """Per variant: gradient norm per block type, and max lambda per hcl layer (when it has hcl layers)."""
-    charts = []
+def variant_charts(found: Findings) -> dict[str, list[str]]:
+    """Per chart file, one chart per variant: gradient norm per block type, and max lambda per hcl layer
+    (only when some variant has hcl layers)."""
+    charts: dict[str, list[str]] = {"grad_norms.svg": [], "hcl_lambda.svg": []}
     for f in found.variants:
         marks = explosion_marks(f.result)
-        charts.append(
-            svg_chart(f.by_block, f"{f.name}: gradient norm per block type", "log10", marks, log=True)
-        )
+        title = f"{f.name}: gradient norm per block type"
+        charts["grad_norms.svg"].append(svg_chart(f.by_block, title, "log10", marks, log=True))
         lam = {f"layer {layer}": s["max_lambda"] for layer, s in f.hcl.items()}
         if lam:
-            charts.append(
-                svg_chart(
-                    lam,
-                    f"{f.name}: max lambda per hcl layer",
-                    "lambda",
-                    marks,
-                    hlines=[(0.0, "0"), (found.overflow, "fp32 overflow 88.7/(L-1)")],
-                )
-            )
-    return charts
+            hlines = [(0.0, "0"), (found.overflow, "fp32 overflow 88.7/(L-1)")]
+            title = f"{f.name}: max lambda per hcl layer"
+            charts["hcl_lambda.svg"].append(svg_chart(lam, title, "lambda", marks, hlines=hlines))
+    return {name: drawn for name, drawn in charts.items() if drawn}
 
 
-def pyplot():
-    """matplotlib.pyplot with the file-only backend, or None when matplotlib (the `plot` extra) is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _log_y(ax, values: Iterable[float]) -> None:
-    """Log y scale, unless nothing positive and finite is plotted (matplotlib cannot log-scale that)."""
-    if any(math.isfinite(x) and x > 0 for x in values):
-        ax.set_yscale("log")
-
-
-def _step_axis(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-
-
-def _panels(plt, variants: Sequence[VariantFindings], path: Path, y_label: str, draw) -> None:
-    """One panel per variant side by side, sharing the y axis; `draw(ax, variant)` plots a panel's lines."""
-    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), squeeze=False, sharey=True)
-    for ax, v in zip(axes[0], variants, strict=True):
-        draw(ax, v)
-        ax.set_title(v.name)
-        _step_axis(ax)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(y_label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_plots(found: Findings, directory: Path) -> list[str]:
-    """grad_norms.png and hcl_lambda.png; [] when matplotlib is not installed (the `plot` extra)."""
-    plt = pyplot()
-    if plt is None:
-        return []
-    variants = found.variants
-
-    def grad_norms(ax, f: VariantFindings) -> None:
-        lines, v = f.by_block, f.result
-        for name, values in lines.items():
-            ax.plot(
-                range(len(values)),
-                [x if math.isfinite(x) and x > 0 else math.nan for x in values],
-                label=name,
-            )
-        if v.explosion is not None:
-            label = f"explosion (step {v.explosion.step})"
-            ax.axvline(v.explosion.step, color="red", linestyle=":", label=label)
-        _log_y(ax, (x for values in lines.values() for x in values))
-
-    def hcl_lambda(ax, f: VariantFindings) -> None:
-        for layer, series in f.hcl.items():
-            ax.plot(range(len(series["max_lambda"])), series["max_lambda"], label=f"layer {layer} max λ")
-        ax.axhline(0.0, color="gray", linewidth=0.8)
-        ax.axhline(
-            found.overflow, color="red", linestyle="--", linewidth=0.8, label="fp32 overflow 88.7/(L-1)"
-        )
-        ax.set_yscale("symlog", linthresh=1e-4)
-
-    _panels(plt, variants, directory / "grad_norms.png", "gradient norm (before clipping)", grad_norms)
-    if not any(f.hcl for f in found.variants):
-        return ["grad_norms.png"]
-    _panels(plt, variants, directory / "hcl_lambda.png", "max λ over modes", hcl_lambda)
-    return ["grad_norms.png", "hcl_lambda.png"]
-
-
-def write_review_plot(review: RunReview, path: Path) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    steps = [x.step for x in review.steps]
-    norms = [
-        x.grad_norm if math.isfinite(x.grad_norm) and x.grad_norm > 0 else math.nan for x in review.steps
-    ]
-    ax.plot(steps, norms, label="grad norm (logged steps)")
-    for spike in review.spikes:
-        ax.axvline(spike.step, color="red", linestyle=":", linewidth=0.8)
-    _log_y(ax, norms)
-    _step_axis(ax)
-    ax.set_ylabel("gradient norm (before clipping)")
-    ax.set_title(f"{review.run_dir.name}: {len(review.spikes)} spike(s) (red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def write_svg(path: Path, charts: Sequence[str], width: int = 460, height: int = 260) -> None:
+    """`charts` (svg_chart's, of that size) side by side in one standalone SVG file."""
+    panels = "".join(f'<g transform="translate({width * i},0)">{c}</g>' for i, c in enumerate(charts))
+    size = f'width="{width * len(charts)}" height="{height}"'
+    svg = f'<svg xmlns="http://www.w3.org/2000/svg" {size}>{panels}</svg>'
+    path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n{svg}\n', encoding="utf-8")

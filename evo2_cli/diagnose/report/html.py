@@ -63,6 +63,7 @@ def html_report(found: Findings) -> str:
         if v.explosion is not None
     )
     config = finite_or_text(to_dict(diagnosis.job))
+    charts = zip(*variant_charts(found).values(), strict=True)  # every variant has the same layers
     header = ("variant", "verdict", "steps", "loss", "max grad norm", "hcl max λ", "λ≥0")
     return html_page(
         f"<p>{html.escape(diagnosis.source)}; sequence length {diagnosis.seq_len}; "
@@ -70,6 +71,6 @@ def html_report(found: Findings) -> str:
         f"fp32 overflow of exp(λt) once λ &gt; {overflow:.4g}.</p>{verdict}"
         + table_html(header, rows)
         + (f"<h2>Where it started</h2><ul>{details}</ul>" if details else "")
-        + f"<h2>Charts</h2><div>{''.join(variant_charts(found))}</div>"
+        + f"<h2>Charts</h2><div>{''.join(svg for per_variant in charts for svg in per_variant)}</div>"
         "<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=1)) + "</pre>"
     )
