@@ -24,10 +24,11 @@ from evo2_cli.cli import app
 from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.diagnose import report
-from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
+from evo2_cli.diagnose.config import DiagnoseJob, VariantSpec, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
 from evo2_cli.diagnose.record import StepRecord
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
+from evo2_cli.errors import ConfigError
 from evo2_cli.train.config import GuardSection, TrainJob
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import train
@@ -166,7 +167,8 @@ def test_locate_names_a_forward_overflow_by_the_first_site_and_its_poles():
 
 
 def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
-    variants = expand_variants(["vortex", "modal+bf16"], [1e-2, 3e-3], [], [], 3e-4, 1.0)
+    specs = [VariantSpec("vortex"), VariantSpec("modal", precision="bf16")]
+    variants = expand_variants(specs, [1e-2, 3e-3], [], [], 3e-4, 1.0)
     assert [v.name for v in variants] == [
         "vortex+fp32+lr=0.01",
         "vortex+fp32+lr=0.003",
@@ -177,8 +179,50 @@ def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
     assert parse_spec("vortex+noclip+lr=3e-3") == {"hcl_form": "vortex", "grad_clip": 0.0, "lr": 3e-3}
     with pytest.raises(ValueError, match="did you mean 'vortex'"):
         parse_spec("vortx")
-    with pytest.raises(ValueError, match=r"sets lr and diagnose\.lr"):
-        expand_variants(["vortex+lr=1e-3"], [1e-2], [], [], 3e-4, 1.0)
+
+
+def diagnose_job(diagnose: dict) -> DiagnoseJob:
+    return build_config(
+        DiagnoseJob,
+        {"model": {"preset": "test"}, "data": {"datasets": [{"path": "x"}]}, "diagnose": diagnose},
+    )
+
+
+def test_variants_are_a_typed_list_in_the_config():
+    variants = [
+        {"hcl_form": "vortex", "precision": "bf16"},
+        {"hcl_form": "modal", "lr": 1e-3, "grad_clip": 0},
+    ]
+    job = diagnose_job({"variants": variants})
+    assert job.diagnose.variants == [
+        VariantSpec("vortex", "bf16"),
+        VariantSpec("modal", lr=1e-3, grad_clip=0.0),
+    ]
+    assert [(v.name, v.precision, v.lr, v.grad_clip) for v in job.variant_list()] == [
+        ("vortex+bf16+lr=0.0003+clip=1", "bf16", 3e-4, 1.0),
+        ("modal+fp32+lr=0.001+noclip", "fp32", 1e-3, 0.0),
+    ]
+    # a variant left without a form takes the model's own (modal for the preset)
+    assert [v.name for v in diagnose_job({"variants": [{}, {"hcl_form": "vortex"}]}).variant_list()] == [
+        "modal",
+        "vortex",
+    ]
+    # strictly checked, each error naming its key
+    bad = [
+        ({"variants": [{"form": "vortex"}]}, "diagnose.variants.0.form", "did you mean 'hcl_form'"),
+        ({"variants": [{}, {"hcl_form": "vortx"}]}, "diagnose.variants.1.hcl_form", "'vortex' | 'modal'"),
+        ({"variants": [{"precision": "fp16"}]}, "diagnose.variants.0.precision", "'fp32' | 'bf16'"),
+        ({"variants": [{"lr": 0}]}, "diagnose.variants.0.lr", "must be finite and > 0"),
+        ({"variants": [{"grad_clip": -1}]}, "diagnose.variants.0.grad_clip", ">= 0"),
+        ({"variants": ["vortex"]}, "diagnose.variants.0", "expected a mapping"),
+        ({"variants": []}, "diagnose.variants", "at least one variant"),
+        ({"variants": [{"lr": 1e-3}], "lr": [1e-2]}, "diagnose.variants.0.lr", "listed in diagnose.lr"),
+        ({"variants": [{"hcl_form": "modal"}, {}]}, "diagnose.variants", "listed more than once"),
+    ]
+    for diagnose, key, fragment in bad:
+        with pytest.raises(ConfigError) as info:
+            diagnose_job(diagnose)
+        assert info.value.key == key and fragment in str(info.value), (diagnose, str(info.value))
 
 
 def test_every_variant_starts_from_the_same_function():
@@ -227,7 +271,13 @@ def test_a_diagnosis_step_is_the_training_loops_step_with_accumulation(tmp_path)
         DiagnoseJob,
         {
             **shared,
-            "diagnose": {"steps": 2, "micro_batch": 1, "seed": 3, "variants": ["modal"], "device": "cpu"},
+            "diagnose": {
+                "steps": 2,
+                "micro_batch": 1,
+                "seed": 3,
+                "variants": [{"hcl_form": "modal"}],
+                "device": "cpu",
+            },
         },
     )
 
@@ -445,6 +495,11 @@ def test_bad_input_exits_2_with_a_message(ecoli, tmp_path):
     assert code == 2 and "diagnose.steps" in text and ">= 1" in text
     code, text = cli(*base, "--variants=vortex,moda")
     assert code == 2 and "unknown variant term 'moda'" in text and "did you mean 'modal'" in text
+    assert "--variants" in text and "diagnose.variants" in text
+    code, text = cli(*base, "--variants=vortex,modal+lr=0")  # the shorthand meets the same checks
+    assert code == 2 and "--variants: config key 'diagnose.variants.1.lr': must be finite and > 0" in text
+    code, text = cli(*base, "--variants=modal+lr=1e-3", "--lr=1e-2,1e-3")
+    assert code == 2 and "diagnose.variants.0.lr" in text and "listed in diagnose.lr" in text
     code, text = cli(*base, f"--set=data.datasets=[{{path: {tmp_path / 'nope'}}}]")
     assert code == 2 and "nope" in text
     code, text = cli(*base[1:], f"--checkpoint={tmp_path / 'missing'}")

@@ -81,12 +81,12 @@ def diagnose_grads(
 ) -> None:
     """Per-layer gradient diagnostics: hcl forms, precisions, lrs and clipping side by side (exit 3 on an
     explosion), or spikes of an existing run (--run)."""
-    from evo2_cli.diagnose.config import DiagnoseJob
+    from evo2_cli.diagnose.config import DiagnoseJob, variants_flag
     from evo2_cli.diagnose.report import check_output_dir
     from evo2_cli.errors import DiagnosisFailed
 
     flags = {
-        "diagnose.variants": ("--variants", comma_list(variants)),
+        "diagnose.variants": ("--variants", variants_flag(variants)),
         "diagnose.lr": ("--lr", comma_list(lr)),
         "diagnose.precision": ("--precision", comma_list(precision)),
         "diagnose.grad_clip": ("--clip", comma_list(clip)),

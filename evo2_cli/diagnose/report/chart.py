@@ -102,11 +102,8 @@ def svg_chart(
 
 
 def explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
-    return (
-        []
-        if result.explosion is None
-        else [(result.explosion.step, f"explosion (step {result.explosion.step})")]
-    )
+    e = result.explosion
+    return [] if e is None else [(e.step, f"explosion (step {e.step})")]
 
 
 def variant_charts(found: Findings) -> dict[str, list[str]]:
