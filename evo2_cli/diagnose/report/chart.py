@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evo2_cli.diagnose.report.findings import Findings
-from evo2_cli.diagnose.run import VariantResult
 
 
 def _log_values(values: Sequence[float]) -> list[float | None]:
@@ -101,17 +100,13 @@ def svg_chart(
     return "".join(out)
 
 
-def explosion_marks(result: VariantResult) -> list[tuple[float, str]]:
-    e = result.explosion
-    return [] if e is None else [(e.step, f"explosion (step {e.step})")]
-
-
 def variant_charts(found: Findings) -> dict[str, list[str]]:
     """Per chart file, one chart per variant: gradient norm per block type, and max lambda per hcl layer
     (only when some variant has hcl layers)."""
     charts: dict[str, list[str]] = {"grad_norms.svg": [], "hcl_lambda.svg": []}
     for f in found.variants:
-        marks = explosion_marks(f.result)
+        e = f.result.explosion
+        marks = [] if e is None else [(e.step, f"explosion (step {e.step})")]
         title = f"{f.name}: gradient norm per block type"
         charts["grad_norms.svg"].append(svg_chart(f.by_block, title, "log10", marks, log=True))
         lam = {f"layer {layer}": s["max_lambda"] for layer, s in f.hcl.items()}
