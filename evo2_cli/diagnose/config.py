@@ -183,6 +183,20 @@ class DiagnoseSection:
     slow_mode_lambda: float = -1e-4
     output_dir: Path = Path("runs/diagnose")
 
+    @classmethod
+    def expand_config(cls, raw: dict) -> dict:
+        """Say what the shorthand means in a file rather than only 'expected a mapping'."""
+        items = raw.get("variants")
+        items = [items] if isinstance(items, str) else items if isinstance(items, list) else []
+        for item in items:
+            check(
+                not isinstance(item, str),
+                "variants",
+                f"each variant is a mapping such as {{hcl_form: vortex, precision: bf16}}; the shorthand "
+                f"'{item}' is for the --variants flag",
+            )
+        return raw
+
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.seed >= 0, "seed", "must be >= 0")
