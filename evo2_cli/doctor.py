@@ -20,7 +20,7 @@ from evo2_cli import __version__
 
 # Optional packages and the feature each one switches on.
 OPTIONAL_PACKAGES = {
-    "matplotlib": "PNG plots (diagnose-grads, learning curves)",
+    "matplotlib": "the learning-curve plot of examples/ecoli",
     "isal": "fast gzip input in `evo2 preprocess` (2.6x zlib)",
     "pyarrow": "Parquet output of `evo2 infer score`",
     "tensorboard": "TensorBoard logging in `evo2 train`",

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import sys
 import xml.dom.minidom
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from evo2_cli.cli import app
 from evo2_cli.config import build_config
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.diagnose import report
-from evo2_cli.diagnose.config import DiagnoseJob, expand_variants, parse_spec
+from evo2_cli.diagnose.config import DiagnoseJob, VariantSpec, expand_variants, parse_spec
 from evo2_cli.diagnose.detect import Flag, SeriesDetector, locate_explosion
 from evo2_cli.diagnose.record import StepRecord
 from evo2_cli.diagnose.run import place_slow_modes, run_diagnosis, starting_model, variant_model
+from evo2_cli.errors import ConfigError
 from evo2_cli.train.config import GuardSection, TrainJob
 from evo2_cli.train.data import split_windows, token_losses
 from evo2_cli.train.loop import train
@@ -165,7 +167,8 @@ def test_locate_names_a_forward_overflow_by_the_first_site_and_its_poles():
 
 
 def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
-    variants = expand_variants(["vortex", "modal+bf16"], [1e-2, 3e-3], [], [], 3e-4, 1.0)
+    specs = [VariantSpec("vortex"), VariantSpec("modal", precision="bf16")]
+    variants = expand_variants(specs, [1e-2, 3e-3], [], [], 3e-4, 1.0)
     assert [v.name for v in variants] == [
         "vortex+fp32+lr=0.01",
         "vortex+fp32+lr=0.003",
@@ -176,8 +179,51 @@ def test_variant_specs_cross_the_axis_lists_and_reject_unknown_terms():
     assert parse_spec("vortex+noclip+lr=3e-3") == {"hcl_form": "vortex", "grad_clip": 0.0, "lr": 3e-3}
     with pytest.raises(ValueError, match="did you mean 'vortex'"):
         parse_spec("vortx")
-    with pytest.raises(ValueError, match=r"sets lr and diagnose\.lr"):
-        expand_variants(["vortex+lr=1e-3"], [1e-2], [], [], 3e-4, 1.0)
+
+
+def diagnose_job(diagnose: dict) -> DiagnoseJob:
+    return build_config(
+        DiagnoseJob,
+        {"model": {"preset": "test"}, "data": {"datasets": [{"path": "x"}]}, "diagnose": diagnose},
+    )
+
+
+def test_variants_are_a_typed_list_in_the_config():
+    variants = [
+        {"hcl_form": "vortex", "precision": "bf16"},
+        {"hcl_form": "modal", "lr": 1e-3, "grad_clip": 0},
+    ]
+    job = diagnose_job({"variants": variants})
+    assert job.diagnose.variants == [
+        VariantSpec("vortex", "bf16"),
+        VariantSpec("modal", lr=1e-3, grad_clip=0.0),
+    ]
+    assert [(v.name, v.precision, v.lr, v.grad_clip) for v in job.variant_list()] == [
+        ("vortex+bf16+lr=0.0003+clip=1", "bf16", 3e-4, 1.0),
+        ("modal+fp32+lr=0.001+noclip", "fp32", 1e-3, 0.0),
+    ]
+    # a variant left without a form takes the model's own (modal for the preset)
+    assert [v.name for v in diagnose_job({"variants": [{}, {"hcl_form": "vortex"}]}).variant_list()] == [
+        "modal",
+        "vortex",
+    ]
+    # strictly checked, each error naming its key
+    bad = [
+        ({"variants": [{"form": "vortex"}]}, "diagnose.variants.0.form", "did you mean 'hcl_form'"),
+        ({"variants": [{}, {"hcl_form": "vortx"}]}, "diagnose.variants.1.hcl_form", "'vortex' | 'modal'"),
+        ({"variants": [{"precision": "fp16"}]}, "diagnose.variants.0.precision", "'fp32' | 'bf16'"),
+        ({"variants": [{"lr": 0}]}, "diagnose.variants.0.lr", "must be finite and > 0"),
+        ({"variants": [{"grad_clip": -1}]}, "diagnose.variants.0.grad_clip", ">= 0"),
+        ({"variants": [{}, "vortex+bf16"]}, "diagnose.variants", "'vortex+bf16' is for the --variants flag"),
+        ({"variants": "modal"}, "diagnose.variants", "'modal' is for the --variants flag"),
+        ({"variants": []}, "diagnose.variants", "at least one variant"),
+        ({"variants": [{"lr": 1e-3}], "lr": [1e-2]}, "diagnose.variants.0.lr", "listed in diagnose.lr"),
+        ({"variants": [{"hcl_form": "modal"}, {}]}, "diagnose.variants", "listed more than once"),
+    ]
+    for diagnose, key, fragment in bad:
+        with pytest.raises(ConfigError) as info:
+            diagnose_job(diagnose)
+        assert info.value.key == key and fragment in str(info.value), (diagnose, str(info.value))
 
 
 def test_every_variant_starts_from_the_same_function():
@@ -226,7 +272,13 @@ def test_a_diagnosis_step_is_the_training_loops_step_with_accumulation(tmp_path)
         DiagnoseJob,
         {
             **shared,
-            "diagnose": {"steps": 2, "micro_batch": 1, "seed": 3, "variants": ["modal"], "device": "cpu"},
+            "diagnose": {
+                "steps": 2,
+                "micro_batch": 1,
+                "seed": 3,
+                "variants": [{"hcl_form": "modal"}],
+                "device": "cpu",
+            },
         },
     )
 
@@ -278,9 +330,8 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert vortex_hcl > 1e6 * modal_hcl
 
     # every output is there and consistent
-    for name in (*report.REPORT_FILES, "grad_norms.png", "hcl_lambda.png"):
+    for name in (*report.REPORT_FILES, "grad_norms.svg", "hcl_lambda.svg"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "grad_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_rows(out / "steps.csv")
     assert [r["variant"] for r in rows].count("modal") == 12
     assert {"grad_norm_hcl", "hcl_max_lambda", "max_update_ratio"} <= set(rows[0])
@@ -295,6 +346,12 @@ def test_vortex_explodes_in_the_hcl_layer_and_modal_stays_healthy(ecoli, tmp_pat
     assert len(charts) == 4  # per variant: gradient norm per block type, max lambda
     for chart in charts:
         xml.dom.minidom.parseString(chart)  # well-formed
+    # the chart files hold the very same charts, one panel per variant
+    grad_file, hcl_file = ((out / name).read_text() for name in ("grad_norms.svg", "hcl_lambda.svg"))
+    for text in (grad_file, hcl_file):
+        xml.dom.minidom.parseString(text)
+    assert [grad_file.count(c) for c in charts] == [1, 0, 1, 0]
+    assert [hcl_file.count(c) for c in charts] == [0, 1, 0, 1]
 
     # exit 0 when healthy; an existing output is refused before any training
     code, text = cli(*reproduction_args(ecoli, out, steps=3), "--variants=modal", "--overwrite")
@@ -314,13 +371,14 @@ def test_the_explosion_on_cuda_under_bf16_autocast(ecoli, tmp_path):
     assert vortex["explosion"]["block"] == "hcl" and modal["healthy"]
 
 
-def test_without_matplotlib_the_report_says_so_and_writes_no_png(ecoli, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "pyplot", lambda: None)
+def test_the_chart_files_need_no_matplotlib(ecoli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
     out = tmp_path / "diag"
     code, text = cli(*reproduction_args(ecoli, out, steps=2), "--variants=modal")
     assert code == 0, text
-    assert "matplotlib is not installed" in text
-    assert not list(out.glob("*.png")) and (out / "report.html").exists()
+    assert "matplotlib" not in text and not list(out.glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.svg")) == ["grad_norms.svg", "hcl_lambda.svg"]
+    assert ": gradient norm per block type" in (out / "grad_norms.svg").read_text()
 
 
 def test_axis_flags_cross_the_variants(ecoli, tmp_path):
@@ -390,6 +448,9 @@ def test_post_hoc_review_of_a_train_run(ecoli, tmp_path):
     assert data["healthy"] and data["logged_steps"] == 8 and data["spikes"] == []
     assert [c["step"] for c in data["checkpoints"]] == [4, 8]
     assert data["checkpoints"][0]["hcl"]["2"]["max_lambda"] < 0
+    chart = (tmp_path / "ok" / "grad_norm.svg").read_text()
+    xml.dom.minidom.parseString(chart)
+    assert "gradient norm per logged step" in chart and "grad_norm.svg" in text
 
     # the run's latest checkpoint as the starting point of a diagnosis
     code, text = cli(
@@ -435,6 +496,11 @@ def test_bad_input_exits_2_with_a_message(ecoli, tmp_path):
     assert code == 2 and "diagnose.steps" in text and ">= 1" in text
     code, text = cli(*base, "--variants=vortex,moda")
     assert code == 2 and "unknown variant term 'moda'" in text and "did you mean 'modal'" in text
+    assert "--variants" in text and "diagnose.variants" in text
+    code, text = cli(*base, "--variants=vortex,modal+lr=0")  # the shorthand meets the same checks
+    assert code == 2 and "--variants: config key 'diagnose.variants.1.lr': must be finite and > 0" in text
+    code, text = cli(*base, "--variants=modal+lr=1e-3", "--lr=1e-2,1e-3")
+    assert code == 2 and "diagnose.variants.0.lr" in text and "listed in diagnose.lr" in text
     code, text = cli(*base, f"--set=data.datasets=[{{path: {tmp_path / 'nope'}}}]")
     assert code == 2 and "nope" in text
     code, text = cli(*base[1:], f"--checkpoint={tmp_path / 'missing'}")

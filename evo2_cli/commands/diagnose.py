@@ -81,12 +81,12 @@ def diagnose_grads(
 ) -> None:
     """Per-layer gradient diagnostics: hcl forms, precisions, lrs and clipping side by side (exit 3 on an
     explosion), or spikes of an existing run (--run)."""
-    from evo2_cli.diagnose.config import DiagnoseJob
+    from evo2_cli.diagnose.config import DiagnoseJob, variants_flag
     from evo2_cli.diagnose.report import check_output_dir
     from evo2_cli.errors import DiagnosisFailed
 
     flags = {
-        "diagnose.variants": ("--variants", comma_list(variants)),
+        "diagnose.variants": ("--variants", variants_flag(variants)),
         "diagnose.lr": ("--lr", comma_list(lr)),
         "diagnose.precision": ("--precision", comma_list(precision)),
         "diagnose.grad_clip": ("--clip", comma_list(clip)),
@@ -101,39 +101,36 @@ def diagnose_grads(
     d = job.diagnose
     check_output_dir(d.output_dir, overwrite)
     if d.run_dir is not None:
-        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, d.plots, not no_verify)
+        healthy, written = _review(d.run_dir, d.detector(), d.output_dir, overwrite, not no_verify)
         problem = f"grad-norm spikes in {d.run_dir}"
     else:
         healthy, written = _diagnose(job, overwrite, not no_verify)
         problem = "gradient explosion"
     console.print(f"[green]report:[/] {d.output_dir} ({', '.join(written)})")
-    if d.plots and not any(name.endswith(".png") for name in written):
-        console.print(
-            "[yellow]no PNG plots: matplotlib is not installed[/] (pip install 'evo2-cli[plot]'); "
-            "report.html has the same charts"
-        )
     if not healthy:
         raise DiagnosisFailed(f"{problem} found; see {d.output_dir / 'report.json'}")
 
 
 def _diagnose(job, overwrite: bool, verify: bool) -> tuple[bool, list[str]]:
-    from evo2_cli.diagnose.report import summary_tables, write_report
+    from evo2_cli.diagnose.report import write_report
+    from evo2_cli.diagnose.report.findings import findings
+    from evo2_cli.diagnose.report.terminal import summary_tables
     from evo2_cli.diagnose.run import run_diagnosis
 
     with console.status("diagnose-grads: starting") as status:
-        diagnosis = run_diagnosis(job, progress=status.update, verify=verify)
-    for table in summary_tables(diagnosis):
+        found = findings(run_diagnosis(job, progress=status.update, verify=verify))
+    for table in summary_tables(found):
         console.print(table)
-    return diagnosis.healthy, write_report(diagnosis, job.diagnose.output_dir, overwrite)
+    return found.diagnosis.healthy, write_report(found, job.diagnose.output_dir, overwrite)
 
 
 def _review(
-    run_dir: Path, settings, output_dir: Path, overwrite: bool, plots: bool, verify: bool
+    run_dir: Path, settings, output_dir: Path, overwrite: bool, verify: bool
 ) -> tuple[bool, list[str]]:
     from evo2_cli.diagnose.posthoc import review_run
-    from evo2_cli.diagnose.report import review_tables, write_review
+    from evo2_cli.diagnose.posthoc_report import review_tables, write_review
 
     review = review_run(run_dir, settings, verify)
     for table in review_tables(review):
         console.print(table)
-    return review.healthy, write_review(review, output_dir, overwrite, plots)
+    return review.healthy, write_review(review, output_dir, overwrite)

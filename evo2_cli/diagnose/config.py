@@ -9,16 +9,17 @@
                the output directory; or `run_dir`, an `evo2 train` run to judge post hoc (then only the
                detector and the output directory are used)
 
-Variants. `diagnose.variants` is a list of specs; a spec is terms joined by `+`:
+Variants. `diagnose.variants` is a list of mappings, each key optional:
 
-    vortex | modal      hcl pole form (free lambda, or lambda = -exp(p) exp(gamma))
-    fp32 | bf16         precision (bf16 = autocast; filters and FFTs stay fp32, as in training)
-    lr=X                peak learning rate of this variant
-    clip=X | noclip     gradient clipping at global norm X (0 or `noclip`: off)
+    hcl_form: vortex | modal   hcl pole form (free lambda, or lambda = -exp(p) exp(gamma)); default the
+                               model's own
+    precision: fp32 | bf16     bf16 = autocast (filters and FFTs stay fp32, as in training); default fp32
+    lr: X                      peak learning rate of this variant; default optim.lr
+    grad_clip: X               gradient clipping at global norm X, 0 = off; default optim.grad_clip
 
-The axis lists `diagnose.lr`, `diagnose.precision` and `diagnose.grad_clip` cross every spec (a spec may not
-set an axis that is also given as a list). So `variants: [vortex, modal]` with `lr: [1e-2, 3e-3]` is four
-variants. On the command line: `--variants vortex,modal --lr 1e-2,3e-3 --precision fp32,bf16 --clip 1,0`.
+The axis lists `diagnose.lr`, `diagnose.precision` and `diagnose.grad_clip` cross every variant (which may
+then not set that axis itself): `variants: [{hcl_form: vortex}, {hcl_form: modal}]` with `lr: [1e-2, 3e-3]`
+is four variants. On the command line: `--variants vortex,modal+bf16+noclip --lr 1e-2,3e-3` (parse_spec).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from evo2_cli.config import check
+from evo2_cli.config import check, to_dict
+from evo2_cli.errors import ConfigError
 from evo2_cli.model import ModelConfig
 from evo2_cli.train.config import DataSection, GuardSection, OptimSection, require_datasets
 
@@ -51,28 +53,34 @@ class Variant:
     grad_clip: float  # 0 = off
 
     def settings(self) -> dict[str, object]:
-        return {
-            "hcl_form": self.hcl_form,
-            "precision": self.precision,
-            "lr": self.lr,
-            "grad_clip": self.grad_clip,
-        }
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "name"}
 
 
 def _number(text: str, term: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise ValueError(f"'{term}': '{text}' is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"'{term}': expected a finite number >= 0")
-    return value
+
+
+@dataclass
+class VariantSpec:
+    """One entry of diagnose.variants; an axis left out comes from the axis lists or the defaults."""
+
+    hcl_form: Literal["vortex", "modal"] | None = None
+    precision: Literal["fp32", "bf16"] | None = None
+    lr: float | None = None
+    grad_clip: float | None = None  # 0 = off
+
+    def __post_init__(self) -> None:
+        check(self.lr is None or 0 < self.lr < math.inf, "lr", f"must be finite and > 0, got {self.lr}")
+        check(self.grad_clip is None or 0 <= self.grad_clip < math.inf, "grad_clip", "must be >= 0 (0: off)")
 
 
 def parse_spec(spec: str) -> dict[str, object]:
-    """One variant spec -> the axes it sets ({'hcl_form', 'precision', 'lr', 'grad_clip'} subset).
+    """The command-line shorthand of one variant ('vortex+bf16+lr=3e-3') -> its VariantSpec keys.
 
-    Raises ValueError naming the bad term (the caller turns it into a config error)."""
+    Raises ValueError naming the bad term."""
     settings: dict[str, object] = {}
 
     def put(axis: str, value: object, term: str) -> None:
@@ -93,10 +101,7 @@ def parse_spec(spec: str) -> dict[str, object]:
         elif not sep and key == "noclip":
             put("grad_clip", 0.0, term)
         elif sep and key == "lr":
-            lr = _number(value, term)
-            if lr <= 0:
-                raise ValueError(f"'{term}': the learning rate must be > 0")
-            put("lr", lr, term)
+            put("lr", _number(value, term), term)
         elif sep and key == "clip":
             put("grad_clip", _number(value, term), term)
         else:
@@ -107,12 +112,18 @@ def parse_spec(spec: str) -> dict[str, object]:
     return settings
 
 
-def _format_number(value: float) -> str:
-    return f"{value:g}"
+def variants_flag(text: str | None) -> list[dict[str, object]] | None:
+    """--variants: comma-separated shorthand specs -> diagnose.variants (None: the flag was not given)."""
+    if text is None:
+        return None
+    try:
+        return [parse_spec(spec) for spec in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError("diagnose.variants", str(exc), "--variants") from None
 
 
 def expand_variants(
-    specs: list[str],
+    specs: list[VariantSpec],
     lrs: list[float],
     precisions: list[str],
     clips: list[float],
@@ -121,46 +132,23 @@ def expand_variants(
     default_form: str = "modal",
 ) -> list[Variant]:
     """Every spec crossed with the axis lists; names show only the axes that differ between variants."""
+    defaults = {"hcl_form": default_form, "precision": "fp32", "lr": default_lr, "grad_clip": default_clip}
     axes = {"lr": lrs, "precision": precisions, "grad_clip": clips}
-    rows: list[dict[str, object]] = []
+    rows: list[dict] = []
     for spec in specs:
-        base = parse_spec(spec)
-        for axis, values in axes.items():
-            if values and axis in base:
-                raise ValueError(f"variant '{spec}' sets {axis} and diagnose.{axis} lists it too")
-        lists = [values if values else [base.get(axis)] for axis, values in axes.items()]
-        for combo in itertools.product(*lists):
-            row = {
-                **base,
-                **{axis: value for axis, value in zip(axes, combo, strict=True) if value is not None},
-            }
-            row.setdefault("hcl_form", default_form)
-            row.setdefault("precision", "fp32")
-            row.setdefault("lr", default_lr)
-            row.setdefault("grad_clip", default_clip)
-            rows.append(row)
-    varying = [a for a in ("hcl_form", "precision", "lr", "grad_clip") if len({r[a] for r in rows}) > 1]
-    shown = varying or ["hcl_form", "precision", "lr", "grad_clip"]
-    variants = []
-    for row in rows:
-        parts = []
-        for axis in shown:
-            value = row[axis]
-            if axis == "lr":
-                parts.append(f"lr={_format_number(float(value))}")
-            elif axis == "grad_clip":
-                parts.append(f"clip={_format_number(float(value))}" if value else "noclip")
-            else:
-                parts.append(str(value))
-        variants.append(
-            Variant(
-                name="+".join(parts),
-                hcl_form=str(row["hcl_form"]),
-                precision=str(row["precision"]),
-                lr=float(row["lr"]),
-                grad_clip=float(row["grad_clip"]),
-            )
-        )
+        row = {**defaults, **{axis: value for axis, value in to_dict(spec).items() if value is not None}}
+        lists = [values or [row[axis]] for axis, values in axes.items()]
+        rows += [{**row, **dict(zip(axes, combo, strict=True))} for combo in itertools.product(*lists)]
+    shown = [axis for axis in defaults if len({r[axis] for r in rows}) > 1] or list(defaults)
+
+    def term(axis: str, value) -> str:
+        if axis == "lr":
+            return f"lr={value:g}"
+        if axis == "grad_clip":
+            return f"clip={value:g}" if value else "noclip"
+        return str(value)
+
+    variants = [Variant("+".join(term(axis, row[axis]) for axis in shown), **row) for row in rows]
     names = [v.name for v in variants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -180,7 +168,7 @@ class DiagnoseSection:
     vortex_config: Path | None = None
     # Post-hoc mode: judge this `evo2 train` run directory (metrics.jsonl, checkpoints) instead of training.
     run_dir: Path | None = None
-    variants: list[str] = field(default_factory=lambda: ["vortex", "modal"])
+    variants: list[VariantSpec] = field(default_factory=lambda: [VariantSpec("vortex"), VariantSpec("modal")])
     lr: list[float] = field(default_factory=list)  # axis: every variant at each lr (default optim.lr)
     precision: list[Literal["fp32", "bf16"]] = field(default_factory=list)  # axis (default fp32)
     grad_clip: list[float] = field(default_factory=list)  # axis, 0 = off (default optim.grad_clip)
@@ -194,18 +182,32 @@ class DiagnoseSection:
     slow_modes: int = 0
     slow_mode_lambda: float = -1e-4
     output_dir: Path = Path("runs/diagnose")
-    plots: bool = True  # PNG plots when matplotlib is installed (the HTML report has its own charts)
+
+    @classmethod
+    def expand_config(cls, raw: dict) -> dict:
+        """Say what the shorthand means in a file rather than only 'expected a mapping'."""
+        items = raw.get("variants")
+        items = [items] if isinstance(items, str) else items if isinstance(items, list) else []
+        for item in items:
+            check(
+                not isinstance(item, str),
+                "variants",
+                f"each variant is a mapping such as {{hcl_form: vortex, precision: bf16}}; the shorthand "
+                f"'{item}' is for the --variants flag",
+            )
+        return raw
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.seed >= 0, "seed", "must be >= 0")
         check(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
-        check(len(self.variants) > 0, "variants", f"list at least one variant: {_TERM_HELP}")
-        for spec in self.variants:
-            try:
-                parse_spec(spec)
-            except ValueError as exc:
-                check(False, "variants", str(exc))
+        check(len(self.variants) > 0, "variants", "list at least one variant, e.g. [{hcl_form: vortex}]")
+        for i, spec in enumerate(self.variants):
+            for axis in ("lr", "precision", "grad_clip"):
+                listed = getattr(self, axis) and getattr(spec, axis) is not None
+                check(
+                    not listed, f"variants.{i}.{axis}", f"set here and listed in diagnose.{axis}; set it once"
+                )
         check(all(lr > 0 and math.isfinite(lr) for lr in self.lr), "lr", "every lr must be > 0")
         check(all(c >= 0 and math.isfinite(c) for c in self.grad_clip), "grad_clip", "must be >= 0 (0: off)")
         check(self.spike_factor > 1, "spike_factor", f"must be > 1, got {self.spike_factor}")
