@@ -116,6 +116,7 @@ def test_generate_prompts_from_fasta_and_greedy(base, fasta):
         (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
         (["-p", "AC", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["-p", "AC", "--threads", "-1"], "--threads must be >= 0"),
+        (["-p", "AC", "--chunk", "1"], "--chunk"),  # the chunked prefill needs chunks of 2 or more
         ([], "no prompt"),
         (
             ["-p", "AC", "--device", "cuda:7"]

@@ -250,7 +250,7 @@ def generate(
         ("--max-new-tokens", max_new_tokens, 1),
         ("--num-samples", num_samples, 1),
         ("--batch-size", batch_size, 1),
-        ("--chunk", chunk, 1),
+        ("--chunk", chunk, 2),  # the chunked prefill's least chunk, as Context checks it
     ):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
