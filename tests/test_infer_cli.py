@@ -270,6 +270,8 @@ def test_variants(base, fasta, tmp_path):
     result = invoke("variants", base, listing, "-r", fasta, "--window", 1)
     assert result.exit_code == 2 and "--window must be >= 2" in said(result)
     assert "parameters" not in said(result)
+    result = invoke("variants", base, tmp_path / "unread.tsv", "-r", tmp_path / "unread.fa", "--window", 1)
+    assert result.exit_code == 2 and "--window must be >= 2" in said(result)  # before reading any file
     listing.write_text("chrZ\t5\tA\tC\n")
     result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)

@@ -559,6 +559,8 @@ def variants(
 
     if on_mismatch not in ("error", "skip"):
         raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
+    if window < 2:  # before the variant list and the reference are read
+        raise InputError(f"--window must be >= 2, got {window}")
     _context("exact", chunk, 8192, None, batch_tokens)  # checks --chunk and --batch-tokens before any work
     check_output(output, table_kind("a variant table", VARIANT_COLUMNS, "tsv"), overwrite)
     listed = read_variants(variant_file)
