@@ -111,11 +111,11 @@ def test_generate_prompts_from_fasta_and_greedy(base, fasta):
         (["-p", ""], "empty sequence"),
         (["-p", "ACGZ"], "position 4 holds 'Z'"),
         (["-p", "ACGZ"], "or pass --invalid n to map other characters to N"),
-        (["-p", "AC", "--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["-p", "AC", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
-        (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
+        (["-p", "AC", "--top-p", "0"], "--top-p: config key 'generate.top_p': must be in (0, 1]"),
+        (["-p", "AC", "--top-p", "1.2"], "--top-p: config key 'generate.top_p': must be in (0, 1]"),
+        (["-p", "AC", "--temperature", "0"], "--temperature: config key 'generate.temperature': must be > 0"),
         (["-p", "AC", "--max-new-tokens", "0"], "--max-new-tokens"),
-        (["-p", "AC", "--threads", "-1"], "--threads must be >= 0"),
+        (["-p", "AC", "--threads", "-1"], "--threads: config key 'runtime.threads': must be >= 0"),
         (["-p", "AC", "--chunk", "1"], "--chunk"),  # the chunked prefill needs chunks of 2 or more
         ([], "no prompt"),
         (
@@ -169,7 +169,10 @@ def test_score_bad_input(base, tmp_path, fasta):
     result = invoke("score", base, fasta, "--window", 8, "--overlap", 8)
     assert result.exit_code == 2 and "--overlap" in said(result)
     result = invoke("score", base, fasta, "--batch-tokens", 0)
-    assert result.exit_code == 2 and "--batch-tokens" in said(result) and "x>=1" in said(result)
+    assert (
+        result.exit_code == 2
+        and "--batch-tokens: config key 'context.batch_tokens': must be >= 1" in said(result)
+    )
     (tmp_path / "empty.fa").write_text("")
     for missing_or_empty in (tmp_path / "missing.fa", tmp_path / "empty.fa"):
         result = invoke("score", base, missing_or_empty)
@@ -249,7 +252,10 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert np.load(tmp_path / "m.npy").shape == (3, 8)
     # A bad --pooling is refused before the model loads (this model path does not even exist).
     result = invoke("embed", tmp_path / "no_model", fasta, "-o", tmp_path / "x.npy", "--pooling", "max")
-    assert result.exit_code == 2 and "--pooling: expected mean or none, got 'max'" in said(result)
+    assert (
+        result.exit_code == 2
+        and "--pooling: config key 'embed.pooling': expected one of 'mean' | 'none'" in said(result)
+    )
 
 
 def test_variants(base, fasta, tmp_path):
@@ -268,10 +274,12 @@ def test_variants(base, fasta, tmp_path):
     assert result.exit_code == 2 and f"ref allele {wrong} does not match" in said(result)
     assert "parameters" not in said(result)  # found before loading the model
     result = invoke("variants", base, listing, "-r", fasta, "--window", 1)
-    assert result.exit_code == 2 and "--window must be >= 2" in said(result)
+    assert result.exit_code == 2 and "--window: config key 'variants.window': must be >= 2" in said(result)
     assert "parameters" not in said(result)
     result = invoke("variants", base, tmp_path / "unread.tsv", "-r", tmp_path / "unread.fa", "--window", 1)
-    assert result.exit_code == 2 and "--window must be >= 2" in said(result)  # before reading any file
+    assert result.exit_code == 2 and "--window: config key 'variants.window': must be >= 2" in said(
+        result
+    )  # before reading any file
     listing.write_text("chrZ\t5\tA\tC\n")
     result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)
@@ -372,7 +380,7 @@ def test_score_modes_and_their_flags(base, tmp_path):
     assert sums[("exact", True)] == pytest.approx(sums[("exact", False)], abs=1e-3)  # chunked = one forward
     assert sums[("windows", True)] != pytest.approx(sums[("exact", False)], abs=1e-3)  # windows cut context
     for bad, message in (
-        (["--mode", "sliding"], "--mode: expected exact or windows"),
+        (["--mode", "sliding"], "--mode: config key 'context.mode': expected one of 'exact' | 'windows'"),
         (["--chunk", 1], "--chunk"),
     ):
         result = invoke("score", tmp_path / "no_model", fasta, *bad)
