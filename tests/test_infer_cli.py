@@ -505,3 +505,69 @@ def test_growing_poles_refuse_the_chunked_prefill_with_the_fix(tmp_path):
         "score", tmp_path / "ckpt", fasta, "--mode", "windows", "--window", 16, "--device", "cpu"
     )
     assert windows.exit_code == 0, windows.output
+
+
+def test_a_config_file_gives_what_the_flags_give(base, fasta, tmp_path):
+    by_flags = tmp_path / "flags.tsv"
+    args = ["--mode", "windows", "--window", 32, "--overlap", 8, "--rc", "--device", "cpu"]
+    assert invoke("score", base, fasta, "-o", by_flags, *args).exit_code == 0
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"checkpoint: {{path: {base}}}\nruntime: {{device: cpu}}\n"
+        "context: {mode: windows, window: 32, overlap: 8}\n"
+        f"score: {{fasta: {fasta}, output: {tmp_path / 'file.tsv'}, rc: true}}\n"
+    )
+    result = invoke("score", "-c", config)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "file.tsv").read_bytes() == by_flags.read_bytes()
+
+
+def test_flags_override_the_file_and_set_overrides_both(base, tmp_path):
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"checkpoint: {{path: {base}}}\ngenerate: {{prompts: [ACGT], max_new_tokens: 2, seed: 1}}\n"
+    )
+    seeds = {
+        (): "seed=1",
+        ("--seed", 2): "seed=2",
+        ("--seed", 2, "--set", "generate.seed=3"): "seed=3",
+    }
+    for extra, header in seeds.items():
+        result = invoke("generate", "-c", config, *extra)
+        assert result.exit_code == 0, result.output
+        assert header in result.stdout.splitlines()[0]
+    other = invoke("generate", "-c", config, tmp_path / "elsewhere")  # MODEL given: it wins over the file
+    assert other.exit_code == 2 and "elsewhere: model not found" in said(other)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("generate: {seeed: 1}\n", ["infer.yaml:1", "config key 'generate.seeed': unknown key", "'seed'"]),
+        ("context:\n  chunk: 1\n", ["infer.yaml:2", "config key 'context.chunk': must be >= 2"]),
+        ("runtime: {threads: many}\n", ["infer.yaml:1", "config key 'runtime.threads': expected an integer"]),
+        ("score: {format: xls}\n", ["config key 'score.format': expected one of 'tsv' | 'csv' | 'parquet'"]),
+    ],
+)
+def test_a_bad_config_file_exits_2_naming_file_line_and_key(base, fasta, tmp_path, text, fragments):
+    config = tmp_path / "infer.yaml"
+    config.write_text(text)
+    result = invoke("score", base, fasta, "-c", config)
+    assert result.exit_code == 2, result.output
+    assert all(fragment in said(result) for fragment in fragments), said(result)
+    assert "parameters" not in said(result)  # refused before the model loads
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "given_by"),
+    [
+        (["score"], "checkpoint.path", "give MODEL"),
+        (["score", "{base}"], "score.fasta", "give FASTA"),
+        (["embed", "{base}", "{fasta}"], "embed.output", "give --output"),
+        (["variants", "{base}", "{fasta}"], "variants.reference", "give --reference"),
+    ],
+)
+def test_what_a_subcommand_needs_comes_from_the_command_line_or_the_file(base, fasta, args, key, given_by):
+    result = invoke(*(a.format(base=base, fasta=fasta) for a in args))
+    assert result.exit_code == 2, result.output
+    assert f"config key '{key}': is required" in said(result) and given_by in said(result)
