@@ -18,6 +18,7 @@ SCHEMAS: dict[str, str] = {
     "train": "evo2_cli.train.config:TrainJob",
     "finetune": "evo2_cli.finetune.config:FinetuneJob",
     "diagnose": "evo2_cli.diagnose.config:DiagnoseJob",
+    "infer": "evo2_cli.infer.config:InferJob",
 }
 
 

@@ -255,3 +255,16 @@ def test_a_yaml_tag_given_through_set_is_refused_and_blamed_on_set(assignment, k
     with pytest.raises(ConfigError) as info:  # a flag's value is blamed on the flag
         load_config(Job, None, [(assignment, "--name")])
     assert info.value.where == "--name" and problem in str(info.value)
+
+
+def test_config_show_and_validate_read_an_infer_config():
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    demo = str(Path(__file__).parent.parent / "configs" / "infer" / "demo.yaml")
+    shown = CliRunner().invoke(app, ["config", "show", demo, "--set", "context.window=64"])
+    assert shown.exit_code == 0, shown.output
+    assert "context: {mode: exact, chunk: 8192, window: 64, overlap: 16, batch_tokens: 16384}" in shown.stdout
+    validated = CliRunner().invoke(app, ["config", "validate", demo])
+    assert validated.exit_code == 0 and "(infer)" in validated.output

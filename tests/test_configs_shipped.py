@@ -21,3 +21,10 @@ def test_shipped_config_validates(path):
     raw, lines = read_yaml(path)
     kind = infer_kind(raw, path)
     build_config(schema_for(kind), raw, name=str(path), lines=lines)
+
+
+def test_the_infer_example_is_an_infer_config():
+    infer_configs = [path for path in CONFIGS if path.parent.name == "infer"]
+    assert infer_configs
+    for path in infer_configs:
+        assert infer_kind(read_yaml(path)[0], path) == "infer"

@@ -111,11 +111,12 @@ def test_generate_prompts_from_fasta_and_greedy(base, fasta):
         (["-p", ""], "empty sequence"),
         (["-p", "ACGZ"], "position 4 holds 'Z'"),
         (["-p", "ACGZ"], "or pass --invalid n to map other characters to N"),
-        (["-p", "AC", "--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["-p", "AC", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
-        (["-p", "AC", "--temperature", "0"], "--temperature must be > 0"),
+        (["-p", "AC", "--top-p", "0"], "--top-p: config key 'generate.top_p': must be in (0, 1]"),
+        (["-p", "AC", "--top-p", "1.2"], "--top-p: config key 'generate.top_p': must be in (0, 1]"),
+        (["-p", "AC", "--temperature", "0"], "--temperature: config key 'generate.temperature': must be > 0"),
         (["-p", "AC", "--max-new-tokens", "0"], "--max-new-tokens"),
-        (["-p", "AC", "--threads", "-1"], "--threads must be >= 0"),
+        (["-p", "AC", "--threads", "-1"], "--threads: config key 'runtime.threads': must be >= 0"),
+        (["-p", "AC", "--chunk", "1"], "--chunk"),  # the chunked prefill needs chunks of 2 or more
         ([], "no prompt"),
         (
             ["-p", "AC", "--device", "cuda:7"]
@@ -168,7 +169,10 @@ def test_score_bad_input(base, tmp_path, fasta):
     result = invoke("score", base, fasta, "--window", 8, "--overlap", 8)
     assert result.exit_code == 2 and "--overlap" in said(result)
     result = invoke("score", base, fasta, "--batch-tokens", 0)
-    assert result.exit_code == 2 and "--batch-tokens" in said(result) and "x>=1" in said(result)
+    assert (
+        result.exit_code == 2
+        and "--batch-tokens: config key 'context.batch_tokens': must be >= 1" in said(result)
+    )
     (tmp_path / "empty.fa").write_text("")
     for missing_or_empty in (tmp_path / "missing.fa", tmp_path / "empty.fa"):
         result = invoke("score", base, missing_or_empty)
@@ -248,7 +252,10 @@ def test_embed_npy_and_safetensors(base, fasta, tmp_path):
     assert np.load(tmp_path / "m.npy").shape == (3, 8)
     # A bad --pooling is refused before the model loads (this model path does not even exist).
     result = invoke("embed", tmp_path / "no_model", fasta, "-o", tmp_path / "x.npy", "--pooling", "max")
-    assert result.exit_code == 2 and "--pooling: expected mean or none, got 'max'" in said(result)
+    assert (
+        result.exit_code == 2
+        and "--pooling: config key 'embed.pooling': expected one of 'mean' | 'none'" in said(result)
+    )
 
 
 def test_variants(base, fasta, tmp_path):
@@ -267,8 +274,12 @@ def test_variants(base, fasta, tmp_path):
     assert result.exit_code == 2 and f"ref allele {wrong} does not match" in said(result)
     assert "parameters" not in said(result)  # found before loading the model
     result = invoke("variants", base, listing, "-r", fasta, "--window", 1)
-    assert result.exit_code == 2 and "--window must be >= 2" in said(result)
+    assert result.exit_code == 2 and "--window: config key 'variants.window': must be >= 2" in said(result)
     assert "parameters" not in said(result)
+    result = invoke("variants", base, tmp_path / "unread.tsv", "-r", tmp_path / "unread.fa", "--window", 1)
+    assert result.exit_code == 2 and "--window: config key 'variants.window': must be >= 2" in said(
+        result
+    )  # before reading any file
     listing.write_text("chrZ\t5\tA\tC\n")
     result = invoke("variants", base, listing, "-r", fasta)
     assert result.exit_code == 2 and "chrZ" in said(result)
@@ -369,7 +380,7 @@ def test_score_modes_and_their_flags(base, tmp_path):
     assert sums[("exact", True)] == pytest.approx(sums[("exact", False)], abs=1e-3)  # chunked = one forward
     assert sums[("windows", True)] != pytest.approx(sums[("exact", False)], abs=1e-3)  # windows cut context
     for bad, message in (
-        (["--mode", "sliding"], "--mode: expected exact or windows"),
+        (["--mode", "sliding"], "--mode: config key 'context.mode': expected one of 'exact' | 'windows'"),
         (["--chunk", 1], "--chunk"),
     ):
         result = invoke("score", tmp_path / "no_model", fasta, *bad)
@@ -494,3 +505,69 @@ def test_growing_poles_refuse_the_chunked_prefill_with_the_fix(tmp_path):
         "score", tmp_path / "ckpt", fasta, "--mode", "windows", "--window", 16, "--device", "cpu"
     )
     assert windows.exit_code == 0, windows.output
+
+
+def test_a_config_file_gives_what_the_flags_give(base, fasta, tmp_path):
+    by_flags = tmp_path / "flags.tsv"
+    args = ["--mode", "windows", "--window", 32, "--overlap", 8, "--rc", "--device", "cpu"]
+    assert invoke("score", base, fasta, "-o", by_flags, *args).exit_code == 0
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"checkpoint: {{path: {base}}}\nruntime: {{device: cpu}}\n"
+        "context: {mode: windows, window: 32, overlap: 8}\n"
+        f"score: {{fasta: {fasta}, output: {tmp_path / 'file.tsv'}, rc: true}}\n"
+    )
+    result = invoke("score", "-c", config)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "file.tsv").read_bytes() == by_flags.read_bytes()
+
+
+def test_flags_override_the_file_and_set_overrides_both(base, tmp_path):
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"checkpoint: {{path: {base}}}\ngenerate: {{prompts: [ACGT], max_new_tokens: 2, seed: 1}}\n"
+    )
+    seeds = {
+        (): "seed=1",
+        ("--seed", 2): "seed=2",
+        ("--seed", 2, "--set", "generate.seed=3"): "seed=3",
+    }
+    for extra, header in seeds.items():
+        result = invoke("generate", "-c", config, *extra)
+        assert result.exit_code == 0, result.output
+        assert header in result.stdout.splitlines()[0]
+    other = invoke("generate", "-c", config, tmp_path / "elsewhere")  # MODEL given: it wins over the file
+    assert other.exit_code == 2 and "elsewhere: model not found" in said(other)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("generate: {seeed: 1}\n", ["infer.yaml:1", "config key 'generate.seeed': unknown key", "'seed'"]),
+        ("context:\n  chunk: 1\n", ["infer.yaml:2", "config key 'context.chunk': must be >= 2"]),
+        ("runtime: {threads: many}\n", ["infer.yaml:1", "config key 'runtime.threads': expected an integer"]),
+        ("score: {format: xls}\n", ["config key 'score.format': expected one of 'tsv' | 'csv' | 'parquet'"]),
+    ],
+)
+def test_a_bad_config_file_exits_2_naming_file_line_and_key(base, fasta, tmp_path, text, fragments):
+    config = tmp_path / "infer.yaml"
+    config.write_text(text)
+    result = invoke("score", base, fasta, "-c", config)
+    assert result.exit_code == 2, result.output
+    assert all(fragment in said(result) for fragment in fragments), said(result)
+    assert "parameters" not in said(result)  # refused before the model loads
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "given_by"),
+    [
+        (["score"], "checkpoint.path", "give MODEL"),
+        (["score", "{base}"], "score.fasta", "give FASTA"),
+        (["embed", "{base}", "{fasta}"], "embed.output", "give --output"),
+        (["variants", "{base}", "{fasta}"], "variants.reference", "give --reference"),
+    ],
+)
+def test_what_a_subcommand_needs_comes_from_the_command_line_or_the_file(base, fasta, args, key, given_by):
+    result = invoke(*(a.format(base=base, fasta=fasta) for a in args))
+    assert result.exit_code == 2, result.output
+    assert f"config key '{key}': is required" in said(result) and given_by in said(result)

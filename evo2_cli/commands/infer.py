@@ -1,106 +1,130 @@
-"""`evo2 infer generate | score | embed | variants`: thin Typer layer over evo2_cli.infer."""
+"""`evo2 infer generate | score | embed | variants`: thin Typer layer over evo2_cli.infer.
+
+Every option is the flag of one key of the infer config, declared once on its field (evo2_cli/infer/config.py:
+`flag`); each subcommand names the sections and keys it takes. As in `evo2 train`, flags override `-c FILE`
+and `--set` overrides both; every value meets the config's checks, and an error names the flag typed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import itertools
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from evo2_cli.commands.common import NoVerifyOption, OverwriteOption, console
-from evo2_cli.errors import InputError
+from evo2_cli.commands.common import (
+    ConfigOption,
+    NoVerifyOption,
+    OverwriteOption,
+    SetOption,
+    console,
+    resolve_config,
+)
+from evo2_cli.errors import ConfigError, InputError
+from evo2_cli.infer.config import InferJob
 
 app = typer.Typer(
     help="Generate, score, embed and score variants with a trained model (ours or an Evo 2 / Vortex .pt).",
     no_args_is_help=True,
 )
-
-ModelArgument = Annotated[
-    Path,
-    typer.Argument(
-        help="Checkpoint directory, training run directory (its latest checkpoint) or Vortex .pt.",
-        show_default=False,
-    ),
-]
-VortexConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--vortex-config", help="Model config YAML of a Vortex .pt (release schema or ours).", dir_okay=False
-    ),
-]
-ClampPolesOption = Annotated[
-    float | None,
-    typer.Option(
-        "--clamp-poles", help="Vortex .pt: clamp hcl poles with lambda >= 0 to this negative value."
-    ),
-]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
-]
-ThreadsOption = Annotated[
-    int,
-    typer.Option(
-        "--threads",
-        help="CPU threads for torch (0 = torch's default, one per core). Small models decode faster with 1, "
-        "and so does any model on a machine whose cores are busy with other jobs.",
-    ),
-]
-OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Output file ('-' = stdout).")]
-ModeOption = Annotated[
-    str,
-    typer.Option(
-        "--mode",
-        help="Records longer than --chunk: exact (chunked prefill, every position sees its whole left "
-        "context) or windows (overlapping --window windows, approximate, no KV cache).",
-    ),
-]
-ChunkOption = Annotated[
-    int,
-    typer.Option(
-        "--chunk",
-        help="Exact mode: tokens per chunk of the chunked prefill (activation memory grows with it); "
-        "records up to this length are one forward.",
-    ),
-]
-WindowOption = Annotated[int, typer.Option("--window", help="--mode windows: the window in tokens.")]
-OverlapOption = Annotated[
-    int | None,
-    typer.Option(
-        "--overlap",
-        help="--mode windows: left context every windowed position keeps at least.",
-        show_default="window/4",
-    ),
-]
-BatchTokensOption = Annotated[
-    int,
-    typer.Option("--batch-tokens", min=1, help="Tokens per forward batch (rows x window); length-bucketed."),
-]
-FastaArgument = Annotated[Path, typer.Argument(help="FASTA file (plain, .gz, bgzip).", dir_okay=False)]
+DEFAULTS = InferJob()
 
 
-def _model(
-    path: Path,
-    vortex_config: Path | None,
-    device: str,
-    dtype: str,
-    clamp_poles: float | None = None,
-    threads: int = 0,
-    verify: bool = True,
-):
+def _fields(*keys: str) -> dict[str, dataclasses.Field]:
+    """The config fields that have a flag, by key, in order: 'section.name', or every one of 'section'."""
+    return {
+        f"{section}.{f.name}": f
+        for section, _, name in (key.partition(".") for key in keys)
+        for f in dataclasses.fields(getattr(DEFAULTS, section))
+        if f.metadata and name in ("", f.name)
+    }
+
+
+def _lookup(job: InferJob, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(job, section), name)
+
+
+def _parameter(key: str, f: dataclasses.Field) -> inspect.Parameter:
+    """The Typer parameter of a config field: its type (a Literal is a string to Typer, which leaves the
+    check to the config) and default; an upper-case name is a positional argument."""
+    names, default = f.metadata["names"], _lookup(DEFAULTS, key)
+    hint = typing.get_type_hints(type(getattr(DEFAULTS, key.split(".")[0])))[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    kind = str if typing.get_origin(hint) is typing.Literal else hint
+    if names[0].isupper():
+        info: Any = typer.Argument(metavar=names[0], help=f.metadata["help"], show_default=False)
+    else:
+        shown = f.metadata["shown"] or default not in (None, [], False)
+        info = typer.Option(*names, help=f.metadata["help"], show_default=shown)
+    return _keyword(
+        key.replace(".", "__"), Annotated[kind | None if default is None else kind, info], default
+    )
+
+
+def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _subcommand(name: str, *keys: str) -> Callable:
+    """Register `run(job, overwrite)` as `evo2 infer NAME` with `-c`, `--set`, `--no-verify`, `--overwrite`
+    and the flags of the config `keys` (see `_fields`), each overriding its key when given."""
+    fields = _fields("checkpoint.path", *keys, "checkpoint", "runtime")
+
+    def register(run: Callable[[InferJob, bool], None]) -> Callable:
+        def command(ctx: typer.Context, config, set_, no_verify, overwrite, **given) -> None:
+            flags = {"checkpoint.verify": ("--no-verify", False if no_verify else None)}
+            for key, f in fields.items():
+                param = key.replace(".", "__")
+                if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE":
+                    flags[key] = (f.metadata["names"][0], given[param])
+            job = resolve_config(InferJob, config, set_, flags)
+            for key, f in fields.items():
+                if f.metadata["required"] and _lookup(job, key) is None:
+                    hint = f"give {f.metadata['names'][0]}, or set {key} in the config file or with --set"
+                    raise ConfigError(key, "is required", None, hint)
+            run(job, overwrite)
+
+        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                _keyword("ctx", typer.Context),
+                _keyword("config", ConfigOption, None),
+                _keyword("set_", SetOption, None),
+                *(_parameter(key, f) for key, f in fields.items()),
+                _keyword("no_verify", NoVerifyOption, False),
+                _keyword("overwrite", OverwriteOption, False),
+            ]
+        )
+        command.__doc__ = run.__doc__
+        app.command(name)(command)
+        return run
+
+    return register
+
+
+def _model(job: InferJob):
     import torch
 
     from evo2_cli.infer.loading import load_inference_model
 
-    if threads < 0:
-        raise InputError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+    source, runtime, path = job.checkpoint, job.runtime, job.checkpoint.path
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
     model = load_inference_model(
-        path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles, verify=verify
+        path,
+        source.vortex_config,
+        device=runtime.device,
+        dtype=runtime.dtype,
+        clamp_poles=source.clamp_poles,
+        verify=source.verify,
     )
     parameter = next(model.parameters())
     console.print(
@@ -127,14 +151,6 @@ def _progress_bars(*bars: tuple[str, int | None]) -> Iterator[list[Callable[[int
     with Progress(*columns, console=console, transient=True) as progress:
         tasks = [progress.add_task(description, total=total) for description, total in bars]
         yield [lambda n, task=task: progress.advance(task, n) for task in tasks]
-
-
-def _context(mode: str, chunk: int, window: int, overlap: int | None, batch_tokens: int):
-    """The checked Context (--overlap defaults to window / 4), before anything loads."""
-    from evo2_cli.infer.context import Context
-
-    overlap = overlap if overlap is not None else max(1, window // 4)
-    return Context(mode, chunk, window, overlap, batch_tokens)  # type: ignore[arg-type]
 
 
 def _preflight(model, chunk: int, model_path: Path, windows: bool = False) -> Callable[..., None]:
@@ -172,58 +188,8 @@ def _preflight(model, chunk: int, model_path: Path, windows: bool = False) -> Ca
 # ---------------------------------------------------------------- generate
 
 
-@app.command("generate")
-def generate(
-    model_path: ModelArgument,
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", "-p", help="A prompt sequence (repeatable).")
-    ] = None,
-    prompt_fasta: Annotated[
-        Path | None, typer.Option("--prompt-fasta", help="Prompts from a FASTA file.", dir_okay=False)
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature (> 0).")] = 1.0,
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="Keep the k most likely tokens; 1 = greedy, 0 = all.")
-    ] = 4,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass within the top-k, in (0, 1].")] = 1.0,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Continuations per prompt.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Same seed, same output (any batch size).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
-    chunk: Annotated[
-        int,
-        typer.Option("--chunk", help="Prompts are prefilled this many tokens at a time (any length, exact)."),
-    ] = 8192,
-    alphabet: Annotated[
-        str,
-        typer.Option("--alphabet", help="Sample from acgt only, or from all tokens (the official engine)."),
-    ] = "acgt",
-    invalid: Annotated[
-        str,
-        typer.Option(
-            "--invalid",
-            help="Non-IUPAC letters in a --prompt: error, or n (map to N). --prompt-fasta records are "
-            "checked as FASTA, like every other input.",
-        ),
-    ] = "error",
-    include_prompt: Annotated[
-        bool, typer.Option("--include-prompt", help="Write prompt + continuation (default: continuation).")
-    ] = False,
-    output: OutputOption = Path("-"),
-    logprobs: Annotated[
-        Path | None,
-        typer.Option(
-            "--logprobs", help="Also write per-token log-probs (TSV: id, position, token, logprob)."
-        ),
-    ] = None,
-    vortex_config: VortexConfigOption = None,
-    clamp_poles: ClampPolesOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    threads: ThreadsOption = 0,
-    no_verify: NoVerifyOption = False,
-    overwrite: OverwriteOption = False,
-) -> None:
+@_subcommand("generate", "generate", "context.chunk")
+def generate(job: InferJob, overwrite: bool) -> None:
     """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
 
     Sampling as the official engine: top-k, then temperature, then top-p within the top-k (--top-k 1 is
@@ -238,66 +204,54 @@ def generate(
         table_kind,
         write_table,
     )
-    from evo2_cli.infer.sampling import SamplingSettings
     from evo2_cli.infer.sequences import encode_dna, read_sequences, tokens_to_text
 
-    settings = SamplingSettings(top_k=top_k, temperature=temperature, top_p=top_p)
-    if invalid not in ("error", "n"):
-        raise InputError(f"--invalid: expected error or n, got {invalid!r}")
-    if alphabet not in ("acgt", "all"):
-        raise InputError(f"--alphabet: expected acgt or all, got {alphabet!r}")
-    for name, value, low in (
-        ("--max-new-tokens", max_new_tokens, 1),
-        ("--num-samples", num_samples, 1),
-        ("--batch-size", batch_size, 1),
-        ("--chunk", chunk, 1),
-    ):
-        if value < low:
-            raise InputError(f"{name} must be >= {low}, got {value}")
+    options, chunk = job.generate, job.context.chunk
     names, prompts = [], []
     fix = "use IUPAC nucleotide letters, or pass --invalid n to map other characters to N"
-    for i, text in enumerate(prompt or []):
-        prompts.append(encode_dna(text, f"--prompt {i + 1}", invalid, fix))  # type: ignore[arg-type]
+    for i, text in enumerate(options.prompts):
+        prompts.append(encode_dna(text, f"--prompt {i + 1}", options.invalid, fix))
         names.append(f"prompt{i + 1}")
-    if prompt_fasta is not None:
-        for record in read_sequences(prompt_fasta):
+    if options.prompt_fasta is not None:
+        for record in read_sequences(options.prompt_fasta):
             names.append(record.id)
             prompts.append(record.tokens)
     if not prompts:
         raise InputError("no prompt: give --prompt ACGT... (repeatable) or --prompt-fasta FILE")
+    output, logprobs = options.output, options.logprobs
     check_output(output, FASTA, overwrite)
     if logprobs is not None:
         check_output(logprobs, table_kind("a log-prob table", LOGPROB_COLUMNS, "tsv"), overwrite)
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
+    model = _model(job)
     bars = (
-        ("prefill (tokens)", sum(len(p) for p in prompts) * num_samples),
-        ("generating", len(prompts) * num_samples * max_new_tokens),
+        ("prefill (tokens)", sum(len(p) for p in prompts) * options.num_samples),
+        ("generating", len(prompts) * options.num_samples * options.max_new_tokens),
     )
     with _progress_bars(*bars) as (prefilled, generated):
         results = run_generate(
             model,
             prompts,
-            max_new_tokens,
-            settings,
-            num_samples=num_samples,
-            seed=seed,
-            batch_size=batch_size,
-            alphabet=DNA_TOKENS if alphabet == "acgt" else None,
+            options.max_new_tokens,
+            options.sampling,
+            num_samples=options.num_samples,
+            seed=options.seed,
+            batch_size=options.batch_size,
+            alphabet=DNA_TOKENS if options.alphabet == "acgt" else None,
             chunk=chunk,
             on_tokens=generated,
             on_prefill=prefilled,
-            before_long=_preflight(model, chunk, model_path),
+            before_long=_preflight(model, chunk, job.checkpoint.path),
         )
     with atomic_text_output(output) as handle:
         for g in results:
             name = names[g.prompt_index]
             text = tokens_to_text(g.tokens)
-            if include_prompt:
+            if options.include_prompt:
                 text = tokens_to_text(prompts[g.prompt_index]) + text
             header = (
                 f"{name}_sample{g.sample_index + 1} prompt={name} sample={g.sample_index + 1} "
                 f"prompt_length={len(prompts[g.prompt_index])} new_tokens={len(g.tokens)} "
-                f"{settings.describe()} seed={seed} alphabet={alphabet} "
+                f"{options.sampling.describe()} seed={options.seed} alphabet={options.alphabet} "
                 f"mean_logprob={float(g.logprobs.mean()):.6f}"
             )
             handle.write(fasta_lines(header, text))
@@ -326,37 +280,8 @@ def generate(
 # ---------------------------------------------------------------- score
 
 
-@app.command("score")
-def score(
-    model_path: ModelArgument,
-    fasta: FastaArgument,
-    output: OutputOption = Path("-"),
-    fmt: Annotated[
-        str | None,
-        typer.Option("--format", help="tsv, csv or parquet.", show_default="from the suffix, else tsv"),
-    ] = None,
-    reverse_complement: Annotated[
-        bool, typer.Option("--rc", help="Average with the reverse complement's score.")
-    ] = False,
-    per_token: Annotated[
-        Path | None,
-        typer.Option(
-            "--per-token", help="Also write per-position log-probs (TSV: id, position, base, logprob)."
-        ),
-    ] = None,
-    mode: ModeOption = "exact",
-    chunk: ChunkOption = 8192,
-    window: WindowOption = 8192,
-    overlap: OverlapOption = None,
-    batch_tokens: BatchTokensOption = 16384,
-    vortex_config: VortexConfigOption = None,
-    clamp_poles: ClampPolesOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    threads: ThreadsOption = 0,
-    no_verify: NoVerifyOption = False,
-    overwrite: OverwriteOption = False,
-) -> None:
+@_subcommand("score", "score", "context")
+def score(job: InferJob, overwrite: bool) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
     Natural-log sums over positions 1..L-1 (the first base has no context). Records longer than --chunk
@@ -367,14 +292,14 @@ def score(
     from evo2_cli.infer.scoring import PER_TOKEN_COLUMNS, SCORE_COLUMNS, score_sequences
     from evo2_cli.infer.sequences import read_sequences
 
-    context = _context(mode, chunk, window, overlap, batch_tokens)
-    chosen = table_format(output, fmt)
+    options, output, per_token = job.score, job.score.output, job.score.per_token
+    chosen = table_format(output, options.format)
     check_output(output, table_kind("a score table", SCORE_COLUMNS, chosen), overwrite)
     if per_token is not None:
         check_output(per_token, table_kind("a per-token table", PER_TOKEN_COLUMNS, "tsv"), overwrite)
-    records = read_sequences(fasta)
+    records = read_sequences(options.fasta)
     first = next(records, None)  # a missing or empty FASTA fails before the model loads
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
+    model = _model(job)
     side = atomic_text_output(per_token) if per_token is not None else contextlib.nullcontext()
     with _progress("scoring (bases)", None) as advance, side as token_handle:
         if token_handle is not None:
@@ -382,10 +307,10 @@ def score(
         scores = score_sequences(
             model,
             itertools.chain([first] if first is not None else [], records),
-            context,
-            reverse_complement=reverse_complement,
+            job.context,
+            reverse_complement=options.rc,
             on_tokens=advance,
-            before_long=_preflight(model, chunk, model_path, windows=True),
+            before_long=_preflight(model, job.context.chunk, job.checkpoint.path, windows=True),
         )
 
         def rows():
@@ -402,55 +327,14 @@ def score(
 # ---------------------------------------------------------------- embed
 
 
-@app.command("embed")
-def embed(
-    model_path: ModelArgument,
-    fasta: FastaArgument,
-    output: Annotated[
-        Path,
-        typer.Option(
-            "--output",
-            "-o",
-            help="OUT.safetensors or OUT.npy, plus an index OUT.safetensors.ids.tsv or OUT.npy.ids.tsv.",
-            dir_okay=False,
-        ),
-    ],
-    layer: Annotated[
-        str | None,
-        typer.Option(
-            "--layer",
-            help="Block index (negative from the end), blocks.N, final_norm, or a submodule as the "
-            "official engine names it (blocks.28.mlp.l3, blocks.N.mlp, blocks.N.filter, ...): its "
-            "forward hook's output.",
-            show_default="the middle block",
-        ),
-    ] = None,
-    pooling: Annotated[
-        str,
-        typer.Option(
-            "--pooling", help="mean (one vector per record) or none (per token, streamed to the file)."
-        ),
-    ] = "mean",
-    mode: ModeOption = "exact",
-    chunk: ChunkOption = 8192,
-    window: WindowOption = 8192,
-    overlap: OverlapOption = None,
-    batch_tokens: BatchTokensOption = 16384,
-    vortex_config: VortexConfigOption = None,
-    clamp_poles: ClampPolesOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    threads: ThreadsOption = 0,
-    no_verify: NoVerifyOption = False,
-    overwrite: OverwriteOption = False,
-) -> None:
+@_subcommand("embed", "embed", "context")
+def embed(job: InferJob, overwrite: bool) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
     Per token, the vectors of all records are concatenated: each record's rows start at its offset (in the
     index file and the safetensors `offsets` tensor) and end where the next record's start. They are
     written to the file as they are computed (a 1 Mbase record never sits in memory)."""
     from evo2_cli.infer.embedding import (
-        check_pooling,
         embed_sequences,
         embedding_pieces,
         output_width,
@@ -467,22 +351,22 @@ def embed(
     )
     from evo2_cli.infer.sequences import read_sequences
 
-    context = _context(mode, chunk, window, overlap, batch_tokens)
-    chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
+    options, output, context = job.embed, job.embed.output, job.context
+    model_path, layer, pooling = job.checkpoint.path, job.embed.layer, job.embed.pooling
     check_embeddings_output(output, overwrite)
-    config = load_inference_config(model_path, vortex_config)
+    config = load_inference_config(model_path, job.checkpoint.vortex_config)
     if config is not None:
         resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
-    sequences = list(read_sequences(fasta))
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
+    sequences = list(read_sequences(options.fasta))
+    model = _model(job)
     chosen = resolve_layer(model, layer)
     ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
-    preflight = _preflight(model, chunk, model_path, windows=True)
-    if context.mode == "exact" and max(lengths) > chunk:
+    preflight = _preflight(model, context.chunk, model_path, windows=True)
+    if context.mode == "exact" and max(lengths) > context.chunk:
         preflight(max(lengths))  # refuse what cannot fit before any work
-    metadata = {"layer": chosen.name, "pooling": chosen_pooling, "model": str(model_path)}
+    metadata = {"layer": chosen.name, "pooling": pooling, "model": str(model_path)}
     with _progress("embedding (bases)", sum(lengths)) as advance:
-        if chosen_pooling == "mean":
+        if pooling == "mean":
             result = embed_sequences(
                 model, sequences, layer=chosen.name, context=context, on_tokens=advance, before_long=preflight
             )
@@ -499,8 +383,7 @@ def embed(
                     write(rows)
             index = write_embeddings_index(output, ids, lengths, offsets)
     console.print(
-        f"[green]wrote[/] {output} {tuple(shape)} (layer {chosen.name}, pooling {chosen_pooling}) "
-        f"and {index}",
+        f"[green]wrote[/] {output} {tuple(shape)} (layer {chosen.name}, pooling {pooling}) and {index}",
         highlight=False,
     )
 
@@ -508,43 +391,8 @@ def embed(
 # ---------------------------------------------------------------- variants
 
 
-@app.command("variants")
-def variants(
-    model_path: ModelArgument,
-    variant_file: Annotated[
-        Path,
-        typer.Argument(help="TSV (chrom pos ref alt, 1-based) or VCF.", dir_okay=False, show_default=False),
-    ],
-    reference: Annotated[
-        Path,
-        typer.Option(
-            "--reference", "-r", help="Reference FASTA (records named as the chroms).", dir_okay=False
-        ),
-    ],
-    output: OutputOption = Path("-"),
-    window: Annotated[
-        int, typer.Option("--window", help="Reference window around each variant (bases).")
-    ] = 8192,
-    on_mismatch: Annotated[
-        str,
-        typer.Option("--on-mismatch", help="A ref allele that differs from the reference: error or skip."),
-    ] = "error",
-    chunk: Annotated[
-        int,
-        typer.Option(
-            "--chunk",
-            help="Windows longer than this go through the chunked prefill (exact, bounded memory).",
-        ),
-    ] = 8192,
-    batch_tokens: BatchTokensOption = 16384,
-    vortex_config: VortexConfigOption = None,
-    clamp_poles: ClampPolesOption = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    threads: ThreadsOption = 0,
-    no_verify: NoVerifyOption = False,
-    overwrite: OverwriteOption = False,
-) -> None:
+@_subcommand("variants", "variants", "context.chunk", "context.batch_tokens")
+def variants(job: InferJob, overwrite: bool) -> None:
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
     Columns: chrom pos ref alt status window_start ref_sum_ll alt_sum_ll delta_sum_ll delta_mean_ll."""
@@ -557,15 +405,13 @@ def variants(
         score_planned,
     )
 
-    if on_mismatch not in ("error", "skip"):
-        raise InputError(f"--on-mismatch: expected error or skip, got {on_mismatch!r}")
-    _context("exact", chunk, 8192, None, batch_tokens)  # checks --chunk and --batch-tokens before any work
-    check_output(output, table_kind("a variant table", VARIANT_COLUMNS, "tsv"), overwrite)
-    listed = read_variants(variant_file)
-    chroms = load_reference(reference, {v.chrom for v in listed})
-    planned = plan_variants(listed, chroms, window, str(variant_file), on_mismatch)  # type: ignore[arg-type]
-    model = _model(model_path, vortex_config, device, dtype, clamp_poles, threads, not no_verify)
-    preflight = _preflight(model, chunk, model_path)
+    options, chunk = job.variants, job.context.chunk
+    check_output(options.output, table_kind("a variant table", VARIANT_COLUMNS, "tsv"), overwrite)
+    listed = read_variants(options.file)
+    chroms = load_reference(options.reference, {v.chrom for v in listed})
+    planned = plan_variants(listed, chroms, options.window, str(options.file), options.on_mismatch)
+    model = _model(job)
+    preflight = _preflight(model, chunk, job.checkpoint.path)
     longest = max((len(a) for plan in planned if plan is not None for a in plan[1:]), default=0)
     if longest > chunk:
         preflight(longest)  # refuse what cannot fit before any work
@@ -575,10 +421,10 @@ def variants(
             listed,
             planned,
             chunk=chunk,
-            batch_tokens=batch_tokens,
+            batch_tokens=job.context.batch_tokens,
             on_tokens=advance,
             before_long=preflight,
         )
-    count = write_table(output, (r.row() for r in results), "tsv")
-    if str(output) != "-":
-        console.print(f"[green]wrote[/] {count} variant score(s) to {output}")
+    count = write_table(options.output, (r.row() for r in results), "tsv")
+    if str(options.output) != "-":
+        console.print(f"[green]wrote[/] {count} variant score(s) to {options.output}")

@@ -1,6 +1,8 @@
 """`evo2 infer`: generate, score, embed and variant effects on a trained StripedHyena 2 model.
 
-Public API (the CLI in evo2_cli/commands/infer.py is a thin layer over it):
+Owns the infer config (config.py, no torch: `InferJob`, sections checkpoint, runtime, context, generate,
+score, embed, variants), loading a model for inference, long records through the model (exact chunked
+prefill or windows), sampling, and the output files. Public API (commands/infer.py is a thin layer over it):
 
 Loading (evo2_cli.infer.loading)
     load_inference_model(path, vortex_config=None, device='cpu', dtype='fp32', hcl_form=None,
@@ -14,11 +16,11 @@ Inputs (evo2_cli.infer.sequences)
     encode_dna(text, where, policy='error'|'n') -> uint8 tokens, upper-cased
     read_sequences(fasta) -> Iterator[Sequence(id, tokens, description)]
 Generation (evo2_cli.infer.generation, evo2_cli.infer.sampling)
-    SamplingSettings(top_k, temperature, top_p); sample(logits, settings, generators)
+    SamplingSettings(top_k, temperature, top_p) (config.py); sample(logits, settings, generators)
     generate(model, prompts, max_new_tokens, settings, num_samples, seed, batch_size, alphabet)
     generate_reference(...)         the same without the cache (full forward per token)
 Long records, scoring, embedding, variants
-    Context(mode='exact'|'windows', chunk, window, overlap, batch_tokens)              (context.py)
+    Context(mode='exact'|'windows', chunk, window, overlap, batch_tokens)               (config.py)
     per_token_pieces(model, records, readout, context, ...) -> Iterator[(record, rows)]: exact (chunked
                                     prefill) or windowed, in input order, in pieces (streamable)
     plan_windows(length, window, overlap); run_windows(model, arrays, forward, ...)   (windows.py)
@@ -34,7 +36,3 @@ Outputs (evo2_cli.infer.outputs)
     write_table(path, rows, fmt), write_embeddings(...), embeddings_file(...) (streamed),
     atomic_text_output(path)
 """
-
-from evo2_cli.infer.loading import load_inference_model
-
-__all__ = ["load_inference_model"]

@@ -18,51 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from evo2_cli.errors import InputError
-from evo2_cli.infer.windows import (
-    DEFAULT_BATCH_TOKENS,
-    DEFAULT_WINDOW,
-    check_window,
-    plan_windows,
-    run_windows,
-)
+from evo2_cli.infer.config import Context
+from evo2_cli.infer.windows import plan_windows, run_windows
 from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model.model import StripedHyena
 
-Mode = Literal["exact", "windows"]
-DEFAULT_CHUNK = DEFAULT_WINDOW  # a record up to Evo 2's pretraining context stays one forward
 DEFAULT_POOL_TOKENS = 1 << 22  # records read, run and emitted together (memory stays bounded)
-
-
-@dataclass(frozen=True)
-class Context:
-    """Options of `per_token_pieces`; the checks name the command-line flags."""
-
-    mode: Mode = "exact"
-    chunk: int = DEFAULT_CHUNK
-    window: int = DEFAULT_WINDOW
-    overlap: int = DEFAULT_WINDOW // 4
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("exact", "windows"):
-            raise InputError(f"--mode: expected exact or windows, got {self.mode!r}")
-        if self.chunk < 2:
-            raise InputError(f"--chunk must be >= 2 tokens, got {self.chunk}")
-        if self.batch_tokens < 1:
-            raise InputError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
-        check_window(self.window, self.overlap)
-
-    @property
-    def span(self) -> int:
-        """The longest record run in one forward: a chunk (exact) or a window (windows)."""
-        return self.chunk if self.mode == "exact" else self.window
 
 
 @dataclass(frozen=True)

@@ -25,19 +25,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from evo2_cli.errors import InputError
-from evo2_cli.infer.context import Context, Readout, per_token_pieces
+from evo2_cli.infer.config import Context, Pooling
+from evo2_cli.infer.context import Readout, per_token_pieces
 from evo2_cli.infer.sequences import Sequence
 from evo2_cli.model.config import ModelConfig
 from evo2_cli.model.model import RotaryEmbedding, StripedHyena
 
-Pooling = Literal["mean", "none"]
 FINAL_NORM = "final_norm"  # our first name for `norm`, kept
 VORTEX_NAMES = {"inner_mha_cls": "attn"}  # the official engine's module names that differ from ours
 
@@ -199,12 +198,6 @@ def record_offsets(lengths: list[int]) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
 
 
-def check_pooling(pooling: str) -> Pooling:
-    if pooling not in ("mean", "none"):
-        raise InputError(f"--pooling: expected mean or none, got {pooling!r}")
-    return pooling  # type: ignore[return-value]
-
-
 def embedding_pieces(
     model: StripedHyena,
     sequences: Iterable[Sequence],
@@ -237,7 +230,6 @@ def embed_sequences(
     before_long: Callable[[int], None] | None = None,
 ) -> Embeddings:
     """Every record's vectors in memory (mean: one per record; none: one per position, concatenated)."""
-    pooling = check_pooling(pooling)
     chosen = resolve_layer(model, layer)
     width = output_width(model, chosen)
     sums = np.zeros((len(sequences), width), np.float64)

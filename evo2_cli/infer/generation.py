@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evo2_cli.infer.context import DEFAULT_CHUNK
+from evo2_cli.infer.config import DEFAULT_CHUNK
 from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
 from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model.model import StripedHyena

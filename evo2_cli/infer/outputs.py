@@ -20,7 +20,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 import numpy as np
 
@@ -32,8 +32,8 @@ from evo2_cli.fsio import (
     file_kind,
     temporary_sibling,
 )
+from evo2_cli.infer.config import TableFormat
 
-TableFormat = Literal["tsv", "csv", "parquet"]
 STDOUT = Path("-")
 INDEX_COLUMNS = ("index", "id", "length", "offset")  # the embeddings index OUT.ids.tsv
 
@@ -94,8 +94,6 @@ def table_format(path: Path, requested: str | None) -> TableFormat:
     if requested is None:
         suffix = Path(path).suffix.lower()
         requested = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "tsv")
-    if requested not in ("tsv", "csv", "parquet"):
-        raise InputError(f"--format: expected tsv, csv or parquet, got {requested!r}")
     if requested == "parquet":
         if str(path) == "-":
             raise InputError("--format parquet needs an output file (-o FILE.parquet), not stdout")

@@ -15,41 +15,11 @@ row's output depends only on its seed, never on which other rows share its batch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from evo2_cli.errors import InputError
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """top_k 1 = greedy, 0 = no top-k; temperature > 0 when sampling; top_p in (0, 1] (1 = off)."""
-
-    top_k: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.top_k < 0:
-            raise InputError(f"--top-k must be >= 0 (0 = all tokens, 1 = greedy), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not self.greedy and not self.temperature > 0.0:
-            raise InputError(
-                f"--temperature must be > 0 when sampling, got {self.temperature}; for greedy decoding "
-                "pass --top-k 1"
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.top_k == 1
-
-    def describe(self) -> str:
-        if self.greedy:
-            return "greedy"
-        return f"top_k={self.top_k} temperature={self.temperature:g} top_p={self.top_p:g}"
+from evo2_cli.infer.config import SamplingSettings
 
 
 def restrict(logits: Tensor, allowed: Tensor | None) -> Tensor:

@@ -19,20 +19,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from evo2_cli.data.alphabet import UPPERCASE
 from evo2_cli.errors import InputError, shorten
-from evo2_cli.infer.context import DEFAULT_CHUNK, Context, per_token_pieces
+from evo2_cli.infer.config import DEFAULT_BATCH_TOKENS, DEFAULT_CHUNK, DEFAULT_WINDOW, Context, OnMismatch
+from evo2_cli.infer.context import per_token_pieces
 from evo2_cli.infer.scoring import logprob_readout
 from evo2_cli.infer.sequences import encode_dna, read_sequences
-from evo2_cli.infer.windows import DEFAULT_BATCH_TOKENS
 from evo2_cli.model.model import StripedHyena
 
-OnMismatch = Literal["error", "skip"]
-DEFAULT_VARIANT_WINDOW = 8192
 VARIANT_COLUMNS = (
     "chrom",
     "pos",
@@ -161,14 +158,12 @@ Plan = tuple[int, np.ndarray, np.ndarray] | None  # what variant_windows returns
 def plan_variants(
     variants: list[Variant],
     reference: dict[str, np.ndarray],
-    window: int = DEFAULT_VARIANT_WINDOW,
+    window: int = DEFAULT_WINDOW,
     source: str = "variants",
     on_mismatch: OnMismatch = "error",
 ) -> list[Plan]:
-    """The windows of every variant (`variant_windows`), in input order: a bad --window or a ref allele the
-    reference does not hold fails here, before any model work."""
-    if window < 2:
-        raise InputError(f"--window must be >= 2, got {window}")
+    """The windows of every variant (`variant_windows`), in input order: a ref allele the reference does not
+    hold fails here, before any model work (the config checks `window` >= 2)."""
     return [variant_windows(v, reference[v.chrom], window, source, on_mismatch) for v in variants]
 
 
@@ -177,7 +172,7 @@ def score_variants(
     variants: list[Variant],
     reference: dict[str, np.ndarray],
     *,
-    window: int = DEFAULT_VARIANT_WINDOW,
+    window: int = DEFAULT_WINDOW,
     chunk: int = DEFAULT_CHUNK,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     source: str = "variants",

@@ -22,11 +22,8 @@ import torch
 from torch import Tensor
 
 from evo2_cli.data.alphabet import PAD_ID
-from evo2_cli.errors import InputError
+from evo2_cli.infer.config import DEFAULT_BATCH_TOKENS, DEFAULT_WINDOW, check_window
 from evo2_cli.model.model import StripedHyena
-
-DEFAULT_WINDOW = 8192  # Evo 2's pretraining context
-DEFAULT_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -34,13 +31,6 @@ class Window:
     start: int  # first token of the window
     stop: int  # one past its last token
     keep_from: int  # first position this window owns (positions keep_from..stop-1)
-
-
-def check_window(window: int, overlap: int) -> None:
-    if window < 2:
-        raise InputError(f"--window must be >= 2 tokens, got {window}")
-    if not 1 <= overlap < window:
-        raise InputError(f"--overlap must be in [1, window) = [1, {window}), got {overlap}")
 
 
 def plan_windows(length: int, window: int, overlap: int) -> list[Window]:
