@@ -154,16 +154,9 @@ def run_variant(
         seen["update"] = recorder.after_update()
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16")
-    take_step = TrainStep(
-        model,
-        model,
-        build_optimizer(model, optim),
-        LanguageModel(windows),
-        Runtime(device),  # one process
-        autocast,
-        variant.grad_clip,
-        hooks=TrainHooks(after_backward, after_step),
-    )
+    optimizer, objective = build_optimizer(model, optim), LanguageModel(windows)
+    parts = (model, optimizer, objective, Runtime(device), autocast, variant.grad_clip)  # 1 process, no guard
+    take_step = TrainStep(*parts, hooks=TrainHooks(after_backward, after_step))
     steps: list[StepRecord] = []
     stop_reason = "steps"
     started = time.perf_counter()

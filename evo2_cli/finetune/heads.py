@@ -249,25 +249,6 @@ def sample_indices(count: int, seed: int, first: int, size: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
-def evaluate_task(model, records: LabeledRecords, task: str, micro_batch: int, device, autocast) -> dict:
-    model.eval()
-    outputs = []
-    for first in range(0, len(records.ids), micro_batch):
-        ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
-        with autocast:
-            outputs.append(sequence_outputs(model, ids.to(device), mask.to(device)).cpu())
-    model.train()
-    out = torch.cat(outputs)
-    targets = torch.from_numpy(records.targets)
-    metrics = {"val_loss": task_loss(out, targets, task).item()}
-    if task == "classify":
-        metrics.update(classification_metrics(out.numpy(), records.targets))
-    else:
-        metrics.update(regression_metrics(out[:, 0].numpy(), records.targets))
-    return metrics
-
-
 # ---------------------------------------------------------------- the objective
 
 
@@ -304,8 +285,17 @@ class SequenceTask(Objective):
         outputs = sequence_outputs(model, ids, mask)
         return task_loss(outputs, targets, self.kind, "sum"), outputs.new_zeros(0, dtype=torch.float64)
 
-    def train_metrics(self, sums: Tensor) -> dict[str, float]:
-        return {}
-
+    @torch.no_grad()
     def evaluate(self, model, micro_batch: int, runtime, autocast) -> dict[str, float]:
-        return evaluate_task(model, self.val_set, self.kind, micro_batch, runtime.device, autocast)
+        records, outputs = self.val_set, []
+        model.eval()
+        for first in range(0, len(records.ids), micro_batch):
+            ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
+            with autocast:
+                outputs.append(sequence_outputs(model, ids.to(runtime.device), mask.to(runtime.device)).cpu())
+        model.train()
+        out = torch.cat(outputs)
+        metrics = {"val_loss": task_loss(out, torch.from_numpy(records.targets), self.kind).item()}
+        if self.kind == "classify":
+            return metrics | classification_metrics(out.numpy(), records.targets)
+        return metrics | regression_metrics(out[:, 0].numpy(), records.targets)

@@ -197,18 +197,8 @@ def train(
         tokens_per_step = job.optim.global_batch * data.seq_len
         train_flops_per_step = 3 * estimate_flops(job.model, data.seq_len) * job.optim.global_batch
         device_peak = peak_flops(runtime.device, runtime.autocast_dtype is not None, cfg.peak_flops)
-        take_step = TrainStep(
-            model,
-            wrapped,
-            optimizer,
-            objective,
-            runtime,
-            autocast,
-            job.optim.grad_clip,
-            guard,
-            hooks,
-            on_problem=report_problem,
-        )
+        step_parts = (model, optimizer, objective, runtime, autocast, job.optim.grad_clip)
+        take_step = TrainStep(*step_parts, wrapped, guard, hooks, report_problem)
 
         def save(is_best: bool = False, metrics: dict | None = None) -> Path:
             gathered = _full_model_state(model) if fsdp else None  # collective: every rank takes part

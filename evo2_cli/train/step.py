@@ -36,6 +36,9 @@ class Objective:
     meta: dict = {}  # noqa: RUF012  (never mutated)
     evaluates = False
 
+    def train_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        return {}
+
     def describe(self, val: dict[str, float]) -> str:
         return " | ".join(f"{k} {v:.4f}" for k, v in val.items())
 
@@ -44,13 +47,8 @@ class LanguageModel(Objective):
     """Next-token prediction on the windows of indexed datasets, weighted per token (tags masked, lowercase
     down-weighted); bits per base over nucleotide labels."""
 
-    def __init__(
-        self,
-        train: WindowSampler | None = None,
-        val: WindowSampler | None = None,
-        val_count: int = 0,
-        identity: dict | None = None,
-    ):
+    def __init__(self, train: WindowSampler | None = None, val=None, val_count: int = 0, identity=None):
+        """`val` (a WindowSampler) and its first `val_count` windows when evaluating; `identity`: the data."""
         self.train, self.val, self.val_count, self.identity = train, val, val_count, identity
         self.evaluates = val is not None
 
@@ -148,23 +146,22 @@ class TrainHooks:
 
 @dataclass
 class TrainStep:
-    """The parts one step needs; `model` is the unwrapped module, `wrapped` what runs forward (DDP / FSDP2
-    / the model itself). `guard` None applies every step; `on_problem(info)` sees a bad step while its
-    gradients are still there."""
+    """The parts one step needs; `model` is the unwrapped module, `wrapped` what runs forward (DDP, FSDP2).
+    `guard` None applies every step; `on_problem(info)` sees a bad step while its gradients are there."""
 
     model: nn.Module
-    wrapped: nn.Module
     optimizer: torch.optim.Optimizer
     objective: Objective
     runtime: Runtime
     autocast: torch.autocast
     grad_clip: float
+    wrapped: nn.Module | None = None  # None: the model itself
     guard: GradientGuard | None = None
     hooks: TrainHooks | None = None
     on_problem: Callable[[StepInfo], None] | None = None
 
     def __post_init__(self):
-        self.hooks = self.hooks or TrainHooks()
+        self.hooks, self.wrapped = self.hooks or TrainHooks(), self.wrapped or self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def __call__(
