@@ -149,7 +149,8 @@ def train(
         run_on_main(runtime, lambda: signals.enter_context(run))
         start = run.starting_checkpoint(resume, job, verify)
         saved = read_train_state(start) if start is not None else None
-        if saved is not None and objective.identity is not None:  # before the weights load: seconds
+        if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
+            _check_made_by(start, saved, objective.kind)
             _check_data_identity(saved.get("data"), objective.identity, start, allow_data_change, say)
         torch.manual_seed(cfg.seed)
         holds_base = model is not None  # a finetune's model: a checkpoint of trained tensors goes onto it
@@ -534,12 +535,28 @@ def _describe_bad_step(
     return lines
 
 
+def _check_made_by(start: Path, saved: dict, kind: str) -> None:
+    """A checkpoint resumes only the kind of run that made it (a language model, or a head of this task) and
+    only with this loop's training state (not that of the one-process head trainer of earlier versions)."""
+    made_by = (read_meta(start).get("task") or {}).get("kind", "lm")
+    if made_by == kind and "guard" in saved["loop"]:
+        return
+    trains = {"lm": "a language model", "classify": "a classify head", "regress": "a regress head"}
+    by = "the one-process head trainer of an earlier version"
+    if made_by != kind:
+        by = f"a run training {trains.get(made_by, made_by)}"
+    raise InputError(
+        f"cannot resume from {start}: it was made by {by} and this run trains {trains.get(kind, kind)}; "
+        "resume from a checkpoint of this kind of run, or use a new train.run_dir"
+    )
+
+
 def _check_data_identity(
     saved: dict | None, current: dict, start: Path, allow_change: bool, say: Callable[[str], None]
 ) -> None:
     """A resume continues exactly only on the data the checkpoint was trained on (checkpoints written
-    before the data identity was recorded pass)."""
-    changes = dataset_changes(saved, current) if saved is not None else []
+    before the data identity was recorded pass, as do objectives without one)."""
+    changes = dataset_changes(saved, current) if saved is not None and current is not None else []
     if not changes:
         return
     if not allow_change:
