@@ -4,6 +4,7 @@ guard, signals, exact resume, DDP and FSDP2 for a head."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import build_config
-from evo2_cli.errors import InputError
+from evo2_cli.errors import Evo2Error, InputError
 from evo2_cli.finetune import FinetuneJob, finetune, load_finetuned, prepare
 from evo2_cli.finetune.config import LabelsSection
 from evo2_cli.finetune.heads import (
@@ -189,49 +190,49 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def test_a_head_finetune_has_the_guard_signals_and_exact_resume(base, tmp_path):
-    """What the training loop gives every run: a SIGTERM saves and stops, the resume continues exactly; a
-    non-finite gradient is skipped by the guard and reported."""
+def head_job(fasta: Path, base: Path, run_dir: Path, **guard) -> FinetuneJob:
+    job = task_job(fasta, base, run_dir, "classify", r"label=(\S+)", {"max_steps": 6, "log_interval": 1})
+    return dataclasses.replace(job, guard=dataclasses.replace(job.guard, **guard))
+
+
+def test_a_head_finetune_stops_on_a_signal_and_resumes_exactly(base, tmp_path):
+    """SIGTERM saves a checkpoint at the end of the next step and stops; the resume logs what one straight
+    run logs, bit for bit."""
     fasta = tmp_path / "labeled.fa"
     labeled_fasta(fasta)
-
-    def job(run: str) -> FinetuneJob:
-        train = {"max_steps": 6, "log_interval": 1, "save_interval": 3}
-        return task_job(fasta, base, tmp_path / run, "classify", r"label=(\S+)", train)
-
-    reference = finetune(job("straight"), console=quiet())
+    reference = finetune(head_job(fasta, base, tmp_path / "straight"), console=quiet())
 
     def sigterm_after_second_step(info: StepInfo) -> None:
         if info.step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = finetune(job("resumed"), hooks=TrainHooks(after_step=sigterm_after_second_step), console=quiet())
-    assert first.stop_reason == "signal" and first.step == 3  # noticed at the end of the next step, saved
-    second = finetune(job("resumed"), console=quiet())
+    job = head_job(fasta, base, tmp_path / "resumed")
+    first = finetune(job, hooks=TrainHooks(after_step=sigterm_after_second_step), console=quiet())
+    assert first.stop_reason == "signal" and first.step == 3
+    second = finetune(job, console=quiet())
     assert second.step == 6 and first.losses + second.losses == reference.losses
-    assert train_records(tmp_path / "resumed") == [
-        {**r, **{k: s[k] for k in ("tokens_per_s", "mfu", "eta_s")}}
-        for r, s in zip(
-            train_records(tmp_path / "straight"), train_records(tmp_path / "resumed"), strict=True
-        )
-    ]
+    timing = ("tokens_per_s", "mfu", "eta_s")
+    straight, resumed = train_records(tmp_path / "straight"), train_records(tmp_path / "resumed")
+    assert [{**r, **{k: s[k] for k in timing}} for r, s in zip(straight, resumed, strict=True)] == resumed
+
+
+def test_a_head_finetune_has_the_guard(base, tmp_path):
+    """A non-finite gradient from step 2 on: steps skipped and reported, one rollback, then divergence."""
+    fasta = tmp_path / "labeled.fa"
+    labeled_fasta(fasta)
 
     def poison(info: StepInfo) -> None:
-        if info.step == 1:
+        if info.step >= 1:
             info.model.task_head.weight.grad.fill_(math.nan)
 
     out = io.StringIO()
-    finetune(job("guarded"), hooks=TrainHooks(after_backward=poison), console=Console(file=out, width=300))
-    assert [r["skipped"] for r in train_records(tmp_path / "guarded")] == [
-        False,
-        True,
-        False,
-        False,
-        False,
-        False,
-    ]
+    job = head_job(fasta, base, tmp_path / "run", max_bad_steps=2, max_rollbacks=1)
+    with pytest.raises(Evo2Error, match="training diverged: 2 bad steps in a row after 1 rollback"):
+        finetune(job, hooks=TrainHooks(after_backward=poison), console=Console(file=out, width=300))
     text = " ".join(out.getvalue().split())
     assert "step 2: non-finite" in text and "step skipped" in text and "task_head.weight" in text
+    assert text.count("rolled back to") == 1 and "lr x0.5" in text
+    assert [r["skipped"] for r in train_records(tmp_path / "run")] == [False, True, False, True]
 
 
 @pytest.mark.slow

@@ -28,12 +28,13 @@ class Objective:
     """What the loop trains. `batch(first, size, device)`: samples first..first+size-1 of the training stream;
     `weight(batch)`: its share of the step's normalizer; `loss(model, batch)`: (loss summed over the batch,
     fp64 metric sums); `train_metrics(sums)`: the logged metrics from those sums over the global batch;
-    `evaluate(...)`: the validation metrics (`val_loss` first), None without validation. `identity` (data a
-    resume must find unchanged) and `meta` (extra meta.json entries of every checkpoint) are plain data."""
+    `evaluate(model, micro_batch, runtime, autocast)`: the validation metrics (`val_loss` first), called
+    when `evaluates`; `describe(val)`: their log line. `identity` (data a resume must find unchanged) and
+    `meta` (extra meta.json entries of every checkpoint) are plain data."""
 
     kind = "lm"  # what a checkpoint of this objective was made by
     identity: dict | None = None
-    meta: dict = {}  # noqa: RUF012  (never mutated)
+    meta: dict = {}  # noqa: RUF012 (never mutated)
     evaluates = False
 
     def train_metrics(self, sums: torch.Tensor) -> dict[str, float]:
