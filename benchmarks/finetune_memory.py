@@ -96,7 +96,7 @@ def child(workdir: Path, seq_len: int, micro_batch: int) -> dict:
 
     from evo2_cli.config import build_config
     from evo2_cli.finetune import FinetuneJob, prepare
-    from evo2_cli.finetune.run import train_language_model
+    from evo2_cli.finetune.run import train_prepared
     from evo2_cli.train.loop import TrainHooks
 
     figures = {"baseline": proc_status("VmRSS")}
@@ -136,7 +136,7 @@ def child(workdir: Path, seq_len: int, micro_batch: int) -> dict:
         figures["loss"] = info.loss
         reset_peak()
 
-    result = train_language_model(
+    result = train_prepared(
         prepared, hooks=TrainHooks(after_step=after_step), console=Console(file=io.StringIO())
     )
     figures["save_peak"] = proc_status("VmHWM")

@@ -53,9 +53,9 @@ from evo2_cli.model import StripedHyena, estimate_flops, preset_config  # noqa: 
 from evo2_cli.train.config import OptimSection  # noqa: E402
 from evo2_cli.train.data import Batch  # noqa: E402
 from evo2_cli.train.distributed import Runtime  # noqa: E402
-from evo2_cli.train.loop import backward_global_batch  # noqa: E402
 from evo2_cli.train.metrics import peak_flops  # noqa: E402
 from evo2_cli.train.optim import build_optimizer  # noqa: E402
+from evo2_cli.train.step import backward_global_batch  # noqa: E402
 
 SEED = 0
 BASES = torch.tensor(list(b"ACGT"))

@@ -39,9 +39,9 @@ from evo2_cli.model import StripedHyena, preset_config  # noqa: E402
 from evo2_cli.train.config import OptimSection, TrainJob  # noqa: E402
 from evo2_cli.train.data import Batch  # noqa: E402
 from evo2_cli.train.distributed import Runtime  # noqa: E402
-from evo2_cli.train.loop import backward_global_batch  # noqa: E402
 from evo2_cli.train.memory import preflight_memory  # noqa: E402
 from evo2_cli.train.optim import build_optimizer  # noqa: E402
+from evo2_cli.train.step import backward_global_batch  # noqa: E402
 
 CPU = Runtime(torch.device("cpu"))
 FP32 = torch.autocast("cpu", enabled=False)

@@ -707,3 +707,39 @@ def test_lora_and_frozen_finetunes_under_fsdp2_match_one_process(dataset, base, 
         assert_same_run(tmp_path / f"{name}2", tmp_path / f"{name}1")
     adapted = load_file(tmp_path / "lora2" / "checkpoints" / "latest" / "model.safetensors")
     assert all(adapted[n].abs().sum() > 0 for n in adapted if n.endswith("lora_B"))  # the adapters moved
+
+
+def test_resume_refuses_a_checkpoint_made_by_the_other_kind_of_run(dataset, base, tmp_path):
+    """A language-model checkpoint does not resume a head finetune, nor a head checkpoint a language model,
+    nor does one of the earlier one-process head trainer resume: exit 2 naming the checkpoint and what made
+    it, before anything is written."""
+    from test_finetune_heads import labeled_fasta, task_job
+
+    lm_job = make_job(dataset, base, tmp_path / "lm")
+    lm_job = dataclasses.replace(lm_job, train=dataclasses.replace(lm_job.train, max_steps=1))
+    lm = finetune(lm_job, console=quiet()).checkpoint
+    labeled_fasta(tmp_path / "labeled.fa")
+
+    def head_job(run: str) -> FinetuneJob:
+        return task_job(
+            tmp_path / "labeled.fa", base, tmp_path / run, "classify", r"label=(\S+)", {"max_steps": 1}
+        )
+
+    head = finetune(head_job("head"), console=quiet()).checkpoint
+    with pytest.raises(InputError) as refused:
+        finetune(head_job("head2"), resume=str(lm), console=quiet())
+    message = " ".join(str(refused.value).split())
+    assert f"cannot resume from {lm}: it was made by a run training a language model and this run" in message
+    assert "this run trains a classify head; resume from a checkpoint of this kind of run" in message
+    with pytest.raises(
+        InputError, match="made by a run training a classify head and this run trains a language"
+    ):
+        finetune(make_job(dataset, base, tmp_path / "lm2"), resume=str(head), console=quiet())
+    earlier = tmp_path / "earlier" / "step_00000001"  # as the old trainer wrote it: step and best only
+    shutil.copytree(head, earlier)
+    train_state = torch.load(earlier / "train_state.pt", weights_only=True)
+    train_state["loop"] = {"step": 1, "best_val_loss": train_state["loop"]["best_val_loss"]}
+    torch.save(train_state, earlier / "train_state.pt")
+    with pytest.raises(InputError, match="one-process head trainer of an earlier version"):
+        finetune(head_job("head3"), resume=str(earlier), verify=False, console=quiet())
+    assert not any((tmp_path / run).exists() for run in ("head2", "lm2", "head3"))

@@ -29,9 +29,10 @@ from evo2_cli.train.checkpoint import (
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
 from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses
 from evo2_cli.train.distributed import Runtime
-from evo2_cli.train.guard import GradientGuard
-from evo2_cli.train.loop import backward_global_batch, micro_batches_per_process
+from evo2_cli.train.guard import GradientGuard, GuardState
+from evo2_cli.train.loop import micro_batches_per_process
 from evo2_cli.train.optim import learning_rate
+from evo2_cli.train.step import backward_global_batch
 
 
 def write_dataset(prefix: Path, documents: list[bytes]) -> Path:
@@ -192,14 +193,19 @@ def test_guard_skips_non_finite_and_spikes_then_asks_for_rollback():
     assert guard.assess(math.nan, 1.0).problem == "non-finite"
     assert guard.state.consecutive_bad == 2
     assert guard.assess(1.0, math.inf).roll_back
-    assert guard.rolled_back() and guard.state.lr_scale == 0.5 and guard.state.consecutive_bad == 0
-    assert guard.state.good_norms == [1.0, 2.0, 1.5, 7.0]
+    # back to the state saved with the checkpoint, one rollback more at half the lr
+    saved = GuardState(good_norms=[1.0, 2.0], consecutive_bad=1, rollbacks=0, lr_scale=1.0)
+    assert guard.rolled_back(saved)
+    assert guard.state == GuardState(good_norms=[1.0, 2.0], consecutive_bad=1, rollbacks=1, lr_scale=0.5)
+    assert saved.rollbacks == 0  # the checkpoint's state is not changed
 
 
 def test_guard_gives_up_after_the_rollback_budget():
     guard = GradientGuard(GuardSection(max_rollbacks=1))
-    assert guard.rolled_back()
-    assert not guard.rolled_back()
+    assert guard.rolled_back(GuardState())
+    assert guard.state.rollbacks == 1 and guard.state.lr_scale == 0.5
+    assert not guard.rolled_back(GuardState(rollbacks=0, lr_scale=1.0))  # the count carries over the restore
+    assert guard.state.rollbacks == 2 and guard.state.lr_scale == 0.25
 
 
 def test_config_rejects_bad_values():

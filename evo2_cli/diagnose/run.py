@@ -3,14 +3,14 @@
 Every variant starts from the same weights (a fresh `model:` at `diagnose.seed`, or `diagnose.checkpoint`;
 converted to the variant's hcl form exactly, and with the slow-mode init applied before the copy) and sees the
 same windows (window i of step s is sample s * global_batch + i of the training stream at `diagnose.seed`).
-A step is the training loop's step without its guard: forward and backward under the variant's precision
-through the loop's own `backward_global_batch` (the weighted mean over the global batch), clip (when the
+A step is the training loop's own step (evo2_cli/train/step.py) without its guard, the recorder as its hooks:
+forward and backward under the variant's precision (the weighted mean over the global batch), clip (when the
 variant clips), AdamW step. Every step is applied, bad or not, as a training stack without a guard would; a
 variant stops after the step whose loss or weights went non-finite.
 
-Reused, not re-derived: the training windows and loss weighting (evo2_cli/train/data.py), the step's
-objective and backward (evo2_cli/train/loop.py), AdamW over the model package's weight-decay groups and the
-lr schedule (evo2_cli/train/optim.py), the spike rule (evo2_cli/train/guard.py, through detect.py).
+Reused, not re-derived: the training windows and loss weighting (evo2_cli/train/data.py), the step
+(evo2_cli/train/step.py), AdamW over the model package's weight-decay groups and the lr schedule
+(evo2_cli/train/optim.py), the spike rule (evo2_cli/train/guard.py, through detect.py).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
 from evo2_cli.train.data import WindowSampler, split_windows
 from evo2_cli.train.distributed import Runtime, choose_device
-from evo2_cli.train.loop import backward_global_batch
 from evo2_cli.train.optim import build_optimizer, learning_rate
 from evo2_cli.train.origin import ParamInfo, SiteInfo, hcl_stats
+from evo2_cli.train.step import LanguageModel, StepInfo, TrainHooks, TrainStep
 
 
 @dataclass
@@ -143,40 +143,37 @@ def run_variant(
     optim = job.optim_for(variant)
     model = variant_model(base, variant.hcl_form).to(device)
     model.train()
-    optimizer = build_optimizer(model, optim)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     recorder = Recorder(model)
+    seen = {}  # what the recorder saw of the step being taken
+
+    def after_backward(info: StepInfo) -> None:
+        seen["grad"] = recorder.gradients()
+        recorder.before_update()  # clipping leaves the weights as they are
+
+    def after_step(info: StepInfo) -> None:
+        seen["update"] = recorder.after_update()
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16")
-    accumulation = optim.global_batch // d.micro_batch
-    runtime = Runtime(device)  # one process
+    optimizer, objective = build_optimizer(model, optim), LanguageModel(windows)
+    parts = (model, optimizer, objective, Runtime(device), autocast, variant.grad_clip)  # 1 process, no guard
+    take_step = TrainStep(*parts, hooks=TrainHooks(after_backward, after_step))
     steps: list[StepRecord] = []
     stop_reason = "steps"
     started = time.perf_counter()
     try:
         for step in range(d.steps):
-            lr = learning_rate(step, optim, d.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             hcl = hcl_stats(model, seq_len)  # the poles this step's forward uses
             recorder.start_step()
-            batches = []
-            for micro in range(accumulation):
-                first = step * optim.global_batch + micro * d.micro_batch
-                batches.append(windows.batch(range(first, first + d.micro_batch)).to(device))
-            loss = backward_global_batch(model, batches, autocast, runtime)[0].item()
-            grad, grad_bad = recorder.gradients()
-            total = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-            if variant.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(trainable, variant.grad_clip, total)
-            recorder.before_update()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            param_norm, ratio, param_bad = recorder.after_update()
+            first = step * optim.global_batch  # the training stream's windows, as the loop takes them
+            micro = range(first, first + optim.global_batch, d.micro_batch)
+            batches = [take_step.objective.batch(start, d.micro_batch, device) for start in micro]
+            info, _ = take_step(step, learning_rate(step, optim, d.steps), batches)
+            (grad, grad_bad), (param_norm, ratio, param_bad) = seen["grad"], seen["update"]
             record = StepRecord(
                 step=step,
-                lr=lr,
-                loss=loss,
-                grad_norm=float(total),
+                lr=info.lr,
+                loss=info.loss,
+                grad_norm=info.grad_norm,
                 grad=grad,
                 grad_nonfinite=grad_bad,
                 param_norm=param_norm,

@@ -1,6 +1,6 @@
 """Sequence classification / regression on labeled FASTA: a pooled head on the backbone, its metrics, and
-the small task trainer that drives it with the training loop's pieces (AdamW groups and schedule from
-train/optim.py, run directory, atomic checkpoints and resume from train/checkpoint.py, metrics.jsonl).
+its objective (`SequenceTask`) for the one training loop of evo2_cli/train/loop.py, which gives a head
+finetune what it gives every run: DDP / FSDP2, the guard, signals, exact resume.
 
     head        `model.task_head`: Linear(D, outputs) on the mean over real tokens of the final-normed
                 last hidden state (padding masked out); classes for classify, 1 output for regress
@@ -10,9 +10,6 @@ train/optim.py, run directory, atomic checkpoints and resume from train/checkpoi
                 regress:  loss (MSE), MSE, Spearman rank correlation
     checkpoints the LM loop's layout; meta.json["task"] = {kind, outputs, classes} so `load_finetuned`
                 rebuilds the head
-
-The LM objective needs the windows of an indexed dataset, this one whole labeled records, so it has its own
-step: one forward/backward per micro-batch, clip, step, evaluate, save. Single process.
 """
 
 from __future__ import annotations
@@ -20,23 +17,20 @@ from __future__ import annotations
 import csv
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import Tensor, nn
 
-from evo2_cli.config import to_yaml
-from evo2_cli.console import make_console
 from evo2_cli.data.alphabet import PAD_ID, UPPERCASE
 from evo2_cli.data.fasta import display, read_fasta
 from evo2_cli.data.splits import split_of
 from evo2_cli.errors import InputError, shorten
 from evo2_cli.finetune.config import FinetuneJob, LabelsSection
+from evo2_cli.train.step import Objective
 
 HEAD_NAME = "task_head"
 
@@ -63,12 +57,15 @@ def is_head_parameter(name: str) -> bool:
 
 
 def sequence_outputs(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
-    """(B, L) ids and (B, L) mask of real tokens -> head outputs (B, outputs), fp32."""
+    """(B, L) ids and (B, L) mask of real tokens -> head outputs (B, outputs), fp32. `model` may be wrapped
+    in DDP: the final norm and the head are then those of the module it wraps."""
     _, hidden = model(input_ids, return_hidden_layers=[-1])
-    normed = model.norm(hidden[-1]).float()  # (B, L, D)
+    inner = getattr(model, "module", model)
+    normed = inner.norm(hidden[-1]).float()  # (B, L, D)
     weights = mask.float().unsqueeze(-1)  # (B, L, 1)
     pooled = (normed * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, D)
-    return getattr(model, HEAD_NAME)(pooled.to(getattr(model, HEAD_NAME).weight.dtype)).float()
+    head = getattr(inner, HEAD_NAME)
+    return head(pooled.to(head.weight.dtype)).float()
 
 
 # ---------------------------------------------------------------- metrics (numpy)
@@ -236,10 +233,10 @@ def collate(records: LabeledRecords, indices: list[int]) -> tuple[Tensor, Tensor
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(records.targets[indices])
 
 
-def task_loss(outputs: Tensor, targets: Tensor, task: str) -> Tensor:
+def task_loss(outputs: Tensor, targets: Tensor, task: str, reduction: str = "mean") -> Tensor:
     if task == "classify":
-        return F.cross_entropy(outputs, targets)
-    return F.mse_loss(outputs[:, 0], targets.float())
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+    return F.mse_loss(outputs[:, 0], targets.float(), reduction=reduction)
 
 
 def sample_indices(count: int, seed: int, first: int, size: int) -> list[int]:
@@ -252,166 +249,53 @@ def sample_indices(count: int, seed: int, first: int, size: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
-def evaluate_task(model, records: LabeledRecords, task: str, micro_batch: int, device, autocast) -> dict:
-    model.eval()
-    outputs = []
-    for first in range(0, len(records.ids), micro_batch):
-        ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
-        with autocast:
-            outputs.append(sequence_outputs(model, ids.to(device), mask.to(device)).cpu())
-    model.train()
-    out = torch.cat(outputs)
-    targets = torch.from_numpy(records.targets)
-    metrics = {"val_loss": task_loss(out, targets, task).item()}
-    if task == "classify":
-        metrics.update(classification_metrics(out.numpy(), records.targets))
-    else:
-        metrics.update(regression_metrics(out[:, 0].numpy(), records.targets))
-    return metrics
+# ---------------------------------------------------------------- the objective
 
 
-# ---------------------------------------------------------------- the task trainer
+class SequenceTask(Objective):
+    """The training loop's objective for a head: the samples of the stream are labeled records drawn epoch by
+    epoch (`sample_indices`), the loss is summed over them (cross-entropy or squared error), the validation
+    metrics are over every val record (each process evaluates them all)."""
 
+    evaluates = True
 
-@dataclass
-class TaskResult:
-    run_dir: Path
-    checkpoint: Path
-    best_checkpoint: Path | None
-    step: int
-    last_val: dict[str, float] | None
-    losses: list[float]
-    classes: list[str] | None
-    is_main: bool = True  # a task head trains in one process
-
-
-def train_task(
-    job: FinetuneJob,
-    *,
-    resume: str = "auto",
-    overwrite: bool = False,
-    verify: bool = True,
-    console: Console | None = None,
-) -> TaskResult:
-    """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA);
-    checkpoints read are checked against their sha256 unless `verify` is False."""
-    from evo2_cli.finetune.run import prepare
-    from evo2_cli.model.checkpoint import load_weights_into
-    from evo2_cli.train.checkpoint import (
-        RunDirectory,
-        best_checkpoint,
-        read_train_state,
-        restore_rng_state,
-        rng_state,
-        write_checkpoint,
-    )
-    from evo2_cli.train.metrics import MetricsLog
-    from evo2_cli.train.optim import build_optimizer, learning_rate
-
-    console = console or make_console()
-    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
-    task, section = job.finetune.task, job.finetune.labels
-    train_set, val_set, classes = read_labeled(section, task, job.data.seq_len, job.train.seed)
-    outputs = len(classes) if classes else 1
-    say(
-        f"{task}: {len(train_set.ids)} train and {len(val_set.ids)} val records"
-        + (f", classes {classes}" if classes else "")
-    )
-    # Locked from here (a second run on the run directory stops at once), before the weights load.
-    with RunDirectory(job.train.run_dir, overwrite, say) as run:
-        prepared = prepare(job, outputs, console, verify)
-        job, model, device, cfg = prepared.job, prepared.model, prepared.device, prepared.job.train
-        # Nothing is written until the starting checkpoint has loaded (RunDirectory, as in the training loop).
-        start = run.starting_checkpoint(resume, job, verify)
-        torch.manual_seed(cfg.seed)
-        model.to(device)
-        optimizer = build_optimizer(model, job.optim)
-        params = [p for p in model.parameters() if p.requires_grad]
-        step, best = 0, math.inf
-        if start is not None:
-            load_weights_into(model, start, device, holds_base=True)
-            saved = read_train_state(start)
-            optimizer.load_state_dict(saved["optimizer"])
-            step, best = saved["loop"]["step"], saved["loop"]["best_val_loss"]
-            restore_rng_state(saved["rng"], device)
-        run.claim(to_yaml(job))
-        if start is not None:
-            say(f"resumed from {start} at step {step}")
-        bf16 = device.type == "cuda" and cfg.precision != "fp32"
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        task_meta = {"kind": task, "outputs": outputs, "classes": classes}
-        log = MetricsLog(cfg.run_dir, cfg.tensorboard)
-
-        def save(is_best: bool, metrics: dict) -> Path:
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "loop": {"step": step, "best_val_loss": best},
-                "rng": rng_state(device),
-            }
-            meta = {"metrics": metrics, "task": task_meta}
-
-            def write_model(directory: Path, meta: dict) -> None:
-                prepared.write_model_files(model, directory, config=job, meta=meta)
-
-            written = write_checkpoint(
-                cfg.run_dir, step, write_model, train_state, meta, cfg.keep_last, is_best
-            )
-            run.committed()
-            return written
-
-        last = start if start is not None else save(False, {})
-        accumulation = job.optim.global_batch // cfg.micro_batch
-        losses, last_val = [], None
-        while step < cfg.max_steps:
-            started = time.perf_counter()
-            lr = learning_rate(step, job.optim, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            step_loss = 0.0
-            for micro in range(accumulation):
-                first = step * job.optim.global_batch + micro * cfg.micro_batch
-                indices = sample_indices(len(train_set.ids), cfg.seed, first, cfg.micro_batch)
-                ids, mask, targets = (t.to(device) for t in collate(train_set, indices))
-                with autocast:
-                    loss = task_loss(sequence_outputs(model, ids, mask), targets, task)
-                (loss / accumulation).backward()
-                step_loss += loss.item() / accumulation
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip or math.inf).item()
-            if math.isfinite(grad_norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-            record["step_s"] = time.perf_counter() - started
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                log.write(record)
-                say(
-                    f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.3g} | grad {grad_norm:.3g}"
-                )
-            improved = False
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-                last_val = evaluate_task(model, val_set, task, cfg.micro_batch, device, autocast)
-                improved = last_val["val_loss"] < best
-                best = min(best, last_val["val_loss"])
-                log.write({"kind": "val", "step": step, **last_val})
-                say(
-                    "  "
-                    + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
-                    + (" (best)" if improved else "")
-                )
-            due = cfg.save_interval > 0 and step % cfg.save_interval == 0
-            if improved or due or step == cfg.max_steps:
-                last = save(improved, {"loss": step_loss, **(last_val or {})})
-        log.close()
-        return TaskResult(
-            Path(cfg.run_dir),
-            last,
-            best_checkpoint(cfg.run_dir),
-            step,
-            last_val,
-            losses,
-            classes,
+    def __init__(self, job: FinetuneJob):
+        self.kind, self.seed = job.finetune.task, job.train.seed
+        self.train_set, self.val_set, self.classes = read_labeled(
+            job.finetune.labels, self.kind, job.data.seq_len, self.seed
         )
+        self.outputs = len(self.classes) if self.classes else 1
+        self.meta = {"task": {"kind": self.kind, "outputs": self.outputs, "classes": self.classes}}
+
+    def summary(self) -> str:
+        classes = f", classes {self.classes}" if self.classes else ""
+        return (
+            f"{self.kind}: {len(self.train_set.ids)} train and {len(self.val_set.ids)} val records{classes}"
+        )
+
+    def batch(self, first: int, size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        indices = sample_indices(len(self.train_set.ids), self.seed, first, size)
+        return tuple(t.to(device) for t in collate(self.train_set, indices))
+
+    def weight(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return torch.tensor(float(len(batch[2])), device=batch[2].device)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        ids, mask, targets = batch
+        outputs = sequence_outputs(model, ids, mask)
+        return task_loss(outputs, targets, self.kind, "sum"), outputs.new_zeros(0, dtype=torch.float64)
+
+    @torch.no_grad()
+    def evaluate(self, model, micro_batch: int, runtime, autocast) -> dict[str, float]:
+        records, outputs = self.val_set, []
+        model.eval()
+        for first in range(0, len(records.ids), micro_batch):
+            ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
+            with autocast:
+                outputs.append(sequence_outputs(model, ids.to(runtime.device), mask.to(runtime.device)).cpu())
+        model.train()
+        out = torch.cat(outputs)
+        metrics = {"val_loss": task_loss(out, torch.from_numpy(records.targets), self.kind).item()}
+        if self.kind == "classify":
+            return metrics | classification_metrics(out.numpy(), records.targets)
+        return metrics | regression_metrics(out[:, 0].numpy(), records.targets)

@@ -3,8 +3,8 @@
     prepare(job)      resolve the starting point, adapt a fake-tensor copy of the model (LoRA, freeze, head,
                       dtypes), estimate memory and refuse when it does not fit, then load the weights and
                       adapt them the same way; returns the model, the trainable names and the estimate
-    finetune(job)     prepare, then `evo2_cli.train.loop.train` (language modelling, `train_language_model`)
-                      or the task trainer of heads.py (classify / regress); both resume from the run directory
+    finetune(job)     prepare, then the training loop (`train_prepared`): language modelling, or the objective
+                      of heads.py (classify / regress); it resumes from the run directory
     load_finetuned(path)   a checkpoint written by finetune (plain, LoRA, or with a task head) as a model
     merge(path, out)  fold LoRA adapters into the weights and write a plain checkpoint directory (and
                       optionally a Vortex .pt + release YAML for the official engine)
@@ -29,7 +29,7 @@ from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
 from evo2_cli.finetune.freeze import is_adapter_parameter, trainable_names
-from evo2_cli.finetune.heads import HEAD_NAME, attach_head, is_head_parameter
+from evo2_cli.finetune.heads import HEAD_NAME, SequenceTask, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
@@ -246,26 +246,23 @@ def finetune(
     hooks=None,
     console: Console | None = None,
 ):
-    """Run a finetune (see the module docstring); returns the loop's TrainResult (or the task trainer's).
-    `hooks` (a train.loop.TrainHooks) and `allow_data_change` reach the loop of a language-model
-    finetune; `verify` False (--no-verify) reads the starting and resumed checkpoints without checking
-    their sha256."""
+    """Run a finetune (see the module docstring); returns the loop's TrainResult. `hooks` (a
+    train.step.TrainHooks) and `allow_data_change` reach the loop; `verify` False (--no-verify) reads the
+    starting and resumed checkpoints without checking their sha256."""
     console = console or make_console()
-    if job.finetune.task != "lm":
-        from evo2_cli.finetune.heads import train_task
+    objective = None
+    if job.finetune.task == "lm":
+        # A dataset problem fails before the weights load (minutes for a large model); the loop reopens it.
+        split_windows(job.data, "train", job.train.seed)
+    else:
         from evo2_cli.train.distributed import torchrun_rank
 
-        if torchrun_rank()[1] > 1:
-            raise InputError(
-                f"finetune.task {job.finetune.task} trains its head in one process; run it without torchrun "
-                "(language-model finetunes, task lm, run on many)"
-            )
-
-        return train_task(job, resume=resume, overwrite=overwrite, verify=verify, console=console)
-    # A dataset problem fails before the weights load (minutes for a large model); the loop opens it again.
-    split_windows(job.data, "train", job.train.seed)
-    return train_language_model(
-        prepare(job, console=console, verify=verify),
+        objective = SequenceTask(job)  # bad labels fail before the weights load
+        if torchrun_rank()[0] == 0:
+            console.print(objective.summary(), highlight=False, soft_wrap=True)
+    return train_prepared(
+        prepare(job, objective.outputs if objective else 0, console=console, verify=verify),
+        objective=objective,
         resume=resume,
         overwrite=overwrite,
         allow_data_change=allow_data_change,
@@ -275,30 +272,18 @@ def finetune(
     )
 
 
-def train_language_model(
-    prepared: Prepared,
-    *,
-    resume: str = "auto",
-    overwrite: bool = False,
-    allow_data_change: bool = False,
-    verify: bool = True,
-    hooks=None,
-    console: Console | None = None,
-):
-    """The training loop on a prepared model (language modelling); `finetune` = `prepare` + this."""
+def train_prepared(prepared: Prepared, *, objective=None, **options):
+    """The training loop on a prepared model (`finetune` = `prepare` + this): language modelling, or the
+    `objective` of a head (heads.py `SequenceTask`); `options` are the loop's (resume, hooks, console...)."""
     from evo2_cli.train.loop import train
 
     return train(
         prepared.job,
-        resume=resume,
-        overwrite=overwrite,
-        allow_data_change=allow_data_change,
-        verify=verify,
         model=prepared.model,
         trainable=lambda name, param: name in prepared.trainable,
         write_model_files=prepared.write_model_files,
-        hooks=hooks,
-        console=console,
+        objective=objective,
+        **options,
     )
 
 

@@ -3,7 +3,8 @@
 - a non-finite loss or gradient norm is always bad (the step is skipped);
 - a gradient norm above `spike_factor` x the running median of recent good norms is a spike (skipped when
   `skip_spikes`, else applied and only logged);
-- `max_bad_steps` consecutive bad steps ask for a rollback to the last good checkpoint at a lower lr;
+- `max_bad_steps` consecutive bad steps ask for a rollback to the last good checkpoint at a lower lr: the
+  guard then continues from the checkpoint's state, one rollback more and its lr scale backed off;
 - more than `max_rollbacks` rollbacks is divergence: the loop gives up with a clear error.
 
 The state is plain data so a checkpoint carries it and a resumed run judges exactly as the original would.
@@ -12,7 +13,7 @@ The state is plain data so a checkpoint carries it and a resumed run judges exac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import median
 
 from evo2_cli.train.config import GuardSection
@@ -57,10 +58,9 @@ class GradientGuard:
         apply_step = problem == "spike" and not cfg.skip_spikes
         return Verdict(apply_step=apply_step, problem=problem, roll_back=roll_back, threshold=threshold)
 
-    def rolled_back(self) -> bool:
-        """Record a rollback; False when the rollback budget is spent (the caller gives up)."""
-        state = self.state
-        state.rollbacks += 1
-        state.consecutive_bad = 0
-        state.lr_scale *= self.config.lr_backoff
-        return state.rollbacks <= self.config.max_rollbacks
+    def rolled_back(self, restored: GuardState) -> bool:
+        """Continue from `restored` (the state saved with the checkpoint rolled back to), one rollback more,
+        at a backed-off lr scale; False when the rollback budget is spent (the caller gives up)."""
+        rollbacks, lr_scale = self.state.rollbacks + 1, self.state.lr_scale * self.config.lr_backoff
+        self.state = replace(restored, rollbacks=rollbacks, lr_scale=lr_scale)
+        return rollbacks <= self.config.max_rollbacks

@@ -1,20 +1,22 @@
-"""The training loop: one function, `train`, read top to bottom. `evo2 finetune` and `evo2 diagnose-grads`
-reuse it through its keyword arguments:
+"""The training loop: one function, `train`, read top to bottom. `evo2 train` and `evo2 finetune` (language
+modelling and task heads) run through it; `evo2 diagnose-grads` takes its steps (train/step.py) alone.
+Keyword arguments:
 
     model=      start from this module instead of a fresh `StripedHyena(job.model)` (a loaded checkpoint, a
                 model with adapters); it must have `.blocks` and `.activation_checkpointing` like StripedHyena
     trainable=  `(name, parameter) -> bool`; parameters it rejects are frozen (no grad, not in the optimizer)
     hooks=      `TrainHooks(after_backward=..., after_step=...)`, called with a `StepInfo` on every rank
+    objective=  what is trained (train/step.py); default: language modelling on the windows of `job.data`
     write_model_files=  `(model, directory, *, config, meta)` writing model.safetensors, config.yaml and
                 meta.json of a checkpoint (default: the model package's); resume loads `model.safetensors`
                 back into the model with `load_state_dict` (a finetune's trained tensors alone onto the
                 given model, which holds their base)
 
 Per step: lr from the schedule (times the guard's backoff), `global_batch / micro_batch` micro-batches split
-over the processes (micro-batch k of a step holds sample indices data_position + k * micro_batch + j; rank r
-runs k = r, r + world, ...), forward under autocast, weighted loss normalized over the global batch,
-backward (gradient sync on the last micro-batch only), clip, guard verdict, optimizer step or skip, log,
-evaluate, checkpoint.
+over the processes (micro-batch k of a step holds samples data_position + k * micro_batch + j of the
+objective's stream; rank r runs k = r, r + world, ...), the step (train/step.py: forward under autocast, loss
+normalized over the global batch, backward, clip, guard verdict, optimizer step or skip), a rollback when the
+guard asks for one, log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -58,20 +60,14 @@ from evo2_cli.train.checkpoint import (
 )
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.data import (
-    Batch,
-    WindowSampler,
     dataset_changes,
     dataset_identity,
     no_val_message,
     split_windows,
-    token_losses,
     validation_windows,
 )
 from evo2_cli.train.distributed import (
-    Runtime,
-    all_reduce_sum,
     full_tensor,
-    gradient_sync,
     meta_copy,
     parallelize,
     run_on_main,
@@ -83,27 +79,9 @@ from evo2_cli.train.memory import preflight_memory
 from evo2_cli.train.metrics import MetricsLog, peak_flops, progress_line
 from evo2_cli.train.optim import build_optimizer, learning_rate
 from evo2_cli.train.origin import FP32_EXP_LIMIT, StepWatch, hcl_overflow_detail, hcl_stats
+from evo2_cli.train.step import LanguageModel, Objective, StepInfo, TrainHooks, TrainStep
 
-LN2 = math.log(2)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SLURM sends SIGUSR1 (--signal) before the time limit
-
-
-@dataclass
-class StepInfo:
-    """What a hook sees. `model` is the unwrapped module; gradients are present in `after_backward`."""
-
-    step: int
-    model: nn.Module
-    lr: float
-    loss: float
-    grad_norm: float | None = None
-    verdict: Verdict | None = None
-
-
-@dataclass
-class TrainHooks:
-    after_backward: Callable[[StepInfo], None] | None = None  # gradients accumulated, before clipping
-    after_step: Callable[[StepInfo], None] | None = None  # after the optimizer step (or the skip)
 
 
 @dataclass
@@ -140,14 +118,15 @@ def train(
     model: nn.Module | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     hooks: TrainHooks | None = None,
+    objective: Objective | None = None,
     write_model_files: Callable[..., object] = package_write_model_files,
     console: Console | None = None,
 ) -> TrainResult:
     """Train `job` (see the module docstring); `resume` is "auto" (the run directory's latest checkpoint,
     if any) or a checkpoint directory, whose files are checked against their sha256 unless `verify` is
     False (--no-verify). A resume refuses datasets whose content changed since the checkpoint unless
-    `allow_data_change`."""
-    cfg, hooks, console = job.train, hooks or TrainHooks(), console or make_console()
+    `allow_data_change`. `objective` defaults to language modelling on `job.data`."""
+    cfg, console = job.train, console or make_console()
     runtime = start_runtime(cfg.device, cfg.precision)
     wrapped = watch = None
     # From the start: a signal while loading or validating still ends in a checkpoint after one step.
@@ -160,13 +139,7 @@ def train(
 
         # ---- data: every dataset problem surfaces before anything is written
         data = job.data
-        train_windows = split_windows(data, "train", cfg.seed)
-        val_windows = None
-        if data.val_windows and cfg.eval_interval:
-            val_windows, without_val = validation_windows(data, cfg.seed)
-            if without_val:
-                say(f"[yellow]warning: {escape(no_val_message(without_val, val_windows is not None))}[/]")
-        data_identity = dataset_identity(data)
+        objective = objective or _language_model(job, say)
         if model is None:  # a finetune estimated its adapted model itself, before loading the weights
             say(f"memory: {preflight_memory(job, runtime).describe()}")
 
@@ -177,7 +150,8 @@ def train(
         start = run.starting_checkpoint(resume, job, verify)
         saved = read_train_state(start) if start is not None else None
         if saved is not None:  # before the weights load: a refusal costs seconds, not minutes
-            _check_data_identity(saved.get("data"), data_identity, start, allow_data_change, say)
+            _check_made_by(start, saved, objective.kind)
+            _check_data_identity(saved.get("data"), objective.identity, start, allow_data_change, say)
         torch.manual_seed(cfg.seed)
         holds_base = model is not None  # a finetune's model: a checkpoint of trained tensors goes onto it
         model = model if model is not None else StripedHyena(job.model)
@@ -205,6 +179,14 @@ def train(
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
             say(f"resumed from {start} at step {state.step}")
         guard = GradientGuard(job.guard, state.guard)
+
+        def report_problem(info: StepInfo) -> None:
+            head, *details = _describe_bad_step(
+                info.step, info.verdict, info.loss, info.grad_norm, model, watch, data.seq_len
+            )
+            say("\n".join([head, *(line for line in details if line not in shown)]))
+            shown.update(details)
+
         autocast = torch.autocast(
             runtime.device.type,
             dtype=runtime.autocast_dtype or torch.float32,
@@ -216,6 +198,8 @@ def train(
         tokens_per_step = job.optim.global_batch * data.seq_len
         train_flops_per_step = 3 * estimate_flops(job.model, data.seq_len) * job.optim.global_batch
         device_peak = peak_flops(runtime.device, runtime.autocast_dtype is not None, cfg.peak_flops)
+        step_parts = (model, optimizer, objective, runtime, autocast, job.optim.grad_clip)
+        take_step = TrainStep(*step_parts, wrapped, guard, hooks, report_problem)
 
         def save(is_best: bool = False, metrics: dict | None = None) -> Path:
             gathered = _full_model_state(model) if fsdp else None  # collective: every rank takes part
@@ -223,13 +207,14 @@ def train(
                 "optimizer": _full_optimizer_state(model, optimizer),  # collective too
                 "loop": asdict(state),
                 "rng": rng_state(runtime.device),
-                "data": data_identity,
+                "data": objective.identity,
             }
             meta = {
                 "tokens_seen": state.tokens_seen,
                 "data_position": state.data_position,
                 "world_size": runtime.world_size,
                 "metrics": metrics or {},
+                **objective.meta,
             }
 
             def write() -> Path:  # rank 0
@@ -265,73 +250,35 @@ def train(
         while state.step < cfg.max_steps:
             step_started = time.perf_counter()
             lr = learning_rate(state.step, job.optim, cfg.max_steps) * guard.state.lr_scale
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # ---- forward and backward over this process's micro-batches
-            wrapped.train()
             watch.start_step()
             batches = []
             for micro in range(accumulation):
                 first = state.data_position + (micro * runtime.world_size + runtime.rank) * cfg.micro_batch
-                batches.append(train_windows.batch(range(first, first + cfg.micro_batch)).to(runtime.device))
-            sums = backward_global_batch(wrapped, batches, autocast, runtime)
-            totals = torch.cat([sums, sums.new_tensor([float(stop_requested.is_set())])])  # one all-reduce
-            all_reduce_sum(totals, runtime)
-            step_loss = totals[0].item()
-            info = StepInfo(state.step, model, lr, step_loss)
-            if hooks.after_backward:
-                hooks.after_backward(info)
-
-            # ---- judge, clip, step
-            total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            grad_norm = full_tensor(total_norm).item()
-            verdict = guard.assess(step_loss, grad_norm)
-            if verdict.problem:
-                head, *details = _describe_bad_step(
-                    state.step, verdict, step_loss, grad_norm, model, watch, data.seq_len
-                )
-                say("\n".join([head, *(line for line in details if line not in shown)]))
-                shown.update(details)
-            if verdict.apply_step:
-                if job.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(params, job.optim.grad_clip, total_norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                batches.append(objective.batch(first, cfg.micro_batch, runtime.device))
+            info, totals = take_step(state.step, lr, batches, stop_requested.is_set())
             state.step += 1
             state.data_position += job.optim.global_batch
             state.tokens_seen += tokens_per_step
-            losses.append(step_loss)
-            info.grad_norm, info.verdict = grad_norm, verdict
-            if hooks.after_step:
-                hooks.after_step(info)
+            losses.append(info.loss)
             if len(losses) > 1 or state.step == cfg.max_steps:  # the first step of a process warms up
                 timed_seconds += time.perf_counter() - step_started
                 timed_steps += 1
 
-            if verdict.roll_back:
-                lr_scale, rollbacks = (
-                    guard.state.lr_scale * job.guard.lr_backoff,
-                    guard.state.rollbacks + 1,
-                )
-                if rollbacks > job.guard.max_rollbacks:
+            if info.verdict.roll_back:  # to the last checkpoint at a lower lr, forward in data
+                saved = read_train_state(last_checkpoint)
+                restored = _loop_state(saved["loop"])
+                if not guard.rolled_back(restored.guard):
                     raise Evo2Error(
                         f"training diverged: {job.guard.max_bad_steps} bad steps in a row after "
                         f"{job.guard.max_rollbacks} rollback(s); lower optim.lr, check the data, or run "
                         f"`evo2 diagnose-grads`. Last good checkpoint: {last_checkpoint}"
                     )
                 _load_weights(model, last_checkpoint, fsdp, holds_base)
-                saved = read_train_state(last_checkpoint)
                 _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
-                # Back to the checkpoint's weights and step; forward in data (no replay of bad windows).
-                state = replace(
-                    _loop_state(saved["loop"]),
-                    data_position=state.data_position,
-                    tokens_seen=state.tokens_seen,
-                )
-                state.guard.lr_scale, state.guard.rollbacks = lr_scale, rollbacks
-                guard = GradientGuard(job.guard, state.guard)
-                say(f"[yellow]rolled back to {last_checkpoint} (step {state.step}); lr x{lr_scale:.3g}[/]")
+                position, tokens = state.data_position, state.tokens_seen
+                state = replace(restored, data_position=position, tokens_seen=tokens, guard=guard.state)
+                scale = guard.state.lr_scale
+                say(f"[yellow]rolled back to {last_checkpoint} (step {state.step}); lr x{scale:.3g}[/]")
                 continue
 
             # ---- log
@@ -340,15 +287,15 @@ def train(
                 record = {
                     "kind": "train",
                     "step": state.step,
-                    "loss": step_loss,
-                    "bits_per_base": (totals[1] / totals[2].clamp_min(1)).item() / LN2,
+                    "loss": info.loss,
+                    **objective.train_metrics(totals[1:-1]),
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": info.grad_norm,
                     "tokens_seen": state.tokens_seen,
                     "tokens_per_s": tokens_per_step / step_seconds,
                     "mfu": train_flops_per_step / step_seconds / (device_peak.flops * runtime.world_size),
                     "eta_s": step_seconds * (cfg.max_steps - state.step),
-                    "skipped": not verdict.apply_step,
+                    "skipped": not info.verdict.apply_step,
                 }
                 if log is not None:
                     log.write(record)
@@ -356,15 +303,12 @@ def train(
                 timed_seconds, timed_steps = 0.0, 0
 
             # ---- evaluate (keeping the best), stop early or on a signal, save
-            improved, stop = False, totals[3].item() > 0
+            improved, stop = False, totals[-1].item() > 0
             if stop:
                 stop_reason = "signal"
-            if val_windows is not None and (
-                state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
-            ):
-                last_val = _evaluate(
-                    wrapped, val_windows, data.val_windows, cfg.micro_batch, runtime, autocast
-                )
+            due = cfg.eval_interval and state.step % cfg.eval_interval == 0
+            if objective.evaluates and (due or state.step == cfg.max_steps):
+                last_val = objective.evaluate(wrapped, cfg.micro_batch, runtime, autocast)
                 improved = last_val["val_loss"] < state.best_val_loss
                 if improved:
                     state.best_val_loss, state.evals_without_improvement = last_val["val_loss"], 0
@@ -372,15 +316,13 @@ def train(
                     state.evals_without_improvement += 1
                 if log is not None:
                     log.write({"kind": "val", "step": state.step, **last_val})
-                best = " (best)" if improved else ""
-                val_loss, val_bits = last_val["val_loss"], last_val["val_bits_per_base"]
-                say(f"  val loss {val_loss:.4f} | {val_bits:.3f} bits/base{best}")
+                say(f"  {objective.describe(last_val)}{' (best)' if improved else ''}")
                 patience = cfg.early_stopping_patience
                 if patience and state.evals_without_improvement >= patience and not stop:
                     stop_reason, stop = "early_stopping", True
             due = cfg.save_interval > 0 and state.step % cfg.save_interval == 0
             if improved or due or stop or state.step == cfg.max_steps:
-                metrics = {"loss": step_loss, **(last_val or {})}
+                metrics = {"loss": info.loss, **(last_val or {})}
                 last_checkpoint = save(is_best=improved, metrics=metrics)
                 say(f"  saved {last_checkpoint}")
             if stop:
@@ -428,65 +370,15 @@ def micro_batches_per_process(global_batch: int, micro_batch: int, world_size: i
     return micro_batches // world_size
 
 
-def backward_global_batch(
-    model: nn.Module, batches: list[Batch], autocast: torch.autocast, runtime: Runtime
-) -> torch.Tensor:
-    """Forward and backward over this process's micro-batches of one step, the gradient all-reduce on the last
-    one only. The objective is the weighted mean of per-token NLL over the whole global batch (every
-    micro-batch of every process), so neither accumulation nor the process count changes a step.
-
-    Returns this process's share, fp64 (3,): (objective, NLL summed over nucleotide labels, number of
-    nucleotide labels); summed over the processes, the first is the step's loss. The training loop and
-    `evo2 diagnose-grads` both take their steps through here."""
-    step_weight = torch.stack([b.loss_weights.sum() for b in batches]).sum().double()
-    step_weight = all_reduce_sum(step_weight, runtime).clamp_min(1e-8)
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    for micro, batch in enumerate(batches):
-        with gradient_sync(model, micro == len(batches) - 1):
-            with autocast:
-                nll = token_losses(model(batch.input_ids), batch.labels)
-                loss_sum = (nll * batch.loss_weights).sum()
-            # DDP and FSDP average gradients over processes: scale the sum back up.
-            (loss_sum * (runtime.world_size / step_weight)).backward()
-        bases = batch.counts_as_base
-        sums += torch.stack(
-            [
-                (loss_sum.detach() / step_weight).double(),
-                (nll.detach() * bases).sum().double(),
-                bases.sum().double(),
-            ]
-        )
-    return sums
-
-
-@torch.no_grad()
-def _evaluate(
-    model, windows: WindowSampler, count: int, micro_batch: int, runtime: Runtime, autocast
-) -> dict:
-    """Validation loss (weighted like training) and bits per base over the fixed windows 0..count-1, split
-    evenly over the processes."""
-    model.eval()
-    usable = max(runtime.world_size, count - count % runtime.world_size)
-    mine = range(runtime.rank, usable, runtime.world_size)
-    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
-    for first in range(0, len(mine), micro_batch):
-        batch = windows.batch(mine[first : first + micro_batch]).to(runtime.device)
-        with autocast:
-            nll = token_losses(model(batch.input_ids), batch.labels)
-        totals += torch.stack(
-            [
-                (nll * batch.loss_weights).sum().double(),
-                batch.loss_weights.sum().double(),
-                (nll * batch.counts_as_base).sum().double(),
-                batch.counts_as_base.sum().double(),
-            ]
-        )
-    all_reduce_sum(totals, runtime)
-    model.train()
-    return {
-        "val_loss": (totals[0] / totals[1]).item(),
-        "val_bits_per_base": (totals[2] / totals[3]).item() / LN2,
-    }
+def _language_model(job: TrainJob, say: Callable[[str], None]) -> LanguageModel:
+    """The windows of `job.data` (validation ones when evaluating), opened before anything is written."""
+    data, seed = job.data, job.train.seed
+    train_windows, val_windows = split_windows(data, "train", seed), None
+    if data.val_windows and job.train.eval_interval:
+        val_windows, without_val = validation_windows(data, seed)
+        if without_val:
+            say(f"[yellow]warning: {escape(no_val_message(without_val, val_windows is not None))}[/]")
+    return LanguageModel(train_windows, val_windows, data.val_windows, dataset_identity(data))
 
 
 def _loop_state(saved: dict) -> LoopState:
@@ -643,12 +535,28 @@ def _describe_bad_step(
     return lines
 
 
+def _check_made_by(start: Path, saved: dict, kind: str) -> None:
+    """A checkpoint resumes only the kind of run that made it (a language model, or a head of this task) and
+    only with this loop's training state (not that of the one-process head trainer of earlier versions)."""
+    made_by = (read_meta(start).get("task") or {}).get("kind", "lm")
+    if made_by == kind and "guard" in saved["loop"]:
+        return
+    trains = {"lm": "a language model", "classify": "a classify head", "regress": "a regress head"}
+    by = "the one-process head trainer of an earlier version"
+    if made_by != kind:
+        by = f"a run training {trains.get(made_by, made_by)}"
+    raise InputError(
+        f"cannot resume from {start}: it was made by {by} and this run trains {trains.get(kind, kind)}; "
+        "resume from a checkpoint of this kind of run, or use a new train.run_dir"
+    )
+
+
 def _check_data_identity(
     saved: dict | None, current: dict, start: Path, allow_change: bool, say: Callable[[str], None]
 ) -> None:
     """A resume continues exactly only on the data the checkpoint was trained on (checkpoints written
-    before the data identity was recorded pass)."""
-    changes = dataset_changes(saved, current) if saved is not None else []
+    before the data identity was recorded pass, as do objectives without one)."""
+    changes = dataset_changes(saved, current) if saved is not None and current is not None else []
     if not changes:
         return
     if not allow_change:

@@ -88,7 +88,7 @@ def progress_line(record: dict[str, Any], max_steps: int) -> str:
     parts = [
         f"[bold]step {record['step']}/{max_steps}[/]",
         f"loss {record['loss']:.4f}",
-        f"{record['bits_per_base']:.3f} bits/base",
+        *([f"{record['bits_per_base']:.3f} bits/base"] if "bits_per_base" in record else []),
         f"lr {record['lr']:.2e}",
         f"grad {record['grad_norm']:.3g}",
         f"{record['tokens_per_s'] / 1e3:.1f}k tok/s" if math.isfinite(record["tokens_per_s"]) else "- tok/s",
