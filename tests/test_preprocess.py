@@ -248,18 +248,21 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
         run(tmp_path, [good, bad], workers=2)
 
 
-def test_workers_start_without_a_fork_server_when_its_socket_path_is_too_long(monkeypatch):
-    # A fork server binds a socket under the temporary directory: past ~107 bytes (a long $TMPDIR) it cannot.
-    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
+def test_workers_are_forked_on_linux_while_one_thread_runs(monkeypatch):
+    # A forked worker starts with everything imported; with another thread running a fork could copy a held
+    # lock, and macOS's libraries are unsafe after a fork: spawn there.
+    monkeypatch.setattr(worker.sys, "platform", "linux")
+    assert worker._start_method() == "fork"
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 2)
     assert worker._start_method() == "spawn"
-    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
-    available = "forkserver" in worker.multiprocessing.get_all_start_methods()
-    assert worker._start_method() == ("forkserver" if available else "spawn")
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(worker.sys, "platform", "darwin")
+    assert worker._start_method() == "spawn"
 
 
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
-    """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
+    """Records the worker processes worker.started_workers starts (and SIGKILLs each as it starts)."""
     process_class = worker.multiprocessing.get_context(worker._start_method()).Process
     original_start, started = process_class.start, []
 
@@ -290,8 +293,9 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
         pytest.raises(
             Evo2Error, match=r"a preprocess worker stopped \(exit code -9: killed, or out of memory"
         ),
+        worker.started_workers(job, 2) as pool,
     ):
-        worker._run_in_workers(tasks, job, 2, advance)
+        worker._run_in_workers(tasks, pool, advance)
     assert all(not process.is_alive() for process in started)
 
 
@@ -305,8 +309,12 @@ def test_ctrl_c_stops_every_worker(tmp_path):
 
     tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]), 1, Limits())[1]
     job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
-    with started_workers() as started, pytest.raises(KeyboardInterrupt):
-        worker._run_in_workers(tasks, job, 2, advance)
+    with (
+        started_workers() as started,
+        pytest.raises(KeyboardInterrupt),
+        worker.started_workers(job, 2) as pool,
+    ):
+        worker._run_in_workers(tasks, pool, advance)
     assert [process.exitcode for process in started] == [-signal.SIGTERM] * 2
 
 
@@ -327,8 +335,12 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
         original_send(self, message)
 
     tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 1, Limits())[1]
-    with started_workers() as started, mock.patch.object(connection_class, "send", send):
-        results = worker._run_in_workers(tasks, job, 1, lambda count, records: None)
+    with (
+        started_workers() as started,
+        mock.patch.object(connection_class, "send", send),
+        worker.started_workers(job, 1) as pool,
+    ):
+        results = worker._run_in_workers(tasks, pool, lambda count, records: None)
     assert [stats.records for stats in results[0].splits] == [28, 1, 1]
     assert [process.exitcode for process in started] == [-signal.SIGKILL]
 
@@ -363,7 +375,7 @@ def test_a_worker_sends_every_error_in_a_form_the_parent_can_read(tmp_path, erro
         mock.patch.object(worker.signal, "signal"),
     ):
         parent.send(plan.Task(0, tmp_path / "a.fa"))
-        worker._worker(child, job)
+        worker._worker(child, job, [])
         kind, sent = parent.recv()
     assert (kind, repr(sent)) == ("error", received)
 
@@ -752,11 +764,11 @@ def test_malloc_tuning_is_skipped_where_it_does_not_apply(monkeypatch):
         worker.keep_freed_memory()
 
 
-def test_workers_without_a_fork_server_spawn_and_write_the_same_bytes(tmp_path):
+def test_spawned_workers_write_the_same_bytes(tmp_path):
     first = write_fasta(tmp_path / "a.fa", random_records(20, seed=6, length=(1, 500)))
     second = write_fasta(tmp_path / "b.fa", random_records(20, seed=7, prefix="other"))
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
-    with mock.patch.object(worker.multiprocessing, "get_all_start_methods", return_value=["spawn"]):
+    with mock.patch.object(worker, "_start_method", return_value="spawn"):
         assert file_bytes(run(tmp_path, [first, second], "spawned", workers=2)[0]) == base
 
 
@@ -1008,12 +1020,9 @@ def test_progress_from_workers_adds_up(tmp_path):
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
     cfg = PreprocessConfig(inputs=[str(path) for path in sources])
-    results = worker._run_in_workers(
-        plan.plan_tasks(cfg, 1, Limits())[1],
-        worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records"),
-        2,
-        advance,
-    )
+    job = worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records")
+    with worker.started_workers(job, 2) as pool:
+        results = worker._run_in_workers(plan.plan_tasks(cfg, 1, Limits())[1], pool, advance)
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800
 

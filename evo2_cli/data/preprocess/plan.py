@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -136,17 +137,15 @@ def plan_workers(
     return names, tasks, workers, note
 
 
-def with_first_lines(tasks: list[Task]) -> list[Task]:
-    """The tasks, byte ranges given the line they start on: counted here in one pass over each file's bytes
-    before its last range, while the workers start, rather than by each range's worker over every byte
-    before its range (the last worker would count almost the whole file before reading)."""
+def with_first_lines(tasks: list[Task]) -> Iterator[Task]:
+    """The tasks, byte ranges given the line they start on, each counted when it is asked for: one pass over
+    each file's bytes before its last range, in the main process while workers read the ranges before,
+    rather than by each range's worker over every byte before its range."""
     counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
-    with_lines = []
     for task in tasks:
         if task.start and not task.regions:
             offset, line = counted.get(task.path, (0, 1))
             line += count_lines(task.path, offset, task.start)
             counted[task.path] = task.start, line
             task = replace(task, first_line=line)
-        with_lines.append(task)
-    return with_lines
+        yield task
