@@ -260,6 +260,17 @@ def test_workers_are_forked_on_linux_while_one_thread_runs(monkeypatch):
     assert worker._start_method() == "spawn"
 
 
+def test_a_forked_worker_ends_quietly_on_sigterm(tmp_path):
+    """The CLI turns SIGTERM into Ctrl-C; a forked worker inherits that handler and, stopped by its parent,
+    would print a KeyboardInterrupt traceback: it takes the default (end at once) back."""
+    parent, child = worker.multiprocessing.Pipe()
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with parent, child, mock.patch.object(worker.signal, "signal") as set_handler:
+        parent.send(None)
+        worker._worker(child, job, [])
+    assert mock.call(signal.SIGTERM, signal.SIG_DFL) in set_handler.call_args_list
+
+
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
     """Records the worker processes worker.started_workers starts (and SIGKILLs each as it starts)."""

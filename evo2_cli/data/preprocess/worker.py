@@ -352,6 +352,7 @@ def _worker(connection, job: Job, inherited: list) -> None:
     for other in inherited:
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops its workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked: not the CLI's handler, which raises Ctrl-C
     keep_freed_memory()
     while (task := connection.recv()) is not None:
         try:
