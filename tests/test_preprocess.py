@@ -145,8 +145,8 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     # Record metadata written, sorted and merged in many small pieces: the same bytes and manifest.
     small_groups = Limits(flush_documents=7, group_records=5, merge_records=3)
     assert file_bytes(run(tmp_path, [reordered, second], "small_groups", small_groups)[0]) == base
-    # Two byte ranges read by two processes: still the same bytes.
-    assert len(plan._file_tasks(0, first, 2, 20_000)) == 2
+    # Two byte ranges per process read by two processes: still the same bytes.
+    assert len(plan._file_tasks(0, first, 2, 20_000)) == 4
     two = Limits(shard_bytes=20_000)
     assert file_bytes(run(tmp_path, [first, second], "two", two, workers=2)[0]) == base
 
@@ -166,7 +166,7 @@ def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker
     repeated = write_fasta(tmp_path / "repeated.fa", [*records, ("rec3", b"ACGT")])
     limits = Limits(shard_bytes=10_000)
     for workers in (2, 3, 5):
-        assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers, limits)[1]) == workers
+        assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers, limits)[1]) == 2 * workers
         out = run(tmp_path, [source], f"w{workers}", limits, workers=workers, on_bad_record="skip")[0]
         assert file_bytes(out) == base
         with pytest.raises(InputError) as error:
@@ -545,7 +545,7 @@ def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
     (tmp_path / "s").mkdir()
     reordered = write_fasta(tmp_path / "s" / "a.fa", shuffled)
     base = file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
-    assert len(plan._file_tasks(0, reordered, 2, 10_000)) == 2
+    assert len(plan._file_tasks(0, reordered, 2, 10_000)) == 4
     two = Limits(shard_bytes=10_000)
     assert file_bytes(run(tmp_path, [reordered], "two", two, duplicate_ids="keep", workers=2)[0]) == base
     small = Limits(flush_documents=5, group_records=3, merge_records=2)
@@ -1016,7 +1016,8 @@ def test_limits_reach_every_stage(tmp_path):
     assert groups.call_args.args[1:] == (5, 50)
     assert {call.args[-1] for call in merged.call_args_list} == {3}
     assert {call.args[-1] for call in writes.call_args_list} == {2000}
-    assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 3
+    # Two ranges per worker would be 6; the file holds only 5 of shard_bytes.
+    assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 5
 
 
 def test_progress_from_workers_adds_up(tmp_path):

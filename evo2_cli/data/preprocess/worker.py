@@ -303,12 +303,13 @@ def _run_in_workers(tasks: list[Task], pool: list, advance) -> list[TaskResult]:
     shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
     hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once (see started_workers)."""
     results: list[TaskResult | None] = [None] * len(tasks)
-    # The lines before each byte range are counted as its task is sent, while workers read the earlier ones.
+    # The lines before each byte range are counted one task ahead, while the workers read the earlier ones.
     queued = enumerate(with_first_lines(tasks))
+    upcoming = list(itertools.islice(queued, 1))
     running: dict = {}  # connection -> (process, index of the task it runs)
 
     def send_next(connection, process) -> None:
-        index, task = next(queued, (None, None))
+        index, task = upcoming.pop() if upcoming else (None, None)
         if task is None:
             with contextlib.suppress(OSError):  # gone after its last result, which is in: nothing is lost
                 connection.send(None)  # the worker ends
@@ -318,6 +319,7 @@ def _run_in_workers(tasks: list[Task], pool: list, advance) -> list[TaskResult]:
             connection.send(task)
         except OSError:  # the worker is gone
             stopped(process, index)
+        upcoming.extend(itertools.islice(queued, 1))
 
     def stopped(process, index: int) -> None:
         process.join()
