@@ -271,6 +271,29 @@ def test_a_forked_worker_ends_quietly_on_sigterm(tmp_path):
     assert mock.call(signal.SIGTERM, signal.SIG_DFL) in set_handler.call_args_list
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers and /proc: Linux")
+def test_a_forked_worker_holds_no_pipe_of_another(tmp_path):
+    """Each worker must hold only its own pipe end: one holding a copy of another's main-process end would
+    keep that worker waiting for tasks after the main process died, killed."""
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with (
+        mock.patch.object(worker, "_start_method", return_value="fork"),
+        worker.started_workers(job, 3) as pool,
+    ):
+        main_ends = {os.fstat(connection.fileno()).st_ino for _, connection in pool}
+        for process, _ in pool:
+            deadline = time.monotonic() + 10
+            while True:  # until the worker has closed what it inherited
+                held = set()
+                for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        held.add(os.readlink(f"/proc/{process.pid}/fd/{fd}"))
+                if not held & {f"socket:[{inode}]" for inode in main_ends} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert not held & {f"socket:[{inode}]" for inode in main_ends}
+
+
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
     """Records the worker processes worker.started_workers starts (and SIGKILLs each as it starts)."""

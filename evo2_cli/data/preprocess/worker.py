@@ -281,9 +281,9 @@ def started_workers(job: Job, count: int) -> Iterator[list]:
         sys.stderr.flush()
         for _ in range(count):
             connection, child_end = context.Pipe()
-            # A forked worker holds copies of the pipes of the workers before it: it closes them, or a worker
-            # would never see its pipe end when the main process dies.
-            inherited = [other for _, other in pool] if method == "fork" else []
+            # A forked worker holds copies of the main process's ends of its pipe and of the earlier workers':
+            # it closes them, or a worker would never see its pipe end when the main process dies.
+            inherited = [connection, *(other for _, other in pool)] if method == "fork" else []
             process = context.Process(target=_worker, args=(child_end, job, inherited), daemon=True)
             with _main_module_hidden():
                 process.start()
