@@ -1043,6 +1043,37 @@ def test_limits_reach_every_stage(tmp_path):
     assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 5
 
 
+def test_the_lines_before_a_range_are_counted_while_the_workers_read(tmp_path):
+    """The main process counts the lines before the next byte range as soon as it has sent one: a worker
+    that asks for a task finds it ready, rather than waiting for a count of everything before it."""
+    source = write_fasta(tmp_path / "a.fa", random_records(80, seed=3, length=(200, 800)))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "records").mkdir()
+    job = worker.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
+    tasks = plan._file_tasks(0, source, 2, 10_000)
+    events = []
+    count_lines, send = plan.count_lines, worker.multiprocessing.connection.Connection.send
+
+    def counting(path, start, end):
+        events.append(("count", end))
+        return count_lines(path, start, end)
+
+    def sending(self, message):
+        if isinstance(message, plan.Task):
+            events.append(("send", message.start))
+        send(self, message)
+
+    with (
+        mock.patch.object(plan, "count_lines", counting),
+        mock.patch.object(worker.multiprocessing.connection.Connection, "send", sending),
+        worker.started_workers(job, 2) as pool,
+    ):
+        worker._run_in_workers(tasks, pool, lambda count, records: None)
+    starts = [task.start for task in tasks]
+    assert len(starts) == 4
+    assert events == [("send", 0)] + [(kind, at) for at in starts[1:] for kind in ("count", "send")]
+
+
 def test_progress_from_workers_adds_up(tmp_path):
     """Every worker's reports reach the parent through its pipe: the bytes of every file, every record."""
     sources = [write_fasta(tmp_path / f"{n}.fa", random_records(n, n, (1, 400))) for n in (300, 600, 900)]
