@@ -145,8 +145,8 @@ def test_byte_identical_for_any_record_order_sharding_and_workers(tmp_path):
     # Record metadata written, sorted and merged in many small pieces: the same bytes and manifest.
     small_groups = Limits(flush_documents=7, group_records=5, merge_records=3)
     assert file_bytes(run(tmp_path, [reordered, second], "small_groups", small_groups)[0]) == base
-    # Two byte ranges read by two processes: still the same bytes.
-    assert len(plan._file_tasks(0, first, 2, 20_000)) == 2
+    # Two byte ranges per process read by two processes: still the same bytes.
+    assert len(plan._file_tasks(0, first, 2, 20_000)) == 4
     two = Limits(shard_bytes=20_000)
     assert file_bytes(run(tmp_path, [first, second], "two", two, workers=2)[0]) == base
 
@@ -166,7 +166,7 @@ def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker
     repeated = write_fasta(tmp_path / "repeated.fa", [*records, ("rec3", b"ACGT")])
     limits = Limits(shard_bytes=10_000)
     for workers in (2, 3, 5):
-        assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers, limits)[1]) == workers
+        assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), workers, limits)[1]) == 2 * workers
         out = run(tmp_path, [source], f"w{workers}", limits, workers=workers, on_bad_record="skip")[0]
         assert file_bytes(out) == base
         with pytest.raises(InputError) as error:
@@ -248,18 +248,55 @@ def test_a_worker_error_reaches_the_caller(tmp_path):
         run(tmp_path, [good, bad], workers=2)
 
 
-def test_workers_start_without_a_fork_server_when_its_socket_path_is_too_long(monkeypatch):
-    # A fork server binds a socket under the temporary directory: past ~107 bytes (a long $TMPDIR) it cannot.
-    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/" + "x" * 120)
+def test_workers_are_forked_on_linux_while_one_thread_runs(monkeypatch):
+    # A forked worker starts with everything imported; with another thread running a fork could copy a held
+    # lock, and macOS's libraries are unsafe after a fork: spawn there.
+    monkeypatch.setattr(worker.sys, "platform", "linux")
+    assert worker._start_method() == "fork"
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 2)
     assert worker._start_method() == "spawn"
-    monkeypatch.setattr(worker.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abc")
-    available = "forkserver" in worker.multiprocessing.get_all_start_methods()
-    assert worker._start_method() == ("forkserver" if available else "spawn")
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(worker.sys, "platform", "darwin")
+    assert worker._start_method() == "spawn"
+
+
+def test_a_forked_worker_ends_quietly_on_sigterm(tmp_path):
+    """The CLI turns SIGTERM into Ctrl-C; a forked worker inherits that handler and, stopped by its parent,
+    would print a KeyboardInterrupt traceback: it takes the default (end at once) back."""
+    parent, child = worker.multiprocessing.Pipe()
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with parent, child, mock.patch.object(worker.signal, "signal") as set_handler:
+        parent.send(None)
+        worker._worker(child, job, [])
+    assert mock.call(signal.SIGTERM, signal.SIG_DFL) in set_handler.call_args_list
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers and /proc: Linux")
+def test_a_forked_worker_holds_no_pipe_of_another(tmp_path):
+    """Each worker must hold only its own pipe end: one holding a copy of another's main-process end would
+    keep that worker waiting for tasks after the main process died, killed."""
+    job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
+    with (
+        mock.patch.object(worker, "_start_method", return_value="fork"),
+        worker.started_workers(job, 3) as pool,
+    ):
+        main_ends = {os.fstat(connection.fileno()).st_ino for _, connection in pool}
+        for process, _ in pool:
+            deadline = time.monotonic() + 10
+            while True:  # until the worker has closed what it inherited
+                held = set()
+                for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        held.add(os.readlink(f"/proc/{process.pid}/fd/{fd}"))
+                if not held & {f"socket:[{inode}]" for inode in main_ends} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert not held & {f"socket:[{inode}]" for inode in main_ends}
 
 
 @contextlib.contextmanager
 def started_workers(kill_at_start: bool = False) -> Iterator[list]:
-    """Records the worker processes _run_in_workers starts (and SIGKILLs each as it starts)."""
+    """Records the worker processes worker.started_workers starts (and SIGKILLs each as it starts)."""
     process_class = worker.multiprocessing.get_context(worker._start_method()).Process
     original_start, started = process_class.start, []
 
@@ -290,8 +327,9 @@ def test_a_worker_that_dies_stops_the_run_with_a_message(tmp_path, when):
         pytest.raises(
             Evo2Error, match=r"a preprocess worker stopped \(exit code -9: killed, or out of memory"
         ),
+        worker.started_workers(job, 2) as pool,
     ):
-        worker._run_in_workers(tasks, job, 2, advance)
+        worker._run_in_workers(tasks, pool, advance)
     assert all(not process.is_alive() for process in started)
 
 
@@ -305,8 +343,12 @@ def test_ctrl_c_stops_every_worker(tmp_path):
 
     tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(path) for path in sources]), 1, Limits())[1]
     job = worker.Job(PreprocessConfig(inputs=["x"]), (), tmp_path, tmp_path)
-    with started_workers() as started, pytest.raises(KeyboardInterrupt):
-        worker._run_in_workers(tasks, job, 2, advance)
+    with (
+        started_workers() as started,
+        pytest.raises(KeyboardInterrupt),
+        worker.started_workers(job, 2) as pool,
+    ):
+        worker._run_in_workers(tasks, pool, advance)
     assert [process.exitcode for process in started] == [-signal.SIGTERM] * 2
 
 
@@ -327,8 +369,12 @@ def test_a_worker_gone_after_its_last_result_does_not_fail_the_run(tmp_path):
         original_send(self, message)
 
     tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 1, Limits())[1]
-    with started_workers() as started, mock.patch.object(connection_class, "send", send):
-        results = worker._run_in_workers(tasks, job, 1, lambda count, records: None)
+    with (
+        started_workers() as started,
+        mock.patch.object(connection_class, "send", send),
+        worker.started_workers(job, 1) as pool,
+    ):
+        results = worker._run_in_workers(tasks, pool, lambda count, records: None)
     assert [stats.records for stats in results[0].splits] == [28, 1, 1]
     assert [process.exitcode for process in started] == [-signal.SIGKILL]
 
@@ -363,7 +409,7 @@ def test_a_worker_sends_every_error_in_a_form_the_parent_can_read(tmp_path, erro
         mock.patch.object(worker.signal, "signal"),
     ):
         parent.send(plan.Task(0, tmp_path / "a.fa"))
-        worker._worker(child, job)
+        worker._worker(child, job, [])
         kind, sent = parent.recv()
     assert (kind, repr(sent)) == ("error", received)
 
@@ -522,7 +568,7 @@ def test_kept_duplicates_are_ordered_by_content_across_byte_ranges(tmp_path):
     (tmp_path / "s").mkdir()
     reordered = write_fasta(tmp_path / "s" / "a.fa", shuffled)
     base = file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
-    assert len(plan._file_tasks(0, reordered, 2, 10_000)) == 2
+    assert len(plan._file_tasks(0, reordered, 2, 10_000)) == 4
     two = Limits(shard_bytes=10_000)
     assert file_bytes(run(tmp_path, [reordered], "two", two, duplicate_ids="keep", workers=2)[0]) == base
     small = Limits(flush_documents=5, group_records=3, merge_records=2)
@@ -752,11 +798,11 @@ def test_malloc_tuning_is_skipped_where_it_does_not_apply(monkeypatch):
         worker.keep_freed_memory()
 
 
-def test_workers_without_a_fork_server_spawn_and_write_the_same_bytes(tmp_path):
+def test_spawned_workers_write_the_same_bytes(tmp_path):
     first = write_fasta(tmp_path / "a.fa", random_records(20, seed=6, length=(1, 500)))
     second = write_fasta(tmp_path / "b.fa", random_records(20, seed=7, prefix="other"))
     base = file_bytes(run(tmp_path, [first, second], "one")[0])
-    with mock.patch.object(worker.multiprocessing, "get_all_start_methods", return_value=["spawn"]):
+    with mock.patch.object(worker, "_start_method", return_value="spawn"):
         assert file_bytes(run(tmp_path, [first, second], "spawned", workers=2)[0]) == base
 
 
@@ -993,7 +1039,39 @@ def test_limits_reach_every_stage(tmp_path):
     assert groups.call_args.args[1:] == (5, 50)
     assert {call.args[-1] for call in merged.call_args_list} == {3}
     assert {call.args[-1] for call in writes.call_args_list} == {2000}
-    assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 3
+    # Two ranges per worker would be 6; the file holds only 5 of shard_bytes.
+    assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 5
+
+
+def test_the_lines_before_a_range_are_counted_while_the_workers_read(tmp_path):
+    """The main process counts the lines before the next byte range as soon as it has sent one: a worker
+    that asks for a task finds it ready, rather than waiting for a count of everything before it."""
+    source = write_fasta(tmp_path / "a.fa", random_records(80, seed=3, length=(200, 800)))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "records").mkdir()
+    job = worker.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
+    tasks = plan._file_tasks(0, source, 2, 10_000)
+    events = []
+    count_lines, send = plan.count_lines, worker.multiprocessing.connection.Connection.send
+
+    def counting(path, start, end):
+        events.append(("count", end))
+        return count_lines(path, start, end)
+
+    def sending(self, message):
+        if isinstance(message, plan.Task):
+            events.append(("send", message.start))
+        send(self, message)
+
+    with (
+        mock.patch.object(plan, "count_lines", counting),
+        mock.patch.object(worker.multiprocessing.connection.Connection, "send", sending),
+        worker.started_workers(job, 2) as pool,
+    ):
+        worker._run_in_workers(tasks, pool, lambda count, records: None)
+    starts = [task.start for task in tasks]
+    assert len(starts) == 4
+    assert events == [("send", 0)] + [(kind, at) for at in starts[1:] for kind in ("count", "send")]
 
 
 def test_progress_from_workers_adds_up(tmp_path):
@@ -1008,12 +1086,9 @@ def test_progress_from_workers_adds_up(tmp_path):
     (tmp_path / "spool").mkdir()
     (tmp_path / "records").mkdir()
     cfg = PreprocessConfig(inputs=[str(path) for path in sources])
-    results = worker._run_in_workers(
-        plan.plan_tasks(cfg, 1, Limits())[1],
-        worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records"),
-        2,
-        advance,
-    )
+    job = worker.Job(cfg, (), tmp_path / "spool", tmp_path / "records")
+    with worker.started_workers(job, 2) as pool:
+        results = worker._run_in_workers(plan.plan_tasks(cfg, 1, Limits())[1], pool, advance)
     assert totals == [sum(path.stat().st_size for path in sources), 1800]
     assert sum(stats.records for result in results for stats in result.splits) == 1800
 

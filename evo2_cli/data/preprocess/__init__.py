@@ -25,7 +25,7 @@ from evo2_cli.data.preprocess.assemble import write_splits
 from evo2_cli.data.preprocess.config import Limits, PreprocessConfig, load_tags
 from evo2_cli.data.preprocess.manifest import DATASET_DIR, MANIFEST, manifest_of, no_sequence
 from evo2_cli.data.preprocess.plan import plan_workers
-from evo2_cli.data.preprocess.worker import Job, execute, keep_freed_memory
+from evo2_cli.data.preprocess.worker import Job, execute, keep_freed_memory, started_workers
 from evo2_cli.fsio import atomic_output_dir, atomic_write_text
 
 
@@ -42,8 +42,12 @@ def run_preprocess(cfg: PreprocessConfig, overwrite: bool = False, console=None,
         job = Job(cfg, tags, tmp / ".spool", tmp / ".records", limits)
         job.spool_dir.mkdir()
         job.records_dir.mkdir()
-        with progress(sum(task.size for task in tasks), "reading", "records") as advance:
-            results = execute(tasks, job, workers, advance)
+        processes = min(workers, len(tasks))
+        with (
+            started_workers(job, processes if processes > 1 else 0) as pool,
+            progress(sum(task.size for task in tasks), "reading", "records") as advance,
+        ):
+            results = execute(tasks, job, pool, advance)
         if not any(stats.counts.bases for result in results for stats in result.splits):
             raise no_sequence(names, results)
         digests = write_splits(tasks, results, job, tmp, progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,10 +76,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def _file_tasks(index: int, path: Path, workers: int, shard_bytes: int) -> list[Task]:
     size = path.stat().st_size
-    shards = min(workers, size // shard_bytes)
+    # Two byte ranges per worker: a range starts once the main process has counted the lines before it
+    # (see with_first_lines), so the second worker waits for a quarter of the file rather than a half.
+    shards = 1 if workers == 1 else min(2 * workers, size // shard_bytes)
     if shards <= 1 or is_gzip(path):
         return [Task(index, path, size=size)]
-    # One byte range per worker: each range counts the line ends before it, so more ranges cost more.
     cuts = {record_start_after(path, k * size // shards) for k in range(1, shards)}
     bounds = [*sorted({0, *(cut for cut in cuts if cut < size)}), size]
     return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
@@ -136,17 +138,15 @@ def plan_workers(
     return names, tasks, workers, note
 
 
-def with_first_lines(tasks: list[Task]) -> list[Task]:
-    """The tasks, byte ranges given the line they start on: counted here in one pass over each file's bytes
-    before its last range, while the workers start, rather than by each range's worker over every byte
-    before its range (the last worker would count almost the whole file before reading)."""
+def with_first_lines(tasks: list[Task]) -> Iterator[Task]:
+    """The tasks, byte ranges given the line they start on, each counted when it is asked for: one pass over
+    each file's bytes before its last range, in the main process while workers read the ranges before,
+    rather than by each range's worker over every byte before its range."""
     counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
-    with_lines = []
     for task in tasks:
         if task.start and not task.regions:
             offset, line = counted.get(task.path, (0, 1))
             line += count_lines(task.path, offset, task.start)
             counted[task.path] = task.start, line
             task = replace(task, first_line=line)
-        with_lines.append(task)
-    return with_lines
+        yield task

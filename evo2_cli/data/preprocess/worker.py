@@ -7,12 +7,12 @@ import contextlib
 import itertools
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import os
 import pickle
 import re
 import signal
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -239,30 +239,27 @@ def keep_freed_memory() -> None:
     tune_malloc(8 << 20, 32 << 20)
 
 
-def execute(tasks: list[Task], job: Job, workers: int, advance: Callable) -> list[TaskResult]:
-    """The tasks' results, in task order: run here, or in `workers` processes."""
-    if workers == 1 or len(tasks) == 1:
+def execute(tasks: list[Task], job: Job, pool: list, advance: Callable) -> list[TaskResult]:
+    """The tasks' results, in task order: run here, or by the workers of `pool` (see started_workers)."""
+    if not pool:
         return [run_task(task, job, advance) for task in tasks]
-    return _run_in_workers(tasks, job, min(workers, len(tasks)), advance)
+    return _run_in_workers(tasks, pool, advance)
 
 
 def _start_method() -> str:
-    """'forkserver' where it can run, else 'spawn'. The fork server listens on a socket under the temporary
-    directory, and a socket path longer than the AF_UNIX limit (107 bytes on Linux, 103 on macOS) cannot be
-    bound: a long $TMPDIR, common on clusters, would stop every multi-worker run. Spawn needs no socket."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    # The name forkserver gives its socket: listener- and 8 random characters.
-    socket_path = os.path.join(multiprocessing.util.get_temp_dir(), "listener-12345678")
-    return "forkserver" if len(os.fsencode(socket_path)) <= 103 else "spawn"
+    """'fork' on Linux while this process runs one thread: a forked worker starts at once, with everything
+    imported (a fork server or spawn costs a fresh interpreter importing numpy and this code, 0.28 s of CPU
+    before the first record). Else 'spawn': a fork copies the locks other threads may hold, and macOS's
+    system libraries are not safe to use after a fork."""
+    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 
 @contextlib.contextmanager
 def _main_module_hidden() -> Iterator[None]:
     """A worker needs nothing of `__main__`, but multiprocessing runs the main script again in every worker
-    it starts with a fork server or spawn: for the `evo2` command that is the whole CLI (typer, rich, every
-    command's options), 0.1-0.2 s of CPU per worker before its first record. An empty `__main__` while the
-    workers start leaves them nothing to run."""
+    it spawns: for the `evo2` command that is the whole CLI (typer, rich, every command's options), 0.1-0.2 s
+    of CPU per worker before its first record. An empty `__main__` while the workers start leaves them
+    nothing to run."""
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
@@ -271,37 +268,58 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[TaskResult]:
-    """Runs the tasks in `workers` processes, each fed one task at a time through its own pipe. Nothing is
-    shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
-    hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once."""
-    # A fork server imports this module once, in a clean process, and forks each worker from it: workers
-    # start without importing numpy and the CLI again (spawn) or copying the parent's threads (fork).
+@contextlib.contextmanager
+def started_workers(job: Job, count: int) -> Iterator[list]:
+    """`count` worker processes (none: the tasks run here), as (process, connection) pairs.
+    Start them before any other thread (a progress bar's) so that they can be forked. On leaving, every
+    worker still running (after an error or Ctrl-C) is stopped."""
     method = _start_method()
     context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        from multiprocessing import forkserver
+    pool: list = []
+    try:
+        sys.stdout.flush()  # a forked worker would write out what is still buffered again
+        sys.stderr.flush()
+        for _ in range(count):
+            connection, child_end = context.Pipe()
+            # A forked worker holds copies of the main process's ends of its pipe and of the earlier workers':
+            # it closes them, or a worker would never see its pipe end when the main process dies.
+            inherited = [connection, *(other for _, other in pool)] if method == "fork" else []
+            process = context.Process(target=_worker, args=(child_end, job, inherited), daemon=True)
+            with _main_module_hidden():
+                process.start()
+            child_end.close()
+            pool.append((process, connection))
+        yield pool
+    finally:
+        for process, connection in pool:
+            if process.exitcode is None:
+                process.terminate()  # after an error or Ctrl-C; harmless for one ending after its last task
+            connection.close()
+            process.join()
 
-        context.set_forkserver_preload([__name__])
-        forkserver.ensure_running()  # it imports in the background ...
-    tasks = with_first_lines(tasks)  # ... while this process counts the lines before each byte range
+
+def _run_in_workers(tasks: list[Task], pool: list, advance) -> list[TaskResult]:
+    """Runs the tasks in the workers of `pool`, each fed one task at a time through its own pipe. Nothing is
+    shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
+    hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once (see started_workers)."""
     results: list[TaskResult | None] = [None] * len(tasks)
-    queued = collections.deque(enumerate(tasks))
-    processes = []
+    # The lines before each byte range are counted one task ahead, while the workers read the earlier ones.
+    queued = enumerate(with_first_lines(tasks))
+    upcoming = list(itertools.islice(queued, 1))
     running: dict = {}  # connection -> (process, index of the task it runs)
 
     def send_next(connection, process) -> None:
-        if not queued:
+        index, task = upcoming.pop() if upcoming else (None, None)
+        if task is None:
             with contextlib.suppress(OSError):  # gone after its last result, which is in: nothing is lost
                 connection.send(None)  # the worker ends
-            connection.close()
             return
-        index, task = queued.popleft()
         running[connection] = (process, index)
         try:
             connection.send(task)
         except OSError:  # the worker is gone
             stopped(process, index)
+        upcoming.extend(itertools.islice(queued, 1))
 
     def stopped(process, index: int) -> None:
         process.join()
@@ -310,43 +328,33 @@ def _run_in_workers(tasks: list[Task], job: Job, workers: int, advance) -> list[
             f"reading {tasks[index].path}; try fewer --workers"
         )
 
-    try:
-        for _ in range(workers):
-            connection, child_end = context.Pipe()
-            process = context.Process(target=_worker, args=(child_end, job), daemon=True)
-            with _main_module_hidden():
-                process.start()
-            processes.append(process)
-            child_end.close()
-            send_next(connection, process)
-        while running:
-            for connection in multiprocessing.connection.wait(list(running)):
-                process, index = running[connection]
-                try:
-                    kind, *message = connection.recv()
-                except (EOFError, OSError):  # the worker is gone
-                    stopped(process, index)
-                if kind == "progress":
-                    advance(*message)
-                elif kind == "error":
-                    raise message[0]  # at once, not after the other workers' tasks end
-                else:
-                    results[index] = message[0]
-                    del running[connection]
-                    send_next(connection, process)
-        return results
-    finally:
-        for connection, (process, _) in running.items():
-            process.terminate()  # after an error or Ctrl-C
-            connection.close()
-        for process in processes:
-            process.join()
+    for process, connection in pool:
+        send_next(connection, process)
+    while running:
+        for connection in multiprocessing.connection.wait(list(running)):
+            process, index = running[connection]
+            try:
+                kind, *message = connection.recv()
+            except (EOFError, OSError):  # the worker is gone
+                stopped(process, index)
+            if kind == "progress":
+                advance(*message)
+            elif kind == "error":
+                raise message[0]  # at once, not after the other workers' tasks end
+            else:
+                results[index] = message[0]
+                del running[connection]
+                send_next(connection, process)
+    return results
 
 
-def _worker(connection, job: Job) -> None:
+def _worker(connection, job: Job, inherited: list) -> None:
     """A worker process: runs the tasks the parent sends, one at a time, and sends back ("progress", bytes,
     records) as it reads, then ("done", result) or ("error", exception). None from the parent ends it."""
+    for other in inherited:
+        other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops its workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked: not the CLI's handler, which raises Ctrl-C
     keep_freed_memory()
     while (task := connection.recv()) is not None:
         try:
