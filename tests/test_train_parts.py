@@ -16,16 +16,9 @@ from evo2_cli.data.alphabet import EOD_ID, reverse_complement
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.model import StripedHyena, load_model, preset_config
-from evo2_cli.model.checkpoint import write_model_files
-from evo2_cli.train.checkpoint import (
-    RunDirectory,
-    latest_checkpoint,
-    restore_rng_state,
-    rng_state,
-    step_dirs,
-    verify_checkpoint,
-    write_checkpoint,
-)
+from evo2_cli.model.checkpoint import latest_checkpoint, step_dirs, write_model_files
+from evo2_cli.runtime import restore_rng_state, rng_state
+from evo2_cli.train.checkpoint import RunDirectory, verify_checkpoint, write_checkpoint
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
 from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses
 from evo2_cli.train.distributed import Runtime

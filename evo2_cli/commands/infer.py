@@ -91,14 +91,10 @@ def _model(
     threads: int = 0,
     verify: bool = True,
 ):
-    import torch
-
     from evo2_cli.infer.loading import load_inference_model
+    from evo2_cli.runtime import set_threads
 
-    if threads < 0:
-        raise InputError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     model = load_inference_model(
         path, vortex_config, device=device, dtype=dtype, clamp_poles=clamp_poles, verify=verify
     )
@@ -458,7 +454,6 @@ def embed(
         resolve_layer,
         resolve_layer_in_config,
     )
-    from evo2_cli.infer.loading import load_inference_config
     from evo2_cli.infer.outputs import (
         check_embeddings_output,
         embeddings_file,
@@ -466,11 +461,12 @@ def embed(
         write_embeddings_index,
     )
     from evo2_cli.infer.sequences import read_sequences
+    from evo2_cli.model.checkpoint import source_config
 
     context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output, overwrite)
-    config = load_inference_config(model_path, vortex_config)
+    config = source_config(model_path, vortex_config)
     if config is not None:
         resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(fasta))

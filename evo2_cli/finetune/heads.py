@@ -297,15 +297,10 @@ def train_task(
     """Finetune a classification / regression head (with the backbone full, frozen in parts, or LoRA);
     checkpoints read are checked against their sha256 unless `verify` is False."""
     from evo2_cli.finetune.run import prepare
-    from evo2_cli.model.checkpoint import load_weights_into
-    from evo2_cli.train.checkpoint import (
-        RunDirectory,
-        best_checkpoint,
-        read_train_state,
-        restore_rng_state,
-        rng_state,
-        write_checkpoint,
-    )
+    from evo2_cli.model.checkpoint import best_checkpoint, load_weights_into
+    from evo2_cli.runtime import autocast as autocast_to
+    from evo2_cli.runtime import restore_rng_state, rng_state
+    from evo2_cli.train.checkpoint import RunDirectory, read_train_state, write_checkpoint
     from evo2_cli.train.metrics import MetricsLog
     from evo2_cli.train.optim import build_optimizer, learning_rate
 
@@ -339,7 +334,7 @@ def train_task(
         if start is not None:
             say(f"resumed from {start} at step {step}")
         bf16 = device.type == "cuda" and cfg.precision != "fp32"
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        autocast = autocast_to(device, torch.bfloat16 if bf16 else None)
         task_meta = {"kind": task, "outputs": outputs, "classes": classes}
         log = MetricsLog(cfg.run_dir, cfg.tensorboard)
 

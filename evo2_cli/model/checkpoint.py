@@ -30,6 +30,7 @@ Tensors are read with safetensors or `torch.load(weights_only=True)` only (`load
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -65,6 +66,11 @@ CHECKPOINT_DIR = directory_kind(
 )
 NO_VERIFY_HINT = "pass --no-verify only if you changed the files on purpose"
 BASE = "base"  # meta.json: the checkpoint holds only the trained tensors; the others come from this base
+# A training run directory: RUN_DIR/checkpoints/step_00000100/ (one checkpoint per save), and the pointers
+# checkpoints/latest and checkpoints/best (symlinks to a step directory).
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+BEST = "best"
 
 T = TypeVar("T")
 
@@ -225,14 +231,7 @@ def recorded_hashes(directory: str | Path, verify: bool = True) -> dict[str, str
     be told from a good one."""
     if not verify:
         return None
-    meta_path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        meta = {}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable ({exc}); {NO_VERIFY_HINT}") from None
-    files = meta.get("files") if isinstance(meta, dict) else None
+    files = read_meta(directory).get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(
             f"{directory}: no sha256 of the checkpoint's files in {META_FILE}, so a corrupted file cannot "
@@ -366,6 +365,23 @@ def load_weights_into(
 # ---------------------------------------------------------------- checkpoints of trained tensors only
 
 
+def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """A LoRA layer's weight with its adapters folded in: W + scaling B A, computed in fp32, in W's dtype."""
+    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def fold_lora(tensors: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A state dict with LoRA adapters -> the plain one: each `<layer>.lora_A` / `lora_B` pair folded into
+    `<layer>.weight` and dropped (what finetune's `merge_lora` does to a model)."""
+    folded = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            layer = key.removesuffix(".lora_A")
+            weight, lora_B = tensors[f"{layer}.weight"], tensors[f"{layer}.lora_B"]
+            folded[f"{layer}.weight"] = folded_weight(weight, tensors[key], lora_B, scaling)
+    return folded
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """DIRECTORY/meta.json as a dict ({} when there is none); CheckpointError when unreadable."""
     path = Path(directory) / META_FILE
@@ -478,8 +494,6 @@ def read_checkpoint_tensors(
     else:
         tensors = read_checkpoint_tensors(located, None, verify, device)
     if base.get("lora_scaling") is not None:
-        from evo2_cli.finetune.lora import fold_lora  # the finetune package's arithmetic, one home
-
         tensors = fold_lora(tensors, base["lora_scaling"])
     tensors = {k: v.to(device) for k, v in tensors.items()} | trained
     if check is not None:
@@ -487,43 +501,95 @@ def read_checkpoint_tensors(
     return tensors
 
 
-# ---------------------------------------------------------------- load
+# ---------------------------------------------------------------- which checkpoint a path means
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory for `path`: the directory itself, its `latest` pointer, or the parent of a
-    `model.safetensors` file."""
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a training run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step directory `checkpoints/latest` points to (under run_dir as given), else the newest complete
+    one; None before the first checkpoint."""
+    link = Path(run_dir) / CHECKPOINTS / LATEST
+    if link.is_dir() and (link / META_FILE).is_file():
+        return link.parent / os.readlink(link)
+    complete = step_dirs(run_dir)
+    return complete[-1] if complete else None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step directory `checkpoints/best` points to (under run_dir as given), or None before any eval."""
+    link = Path(run_dir) / CHECKPOINTS / BEST
+    return link.parent / os.readlink(link) if link.is_symlink() else None
+
+
+def resolve_checkpoint(path: str | Path, vortex: bool = True) -> Path:
+    """What `path` means (first match wins): a Vortex `.pt` (returned as given; refused unless `vortex`), or
+    one of our checkpoint directories given as itself, as its model.safetensors, as a directory with a
+    `latest` pointer (a symlink, or a file naming a directory) or as a training run directory (its latest
+    complete checkpoint). CheckpointError when nothing loadable is there."""
     path = Path(path)
     if path.is_file() and path.name == WEIGHTS_FILE:
         return path.parent
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(
+            f"{path}: model not found (expected a checkpoint directory, a run directory or a .pt)"
+        )
+    if vortex and path.is_file() and path.suffix != ".safetensors":
+        return path
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: not a checkpoint directory (expected {WEIGHTS_FILE} and {CONFIG_FILE})"
         )
-    if not (path / WEIGHTS_FILE).exists() and (path / "latest").exists():
-        latest = path / "latest"
-        if latest.is_symlink():
-            return resolve_checkpoint_dir(latest.resolve())
-        try:
-            target = latest.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
+    if not (path / WEIGHTS_FILE).exists() and not (path / LATEST).exists():
+        if not (path / CHECKPOINTS).is_dir():
             raise CheckpointError(
-                f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): "
-                f"{exc}"
-            ) from None
-        return resolve_checkpoint_dir(path / target)
+                f"{path}: not a checkpoint directory ({WEIGHTS_FILE} is missing), a run directory "
+                f"({CHECKPOINTS}/) or a Vortex .pt file"
+            )
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: a training run directory without any complete checkpoint yet")
+        path = found
+    path = _follow_latest(path)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a checkpoint directory, {name} is missing")
     return path
 
 
+def _follow_latest(directory: Path) -> Path:
+    """`directory`, or, when it holds no weights but a `latest` pointer, the directory that names."""
+    latest = directory / LATEST
+    if (directory / WEIGHTS_FILE).exists() or not latest.exists():
+        return directory
+    if latest.is_symlink():
+        return resolve_checkpoint(latest.resolve(), vortex=False)
+    try:
+        target = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): {exc}"
+        ) from None
+    return resolve_checkpoint(directory / target, vortex=False)
+
+
+# ---------------------------------------------------------------- load
+
+
 def load_checkpoint_config(path: str | Path, verify: bool = True) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (its config.yaml `model:` section), verified against
     meta.json unless `verify` is False."""
-    directory = resolve_checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     check_file(directory / CONFIG_FILE, recorded_hashes(directory, verify))
     return load_model_config(directory / CONFIG_FILE)
 
@@ -536,7 +602,7 @@ def load_model(
 ) -> StripedHyena:
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
     `verify` is False, strict keys, shapes, finite values)."""
-    directory = resolve_checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     hashes = recorded_hashes(directory, verify)
     check_file(directory / CONFIG_FILE, hashes)
     config = load_model_config(directory / CONFIG_FILE)
@@ -550,3 +616,42 @@ def load_model(
         check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
     )
     return build_model(config, tensors, dtype)
+
+
+def load_source(
+    path: str | Path,
+    vortex_config: str | Path | None = None,
+    *,
+    hcl_form: str | None = None,
+    clamp_poles: float | None = None,
+    verify: bool = True,
+) -> StripedHyena:
+    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config` is required for
+    a Vortex `.pt` and refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
+    apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`); `verify`: see `load_model`."""
+    source = resolve_checkpoint(path)
+    if source.is_file():
+        if vortex_config is None:
+            raise CheckpointError(
+                f"{source}: a Vortex-layout .pt needs its model config YAML: pass --vortex-config FILE"
+            )
+        from evo2_cli.model.vortex import load_vortex
+
+        return load_vortex(vortex_config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
+    if vortex_config is not None:
+        raise CheckpointError(
+            f"{source}: --vortex-config is only for Vortex .pt files; our checkpoints carry their config"
+        )
+    if clamp_poles is not None:  # a checkpoint of ours loads as saved; it would be silently ignored
+        raise CheckpointError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
+    return load_model(source, verify=verify)
+
+
+def source_config(path: str | Path, vortex_config: str | Path | None = None) -> ModelConfig | None:
+    """The ModelConfig `load_source(path, vortex_config)` would build, read without the weights, so options
+    that depend on the model's shape are checked before a long load; None for a Vortex .pt without its
+    config (the loader explains)."""
+    source = resolve_checkpoint(path)
+    if source.is_file():
+        return None if vortex_config is None else load_model_config(vortex_config)
+    return load_checkpoint_config(source)
