@@ -550,7 +550,7 @@ def resolve_checkpoint(path: str | Path, vortex: bool = True) -> Path:
         raise CheckpointError(
             f"{path}: not a checkpoint directory (expected {WEIGHTS_FILE} and {CONFIG_FILE})"
         )
-    if not (path / WEIGHTS_FILE).exists() and not (path / LATEST).exists():
+    if not (path / WEIGHTS_FILE).exists() and not os.path.lexists(path / LATEST):
         if not (path / CHECKPOINTS).is_dir():
             raise CheckpointError(
                 f"{path}: not a checkpoint directory ({WEIGHTS_FILE} is missing), a run directory "
@@ -567,20 +567,29 @@ def resolve_checkpoint(path: str | Path, vortex: bool = True) -> Path:
     return path
 
 
-def _follow_latest(directory: Path) -> Path:
-    """`directory`, or, when it holds no weights but a `latest` pointer, the directory that names."""
+def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
+    """`directory`, or, when it holds no weights but a `latest` pointer, the directory that names; a pointer
+    that loops or names no directory is a CheckpointError."""
     latest = directory / LATEST
-    if (directory / WEIGHTS_FILE).exists() or not latest.exists():
+    if (directory / WEIGHTS_FILE).exists() or not os.path.lexists(latest):
         return directory
     if latest.is_symlink():
-        return resolve_checkpoint(latest.resolve(), vortex=False)
-    try:
-        target = latest.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        target = Path(os.path.realpath(latest))
+    else:
+        try:
+            target = directory / latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): "
+                f"{exc}"
+            ) from None
+    seen = seen | {os.path.realpath(directory)}
+    if os.path.realpath(target) in seen or not target.is_dir():
+        problem = "loops back to a directory it came from" if target.is_dir() else "names no directory"
         raise CheckpointError(
-            f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): {exc}"
-        ) from None
-    return resolve_checkpoint(directory / target, vortex=False)
+            f"{latest}: the pointer {problem} ({target}); point it at a checkpoint directory"
+        )
+    return _follow_latest(target, seen)
 
 
 # ---------------------------------------------------------------- load
