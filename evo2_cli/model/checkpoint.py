@@ -348,7 +348,7 @@ def load_weights_into(
     holds that base already: a resume or a rollback of the finetune that wrote it), else its base too."""
     path = Path(directory) / WEIGHTS_FILE
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    partial = holds_base and read_meta(directory).get(BASE) is not None
+    partial = holds_base and read_base(directory) is not None
     hint = "the checkpoint holds another model than the configured one: resume from one of this model"
 
     def check(tensors: dict[str, Tensor]) -> None:
@@ -429,6 +429,33 @@ def base_reference(
     return reference
 
 
+def read_base(directory: str | Path) -> dict[str, Any] | None:
+    """meta.json's `base` (None: the checkpoint holds all its tensors), its keys checked: a malformed one
+    (edited by hand, damaged) is a CheckpointError naming meta.json and the key."""
+    base = read_meta(directory).get(BASE)
+    if base is None:
+        return None
+    optional_number = (int, float, type(None))
+    valid = {
+        "kind": lambda v: v in ("checkpoint", "vortex"),
+        "path": lambda v: isinstance(v, str),
+        "absolute": lambda v: isinstance(v, (str, type(None))),
+        "sha256": lambda v: isinstance(v, dict) and v and all(isinstance(h, str) for h in v.values()),
+        "clamp_poles": lambda v: isinstance(v, optional_number),
+        "lora_scaling": lambda v: isinstance(v, optional_number),
+    }
+    if not isinstance(base, dict):
+        bad = [BASE]
+    else:
+        bad = [f"{BASE}.{key}" for key, check in valid.items() if not check(base.get(key))]
+    if bad:
+        raise CheckpointError(
+            f"{Path(directory) / META_FILE}: key '{bad[0]}' is missing or malformed; restore this meta.json "
+            "from a copy of the checkpoint"
+        )
+    return base
+
+
 def _locate_base(owner: Path, base: Mapping[str, Any]) -> Path:
     """Where the base of checkpoint `owner` is now: its absolute path, else its path as given (relative to
     the working directory); CheckpointError naming it and the fix when it is in neither."""
@@ -461,7 +488,7 @@ def check_base(directory: str | Path, verify: bool = True) -> None:
     """For a checkpoint of trained tensors only: its base is where meta.json says, with the recorded sha256
     (`verify` False: only that it is there). Nothing for a checkpoint that holds all its tensors."""
     directory = Path(directory)
-    base = read_meta(directory).get(BASE)
+    base = read_base(directory)
     if base is not None:
         located = _locate_base(directory, base)
         if verify:
@@ -479,7 +506,7 @@ def read_checkpoint_tensors(
     its base's tensors beneath them (the base checked against the recorded sha256 unless `verify` is
     False; a base that is such a checkpoint itself is rebuilt the same way). `check` sees the whole set."""
     directory = Path(directory)
-    base = read_meta(directory).get(BASE)
+    base = read_base(directory)
     if base is None:
         return read_weights(directory, hashes, device, check=check)
     trained = read_weights(directory, hashes, device)
