@@ -514,3 +514,21 @@ def test_truncate_metrics_drops_a_half_written_last_line(tmp_path):
     )
     truncate_metrics(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+
+
+@pytest.mark.parametrize("name", ["RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"])
+def test_a_non_integer_torchrun_variable_exits_2_naming_it(tmp_path, monkeypatch, name):
+    """Once a ValueError traceback from int()."""
+    from conftest import random_dataset
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    prefix = random_dataset(tmp_path / "toy", 0, {"train": 400, "val": 200})
+    monkeypatch.setenv(name, "two")
+    args = ["train", "--set=model.preset=test", f"--set=data.datasets=[{{path: {prefix}}}]"]
+    args += ["--set=data.seq_len=32", "--set=optim.global_batch=2", "--set=train.micro_batch=2"]
+    args += ["--set=train.max_steps=1", f"--set=train.run_dir={tmp_path / 'run'}", "--device=cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"environment variable {name}='two' is not an integer" in " ".join(result.output.split())

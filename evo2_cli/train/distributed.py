@@ -43,10 +43,22 @@ class Runtime:
         return self.world_size > 1
 
 
+def torchrun_value(name: str, default: int) -> int:
+    """The integer torchrun set in environment variable `name` (`default` without torchrun); InputError
+    naming the variable when it holds something else."""
+    text = os.environ.get(name)
+    try:
+        return default if text is None else int(text)
+    except ValueError:
+        raise InputError(
+            f"environment variable {name}={text!r} is not an integer; unset it, or let torchrun set it"
+        ) from None
+
+
 def torchrun_rank() -> tuple[int, int]:
     """(rank, world size) that torchrun gave this process; (0, 1) without torchrun. Readable before
     `start_runtime`, e.g. to estimate one process's share of the memory."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return torchrun_value("RANK", 0), torchrun_value("WORLD_SIZE", 1)
 
 
 def start_runtime(device: str, precision: str) -> Runtime:
@@ -54,7 +66,7 @@ def start_runtime(device: str, precision: str) -> Runtime:
     rank, world_size = torchrun_rank()
     chosen = choose_device(device, "train.device")
     if chosen.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = torchrun_value("LOCAL_RANK", 0)
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
     if world_size > 1 and not dist.is_initialized():
