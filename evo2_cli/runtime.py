@@ -16,11 +16,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 # The precision names each use accepts. "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than fp32
-# on most CPUs). Training autocasts, and fp16 would need a loss scaler; inference casts the weights.
+# on most CPUs). Training autocasts, and fp16 would need a loss scaler; inference and convert cast the weights
+# (convert has no device to choose by).
 PRECISIONS: dict[str, tuple[str, ...]] = {
     "train": ("auto", "fp32", "bf16"),
     "infer": ("auto", *DTYPES),
-    "convert": ("fp32", "float32", "bf16", "bfloat16"),
+    "convert": tuple(DTYPES),
 }
 
 

@@ -304,6 +304,21 @@ def test_convert_both_ways(tmp_path):
     assert read_vortex_checkpoint(back)["embedding_layer.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("float16", torch.float16)])
+def test_convert_takes_the_precision_names_infer_takes(tmp_path, model, name, dtype):
+    """`evo2 infer --dtype` took fp16 and float16, `evo2 convert --dtype` refused them."""
+    save_model(model, tmp_path / "ck")
+    out = tmp_path / "out.pt"
+    convert = ["convert", "to-vortex", str(tmp_path / "ck"), "-o", str(out), "--overwrite", "--dtype"]
+    result = runner.invoke(app, [*convert, name])
+    assert result.exit_code == 0, result.output
+    written = read_vortex_checkpoint(out)
+    assert written["embedding_layer.weight"].dtype == dtype
+    assert all(v.dtype == torch.float32 for k, v in written.items() if k.endswith("log_poles"))
+    result = runner.invoke(app, [*convert, "auto"])  # no device to choose by
+    assert result.exit_code == 2 and "--dtype: expected fp32," in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     "write, words",
     [

@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="Tensor dtype of the written weights: fp32 or bf16 (poles stay fp32).")
+    str, typer.Option("--dtype", help="Dtype of the written weights: fp32, bf16 or fp16 (poles stay fp32).")
 ]
 
 

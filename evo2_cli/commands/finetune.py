@@ -108,7 +108,7 @@ def merge(
             "--vortex", help="Also export a Vortex .pt (and a release YAML beside it).", dir_okay=False
         ),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32, bf16 or fp16.")] = "fp32",
     overwrite: OverwriteOption = False,
     no_verify: NoVerifyOption = False,
 ) -> None:
