@@ -15,9 +15,8 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-# The precision names each use accepts. "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than fp32
-# on most CPUs). Training autocasts, and fp16 would need a loss scaler; inference and convert cast the weights
-# (convert has no device to choose by).
+# The precision names each use accepts. "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower there).
+# Training autocasts (fp16 would need a loss scaler); infer and convert (no device to choose by) cast weights.
 PRECISIONS: dict[str, tuple[str, ...]] = {
     "train": ("auto", "fp32", "bf16"),
     "infer": ("auto", *DTYPES),

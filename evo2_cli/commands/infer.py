@@ -461,12 +461,12 @@ def embed(
         write_embeddings_index,
     )
     from evo2_cli.infer.sequences import read_sequences
-    from evo2_cli.model.checkpoint import source_config
+    from evo2_cli.model.checkpoint import load_checkpoint_config
 
     context = _context(mode, chunk, window, overlap, batch_tokens)
     chosen_pooling = check_pooling(pooling)  # bad input fails before the model loads
     check_embeddings_output(output, overwrite)
-    config = source_config(model_path, vortex_config)
+    config = load_checkpoint_config(model_path, vortex_config=vortex_config)
     if config is not None:
         resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(fasta))

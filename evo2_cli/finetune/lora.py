@@ -107,7 +107,3 @@ def merge_lora(model: nn.Module) -> int:
                 setattr(parent, attribute, child.merged())
                 merged += 1
     return merged
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, LoRALinear) for module in model.modules())

@@ -1,9 +1,5 @@
-"""One way to get a model ready for inference from whatever the user pointed at: `load_inference_model`.
-
-The source (a checkpoint directory, its model.safetensors, a `latest` pointer, a training run directory, or a
-Vortex `.pt` + its config) is the model package's `load_source`; the device and dtype names are
-evo2_cli/runtime.py's. Every `evo2 infer` subcommand uses this function.
-"""
+"""`load_inference_model`: the model package's `load_source` (any checkpoint source) on the device and in
+the dtype (evo2_cli/runtime.py's names) every `evo2 infer` subcommand asks for."""
 
 from __future__ import annotations
 

@@ -43,11 +43,10 @@ Vortex / Evo 2 checkpoints (evo2_cli.model.vortex)
 Our checkpoint directory (evo2_cli.model.checkpoint)
     save_model(model, directory, config=None, meta=None)
                                     model.safetensors + config.yaml (`model:` section) + meta.json
-    resolve_checkpoint(path, vortex=True) -> Path   a checkpoint dir, its model.safetensors, a `latest`
-                                    pointer or a run dir -> the checkpoint directory; a Vortex .pt as is
+    resolve_checkpoint(path, vortex=True) -> Path   the checkpoint dir (or Vortex .pt) any source means
     load_model(path, map_location='cpu', dtype=None, verify=True) -> StripedHyena
     load_source(path, vortex_config=None, hcl_form=None, clamp_poles=None, verify=True) -> StripedHyena
-    load_checkpoint_config(path, verify=True) / source_config(path, vortex_config=None) -> ModelConfig
+    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig (None: a .pt, no config)
                                     verify: the files' sha256 against meta.json (False: --no-verify)
 """
 

@@ -15,8 +15,7 @@ checking the base against those sha256 (`check_base`).
 
 The training loop may add files (optimizer state, RNG state): `write_model_files` writes the three files
 into a directory the caller manages (for example an `atomic_output_dir`), `save_model` writes a whole
-directory atomically. `load_model` also follows a `latest` pointer (a symlink, or a file naming a
-directory).
+directory atomically. `resolve_checkpoint` says which checkpoint a path means; `load_source` loads any.
 
 Every reader verifies what it reads against the sha256 in meta.json (`recorded_hashes`, `verified_read`,
 `check_file`): a mismatch, or a checkpoint without hashes, is refused unless the caller passes
@@ -41,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from evo2_cli.config import to_dict
+from evo2_cli.config import to_dict, to_yaml
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import (
     atomic_output_dir,
@@ -154,8 +153,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _config_yaml(model: StripedHyena, config: Any | None) -> str:
-    from evo2_cli.config import to_yaml
-
     sections = dict(to_dict(config)) if config is not None else {}
     sections["model"] = to_dict(model.config)
     return to_yaml(sections)
@@ -348,7 +345,7 @@ def load_weights_into(
     holds that base already: a resume or a rollback of the finetune that wrote it), else its base too."""
     path = Path(directory) / WEIGHTS_FILE
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    partial = holds_base and read_base(directory) is not None
+    partial = holds_base and read_meta(directory).get(BASE) is not None
     hint = "the checkpoint holds another model than the configured one: resume from one of this model"
 
     def check(tensors: dict[str, Tensor]) -> None:
@@ -429,70 +426,53 @@ def base_reference(
     return reference
 
 
-def read_base(directory: str | Path) -> dict[str, Any] | None:
-    """meta.json's `base` (None: the checkpoint holds all its tensors), its keys checked: a malformed one
-    (edited by hand, damaged) is a CheckpointError naming meta.json and the key."""
-    base = read_meta(directory).get(BASE)
+def check_base(directory: str | Path, verify: bool = True) -> tuple[dict[str, Any], Path] | None:
+    """For a checkpoint of trained tensors only: its meta.json `base` and where that base is now (its
+    absolute path, else its path as given, relative to the working directory), checked against the
+    recorded sha256 unless `verify` is False. None for a checkpoint that holds all its tensors. A malformed
+    `base`, a base gone or changed is a CheckpointError naming the file, the key or the fix."""
+    directory = Path(directory)
+    meta, base = directory / META_FILE, read_meta(directory).get(BASE)
     if base is None:
         return None
-    optional_number = (int, float, type(None))
+    number = (int, float, type(None))
     valid = {
         "kind": lambda v: v in ("checkpoint", "vortex"),
         "path": lambda v: isinstance(v, str),
         "absolute": lambda v: isinstance(v, (str, type(None))),
         "sha256": lambda v: isinstance(v, dict) and v and all(isinstance(h, str) for h in v.values()),
-        "clamp_poles": lambda v: isinstance(v, optional_number),
-        "lora_scaling": lambda v: isinstance(v, optional_number),
+        "clamp_poles": lambda v: isinstance(v, number),
+        "lora_scaling": lambda v: isinstance(v, number),
     }
-    if not isinstance(base, dict):
-        bad = [BASE]
-    else:
-        bad = [f"{BASE}.{key}" for key, check in valid.items() if not check(base.get(key))]
-    if bad:
-        raise CheckpointError(
-            f"{Path(directory) / META_FILE}: key '{bad[0]}' is missing or malformed; restore this meta.json "
-            "from a copy of the checkpoint"
-        )
-    return base
-
-
-def _locate_base(owner: Path, base: Mapping[str, Any]) -> Path:
-    """Where the base of checkpoint `owner` is now: its absolute path, else its path as given (relative to
-    the working directory); CheckpointError naming it and the fix when it is in neither."""
-    for candidate in (base.get("absolute"), base.get("path")):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    raise CheckpointError(
-        f"{owner}: holds only the trained tensors, and its base {base.get('path')} is gone (not at "
-        f'{base.get("absolute")}); put the base back there, or write its new location as "absolute" under '
-        f'"{BASE}" in {owner / META_FILE} (its sha256 is still checked)'
+    bad = (
+        [f"{BASE}.{k}" for k, ok in valid.items() if not ok(base.get(k))]
+        if isinstance(base, dict)
+        else [BASE]
     )
-
-
-def _check_base_files(owner: Path, base: Mapping[str, Any], located: Path) -> None:
-    for name, expected in base["sha256"].items():
+    if bad:
+        raise CheckpointError(f"{meta}: key '{bad[0]}' is missing or malformed; restore it from a copy")
+    located = next((Path(p) for p in (base.get("absolute"), base["path"]) if p and Path(p).exists()), None)
+    if located is None:
+        raise CheckpointError(
+            f"{directory}: holds only the trained tensors, and its base {base['path']} is gone (not at "
+            f'{base.get("absolute")}); put the base back there, or write its new location as "absolute" '
+            f'under "{BASE}" in {meta} (its sha256 is still checked)'
+        )
+    for name, expected in base["sha256"].items() if verify else ():
         path = located if base["kind"] == "vortex" else located / name
         try:
             found = sha256_file(path)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read the base of {owner}: {exc.strerror or exc}") from None
+            raise CheckpointError(
+                f"{path}: cannot read the base of {directory}: {exc.strerror or exc}"
+            ) from None
         if found != expected:
             raise CheckpointError(
-                f"{path}: the base of {owner} changed since that checkpoint was written (its sha256 is "
-                f"{found}, {owner / META_FILE} records {expected}); the checkpoint holds only the trained "
+                f"{path}: the base of {directory} changed since that checkpoint was written (its sha256 is "
+                f"{found}, {meta} records {expected}); the checkpoint holds only the trained "
                 f"tensors, which need that exact base: restore it; {NO_VERIFY_HINT}"
             )
-
-
-def check_base(directory: str | Path, verify: bool = True) -> None:
-    """For a checkpoint of trained tensors only: its base is where meta.json says, with the recorded sha256
-    (`verify` False: only that it is there). Nothing for a checkpoint that holds all its tensors."""
-    directory = Path(directory)
-    base = read_base(directory)
-    if base is not None:
-        located = _locate_base(directory, base)
-        if verify:
-            _check_base_files(directory, base, located)
+    return base, located
 
 
 def read_checkpoint_tensors(
@@ -505,18 +485,14 @@ def read_checkpoint_tensors(
     """Every tensor of checkpoint `directory`: `read_weights`, and for a checkpoint of trained tensors only,
     its base's tensors beneath them (the base checked against the recorded sha256 unless `verify` is
     False; a base that is such a checkpoint itself is rebuilt the same way). `check` sees the whole set."""
-    directory = Path(directory)
-    base = read_base(directory)
-    if base is None:
+    found = check_base(directory, verify)
+    if found is None:
         return read_weights(directory, hashes, device, check=check)
-    trained = read_weights(directory, hashes, device)
-    located = _locate_base(directory, base)
-    if verify:
-        _check_base_files(directory, base, located)
+    (base, located), trained = found, read_weights(directory, hashes, device)
     if base["kind"] == "vortex":
         from evo2_cli.model.vortex import load_vortex
 
-        config = load_model_config(directory / CONFIG_FILE)
+        config = load_model_config(Path(directory) / CONFIG_FILE)
         tensors = load_vortex(config, located, clamp_poles=base.get("clamp_poles")).state_dict()
     else:
         tensors = read_checkpoint_tensors(located, None, verify, device)
@@ -622,12 +598,17 @@ def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
 # ---------------------------------------------------------------- load
 
 
-def load_checkpoint_config(path: str | Path, verify: bool = True) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (its config.yaml `model:` section), verified against
-    meta.json unless `verify` is False."""
-    directory = resolve_checkpoint(path, vortex=False)
-    check_file(directory / CONFIG_FILE, recorded_hashes(directory, verify))
-    return load_model_config(directory / CONFIG_FILE)
+def load_checkpoint_config(
+    path: str | Path, verify: bool = True, vortex_config: str | Path | None = None
+) -> ModelConfig | None:
+    """The ModelConfig of any source `resolve_checkpoint` accepts, read without the weights: our config.yaml's
+    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's
+    `vortex_config` (None without one: the loader explains)."""
+    source = resolve_checkpoint(path)
+    if source.is_file():
+        return None if vortex_config is None else load_model_config(vortex_config)
+    check_file(source / CONFIG_FILE, recorded_hashes(source, verify))
+    return load_model_config(source / CONFIG_FILE)
 
 
 def load_model(
@@ -639,9 +620,7 @@ def load_model(
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
     `verify` is False, strict keys, shapes, finite values)."""
     directory = resolve_checkpoint(path, vortex=False)
-    hashes = recorded_hashes(directory, verify)
-    check_file(directory / CONFIG_FILE, hashes)
-    config = load_model_config(directory / CONFIG_FILE)
+    config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
     expected = expected_shapes(config)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
@@ -681,13 +660,3 @@ def load_source(
     if clamp_poles is not None:  # a checkpoint of ours loads as saved; it would be silently ignored
         raise CheckpointError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
     return load_model(source, verify=verify)
-
-
-def source_config(path: str | Path, vortex_config: str | Path | None = None) -> ModelConfig | None:
-    """The ModelConfig `load_source(path, vortex_config)` would build, read without the weights, so options
-    that depend on the model's shape are checked before a long load; None for a Vortex .pt without its
-    config (the loader explains)."""
-    source = resolve_checkpoint(path)
-    if source.is_file():
-        return None if vortex_config is None else load_model_config(vortex_config)
-    return load_checkpoint_config(source)

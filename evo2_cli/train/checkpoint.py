@@ -171,7 +171,9 @@ class RunDirectory:
         try:
             # Killed runs (kill -9) leave half-written checkpoints and an old run moved aside by --overwrite;
             # the lock says none of them belongs to a live run of this directory.
-            remove_stale_temporaries(self.path.parent, self.path.name, complete=has_checkpoint, say=self.say)
+            remove_stale_temporaries(
+                self.path.parent, self.path.name, complete=lambda path: bool(step_dirs(path)), say=self.say
+            )
             for directory in (self.path, self.path / CHECKPOINTS):
                 remove_stale_temporaries(directory, say=self.say)
         except BaseException:
@@ -282,10 +284,6 @@ class RunDirectory:
                 f"put back the previous run in {self.path}: the new one stopped before its first checkpoint"
             )
         self.aside, self.created, self.was_empty = None, False, False
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return bool(step_dirs(run_dir))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -46,13 +46,11 @@ class Runtime:
 def torchrun_value(name: str, default: int) -> int:
     """The integer torchrun set in environment variable `name` (`default` without torchrun); InputError
     naming the variable when it holds something else."""
-    text = os.environ.get(name)
+    text = os.environ.get(name, str(default))
     try:
-        return default if text is None else int(text)
+        return int(text)
     except ValueError:
-        raise InputError(
-            f"environment variable {name}={text!r} is not an integer; unset it, or let torchrun set it"
-        ) from None
+        raise InputError(f"environment variable {name}={text!r} is not an integer; unset it") from None
 
 
 def torchrun_rank() -> tuple[int, int]:
