@@ -21,13 +21,16 @@ def load_inference_model(
     clamp_poles: float | None = None,
     verify: bool = True,
 ) -> StripedHyena:
-    """The model at `path` (`load_source`) on `device` in `dtype` (hyena filter parameters stay fp32), in
-    eval mode, gradients off. A checkpoint whose tensors do not match its config is an InputError (exit 2)
-    naming the key, and so is one whose files do not match the sha256 in its meta.json, unless `verify` is
-    False (--no-verify)."""
+    """The model at `path` (`load_source`: checked, verified unless `verify` is False) on `device` in `dtype`
+    (hyena filter parameters stay fp32), in eval mode, gradients off."""
     device = choose_device(device) if isinstance(device, str) else device
     dtype = precision_dtype(dtype, "infer", device) if isinstance(dtype, str) else dtype
     model = load_source(path, vortex_config, hcl_form=hcl_form, clamp_poles=clamp_poles, verify=verify)
+    return prepare_for_inference(model, device, dtype)
+
+
+def prepare_for_inference(model: StripedHyena, device: torch.device, dtype: torch.dtype) -> StripedHyena:
+    """`model` on `device` in `dtype` except its hyena filter parameters, in eval mode, gradients off."""
     model = model.to(device=device)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

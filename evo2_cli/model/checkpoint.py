@@ -427,10 +427,9 @@ def base_reference(
 
 
 def check_base(directory: str | Path, verify: bool = True) -> tuple[dict[str, Any], Path] | None:
-    """For a checkpoint of trained tensors only: its meta.json `base` and where that base is now (its
-    absolute path, else its path as given, relative to the working directory), checked against the
-    recorded sha256 unless `verify` is False. None for a checkpoint that holds all its tensors. A malformed
-    `base`, a base gone or changed is a CheckpointError naming the file, the key or the fix."""
+    """For a checkpoint of trained tensors only: its meta.json `base` (keys checked) and where that base is
+    now (its absolute path, else its path as given), checked against the recorded sha256 unless `verify` is
+    False; None for a checkpoint that holds all its tensors."""
     directory = Path(directory)
     meta, base = directory / META_FILE, read_meta(directory).get(BASE)
     if base is None:
@@ -571,8 +570,7 @@ def resolve_checkpoint(path: str | Path, vortex: bool = True) -> Path:
 
 
 def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
-    """`directory`, or, when it holds no weights but a `latest` pointer, the directory that names; a pointer
-    that loops or names no directory is a CheckpointError."""
+    """`directory`, or the directory its `latest` pointer names when it holds no weights (no loops)."""
     latest = directory / LATEST
     if (directory / WEIGHTS_FILE).exists() or not os.path.lexists(latest):
         return directory
@@ -589,9 +587,7 @@ def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
     seen = seen | {os.path.realpath(directory)}
     if os.path.realpath(target) in seen or not target.is_dir():
         problem = "loops back to a directory it came from" if target.is_dir() else "names no directory"
-        raise CheckpointError(
-            f"{latest}: the pointer {problem} ({target}); point it at a checkpoint directory"
-        )
+        raise CheckpointError(f"{latest}: the pointer {problem} ({target}); point it at a checkpoint")
     return _follow_latest(target, seen)
 
 
