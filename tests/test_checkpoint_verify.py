@@ -201,3 +201,35 @@ def test_a_meta_json_that_is_not_an_object_is_refused_even_without_verification(
     (tmp_path / "meta.json").write_text("[]")
     with pytest.raises(InputError, match=r"meta\.json: not a JSON object"):
         verify_checkpoint(tmp_path, verify=False)
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda base: "step_00000010", "base"),
+        (lambda base: {k: v for k, v in base.items() if k != "sha256"}, "base.sha256"),
+        (lambda base: {**base, "sha256": ["not", "a", "mapping"]}, "base.sha256"),
+        (lambda base: {**base, "kind": "other"}, "base.kind"),
+        (lambda base: {**base, "path": 7}, "base.path"),
+        (lambda base: {**base, "lora_scaling": "2"}, "base.lora_scaling"),
+    ],
+)
+def test_a_malformed_base_in_meta_json_exits_2_naming_the_key(tmp_path, change, key):
+    """Once a traceback (AttributeError, KeyError, TypeError) from every reader of the checkpoint."""
+    import torch
+
+    from evo2_cli.model import StripedHyena, preset_config
+    from evo2_cli.model.checkpoint import base_reference, save_model, write_model_files
+
+    torch.manual_seed(0)
+    model = StripedHyena(preset_config("test"))
+    save_model(model, tmp_path / "base")
+    (tmp_path / "ck").mkdir()
+    base = base_reference(tmp_path / "base")
+    write_model_files(model, tmp_path / "ck", trained={"norm.scale"}, base=base)
+    meta_path = tmp_path / "ck" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "base": change(meta["base"])}))
+    code, out = invoke("convert", "to-vortex", tmp_path / "ck", "-o", tmp_path / "out.pt")
+    assert code == 2, out
+    assert said(out, f"{meta_path}: key '{key}' is missing or malformed")

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.fsio import DiskFullError, atomic_output_dir, atomic_path, directory_kind, full_disk_errno
-from evo2_cli.train.checkpoint import step_dirs, verify_checkpoint
+from evo2_cli.model.checkpoint import step_dirs
+from evo2_cli.train.checkpoint import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "yersinia_pestis_pPCP1_NC_005816.fa"

@@ -21,7 +21,7 @@ from evo2_cli.infer import context as context_module
 from evo2_cli.infer.context import Context
 from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
-from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
+from evo2_cli.infer.loading import load_inference_model
 from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
 from evo2_cli.infer.scoring import Score, score_reference, score_sequences
@@ -29,6 +29,7 @@ from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
 from evo2_cli.model import StripedHyena, load_vortex, preset_config, save_model
+from evo2_cli.model.checkpoint import resolve_checkpoint
 
 CONFIG = VORTEX_TINY / "tiny_config.yml"
 WEIGHTS = VORTEX_TINY / "state_dict_checkpoint_layout.pt"

@@ -304,6 +304,21 @@ def test_convert_both_ways(tmp_path):
     assert read_vortex_checkpoint(back)["embedding_layer.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("float16", torch.float16)])
+def test_convert_takes_the_precision_names_infer_takes(tmp_path, model, name, dtype):
+    """`evo2 infer --dtype` took fp16 and float16, `evo2 convert --dtype` refused them."""
+    save_model(model, tmp_path / "ck")
+    out = tmp_path / "out.pt"
+    convert = ["convert", "to-vortex", str(tmp_path / "ck"), "-o", str(out), "--overwrite", "--dtype"]
+    result = runner.invoke(app, [*convert, name])
+    assert result.exit_code == 0, result.output
+    written = read_vortex_checkpoint(out)
+    assert written["embedding_layer.weight"].dtype == dtype
+    assert all(v.dtype == torch.float32 for k, v in written.items() if k.endswith("log_poles"))
+    result = runner.invoke(app, [*convert, "auto"])  # no device to choose by
+    assert result.exit_code == 2 and "--dtype: expected fp32," in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     "write, words",
     [
@@ -374,3 +389,30 @@ def test_convert_bad_input_exits_2(tmp_path):
     blocked.write_text("")
     result = runner.invoke(app, ["convert", "to-vortex", str(tmp_path / "o"), "--out", str(blocked / "x.pt")])
     assert result.exit_code == 2 and "cannot write there" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "point, problem",
+    [
+        (lambda latest: latest.symlink_to("."), "loops back"),
+        (lambda latest: latest.write_text(".\n"), "loops back"),
+        (lambda latest: latest.symlink_to("step_gone"), "names no directory"),
+        (lambda latest: latest.write_text("step_gone\n"), "names no directory"),
+    ],
+)
+def test_a_latest_pointer_that_loops_or_dangles_is_refused(tmp_path, model, point, problem):
+    """Once a RecursionError traceback (a loop) or an error that did not name the pointer (dangling)."""
+    point(tmp_path / "latest")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'latest'}: the pointer {problem}")
+
+
+def test_a_looping_latest_pointer_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    (tmp_path / "latest").symlink_to(".")
+    result = CliRunner().invoke(app, ["convert", "to-vortex", str(tmp_path), "-o", str(tmp_path / "out.pt")])
+    assert result.exit_code == 2 and "the pointer loops back" in " ".join(result.output.split())

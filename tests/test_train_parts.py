@@ -16,16 +16,9 @@ from evo2_cli.data.alphabet import EOD_ID, reverse_complement
 from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.model import StripedHyena, load_model, preset_config
-from evo2_cli.model.checkpoint import write_model_files
-from evo2_cli.train.checkpoint import (
-    RunDirectory,
-    latest_checkpoint,
-    restore_rng_state,
-    rng_state,
-    step_dirs,
-    verify_checkpoint,
-    write_checkpoint,
-)
+from evo2_cli.model.checkpoint import latest_checkpoint, step_dirs, write_model_files
+from evo2_cli.runtime import restore_rng_state, rng_state
+from evo2_cli.train.checkpoint import RunDirectory, verify_checkpoint, write_checkpoint
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
 from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses
 from evo2_cli.train.distributed import Runtime
@@ -527,3 +520,21 @@ def test_truncate_metrics_drops_a_half_written_last_line(tmp_path):
     )
     truncate_metrics(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+
+
+@pytest.mark.parametrize("name", ["RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"])
+def test_a_non_integer_torchrun_variable_exits_2_naming_it(tmp_path, monkeypatch, name):
+    """Once a ValueError traceback from int()."""
+    from conftest import random_dataset
+    from typer.testing import CliRunner
+
+    from evo2_cli.cli import app
+
+    prefix = random_dataset(tmp_path / "toy", 0, {"train": 400, "val": 200})
+    monkeypatch.setenv(name, "two")
+    args = ["train", "--set=model.preset=test", f"--set=data.datasets=[{{path: {prefix}}}]"]
+    args += ["--set=data.seq_len=32", "--set=optim.global_batch=2", "--set=train.micro_batch=2"]
+    args += ["--set=train.max_steps=1", f"--set=train.run_dir={tmp_path / 'run'}", "--device=cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"environment variable {name}='two' is not an integer" in " ".join(result.output.split())

@@ -15,22 +15,8 @@ app = typer.Typer(
 )
 
 DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="Tensor dtype of the written weights: fp32 or bf16 (poles stay fp32).")
+    str, typer.Option("--dtype", help="Dtype of the written weights: fp32, bf16 or fp16 (poles stay fp32).")
 ]
-
-
-def _dtype(name: str):
-    import torch
-
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-    }
-    if name not in table:
-        raise InputError(f"--dtype: expected fp32 or bf16, got {name!r}")
-    return table[name]
 
 
 def check_vortex_outputs(weights: Path, config: Path, overwrite: bool) -> None:
@@ -67,14 +53,14 @@ def to_vortex(
     """Export a checkpoint to an Evo 2 / Vortex .pt and a release-style config YAML.
 
     Modal hcl poles are written as lambda = -exp(p) * exp(gamma)."""
-    from evo2_cli.infer.loading import resolve_checkpoint
     from evo2_cli.model.checkpoint import load_model
     from evo2_cli.model.vortex import export_vortex
+    from evo2_cli.runtime import precision_dtype
 
     config_out = config_out or out.with_suffix(".yml")
     check_vortex_outputs(out, config_out, overwrite)
-    torch_dtype = _dtype(dtype)
-    model = load_model(resolve_checkpoint(checkpoint), verify=not no_verify)
+    torch_dtype = precision_dtype(dtype, "convert")
+    model = load_model(checkpoint, verify=not no_verify)
     export_vortex(model, out, config_out, dtype=torch_dtype)
     console.print(f"[green]wrote[/] {out} and {config_out} ({model.num_parameters():,} parameters)")
 

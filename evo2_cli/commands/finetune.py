@@ -108,17 +108,18 @@ def merge(
             "--vortex", help="Also export a Vortex .pt (and a release YAML beside it).", dir_okay=False
         ),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Vortex export dtype: fp32, bf16 or fp16.")] = "fp32",
     overwrite: OverwriteOption = False,
     no_verify: NoVerifyOption = False,
 ) -> None:
     """Fold LoRA adapters into the weights: a plain checkpoint for infer, convert and the official engine."""
-    from evo2_cli.commands.convert import _dtype, check_vortex_outputs
+    from evo2_cli.commands.convert import check_vortex_outputs
     from evo2_cli.finetune.run import merge as run_merge
     from evo2_cli.fsio import check_replaceable
     from evo2_cli.model.checkpoint import CHECKPOINT_DIR
+    from evo2_cli.runtime import precision_dtype
 
-    torch_dtype = _dtype(dtype)
+    torch_dtype = precision_dtype(dtype, "convert")
     check_replaceable(out, CHECKPOINT_DIR, overwrite)  # before loading; save_model checks again as it writes
     if vortex is not None:
         check_vortex_outputs(vortex, vortex.with_suffix(".yml"), overwrite)

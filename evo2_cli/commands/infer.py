@@ -111,13 +111,11 @@ def _subcommand(name: str, *keys: str) -> Callable:
 
 
 def _model(job: InferJob):
-    import torch
-
     from evo2_cli.infer.loading import load_inference_model
+    from evo2_cli.runtime import set_threads
 
     source, runtime, path = job.checkpoint, job.runtime, job.checkpoint.path
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+    set_threads(runtime.threads)
     model = load_inference_model(
         path,
         source.vortex_config,
@@ -342,7 +340,6 @@ def embed(job: InferJob, overwrite: bool) -> None:
         resolve_layer,
         resolve_layer_in_config,
     )
-    from evo2_cli.infer.loading import load_inference_config
     from evo2_cli.infer.outputs import (
         check_embeddings_output,
         embeddings_file,
@@ -350,11 +347,12 @@ def embed(job: InferJob, overwrite: bool) -> None:
         write_embeddings_index,
     )
     from evo2_cli.infer.sequences import read_sequences
+    from evo2_cli.model.checkpoint import load_checkpoint_config
 
     options, output, context = job.embed, job.embed.output, job.context
     model_path, layer, pooling = job.checkpoint.path, job.embed.layer, job.embed.pooling
     check_embeddings_output(output, overwrite)
-    config = load_inference_config(model_path, job.checkpoint.vortex_config)
+    config = load_checkpoint_config(model_path, vortex_config=job.checkpoint.vortex_config)
     if config is not None:
         resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(options.fasta))

@@ -22,7 +22,8 @@ import torch
 from evo2_cli.config import read_yaml
 from evo2_cli.diagnose.detect import Flag, SeriesDetector
 from evo2_cli.errors import InputError
-from evo2_cli.train.checkpoint import CONFIG, METRICS, step_dirs
+from evo2_cli.model.checkpoint import CONFIG_FILE, step_dirs
+from evo2_cli.train.checkpoint import METRICS
 from evo2_cli.train.config import GuardSection
 from evo2_cli.train.origin import HclStats, hcl_stats
 
@@ -134,7 +135,7 @@ def find_spikes(steps: list[LoggedStep], settings: GuardSection) -> list[Spike]:
 
 def run_seq_len(run_dir: Path) -> int:
     """data.seq_len of the run's config.yaml (the length the hcl filters were used at)."""
-    path = run_dir / CONFIG
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InputError(f"{path}: missing; is {run_dir} an `evo2 train` run directory?")
     raw, _ = read_yaml(path)

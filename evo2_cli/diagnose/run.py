@@ -30,8 +30,10 @@ from evo2_cli.diagnose.record import Recorder, StepRecord
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
+from evo2_cli.runtime import DTYPES, choose_device
+from evo2_cli.runtime import autocast as autocast_to
 from evo2_cli.train.data import WindowSampler, split_windows
-from evo2_cli.train.distributed import Runtime, choose_device
+from evo2_cli.train.distributed import Runtime
 from evo2_cli.train.optim import build_optimizer, learning_rate
 from evo2_cli.train.origin import ParamInfo, SiteInfo, hcl_stats
 from evo2_cli.train.step import LanguageModel, StepInfo, TrainHooks, TrainStep
@@ -98,10 +100,10 @@ def starting_model(job: DiagnoseJob, verify: bool = True) -> tuple[StripedHyena,
     checked against its sha256 unless `verify` is False)."""
     d = job.diagnose
     if d.checkpoint is not None:
-        from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
+        from evo2_cli.model.checkpoint import load_source, resolve_checkpoint
 
         # A Vortex .pt keeps its free poles as they are; each variant then converts to its own form.
-        model = load_inference_model(d.checkpoint, d.vortex_config, hcl_form="vortex", verify=verify)
+        model = load_source(d.checkpoint, d.vortex_config, hcl_form="vortex", verify=verify)
         model.requires_grad_(True)
         source = str(resolve_checkpoint(d.checkpoint))
         if d.slow_modes > model.config.state_size:
@@ -153,7 +155,7 @@ def run_variant(
     def after_step(info: StepInfo) -> None:
         seen["update"] = recorder.after_update()
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16")
+    autocast = autocast_to(device, DTYPES[variant.precision])
     optimizer, objective = build_optimizer(model, optim), LanguageModel(windows)
     parts = (model, optimizer, objective, Runtime(device), autocast, variant.grad_clip)  # 1 process, no guard
     take_step = TrainStep(*parts, hooks=TrainHooks(after_backward, after_step))
@@ -210,7 +212,7 @@ def run_diagnosis(
     """Every variant of `job`, one after the other, from the same weights and windows (`verify`: see
     `starting_model`)."""
     windows = split_windows(job.data, "train", job.diagnose.seed)  # dataset problems surface before training
-    device = choose_device(job.diagnose.device)
+    device = choose_device(job.diagnose.device, "diagnose.device")
     base, source = starting_model(job, verify)
     results = []
     for variant in job.variant_list(base.config.hcl_form):

@@ -8,8 +8,8 @@ state dict of an adapted model is the base model's state dict plus `<layer>.lora
 
 so an adapted model computes exactly what its base computes until B moves. `merge_lora` replaces each
 `LoRALinear` by a plain `nn.Linear` holding W + (alpha / rank) B A (computed in fp32), which gives back a
-plain StripedHyena for save_model / export_vortex; `fold_lora` does the same on a state dict (the base of an
-adapter-only checkpoint that itself holds adapters).
+plain StripedHyena for save_model / export_vortex (the arithmetic is the model package's `folded_weight`,
+which also folds the adapters of a checkpoint's base when it is read back).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import LORA_ALIASES, LORA_TARGETS, LoraSection
-from evo2_cli.finetune.freeze import is_adapter_parameter
+from evo2_cli.model.checkpoint import folded_weight
 
 
 class LoRALinear(nn.Module):
@@ -59,23 +59,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
-
-
-def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """W + scaling B A, computed in fp32, in W's dtype."""
-    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
-
-
-def fold_lora(tensors: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """A state dict with adapters -> the plain one `merge_lora` gives: each `<layer>.lora_A` / `lora_B`
-    pair folded into `<layer>.weight` and dropped."""
-    folded = {k: v for k, v in tensors.items() if not is_adapter_parameter(k)}
-    for key in tensors:
-        if key.endswith(".lora_A"):
-            layer = key.removesuffix(".lora_A")
-            weight, lora_B = tensors[f"{layer}.weight"], tensors[f"{layer}.lora_B"]
-            folded[f"{layer}.weight"] = folded_weight(weight, tensors[key], lora_B, scaling)
-    return folded
 
 
 def _targets(model: nn.Module, leaves: tuple[str, ...]) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -124,7 +107,3 @@ def merge_lora(model: nn.Module) -> int:
                 setattr(parent, attribute, child.merged())
                 merged += 1
     return merged
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, LoRALinear) for module in model.modules())

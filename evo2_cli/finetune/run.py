@@ -43,7 +43,7 @@ from evo2_cli.model.checkpoint import (
     load_model,
     read_checkpoint_tensors,
     recorded_hashes,
-    resolve_checkpoint_dir,
+    resolve_checkpoint,
     save_model,
     write_model_files,
 )
@@ -118,9 +118,7 @@ def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoin
 def checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory, its `latest` pointer or `model.safetensors`, or a run directory (its latest
     complete checkpoint) -> the checkpoint directory (the inference package's resolution)."""
-    from evo2_cli.infer.loading import resolve_checkpoint
-
-    return resolve_checkpoint_dir(resolve_checkpoint(Path(path)))
+    return resolve_checkpoint(path, vortex=False)
 
 
 def _sibling_config(weights: Path) -> Path:
@@ -198,14 +196,15 @@ def prepare(
 ) -> Prepared:
     """Resolve, estimate (on a fake-tensor model), refuse when it does not fit, then load and adapt
     (`verify`: check a checkpoint of ours against its sha256)."""
-    from evo2_cli.train.distributed import choose_device, torchrun_rank
+    from evo2_cli.runtime import choose_device
+    from evo2_cli.train.distributed import torchrun_rank
 
     rank, processes = torchrun_rank()
     say = console.print if console is not None and rank == 0 else (lambda *a, **k: None)
     start = resolve_start(job.finetune, verify)
     config = model_config_for(job, start)
     job = dataclasses.replace(job, model=config)
-    device = choose_device(job.train.device)
+    device = choose_device(job.train.device, "train.device")
     low_precision = _low_precision(job, device)
     with fake_mode():
         skeleton, _ = adapt(StripedHyena(config), job, low_precision, outputs)

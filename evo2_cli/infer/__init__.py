@@ -4,13 +4,9 @@ Owns the infer config (config.py, no torch: `InferJob`, sections checkpoint, run
 score, embed, variants), loading a model for inference, long records through the model (exact chunked
 prefill or windows), sampling, and the output files. Public API (commands/infer.py is a thin layer over it):
 
-Loading (evo2_cli.infer.loading)
+Loading (evo2_cli.infer.loading; what a path means is model.checkpoint's `resolve_checkpoint`)
     load_inference_model(path, vortex_config=None, device='cpu', dtype='fp32', hcl_form=None,
-                         clamp_poles=None) -> StripedHyena (eval, no grad)
-                                    THE way to get a model from what a user pointed at: our checkpoint
-                                    directory, a `latest` pointer, a training run directory (its latest
-                                    checkpoint) or a Vortex .pt with its config YAML. Finetune reuses it.
-    resolve_checkpoint(path), resolve_device(name), resolve_dtype(name, device)
+                         clamp_poles=None) -> StripedHyena (eval, no grad) on the device and dtype
     prepare_for_inference(model, device, dtype)  a built model cast and placed as load_inference_model does
 Inputs (evo2_cli.infer.sequences)
     encode_dna(text, where, policy='error'|'n') -> uint8 tokens, upper-cased

@@ -1,4 +1,6 @@
 """The StripedHyena 2 (Evo 2) model package shared by train, finetune, infer, convert and diagnose-grads.
+It owns the model, its configs, the checkpoint files (their names, layout inside a run directory, sha256
+verification) and the one resolver of "which checkpoint does this path mean" (`load_source` loads any).
 
 Public API (names are stable):
 
@@ -39,10 +41,12 @@ Vortex / Evo 2 checkpoints (evo2_cli.model.vortex)
     export_vortex(model, checkpoint_path, config_path)     writes the .pt and a release-style YAML atomically
 
 Our checkpoint directory (evo2_cli.model.checkpoint)
-    save_model(model, directory, extra_config=None, meta=None)
+    save_model(model, directory, config=None, meta=None)
                                     model.safetensors + config.yaml (`model:` section) + meta.json
-    load_model(directory, map_location='cpu', dtype=None, verify=True) -> StripedHyena
-    load_checkpoint_config(directory, verify=True) -> ModelConfig
+    resolve_checkpoint(path, vortex=True) -> Path   the checkpoint dir (or Vortex .pt) any source means
+    load_model(path, map_location='cpu', dtype=None, verify=True) -> StripedHyena
+    load_source(path, vortex_config=None, hcl_form=None, clamp_poles=None, verify=True) -> StripedHyena
+    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig (None: a .pt, no config)
                                     verify: the files' sha256 against meta.json (False: --no-verify)
 """
 

@@ -15,8 +15,7 @@ checking the base against those sha256 (`check_base`).
 
 The training loop may add files (optimizer state, RNG state): `write_model_files` writes the three files
 into a directory the caller manages (for example an `atomic_output_dir`), `save_model` writes a whole
-directory atomically. `load_model` also follows a `latest` pointer (a symlink, or a file naming a
-directory).
+directory atomically. `resolve_checkpoint` says which checkpoint a path means; `load_source` loads any.
 
 Every reader verifies what it reads against the sha256 in meta.json (`recorded_hashes`, `verified_read`,
 `check_file`): a mismatch, or a checkpoint without hashes, is refused unless the caller passes
@@ -30,6 +29,7 @@ Tensors are read with safetensors or `torch.load(weights_only=True)` only (`load
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from evo2_cli.config import to_dict
+from evo2_cli.config import to_dict, to_yaml
 from evo2_cli.errors import InputError
 from evo2_cli.fsio import (
     atomic_output_dir,
@@ -65,6 +65,11 @@ CHECKPOINT_DIR = directory_kind(
 )
 NO_VERIFY_HINT = "pass --no-verify only if you changed the files on purpose"
 BASE = "base"  # meta.json: the checkpoint holds only the trained tensors; the others come from this base
+# A training run directory: RUN_DIR/checkpoints/step_00000100/ (one checkpoint per save), and the pointers
+# checkpoints/latest and checkpoints/best (symlinks to a step directory).
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+BEST = "best"
 
 T = TypeVar("T")
 
@@ -148,8 +153,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _config_yaml(model: StripedHyena, config: Any | None) -> str:
-    from evo2_cli.config import to_yaml
-
     sections = dict(to_dict(config)) if config is not None else {}
     sections["model"] = to_dict(model.config)
     return to_yaml(sections)
@@ -225,14 +228,7 @@ def recorded_hashes(directory: str | Path, verify: bool = True) -> dict[str, str
     be told from a good one."""
     if not verify:
         return None
-    meta_path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        meta = {}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable ({exc}); {NO_VERIFY_HINT}") from None
-    files = meta.get("files") if isinstance(meta, dict) else None
+    files = read_meta(directory).get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(
             f"{directory}: no sha256 of the checkpoint's files in {META_FILE}, so a corrupted file cannot "
@@ -366,6 +362,23 @@ def load_weights_into(
 # ---------------------------------------------------------------- checkpoints of trained tensors only
 
 
+def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """A LoRA layer's weight with its adapters folded in: W + scaling B A, computed in fp32, in W's dtype."""
+    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def fold_lora(tensors: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A state dict with LoRA adapters -> the plain one: each `<layer>.lora_A` / `lora_B` pair folded into
+    `<layer>.weight` and dropped (what finetune's `merge_lora` does to a model)."""
+    folded = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            layer = key.removesuffix(".lora_A")
+            weight, lora_B = tensors[f"{layer}.weight"], tensors[f"{layer}.lora_B"]
+            folded[f"{layer}.weight"] = folded_weight(weight, tensors[key], lora_B, scaling)
+    return folded
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """DIRECTORY/meta.json as a dict ({} when there is none); CheckpointError when unreadable."""
     path = Path(directory) / META_FILE
@@ -413,43 +426,52 @@ def base_reference(
     return reference
 
 
-def _locate_base(owner: Path, base: Mapping[str, Any]) -> Path:
-    """Where the base of checkpoint `owner` is now: its absolute path, else its path as given (relative to
-    the working directory); CheckpointError naming it and the fix when it is in neither."""
-    for candidate in (base.get("absolute"), base.get("path")):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    raise CheckpointError(
-        f"{owner}: holds only the trained tensors, and its base {base.get('path')} is gone (not at "
-        f'{base.get("absolute")}); put the base back there, or write its new location as "absolute" under '
-        f'"{BASE}" in {owner / META_FILE} (its sha256 is still checked)'
+def check_base(directory: str | Path, verify: bool = True) -> tuple[dict[str, Any], Path] | None:
+    """For a checkpoint of trained tensors only: its meta.json `base` (keys checked) and where that base is
+    now (its absolute path, else its path as given), checked against the recorded sha256 unless `verify` is
+    False; None for a checkpoint that holds all its tensors."""
+    directory = Path(directory)
+    meta, base = directory / META_FILE, read_meta(directory).get(BASE)
+    if base is None:
+        return None
+    number = (int, float, type(None))
+    valid = {
+        "kind": lambda v: v in ("checkpoint", "vortex"),
+        "path": lambda v: isinstance(v, str),
+        "absolute": lambda v: isinstance(v, (str, type(None))),
+        "sha256": lambda v: isinstance(v, dict) and v and all(isinstance(h, str) for h in v.values()),
+        "clamp_poles": lambda v: isinstance(v, number),
+        "lora_scaling": lambda v: isinstance(v, number),
+    }
+    bad = (
+        [f"{BASE}.{k}" for k, ok in valid.items() if not ok(base.get(k))]
+        if isinstance(base, dict)
+        else [BASE]
     )
-
-
-def _check_base_files(owner: Path, base: Mapping[str, Any], located: Path) -> None:
-    for name, expected in base["sha256"].items():
+    if bad:
+        raise CheckpointError(f"{meta}: key '{bad[0]}' is missing or malformed; restore it from a copy")
+    located = next((Path(p) for p in (base.get("absolute"), base["path"]) if p and Path(p).exists()), None)
+    if located is None:
+        raise CheckpointError(
+            f"{directory}: holds only the trained tensors, and its base {base['path']} is gone (not at "
+            f'{base.get("absolute")}); put the base back there, or write its new location as "absolute" '
+            f'under "{BASE}" in {meta} (its sha256 is still checked)'
+        )
+    for name, expected in base["sha256"].items() if verify else ():
         path = located if base["kind"] == "vortex" else located / name
         try:
             found = sha256_file(path)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read the base of {owner}: {exc.strerror or exc}") from None
+            raise CheckpointError(
+                f"{path}: cannot read the base of {directory}: {exc.strerror or exc}"
+            ) from None
         if found != expected:
             raise CheckpointError(
-                f"{path}: the base of {owner} changed since that checkpoint was written (its sha256 is "
-                f"{found}, {owner / META_FILE} records {expected}); the checkpoint holds only the trained "
+                f"{path}: the base of {directory} changed since that checkpoint was written (its sha256 is "
+                f"{found}, {meta} records {expected}); the checkpoint holds only the trained "
                 f"tensors, which need that exact base: restore it; {NO_VERIFY_HINT}"
             )
-
-
-def check_base(directory: str | Path, verify: bool = True) -> None:
-    """For a checkpoint of trained tensors only: its base is where meta.json says, with the recorded sha256
-    (`verify` False: only that it is there). Nothing for a checkpoint that holds all its tensors."""
-    directory = Path(directory)
-    base = read_meta(directory).get(BASE)
-    if base is not None:
-        located = _locate_base(directory, base)
-        if verify:
-            _check_base_files(directory, base, located)
+    return base, located
 
 
 def read_checkpoint_tensors(
@@ -462,24 +484,18 @@ def read_checkpoint_tensors(
     """Every tensor of checkpoint `directory`: `read_weights`, and for a checkpoint of trained tensors only,
     its base's tensors beneath them (the base checked against the recorded sha256 unless `verify` is
     False; a base that is such a checkpoint itself is rebuilt the same way). `check` sees the whole set."""
-    directory = Path(directory)
-    base = read_meta(directory).get(BASE)
-    if base is None:
+    found = check_base(directory, verify)
+    if found is None:
         return read_weights(directory, hashes, device, check=check)
-    trained = read_weights(directory, hashes, device)
-    located = _locate_base(directory, base)
-    if verify:
-        _check_base_files(directory, base, located)
+    (base, located), trained = found, read_weights(directory, hashes, device)
     if base["kind"] == "vortex":
         from evo2_cli.model.vortex import load_vortex
 
-        config = load_model_config(directory / CONFIG_FILE)
+        config = load_model_config(Path(directory) / CONFIG_FILE)
         tensors = load_vortex(config, located, clamp_poles=base.get("clamp_poles")).state_dict()
     else:
         tensors = read_checkpoint_tensors(located, None, verify, device)
     if base.get("lora_scaling") is not None:
-        from evo2_cli.finetune.lora import fold_lora  # the finetune package's arithmetic, one home
-
         tensors = fold_lora(tensors, base["lora_scaling"])
     tensors = {k: v.to(device) for k, v in tensors.items()} | trained
     if check is not None:
@@ -487,45 +503,108 @@ def read_checkpoint_tensors(
     return tensors
 
 
-# ---------------------------------------------------------------- load
+# ---------------------------------------------------------------- which checkpoint a path means
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory for `path`: the directory itself, its `latest` pointer, or the parent of a
-    `model.safetensors` file."""
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a training run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step directory `checkpoints/latest` points to (under run_dir as given), else the newest complete
+    one; None before the first checkpoint."""
+    link = Path(run_dir) / CHECKPOINTS / LATEST
+    if link.is_dir() and (link / META_FILE).is_file():
+        return link.parent / os.readlink(link)
+    complete = step_dirs(run_dir)
+    return complete[-1] if complete else None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step directory `checkpoints/best` points to (under run_dir as given), or None before any eval."""
+    link = Path(run_dir) / CHECKPOINTS / BEST
+    return link.parent / os.readlink(link) if link.is_symlink() else None
+
+
+def resolve_checkpoint(path: str | Path, vortex: bool = True) -> Path:
+    """What `path` means (first match wins): a Vortex `.pt` (returned as given; refused unless `vortex`), or
+    one of our checkpoint directories given as itself, as its model.safetensors, as a directory with a
+    `latest` pointer (a symlink, or a file naming a directory) or as a training run directory (its latest
+    complete checkpoint). CheckpointError when nothing loadable is there."""
     path = Path(path)
     if path.is_file() and path.name == WEIGHTS_FILE:
         return path.parent
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(
+            f"{path}: model not found (expected a checkpoint directory, a run directory or a .pt)"
+        )
+    if vortex and path.is_file() and path.suffix != ".safetensors":
+        return path
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: not a checkpoint directory (expected {WEIGHTS_FILE} and {CONFIG_FILE})"
         )
-    if not (path / WEIGHTS_FILE).exists() and (path / "latest").exists():
-        latest = path / "latest"
-        if latest.is_symlink():
-            return resolve_checkpoint_dir(latest.resolve())
-        try:
-            target = latest.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
+    if not (path / WEIGHTS_FILE).exists() and not os.path.lexists(path / LATEST):
+        if not (path / CHECKPOINTS).is_dir():
             raise CheckpointError(
-                f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): "
-                f"{exc}"
-            ) from None
-        return resolve_checkpoint_dir(path / target)
+                f"{path}: not a checkpoint directory ({WEIGHTS_FILE} is missing), a run directory "
+                f"({CHECKPOINTS}/) or a Vortex .pt file"
+            )
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: a training run directory without any complete checkpoint yet")
+        path = found
+    path = _follow_latest(path)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a checkpoint directory, {name} is missing")
     return path
 
 
-def load_checkpoint_config(path: str | Path, verify: bool = True) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (its config.yaml `model:` section), verified against
-    meta.json unless `verify` is False."""
-    directory = resolve_checkpoint_dir(path)
-    check_file(directory / CONFIG_FILE, recorded_hashes(directory, verify))
-    return load_model_config(directory / CONFIG_FILE)
+def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
+    """`directory`, or the directory its `latest` pointer names when it holds no weights (no loops)."""
+    latest = directory / LATEST
+    if (directory / WEIGHTS_FILE).exists() or not os.path.lexists(latest):
+        return directory
+    if latest.is_symlink():
+        target = Path(os.path.realpath(latest))
+    else:
+        try:
+            target = directory / latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{latest}: not a readable pointer (a symlink, or a file naming a checkpoint directory): "
+                f"{exc}"
+            ) from None
+    seen = seen | {os.path.realpath(directory)}
+    if os.path.realpath(target) in seen or not target.is_dir():
+        problem = "loops back to a directory it came from" if target.is_dir() else "names no directory"
+        raise CheckpointError(f"{latest}: the pointer {problem} ({target}); point it at a checkpoint")
+    return _follow_latest(target, seen)
+
+
+# ---------------------------------------------------------------- load
+
+
+def load_checkpoint_config(
+    path: str | Path, verify: bool = True, vortex_config: str | Path | None = None
+) -> ModelConfig | None:
+    """The ModelConfig of any source `resolve_checkpoint` accepts, read without the weights: our config.yaml's
+    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's
+    `vortex_config` (None without one: the loader explains)."""
+    source = resolve_checkpoint(path)
+    if source.is_file():
+        return None if vortex_config is None else load_model_config(vortex_config)
+    check_file(source / CONFIG_FILE, recorded_hashes(source, verify))
+    return load_model_config(source / CONFIG_FILE)
 
 
 def load_model(
@@ -536,10 +615,8 @@ def load_model(
 ) -> StripedHyena:
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
     `verify` is False, strict keys, shapes, finite values)."""
-    directory = resolve_checkpoint_dir(path)
-    hashes = recorded_hashes(directory, verify)
-    check_file(directory / CONFIG_FILE, hashes)
-    config = load_model_config(directory / CONFIG_FILE)
+    directory = resolve_checkpoint(path, vortex=False)
+    config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
     expected = expected_shapes(config)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
@@ -550,3 +627,32 @@ def load_model(
         check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
     )
     return build_model(config, tensors, dtype)
+
+
+def load_source(
+    path: str | Path,
+    vortex_config: str | Path | None = None,
+    *,
+    hcl_form: str | None = None,
+    clamp_poles: float | None = None,
+    verify: bool = True,
+) -> StripedHyena:
+    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config` is required for
+    a Vortex `.pt` and refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
+    apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`); `verify`: see `load_model`."""
+    source = resolve_checkpoint(path)
+    if source.is_file():
+        if vortex_config is None:
+            raise CheckpointError(
+                f"{source}: a Vortex-layout .pt needs its model config YAML: pass --vortex-config FILE"
+            )
+        from evo2_cli.model.vortex import load_vortex
+
+        return load_vortex(vortex_config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
+    if vortex_config is not None:
+        raise CheckpointError(
+            f"{source}: --vortex-config is only for Vortex .pt files; our checkpoints carry their config"
+        )
+    if clamp_poles is not None:  # a checkpoint of ours loads as saved; it would be silently ignored
+        raise CheckpointError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
+    return load_model(source, verify=verify)

@@ -1,4 +1,4 @@
-"""Run directories and training checkpoints.
+"""Run directories and training checkpoints (the names of the layout are the model package's, which reads it).
 
     RUN_DIR/config.yaml                 the resolved config of the run (its identity is checked on resume)
     RUN_DIR/metrics.jsonl               one JSON object per logged step and per evaluation
@@ -42,32 +42,25 @@ from evo2_cli.fsio import (
     temporary_sibling,
 )
 from evo2_cli.model.checkpoint import (
+    BEST,
     CHECKPOINT_DIR,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LATEST,
+    META_FILE,
     WEIGHTS_FILE,
     check_base,
     check_file,
+    latest_checkpoint,
     load_tensor_file,
     read_meta,
     recorded_hashes,
+    step_dirs,
+    step_name,
 )
 
 TRAIN_STATE = "train_state.pt"
-META = "meta.json"
-CONFIG = "config.yaml"  # in a run directory: the run's resolved config
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META).is_file())
 
 
 def _point(link: Path, target_name: str) -> None:
@@ -100,9 +93,9 @@ def write_checkpoint(
             with open(tmp / TRAIN_STATE, "wb") as handle:  # a handle: a full disk then raises an OSError
                 torch.save(train_state, handle)
             write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
-        _point(root / "latest", name)
+        _point(root / LATEST, name)
         if is_best:
-            _point(root / "best", name)
+            _point(root / BEST, name)
     except (OSError, DiskFullError) as exc:
         previous = step_dirs(run_dir)
         kept = (
@@ -115,7 +108,7 @@ def write_checkpoint(
 
 
 def _rotate(root: Path, keep_last: int) -> None:
-    best = root / "best"
+    best = root / BEST
     best_name = os.readlink(best) if best.is_symlink() else None
     complete = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in complete[:-keep_last]:
@@ -127,11 +120,11 @@ def verify_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
     """Check every file a resume reads against the sha256 in meta.json (the model package's verification;
     `verify=False`: only that they exist); returns the meta. InputError names what is wrong."""
     directory = Path(directory)
-    if not (directory / META).is_file():
-        raise InputError(f"{directory}: not a training checkpoint (no {META})")
+    if not (directory / META_FILE).is_file():
+        raise InputError(f"{directory}: not a training checkpoint (no {META_FILE})")
     meta = read_meta(directory)  # a JSON object, or CheckpointError (exit 2) naming the file
     hashes = recorded_hashes(directory, verify)
-    for name in dict.fromkeys([*(hashes or {}), WEIGHTS_FILE, CONFIG, TRAIN_STATE]):
+    for name in dict.fromkeys([*(hashes or {}), WEIGHTS_FILE, CONFIG_FILE, TRAIN_STATE]):
         path = directory / name
         if not path.is_file():
             raise InputError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
@@ -145,22 +138,10 @@ def read_train_state(directory: Path) -> dict[str, Any]:
     return load_tensor_file(Path(directory) / TRAIN_STATE)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    link = Path(run_dir) / CHECKPOINTS / "latest"
-    if link.is_dir() and (link / META).is_file():
-        return link.parent / os.readlink(link)  # the step directory, under run_dir as given
-    complete = step_dirs(run_dir)
-    return complete[-1] if complete else None
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The step directory `checkpoints/best` points to (under run_dir as given), or None before any eval."""
-    link = Path(run_dir) / CHECKPOINTS / "best"
-    return link.parent / os.readlink(link) if link.is_symlink() else None
-
-
 RUN_DIR = directory_kind(
-    "a training run directory", CONFIG, lambda directory: {CONFIG, METRICS, CHECKPOINTS, "tensorboard"}
+    "a training run directory",
+    CONFIG_FILE,
+    lambda directory: {CONFIG_FILE, METRICS, CHECKPOINTS, "tensorboard"},
 )
 
 
@@ -190,7 +171,9 @@ class RunDirectory:
         try:
             # Killed runs (kill -9) leave half-written checkpoints and an old run moved aside by --overwrite;
             # the lock says none of them belongs to a live run of this directory.
-            remove_stale_temporaries(self.path.parent, self.path.name, complete=has_checkpoint, say=self.say)
+            remove_stale_temporaries(
+                self.path.parent, self.path.name, complete=lambda path: bool(step_dirs(path)), say=self.say
+            )
             for directory in (self.path, self.path / CHECKPOINTS):
                 remove_stale_temporaries(directory, say=self.say)
         except BaseException:
@@ -226,7 +209,7 @@ class RunDirectory:
                 "left as it is: choose another train.run_dir"
             )
         try:
-            previous = load_config(type(job), self.path / CONFIG).identity()
+            previous = load_config(type(job), self.path / CONFIG_FILE).identity()
         except ConfigError as exc:
             raise InputError(
                 f"{self.path}: holds a run whose config no longer validates ({exc}); pass --overwrite to "
@@ -274,7 +257,7 @@ class RunDirectory:
                 self.created = True
             else:
                 self.was_empty = not any(self.path.iterdir())
-            atomic_write_text(self.path / CONFIG, job_yaml)
+            atomic_write_text(self.path / CONFIG_FILE, job_yaml)
         except OSError as exc:
             self._roll_back()
             raise InputError(f"{self.path}: cannot write the run directory: {exc.strerror or exc}") from None
@@ -303,10 +286,6 @@ class RunDirectory:
         self.aside, self.created, self.was_empty = None, False, False
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return bool(step_dirs(run_dir))
-
-
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
@@ -330,19 +309,3 @@ def _logged_step(line: str) -> float:
         return float(record["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The RNG states a resume restores: torch's CPU generator, and the CUDA generator of this process's
-    device when it trains on one (dropout on a GPU draws from that one)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng_state(saved: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Put back what `rng_state` saved; a checkpoint from a CPU run leaves a CUDA generator as seeded."""
-    torch.set_rng_state(saved["torch"])
-    if device.type == "cuda" and "cuda" in saved:
-        torch.cuda.set_rng_state(saved["cuda"], device)

@@ -1,4 +1,4 @@
-"""Processes and devices: one process (CPU or one GPU) or many under `torchrun` (DDP or FSDP2).
+"""Processes: one (CPU or one GPU) or many under `torchrun` (DDP or FSDP2), on evo2_cli/runtime.py's device.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the run is a single process and no process group
 is created. gloo on CPU, NCCL on CUDA. Rank 0 logs and writes; every rank holds the full data index, and the
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from evo2_cli.errors import Evo2Error, InputError
+from evo2_cli.runtime import choose_device, precision_dtype
 
 T = TypeVar("T")
 
@@ -42,26 +43,28 @@ class Runtime:
         return self.world_size > 1
 
 
-def choose_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA device is available; use --device cpu")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(requested)
+def torchrun_value(name: str, default: int) -> int:
+    """The integer torchrun set in environment variable `name` (`default` without torchrun); InputError
+    naming the variable when it holds something else."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"environment variable {name}={text!r} is not an integer; unset it") from None
 
 
 def torchrun_rank() -> tuple[int, int]:
     """(rank, world size) that torchrun gave this process; (0, 1) without torchrun. Readable before
     `start_runtime`, e.g. to estimate one process's share of the memory."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return torchrun_value("RANK", 0), torchrun_value("WORLD_SIZE", 1)
 
 
 def start_runtime(device: str, precision: str) -> Runtime:
     """Pick the device and precision; join the torchrun process group when launched by torchrun."""
     rank, world_size = torchrun_rank()
-    chosen = choose_device(device)
+    chosen = choose_device(device, "train.device")
     if chosen.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = torchrun_value("LOCAL_RANK", 0)
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
     if world_size > 1 and not dist.is_initialized():
@@ -70,8 +73,8 @@ def start_runtime(device: str, precision: str) -> Runtime:
         raise InputError(
             "train.precision=bf16 needs CUDA (bf16 matmuls are slower than fp32 on CPU); use fp32"
         )
-    bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
-    return Runtime(chosen, rank, world_size, torch.bfloat16 if bf16 else None)
+    dtype = precision_dtype(precision, "train", chosen, "train.precision")
+    return Runtime(chosen, rank, world_size, None if dtype == torch.float32 else dtype)
 
 
 def stop_runtime(runtime: Runtime) -> None:

@@ -44,20 +44,15 @@ from evo2_cli.model import StripedHyena, estimate_flops
 from evo2_cli.model.checkpoint import (
     BASE,
     all_finite,
+    best_checkpoint,
     load_weights_into,
     read_meta,
     read_weights,
 )
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
-from evo2_cli.train.checkpoint import (
-    RunDirectory,
-    best_checkpoint,
-    read_train_state,
-    restore_rng_state,
-    rng_state,
-    truncate_metrics,
-    write_checkpoint,
-)
+from evo2_cli.runtime import autocast as autocast_to
+from evo2_cli.runtime import restore_rng_state, rng_state
+from evo2_cli.train.checkpoint import RunDirectory, read_train_state, truncate_metrics, write_checkpoint
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.data import (
     dataset_changes,
@@ -187,11 +182,7 @@ def train(
             say("\n".join([head, *(line for line in details if line not in shown)]))
             shown.update(details)
 
-        autocast = torch.autocast(
-            runtime.device.type,
-            dtype=runtime.autocast_dtype or torch.float32,
-            enabled=runtime.autocast_dtype is not None,
-        )
+        autocast = autocast_to(runtime.device, runtime.autocast_dtype)
         log = MetricsLog(cfg.run_dir, cfg.tensorboard) if runtime.is_main else None
         if log is not None and cfg.tensorboard and log.writer is None:
             say("[yellow]tensorboard not installed; logging to metrics.jsonl only[/]")

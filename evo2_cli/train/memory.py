@@ -26,7 +26,6 @@ slack, CUDA context and kernels' workspaces (several hundred MiB on a GPU), and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ from evo2_cli.errors import InputError
 from evo2_cli.memory import GIB, available_memory, format_bytes
 from evo2_cli.model import StripedHyena
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.distributed import Runtime
+from evo2_cli.train.distributed import Runtime, torchrun_value
 
 
 @dataclass(frozen=True)
@@ -213,7 +212,7 @@ def check_memory(
     if limit_gb > 0:
         limit, where = int(limit_gb * GIB), f"train.memory_limit_gb={limit_gb:g}"
     else:
-        sharing = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        sharing = 1 if device.type == "cuda" else max(1, torchrun_value("LOCAL_WORLD_SIZE", 1))
         limit = available_memory(device) // sharing
         where = f"free memory on {device.type}" + (f" / {sharing} processes" if sharing > 1 else "")
     if estimate.total_bytes > limit:
