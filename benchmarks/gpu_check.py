@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 from evo2_cli.fsio import atomic_write_text  # noqa: E402
 from evo2_cli.infer.loading import prepare_for_inference  # noqa: E402
 from evo2_cli.model import StripedHyena, estimate_flops, preset_config  # noqa: E402
+from evo2_cli.runtime import Runtime  # noqa: E402
 from evo2_cli.train.config import OptimSection  # noqa: E402
 from evo2_cli.train.data import Batch  # noqa: E402
-from evo2_cli.train.distributed import Runtime  # noqa: E402
 from evo2_cli.train.metrics import peak_flops  # noqa: E402
 from evo2_cli.train.optim import build_optimizer  # noqa: E402
 from evo2_cli.train.step import backward_global_batch  # noqa: E402
@@ -191,7 +191,6 @@ def train_steps(preset: str, sizes: Sizes, device: torch.device) -> dict:
     build_s = time.perf_counter() - start
     bf16 = device.type == "cuda"
     runtime = Runtime(device, autocast_dtype=torch.bfloat16 if bf16 else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     optimizer = build_optimizer(model, OptimSection())
     params = [p for p in model.parameters() if p.requires_grad]
     ids = random_ids(sizes.train_seq_len + 1, SEED)
@@ -206,7 +205,7 @@ def train_steps(preset: str, sizes: Sizes, device: torch.device) -> dict:
     for step in range(sizes.warmup_steps + sizes.train_steps):
         synchronize(device)
         began = time.perf_counter()
-        sums = backward_global_batch(model, [batch], autocast, runtime)
+        sums = backward_global_batch(model, [batch], runtime)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

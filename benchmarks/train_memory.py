@@ -36,15 +36,14 @@ sys.path.insert(0, str(ROOT))
 from evo2_cli.config import build_config  # noqa: E402
 from evo2_cli.memory import GIB  # noqa: E402
 from evo2_cli.model import StripedHyena, preset_config  # noqa: E402
+from evo2_cli.runtime import Runtime  # noqa: E402
 from evo2_cli.train.config import OptimSection, TrainJob  # noqa: E402
 from evo2_cli.train.data import Batch  # noqa: E402
-from evo2_cli.train.distributed import Runtime  # noqa: E402
 from evo2_cli.train.memory import preflight_memory  # noqa: E402
 from evo2_cli.train.optim import build_optimizer  # noqa: E402
 from evo2_cli.train.step import backward_global_batch  # noqa: E402
 
 CPU = Runtime(torch.device("cpu"))
-FP32 = torch.autocast("cpu", enabled=False)
 
 CASES = {  # name: (model overrides, micro_batch, seq_len)
     "small 8 x 1024": ({"preset": "small"}, 8, 1024),
@@ -84,14 +83,14 @@ def child(case: str) -> None:
     job = job_for(case, Path("unused"))
     torch.manual_seed(0)
     warm = StripedHyena(preset_config("test"))  # allocator and library start-up that every run pays
-    backward_global_batch(warm, [random_batch(1, 16)], FP32, CPU)
+    backward_global_batch(warm, [random_batch(1, 16)], CPU)
     del warm
     baseline = resident("VmRSS")
     model = StripedHyena(job.model)
     optimizer = build_optimizer(model, OptimSection())
     batch = random_batch(job.train.micro_batch, job.data.seq_len)
     for _ in range(2):  # the first step allocates AdamW's state, the second runs with it
-        backward_global_batch(model, [batch], FP32, CPU)
+        backward_global_batch(model, [batch], CPU)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
-"""What a process computes on: the device, the dtype and autocast of a precision name, torch's CPU threads,
-and the RNG state a resume restores. Processes and their group (torchrun) are train/distributed.py's."""
+"""What a process computes on (`Runtime`): the device, the dtype and autocast of a precision name, torch's
+CPU threads, and the RNG state a resume restores. Starting processes (torchrun): train/distributed.py."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -53,12 +55,6 @@ def precision_dtype(
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to `dtype` on `device`; off for fp32 (None)."""
-    enabled = dtype not in (None, torch.float32)
-    return torch.autocast(device.type, dtype=dtype if enabled else torch.float32, enabled=enabled)
-
-
 def set_threads(count: int, key: str = "--threads") -> None:
     """torch's CPU threads; 0 keeps torch's default (one per core)."""
     if count < 0:
@@ -67,17 +63,39 @@ def set_threads(count: int, key: str = "--threads") -> None:
         torch.set_num_threads(count)
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The RNG states a resume restores: torch's CPU generator, and the CUDA generator of this process's
-    device when it runs on one (dropout on a GPU draws from that one)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process computes: its device, its rank among `world_size` processes (torchrun; see
+    train/distributed.py) and its autocast dtype (None or fp32: no autocast)."""
 
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    autocast_dtype: torch.dtype | None = None
 
-def restore_rng_state(saved: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Put back what `rng_state` saved; a checkpoint from a CPU run leaves a CUDA generator as seeded."""
-    torch.set_rng_state(saved["torch"])
-    if device.type == "cuda" and "cuda" in saved:
-        torch.cuda.set_rng_state(saved["cuda"], device)
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> torch.autocast:
+        enabled = self.autocast_dtype not in (None, torch.float32)
+        dtype = self.autocast_dtype if enabled else torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The RNG states a resume restores: torch's CPU generator, and the CUDA generator of this process's
+        device when it runs on one (dropout on a GPU draws from that one)."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore_rng_state(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back what `rng_state` saved; a checkpoint from a CPU run leaves a CUDA generator as seeded."""
+        torch.set_rng_state(saved["torch"])
+        if self.device.type == "cuda" and "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"], self.device)

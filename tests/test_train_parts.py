@@ -17,11 +17,10 @@ from evo2_cli.data.indexed import IndexedDatasetWriter
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.model import StripedHyena, load_model, preset_config
 from evo2_cli.model.checkpoint import latest_checkpoint, step_dirs, write_model_files
-from evo2_cli.runtime import restore_rng_state, rng_state
+from evo2_cli.runtime import Runtime
 from evo2_cli.train.checkpoint import RunDirectory, verify_checkpoint, write_checkpoint
 from evo2_cli.train.config import GuardSection, OptimSection, TrainJob
 from evo2_cli.train.data import TRAIN_STREAM, WindowSampler, resolve_split, token_losses
-from evo2_cli.train.distributed import Runtime
 from evo2_cli.train.guard import GradientGuard, GuardState
 from evo2_cli.train.loop import micro_batches_per_process
 from evo2_cli.train.optim import learning_rate
@@ -85,9 +84,7 @@ def test_the_objective_is_the_weighted_mean_over_the_whole_global_batch(tmp_path
     torch.manual_seed(0)
     model = torch.nn.Embedding(512, 512)  # logits = a row per input token: a different NLL per position
 
-    sums = backward_global_batch(
-        model, micro, torch.autocast("cpu", enabled=False), Runtime(torch.device("cpu"))
-    )
+    sums = backward_global_batch(model, micro, Runtime(torch.device("cpu")))
     grad = model.weight.grad.clone()
 
     model.weight.grad = None
@@ -463,11 +460,12 @@ def test_memory_estimate_per_process_under_ddp_and_fsdp2():
 @pytest.mark.gpu
 def test_rng_state_round_trips_the_cuda_generator():
     device = torch.device("cuda")
+    runtime = Runtime(device)
     torch.manual_seed(5)
-    saved = rng_state(device)
+    saved = runtime.rng_state()
     expected = (torch.rand(3), torch.rand(3, device=device))
     torch.manual_seed(6)
-    restore_rng_state(saved, device)
+    runtime.restore_rng_state(saved)
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device=device), expected[1])
 
 

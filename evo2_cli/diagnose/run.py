@@ -30,10 +30,8 @@ from evo2_cli.diagnose.record import Recorder, StepRecord
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
 from evo2_cli.model.checkpoint import build_model
-from evo2_cli.runtime import DTYPES, choose_device
-from evo2_cli.runtime import autocast as autocast_to
+from evo2_cli.runtime import DTYPES, Runtime, choose_device
 from evo2_cli.train.data import WindowSampler, split_windows
-from evo2_cli.train.distributed import Runtime
 from evo2_cli.train.optim import build_optimizer, learning_rate
 from evo2_cli.train.origin import ParamInfo, SiteInfo, hcl_stats
 from evo2_cli.train.step import LanguageModel, StepInfo, TrainHooks, TrainStep
@@ -155,9 +153,9 @@ def run_variant(
     def after_step(info: StepInfo) -> None:
         seen["update"] = recorder.after_update()
 
-    autocast = autocast_to(device, DTYPES[variant.precision])
     optimizer, objective = build_optimizer(model, optim), LanguageModel(windows)
-    parts = (model, optimizer, objective, Runtime(device), autocast, variant.grad_clip)  # 1 process, no guard
+    runtime = Runtime(device, autocast_dtype=DTYPES[variant.precision])  # one process
+    parts = (model, optimizer, objective, runtime, variant.grad_clip)  # no guard
     take_step = TrainStep(*parts, hooks=TrainHooks(after_backward, after_step))
     steps: list[StepRecord] = []
     stop_reason = "steps"

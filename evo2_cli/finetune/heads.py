@@ -286,12 +286,12 @@ class SequenceTask(Objective):
         return task_loss(outputs, targets, self.kind, "sum"), outputs.new_zeros(0, dtype=torch.float64)
 
     @torch.no_grad()
-    def evaluate(self, model, micro_batch: int, runtime, autocast) -> dict[str, float]:
+    def evaluate(self, model, micro_batch: int, runtime) -> dict[str, float]:
         records, outputs = self.val_set, []
         model.eval()
         for first in range(0, len(records.ids), micro_batch):
             ids, mask, _ = collate(records, list(range(first, min(first + micro_batch, len(records.ids)))))
-            with autocast:
+            with runtime.autocast():
                 outputs.append(sequence_outputs(model, ids.to(runtime.device), mask.to(runtime.device)).cpu())
         model.train()
         out = torch.cat(outputs)

@@ -14,7 +14,6 @@ import gc
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -22,25 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from evo2_cli.errors import Evo2Error, InputError
-from evo2_cli.runtime import choose_device, precision_dtype
+from evo2_cli.runtime import Runtime, choose_device, precision_dtype
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA by default, None = fp32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def torchrun_value(name: str, default: int) -> int:

@@ -50,8 +50,6 @@ from evo2_cli.model.checkpoint import (
     read_weights,
 )
 from evo2_cli.model.checkpoint import write_model_files as package_write_model_files
-from evo2_cli.runtime import autocast as autocast_to
-from evo2_cli.runtime import restore_rng_state, rng_state
 from evo2_cli.train.checkpoint import RunDirectory, read_train_state, truncate_metrics, write_checkpoint
 from evo2_cli.train.config import TrainJob
 from evo2_cli.train.data import (
@@ -168,7 +166,7 @@ def train(
         if saved is not None:
             _load_optimizer(model, optimizer, saved["optimizer"], fsdp)
             state = _loop_state(saved["loop"])
-            restore_rng_state(saved["rng"], runtime.device)
+            runtime.restore_rng_state(saved["rng"])
         run_on_main(runtime, lambda: run.claim(job_yaml))
         if start is not None:
             run_on_main(runtime, lambda: truncate_metrics(cfg.run_dir, state.step))
@@ -182,14 +180,13 @@ def train(
             say("\n".join([head, *(line for line in details if line not in shown)]))
             shown.update(details)
 
-        autocast = autocast_to(runtime.device, runtime.autocast_dtype)
         log = MetricsLog(cfg.run_dir, cfg.tensorboard) if runtime.is_main else None
         if log is not None and cfg.tensorboard and log.writer is None:
             say("[yellow]tensorboard not installed; logging to metrics.jsonl only[/]")
         tokens_per_step = job.optim.global_batch * data.seq_len
         train_flops_per_step = 3 * estimate_flops(job.model, data.seq_len) * job.optim.global_batch
         device_peak = peak_flops(runtime.device, runtime.autocast_dtype is not None, cfg.peak_flops)
-        step_parts = (model, optimizer, objective, runtime, autocast, job.optim.grad_clip)
+        step_parts = (model, optimizer, objective, runtime, job.optim.grad_clip)
         take_step = TrainStep(*step_parts, wrapped, guard, hooks, report_problem)
 
         def save(is_best: bool = False, metrics: dict | None = None) -> Path:
@@ -197,7 +194,7 @@ def train(
             train_state = {
                 "optimizer": _full_optimizer_state(model, optimizer),  # collective too
                 "loop": asdict(state),
-                "rng": rng_state(runtime.device),
+                "rng": runtime.rng_state(),
                 "data": objective.identity,
             }
             meta = {
@@ -299,7 +296,7 @@ def train(
                 stop_reason = "signal"
             due = cfg.eval_interval and state.step % cfg.eval_interval == 0
             if objective.evaluates and (due or state.step == cfg.max_steps):
-                last_val = objective.evaluate(wrapped, cfg.micro_batch, runtime, autocast)
+                last_val = objective.evaluate(wrapped, cfg.micro_batch, runtime)
                 improved = last_val["val_loss"] < state.best_val_loss
                 if improved:
                     state.best_val_loss, state.evals_without_improvement = last_val["val_loss"], 0

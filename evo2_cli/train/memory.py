@@ -36,8 +36,9 @@ from torch import nn
 from evo2_cli.errors import InputError
 from evo2_cli.memory import GIB, available_memory, format_bytes
 from evo2_cli.model import StripedHyena
+from evo2_cli.runtime import Runtime
 from evo2_cli.train.config import TrainJob
-from evo2_cli.train.distributed import Runtime, torchrun_value
+from evo2_cli.train.distributed import torchrun_value
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from evo2_cli.runtime import Runtime
 from evo2_cli.train.data import Batch, WindowSampler, token_losses
-from evo2_cli.train.distributed import Runtime, all_reduce_sum, full_tensor, gradient_sync
+from evo2_cli.train.distributed import all_reduce_sum, full_tensor, gradient_sync
 from evo2_cli.train.guard import GradientGuard, Verdict
 
 LN2 = math.log(2)
@@ -28,7 +29,7 @@ class Objective:
     """What the loop trains. `batch(first, size, device)`: samples first..first+size-1 of the training stream;
     `weight(batch)`: its share of the step's normalizer; `loss(model, batch)`: (loss summed over the batch,
     fp64 metric sums); `train_metrics(sums)`: the logged metrics from those sums over the global batch;
-    `evaluate(model, micro_batch, runtime, autocast)`: the validation metrics (`val_loss` first), called
+    `evaluate(model, micro_batch, runtime)`: the validation metrics (`val_loss` first), called
     when `evaluates`; `describe(val)`: their log line. `identity` (data a resume must find unchanged) and
     `meta` (extra meta.json entries of every checkpoint) are plain data."""
 
@@ -72,7 +73,7 @@ class LanguageModel(Objective):
         return f"val loss {val['val_loss']:.4f} | {val['val_bits_per_base']:.3f} bits/base"
 
     @torch.no_grad()
-    def evaluate(self, model, micro_batch: int, runtime: Runtime, autocast) -> dict[str, float]:
+    def evaluate(self, model, micro_batch: int, runtime: Runtime) -> dict[str, float]:
         """Validation loss (weighted like training) and bits per base over the fixed windows 0..count-1,
         split evenly over the processes."""
         model.eval()
@@ -81,7 +82,7 @@ class LanguageModel(Objective):
         totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
         for first in range(0, len(mine), micro_batch):
             batch = self.val.batch(mine[first : first + micro_batch]).to(runtime.device)
-            with autocast:
+            with runtime.autocast():
                 nll = token_losses(model(batch.input_ids), batch.labels)
             totals += torch.stack(
                 [
@@ -102,7 +103,6 @@ class LanguageModel(Objective):
 def backward_global_batch(
     model: nn.Module,
     batches: list,
-    autocast: torch.autocast,
     runtime: Runtime,
     objective: Objective | None = None,
 ) -> torch.Tensor:
@@ -119,7 +119,7 @@ def backward_global_batch(
     sums = 0
     for micro, batch in enumerate(batches):
         with gradient_sync(model, micro == len(batches) - 1):
-            with autocast:
+            with runtime.autocast():
                 loss_sum, metrics = objective.loss(model, batch)
             # DDP and FSDP average gradients over processes: scale the sum back up.
             (loss_sum * (runtime.world_size / step_weight)).backward()
@@ -154,7 +154,6 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     objective: Objective
     runtime: Runtime
-    autocast: torch.autocast
     grad_clip: float
     wrapped: nn.Module | None = None  # None: the model itself
     guard: GradientGuard | None = None
@@ -173,7 +172,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.wrapped.train()
-        sums = backward_global_batch(self.wrapped, batches, self.autocast, self.runtime, self.objective)
+        sums = backward_global_batch(self.wrapped, batches, self.runtime, self.objective)
         totals = torch.cat([sums, sums.new_tensor([float(stop)])])  # one all-reduce
         all_reduce_sum(totals, self.runtime)
         info = StepInfo(step, self.model, lr, totals[0].item())
