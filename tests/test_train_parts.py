@@ -186,8 +186,11 @@ def test_guard_skips_non_finite_and_spikes_then_asks_for_rollback():
     # back to the state saved with the checkpoint, one rollback more at half the lr
     saved = GuardState(good_norms=[1.0, 2.0], consecutive_bad=1, rollbacks=0, lr_scale=1.0)
     assert guard.rolled_back(saved)
-    assert guard.state == GuardState(good_norms=[1.0, 2.0], consecutive_bad=1, rollbacks=1, lr_scale=0.5)
-    assert saved.rollbacks == 0  # the checkpoint's state is not changed
+    assert guard.state == GuardState(good_norms=[1.0, 2.0], consecutive_bad=0, rollbacks=1, lr_scale=0.5)
+    assert saved.rollbacks == 0 and saved.consecutive_bad == 1  # the checkpoint's state is not changed
+    # a full max_bad_steps again before the next rollback, though the checkpoint was saved after a bad step
+    assert not guard.assess(math.nan, 1.0).roll_back
+    assert guard.assess(math.nan, 1.0).roll_back
 
 
 def test_guard_gives_up_after_the_rollback_budget():

@@ -4,7 +4,8 @@
 - a gradient norm above `spike_factor` x the running median of recent good norms is a spike (skipped when
   `skip_spikes`, else applied and only logged);
 - `max_bad_steps` consecutive bad steps ask for a rollback to the last good checkpoint at a lower lr: the
-  guard then continues from the checkpoint's state, one rollback more and its lr scale backed off;
+  guard then continues from the checkpoint's state, one rollback more, its lr scale backed off and its
+  count of bad steps at 0;
 - more than `max_rollbacks` rollbacks is divergence: the loop gives up with a clear error.
 
 The state is plain data so a checkpoint carries it and a resumed run judges exactly as the original would.
@@ -60,7 +61,8 @@ class GradientGuard:
 
     def rolled_back(self, restored: GuardState) -> bool:
         """Continue from `restored` (the state saved with the checkpoint rolled back to), one rollback more,
-        at a backed-off lr scale; False when the rollback budget is spent (the caller gives up)."""
+        at a backed-off lr scale, with a full `max_bad_steps` before the next rollback (a checkpoint saved
+        just after a skipped step holds a count above 0); False when the rollback budget is spent."""
         rollbacks, lr_scale = self.state.rollbacks + 1, self.state.lr_scale * self.config.lr_backoff
-        self.state = replace(restored, rollbacks=rollbacks, lr_scale=lr_scale)
+        self.state = replace(restored, consecutive_bad=0, rollbacks=rollbacks, lr_scale=lr_scale)
         return rollbacks <= self.config.max_rollbacks
