@@ -4,6 +4,7 @@ stitching rule, embeddings, variants, the model loader."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model, resolve_checkpoint
 from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
-from evo2_cli.infer.scoring import Score, score_reference, score_sequences
+from evo2_cli.infer.scoring import Score, _StrandSum, score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
@@ -252,6 +253,32 @@ def test_exact_mode_equals_one_forward_over_the_whole_record(tiny, chunk):
         np.testing.assert_allclose(s.logprobs[1:], score_reference(tiny, record.tokens)[1:], atol=1e-4)
         rc = float(np.sum(score_reference(tiny, reverse_complement(record.tokens))[1:]))
         assert s.sum_ll_rc == pytest.approx(rc, abs=2e-3)
+
+
+def test_strand_sum_adds_pieces_as_numpy_sums_the_whole_array():
+    """A strand's sum, streamed piece by piece, has the very digits of np.sum over the whole array (position 0
+    skipped); summing piece by piece would not (checked, so the data can tell them apart)."""
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(30_000) * rng.choice([1e-7, 1.0, 300.0], 30_000)).astype(np.float32)
+    cuts = [0, 1, 2, 5000, 8193, 8194, 20_000, 30_000]
+    pieces = [values[a:b] for a, b in itertools.pairwise(cuts)]
+    strand = _StrandSum(keep=False)
+    for piece in pieces:
+        strand.add(piece)
+    expected = float(np.sum(values[1:], dtype=np.float64))
+    assert strand.finish() == (expected, None)
+    assert sum(float(np.sum(p, dtype=np.float64)) for p in [values[1:2], *pieces[2:]]) != expected
+
+
+def test_scores_without_logprobs_keep_only_the_same_sums(tiny):
+    """keep_logprobs=False (score without --per-token): no per-token arrays, bit-identical sums."""
+    records = [Sequence("a", _dna(150, 1)), Sequence("b", _dna(1, 2)), Sequence("c", _dna(67, 3))]
+    for context in (Context("exact", chunk=7), Context("windows", window=32, overlap=8)):
+        kept = list(score_sequences(tiny, records, context, reverse_complement=True))
+        summed = list(score_sequences(tiny, records, context, reverse_complement=True, keep_logprobs=False))
+        for k, s in zip(kept, summed, strict=True):
+            assert s.logprobs is None and repr(s.row()) == repr(k.row())  # NaN for a 1-base record
+            assert k.sum_ll_forward == float(np.sum(k.logprobs[1:], dtype=np.float64))
 
 
 def test_exact_mode_reports_long_records_and_progress(test_model):

@@ -311,6 +311,7 @@ def score(job: InferJob, overwrite: bool) -> None:
             reverse_complement=options.rc,
             on_tokens=advance,
             before_long=_preflight(model, job.context.chunk, job.checkpoint.path, windows=True),
+            keep_logprobs=token_handle is not None,
         )
 
         def rows():
