@@ -19,6 +19,8 @@ from evo2_cli.config import FieldError
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
 from evo2_cli.infer import context as context_module
+from evo2_cli.infer import embedding as embedding_module
+from evo2_cli.infer import outputs as outputs_module
 from evo2_cli.infer.context import Context
 from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
@@ -384,6 +386,14 @@ def test_embeddings_mean_and_per_token(tiny):
         np.testing.assert_allclose(mean.vectors[i], hidden[3][0].mean(0).numpy(), atol=1e-5)
 
 
+def test_a_resolved_layer_is_not_resolved_again(tiny, monkeypatch):
+    """The embed command resolves --layer once (on the meta model) and hands the Layer on."""
+    layer = resolve_layer(tiny, "blocks.3")
+    monkeypatch.setattr(embedding_module, "resolve_layer", lambda *_: pytest.fail("resolved again"))
+    result = embed_sequences(tiny, [Sequence("a", _dna(20, 1))], layer=layer)
+    assert result.layer == "blocks.3" and result.vectors.shape == (1, 64)
+
+
 def test_embeddings_windowed_follow_the_stitching_rule(tiny):
     tokens = _dna(45, 9)
     got = embed_sequences(
@@ -565,6 +575,18 @@ def test_atomic_text_output_renames_when_complete_and_leaves_nothing_on_error(tm
         handle.write("id\tvalue\n")
         assert not out.exists()  # the final name appears only when complete
     assert out.read_text() == "id\tvalue\n" and list(out.parent.iterdir()) == [out]
+
+
+def test_each_output_is_probed_for_writing_once(tmp_path, monkeypatch):
+    """check_output probes the directory before any work; the writers that follow do not probe again."""
+    probes, probe = [], outputs_module._check_writable
+    monkeypatch.setattr(outputs_module, "_check_writable", lambda path: probes.append(path) or probe(path))
+    table, vectors = tmp_path / "sub" / "t.tsv", tmp_path / "e.npy"
+    outputs_module.check_output(table, outputs_module.table_kind("a table", ("id",), "tsv"))
+    outputs_module.check_embeddings_output(vectors)
+    outputs_module.write_table(table, [{"id": 1}], "tsv")
+    outputs_module.write_embeddings(vectors, np.zeros((1, 2), np.float32), ["a"], [3], None, {})
+    assert probes == [table, vectors, outputs_module.embeddings_index(vectors)]
 
 
 # ---------------------------------------------------------------- loading

@@ -357,10 +357,10 @@ def embed(job: InferJob, overwrite: bool) -> None:
     check_embeddings_output(output, overwrite)
     config = load_inference_config(model_path, job.checkpoint.vortex_config)
     if config is not None:
-        resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
+        chosen = resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(options.fasta))
     model = _model(job)
-    chosen = resolve_layer(model, layer)
+    chosen = resolve_layer(model, layer) if config is None else chosen
     ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
     preflight = _preflight(model, context.chunk, model_path, windows=True)
     if context.mode == "exact" and max(lengths) > context.chunk:
@@ -369,7 +369,7 @@ def embed(job: InferJob, overwrite: bool) -> None:
     with _progress("embedding (bases)", sum(lengths)) as advance:
         if pooling == "mean":
             result = embed_sequences(
-                model, sequences, layer=chosen.name, context=context, on_tokens=advance, before_long=preflight
+                model, sequences, layer=chosen, context=context, on_tokens=advance, before_long=preflight
             )
             shape = result.vectors.shape
             index = write_embeddings(output, result.vectors, ids, lengths, None, metadata)
