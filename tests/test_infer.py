@@ -694,6 +694,15 @@ def test_kv_cache_estimate_is_what_the_chunked_prefill_allocates(tiny):
     assert [layer.k.shape[-2] for layer in cache.layers if hasattr(layer, "k")] == [45]
 
 
+def test_chunk_activation_estimate_fits_the_measured_peak():
+    """Golden: per token, 1.8 x the hidden-size tensors + two fp32 logits rows (memory.py's measured fit:
+    `small` peaked at 22.7-25.1 kB per token, `test` at 4.6-4.9 kB)."""
+    from evo2_cli.infer.memory import chunk_activation_bytes
+
+    assert chunk_activation_bytes(preset_config("small"), 8192, 1, 4) == int(8192 * (1.8 * 11776 + 4096))
+    assert chunk_activation_bytes(preset_config("test"), 4096, 2, 4) == int(2 * 4096 * (1.8 * 736 + 4096))
+
+
 def test_memory_preflight_refuses_with_the_fix(tiny, monkeypatch):
     from evo2_cli.infer import memory
 
