@@ -15,13 +15,11 @@
                  the cache and over the chunk, merged in fp32), times ACTIVATION_SLACK; plus the
                  chunk's logits (two C x vocab fp32 tensors: the logits and logsumexp's temporary)
 
-ACTIVATION_SLACK: the peak RSS growth of exact score and embed, measured on a CPU beyond the KV cache, was
-1.5-1.8x the count of those hidden-size tensors (copies inside conv1d and padding, blocks the allocator
-keeps) on the `small` preset, the logits as counted on the `test` preset (vocab-dominated): per token, small
-22.7-25.1 kB, test 4.6-4.9 kB, at 16k and 32k tokens in chunks of 8192 and 4096; KV cache + activations
-are estimated 0.3-10% above the measured growth on small, 9-21% on test. Not counted: the CUDA context and
-kernel workspaces (several hundred MiB on a GPU), the Python process itself, and what the caller keeps per
-position (a score with --per-token: its log-probs, 4 bytes per base).
+ACTIVATION_SLACK: peak RSS growth of exact score and embed on a CPU, beyond the KV cache, was 1.5-1.8x the
+count of those hidden-size tensors on `small` (copies inside conv1d, allocator blocks), the logits as counted
+on `test` (vocab-dominated); 16k and 32k tokens, chunks of 4096 and 8192: the estimate is 0.3-10% above the
+measured growth on small, 9-21% on test. Not counted: the CUDA context and kernel workspaces (hundreds of MiB
+on a GPU), the Python process, and a score's per-token log-probs with --per-token (4 bytes per base).
 """
 
 from __future__ import annotations

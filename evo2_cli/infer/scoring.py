@@ -93,22 +93,14 @@ class _StrandSum:
         return self.total, None if self.kept is None else np.concatenate(self.kept)
 
 
-def _summary(sequence: Sequence, forward: _StrandSum, rc: _StrandSum | None) -> Score:
-    n = len(sequence.tokens) - 1
+def _summary(record: Sequence, forward: _StrandSum, rc: _StrandSum | None) -> Score:
+    n = len(record.tokens) - 1
     sum_forward, logprobs = forward.finish()
     sum_rc = rc.finish()[0] if rc is not None else None
     total = sum_forward if sum_rc is None else (sum_forward + sum_rc) / 2
     mean = total / n if n > 0 else float("nan")
     return Score(
-        sequence.id,
-        len(sequence.tokens),
-        total,
-        mean,
-        -mean / LN2,
-        sequence.tokens,
-        logprobs,
-        sum_forward,
-        sum_rc,
+        record.id, len(record.tokens), total, mean, -mean / LN2, record.tokens, logprobs, sum_forward, sum_rc
     )
 
 

@@ -861,7 +861,12 @@ class StripedHyena(nn.Module):
             raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
         want = self._hidden_layers(return_hidden_layers)  # checks the indices now
         if cache.seqlen > 0 or chunk_size < total:
-            self._refuse_growing_poles()
+            for i, growing in self.growing_poles().items():
+                raise ValueError(
+                    f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
+                    "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
+                    "with --clamp-poles"
+                )
         for i, block in enumerate(self.blocks):
             if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
                 cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
@@ -890,14 +895,6 @@ class StripedHyena(nn.Module):
             if block.kind == "hcl"
         }
         return {i: n for i, n in counts.items() if n}
-
-    def _refuse_growing_poles(self) -> None:
-        for i, growing in self.growing_poles().items():
-            raise ValueError(
-                f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
-                "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
-                "with --clamp-poles"
-            )
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
