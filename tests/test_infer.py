@@ -4,6 +4,7 @@ stitching rule, embeddings, variants, the model loader."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import subprocess
 import sys
@@ -18,13 +19,15 @@ from evo2_cli.config import FieldError
 from evo2_cli.data.alphabet import reverse_complement
 from evo2_cli.errors import InputError
 from evo2_cli.infer import context as context_module
+from evo2_cli.infer import embedding as embedding_module
+from evo2_cli.infer import outputs as outputs_module
 from evo2_cli.infer.context import Context
 from evo2_cli.infer.embedding import Layer, embed_sequences, hidden_states, resolve_layer
 from evo2_cli.infer.generation import generate, generate_reference
 from evo2_cli.infer.loading import load_inference_model
 from evo2_cli.infer.outputs import atomic_text_output
 from evo2_cli.infer.sampling import SamplingSettings, filtered_probs, row_generator, sample, sample_reference
-from evo2_cli.infer.scoring import Score, score_reference, score_sequences
+from evo2_cli.infer.scoring import Score, _StrandSum, score_reference, score_sequences
 from evo2_cli.infer.sequences import Sequence, encode_dna, tokens_to_text
 from evo2_cli.infer.variants import Variant, read_variants, score_variants
 from evo2_cli.infer.windows import plan_windows
@@ -255,6 +258,32 @@ def test_exact_mode_equals_one_forward_over_the_whole_record(tiny, chunk):
         assert s.sum_ll_rc == pytest.approx(rc, abs=2e-3)
 
 
+def test_strand_sum_adds_pieces_as_numpy_sums_the_whole_array():
+    """A strand's sum, streamed piece by piece, has the very digits of np.sum over the whole array (position 0
+    skipped); summing piece by piece would not (checked, so the data can tell them apart)."""
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(30_000) * rng.choice([1e-7, 1.0, 300.0], 30_000)).astype(np.float32)
+    cuts = [0, 1, 2, 5000, 8193, 8194, 20_000, 30_000]
+    pieces = [values[a:b] for a, b in itertools.pairwise(cuts)]
+    strand = _StrandSum(keep=False)
+    for piece in pieces:
+        strand.add(piece)
+    expected = float(np.sum(values[1:], dtype=np.float64))
+    assert strand.finish() == (expected, None)
+    assert sum(float(np.sum(p, dtype=np.float64)) for p in [values[1:2], *pieces[2:]]) != expected
+
+
+def test_scores_without_logprobs_keep_only_the_same_sums(tiny):
+    """keep_logprobs=False (score without --per-token): no per-token arrays, bit-identical sums."""
+    records = [Sequence("a", _dna(150, 1)), Sequence("b", _dna(1, 2)), Sequence("c", _dna(67, 3))]
+    for context in (Context("exact", chunk=7), Context("windows", window=32, overlap=8)):
+        kept = list(score_sequences(tiny, records, context, reverse_complement=True))
+        summed = list(score_sequences(tiny, records, context, reverse_complement=True, keep_logprobs=False))
+        for k, s in zip(kept, summed, strict=True):
+            assert s.logprobs is None and repr(s.row()) == repr(k.row())  # NaN for a 1-base record
+            assert k.sum_ll_forward == float(np.sum(k.logprobs[1:], dtype=np.float64))
+
+
 def test_exact_mode_reports_long_records_and_progress(test_model):
     records = [Sequence("a", _dna(40, 1)), Sequence("b", _dna(8, 2)), Sequence("c", _dna(33, 3))]
     long, progress = [], []
@@ -356,6 +385,14 @@ def test_embeddings_mean_and_per_token(tiny):
         rows = per_token.vectors[per_token.offsets[i] : per_token.offsets[i + 1]]
         np.testing.assert_allclose(rows, hidden[3][0].numpy(), atol=1e-5)
         np.testing.assert_allclose(mean.vectors[i], hidden[3][0].mean(0).numpy(), atol=1e-5)
+
+
+def test_a_resolved_layer_is_not_resolved_again(tiny, monkeypatch):
+    """The embed command resolves --layer once (on the meta model) and hands the Layer on."""
+    layer = resolve_layer(tiny, "blocks.3")
+    monkeypatch.setattr(embedding_module, "resolve_layer", lambda *_: pytest.fail("resolved again"))
+    result = embed_sequences(tiny, [Sequence("a", _dna(20, 1))], layer=layer)
+    assert result.layer == "blocks.3" and result.vectors.shape == (1, 64)
 
 
 def test_embeddings_windowed_follow_the_stitching_rule(tiny):
@@ -541,6 +578,18 @@ def test_atomic_text_output_renames_when_complete_and_leaves_nothing_on_error(tm
     assert out.read_text() == "id\tvalue\n" and list(out.parent.iterdir()) == [out]
 
 
+def test_each_output_is_probed_for_writing_once(tmp_path, monkeypatch):
+    """check_output probes the directory before any work; the writers that follow do not probe again."""
+    probes, probe = [], outputs_module._check_writable
+    monkeypatch.setattr(outputs_module, "_check_writable", lambda path: probes.append(path) or probe(path))
+    table, vectors = tmp_path / "sub" / "t.tsv", tmp_path / "e.npy"
+    outputs_module.check_output(table, outputs_module.table_kind("a table", ("id",), "tsv"))
+    outputs_module.check_embeddings_output(vectors)
+    outputs_module.write_table(table, [{"id": 1}], "tsv")
+    outputs_module.write_embeddings(vectors, np.zeros((1, 2), np.float32), ["a"], [3], None, {})
+    assert probes == [table, vectors, outputs_module.embeddings_index(vectors)]
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -644,6 +693,15 @@ def test_kv_cache_estimate_is_what_the_chunked_prefill_allocates(tiny):
     for _ in range(5):
         tiny.step(torch.zeros(2, dtype=torch.long), cache)
     assert [layer.k.shape[-2] for layer in cache.layers if hasattr(layer, "k")] == [45]
+
+
+def test_chunk_activation_estimate_fits_the_measured_peak():
+    """Golden: per token, 1.8 x the hidden-size tensors + two fp32 logits rows (memory.py's measured fit:
+    `small` peaked at 22.7-25.1 kB per token, `test` at 4.6-4.9 kB)."""
+    from evo2_cli.infer.memory import chunk_activation_bytes
+
+    assert chunk_activation_bytes(preset_config("small"), 8192, 1, 4) == int(8192 * (1.8 * 11776 + 4096))
+    assert chunk_activation_bytes(preset_config("test"), 4096, 2, 4) == int(2 * 4096 * (1.8 * 736 + 4096))
 
 
 def test_memory_preflight_refuses_with_the_fix(tiny, monkeypatch):

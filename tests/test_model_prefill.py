@@ -19,7 +19,6 @@ from evo2_cli.model.model import (
     attention_reference,
     causal_attention_after_cache,
     causal_attention_blocked,
-    causal_convolution_fft,
     modal_continue,
     modal_continue_reference,
     modal_filter,
@@ -146,8 +145,9 @@ def test_prefill_returns_hidden_layers_like_forward(model):
 
 def test_chunk_memory_does_not_grow_with_the_sequence(model, monkeypatch):
     """hcl never builds a filter, FFT or state sum longer than a chunk; the KV buffer is allocated once, at
-    the final length (no doubling)."""
-    longest = {"filter": 0, "fft": 0, "state": 0}
+    the final length (no doubling). Each hcl layer computes its decay exponentials once per chunk."""
+    longest = {"filter": 0, "fft": 0, "state": 0, "decay": 0}
+    decays = []
 
     def spy(name, function, length_of):
         def wrapped(*args, **kwargs):
@@ -156,13 +156,16 @@ def test_chunk_memory_does_not_grow_with_the_sequence(model, monkeypatch):
 
         monkeypatch.setattr(model_module, function.__name__, wrapped)
 
-    spy("filter", model_module.modal_filter, lambda poles, residues, length: length)
+    spy("filter", model_module.modal_filter, lambda poles, residues, length, *_: length)
     spy("fft", model_module.causal_convolution_fft, lambda u, h: max(u.shape[-1], h.shape[-1]))
-    spy("state", model_module.modal_state, lambda poles, u: u.shape[-1])
+    spy("state", model_module.modal_state, lambda poles, u, *_: u.shape[-1])
+    spy("decay", model_module._decay_blocks, lambda poles, length: decays.append(length) or length)
     cache = model.new_cache(2)
     for _ in model.prefill_chunks(_ids(2, 1000), cache, chunk_size=64):
         pass
-    assert longest == {"filter": 64, "fft": 64, "state": 64}
+    assert longest == {"filter": 64, "fft": 64, "state": 64, "decay": 64}
+    hcl_layers = sum(block.kind == "hcl" for block in model.blocks)
+    assert len(decays) == hcl_layers * 16  # 1000 tokens in 16 chunks
     attention = [layer for layer in cache.layers if isinstance(layer, KVCache)]
     assert len(attention) == 2 and all(layer.k.shape[-2] == layer.length == 1000 for layer in attention)
 
@@ -241,8 +244,7 @@ def test_modal_continue_matches_recurrence(length):
     poles = -torch.exp(torch.randn(d, s)) * torch.exp(torch.rand(d, s) * 3 - 6)  # slow and fast modes
     residues, u = torch.randn(d, s), torch.randn(2, d, length)
     state = torch.randn(2, d, s, dtype=torch.float64) * 10
-    own = causal_convolution_fft(u, modal_filter(poles, residues, length))  # (2, d, length)
-    y, new_state = modal_continue(poles, residues, u, state, own=own)
+    y, new_state = modal_continue(poles, residues, u, state, skip=torch.zeros(d))
     y_ref, state_ref = modal_continue_reference(poles, residues, u, state)
     assert new_state.dtype == torch.float64
     # The chunk's own sum runs in fp32 (modal_state), the carried part in fp64.

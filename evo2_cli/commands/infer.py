@@ -309,6 +309,7 @@ def score(job: InferJob, overwrite: bool) -> None:
             reverse_complement=options.rc,
             on_tokens=advance,
             before_long=_preflight(model, job.context.chunk, job.checkpoint.path, windows=True),
+            keep_logprobs=token_handle is not None,
         )
 
         def rows():
@@ -354,10 +355,10 @@ def embed(job: InferJob, overwrite: bool) -> None:
     check_embeddings_output(output, overwrite)
     config = load_checkpoint_config(model_path, vortex_config=job.checkpoint.vortex_config)
     if config is not None:
-        resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
+        chosen = resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(options.fasta))
     model = _model(job)
-    chosen = resolve_layer(model, layer)
+    chosen = resolve_layer(model, layer) if config is None else chosen
     ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
     preflight = _preflight(model, context.chunk, model_path, windows=True)
     if context.mode == "exact" and max(lengths) > context.chunk:
@@ -366,7 +367,7 @@ def embed(job: InferJob, overwrite: bool) -> None:
     with _progress("embedding (bases)", sum(lengths)) as advance:
         if pooling == "mean":
             result = embed_sequences(
-                model, sequences, layer=chosen.name, context=context, on_tokens=advance, before_long=preflight
+                model, sequences, layer=chosen, context=context, on_tokens=advance, before_long=preflight
             )
             shape = result.vectors.shape
             index = write_embeddings(output, result.vectors, ids, lengths, None, metadata)

@@ -223,14 +223,15 @@ def embed_sequences(
     model: StripedHyena,
     sequences: list[Sequence],
     *,
-    layer: str | int | None = None,
+    layer: Layer | str | int | None = None,
     pooling: Pooling = "mean",
     context: Context = Context(),
     on_tokens: Callable[[int], None] | None = None,
     before_long: Callable[[int], None] | None = None,
 ) -> Embeddings:
-    """Every record's vectors in memory (mean: one per record; none: one per position, concatenated)."""
-    chosen = resolve_layer(model, layer)
+    """Every record's vectors in memory (mean: one per record; none: one per position, concatenated).
+    `layer`: a resolved Layer, or what `resolve_layer` takes."""
+    chosen = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
     width = output_width(model, chosen)
     sums = np.zeros((len(sequences), width), np.float64)
     rows: list[np.ndarray] = []

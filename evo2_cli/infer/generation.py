@@ -106,9 +106,9 @@ def generate(
         ids = torch.as_tensor(np.stack([prompts[p] for p, _ in rows]), dtype=torch.long, device=device)
         generators = [row_generator(seed, p, s) for p, s in rows]
         total = ids.shape[1] + max_new_tokens
-        if before_long is not None and ids.shape[1] > chunk:
-            before_long(total, len(rows))
         if ids.shape[1] > chunk:
+            if before_long is not None:
+                before_long(total, len(rows))
             unmap_large_buffers()  # else the heap creeps with the chunk count (memory.py)
         cache = model.new_cache(len(rows), max_length=total)  # KV buffers sized once, no regrowth
         for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)

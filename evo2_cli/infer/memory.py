@@ -12,14 +12,14 @@
                  output, 3D fp32 each; u and the filter output, D fp32 each; the FFT of size 2C: two
                  complex spectra and the real inverse, 24 D bytes per token), the MLP (three inner-size
                  tensors) and fused attention (q, k, v, their fp32 rotary copies, the partial outputs over
-                 the cache and over the chunk, merged in fp32), plus the chunk's
-                 logits (three C x vocab fp32 tensors: logits, their fp32 copy, log-softmax)
+                 the cache and over the chunk, merged in fp32), times ACTIVATION_SLACK; plus the
+                 chunk's logits (two C x vocab fp32 tensors: the logits and logsumexp's temporary)
 
-The peak RSS growth measured on a CPU (benchmarks/long_context.py, `small` preset, chunk 8192) was 1.6-2.2x
-that count of live tensors (copies inside conv1d and padding, blocks the allocator keeps), so the estimate
-counts ACTIVATION_SLACK times it. Not counted: allocator slack, the
-CUDA context and kernel workspaces (several hundred MiB on a GPU), the Python process itself, and what
-the caller keeps per position (a score's log-probs: 4 bytes per base).
+ACTIVATION_SLACK: peak RSS growth of exact score and embed on a CPU, beyond the KV cache, was 1.5-1.8x the
+count of those hidden-size tensors on `small` (copies inside conv1d, allocator blocks), the logits as counted
+on `test` (vocab-dominated); 16k and 32k tokens, chunks of 4096 and 8192: the estimate is 0.3-10% above the
+measured growth on small, 9-21% on test. Not counted: the CUDA context and kernel workspaces (hundreds of MiB
+on a GPU), the Python process, and a score's per-token log-probs with --per-token (4 bytes per base).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from evo2_cli.errors import InputError
 from evo2_cli.memory import available_memory, format_bytes
 from evo2_cli.model.config import ModelConfig
 
-ACTIVATION_SLACK = 2.25  # measured peak growth / counted live bytes of one chunk: 1.6-2.2 (see above)
+ACTIVATION_SLACK = 1.8  # measured peak growth / counted hidden-size bytes of one chunk: 1.5-1.8 (see above)
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,8 @@ def chunk_activation_bytes(config: ModelConfig, chunk: int, batch: int, element_
     # fused attention (CUDA SDPA, the CPU flash kernel): q, k, v, their fp32 rotary copies, and the two
     # partial outputs (cache, chunk) merged in fp32; no (chunk x keys) scores
     attention = 3 * d * a + 2 * d * 4 + 3 * d * 4 if "*" in config.layout else 0
-    logits = 3 * config.vocab_size * 4
-    per_token = 3 * d * a + max(hyena, mlp, attention) + logits
-    return int(ACTIVATION_SLACK * batch * chunk * per_token)
+    per_token = ACTIVATION_SLACK * (3 * d * a + max(hyena, mlp, attention)) + 2 * config.vocab_size * 4
+    return int(batch * chunk * per_token)
 
 
 def estimate_inference_memory(

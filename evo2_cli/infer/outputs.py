@@ -80,12 +80,13 @@ def _check_writable(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_text_output(path: Path) -> Iterator[IO[str]]:
     """A text stream for `path`, streamed to a temporary sibling, fsynced and renamed on success (removed on
-    any error: fsio.atomic_path); `-` is stdout. Never holds the whole output in memory."""
+    any error: fsio.atomic_path); `-` is stdout. Never holds the whole output in memory. Commands check
+    `path` first (check_output: one write probe per output)."""
     if str(path) == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    _check_writable(Path(path))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         yield handle
 
@@ -187,10 +188,10 @@ def embeddings_file(
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """Stream `rows` x `width` float32 vectors into `path` (.npy or .safetensors, by suffix): the header is
     written first (the shape is known), then each block given to `write(block (n, width))`, in order. The
-    file is renamed into place only when exactly `rows` rows came (fsio's rule)."""
+    file is renamed into place only when exactly `rows` rows came (fsio's rule); commands check it first."""
     path = Path(path)
     _embeddings_suffix(path)
-    _check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
 
     def write(block: np.ndarray) -> None:

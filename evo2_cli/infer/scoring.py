@@ -43,7 +43,7 @@ class Score:
     mean_ll: float
     bits_per_base: float
     tokens: np.ndarray  # (L,) uint8, upper-cased, as scored
-    logprobs: np.ndarray  # (L,) float32 forward strand, NaN at position 0
+    logprobs: np.ndarray | None  # (L,) float32 forward strand, NaN at position 0 (None: not kept)
     sum_ll_forward: float
     sum_ll_rc: float | None = None
 
@@ -69,37 +69,53 @@ class Score:
         return row
 
 
-def _summary(sequence: Sequence, forward: np.ndarray, rc: np.ndarray | None) -> Score:
-    n = len(sequence.tokens) - 1
-    sum_forward = float(np.sum(forward[1:], dtype=np.float64))
-    sum_rc = float(np.sum(rc[1:], dtype=np.float64)) if rc is not None else None
+class _StrandSum:
+    """One strand's log-probs as its pieces come: their sum over positions 1.., added exactly as np.sum(
+    logprobs[1:], dtype=float64) adds (pairwise within blocks of numpy's buffer size, the blocks in turn: no
+    digit changes), and the values themselves only when `keep` (else 4 bytes per base are never held)."""
+
+    def __init__(self, keep: bool):
+        self.total, self.tail, self.kept = 0.0, None, [] if keep else None
+
+    def add(self, piece: np.ndarray) -> None:
+        if self.kept is not None:
+            self.kept.append(piece)
+        values = piece[1:] if self.tail is None else np.concatenate((self.tail, piece))  # skip position 0
+        block = np.getbufsize()
+        full = len(values) - len(values) % block
+        for at in range(0, full, block):
+            self.total += float(np.sum(values[at : at + block], dtype=np.float64))
+        self.tail = values[full:]
+
+    def finish(self) -> tuple[float, np.ndarray | None]:
+        if self.tail is not None and len(self.tail):
+            self.total += float(np.sum(self.tail, dtype=np.float64))
+        return self.total, None if self.kept is None else np.concatenate(self.kept)
+
+
+def _summary(record: Sequence, forward: _StrandSum, rc: _StrandSum | None) -> Score:
+    n = len(record.tokens) - 1
+    sum_forward, logprobs = forward.finish()
+    sum_rc = rc.finish()[0] if rc is not None else None
     total = sum_forward if sum_rc is None else (sum_forward + sum_rc) / 2
     mean = total / n if n > 0 else float("nan")
     return Score(
-        sequence.id,
-        len(sequence.tokens),
-        total,
-        mean,
-        -mean / LN2,
-        sequence.tokens,
-        forward,
-        sum_forward,
-        sum_rc,
+        record.id, len(record.tokens), total, mean, -mean / LN2, record.tokens, logprobs, sum_forward, sum_rc
     )
 
 
 def chunked_logprobs(model: StripedHyena, ids: Tensor, chunk: int) -> Iterator[Tensor]:
-    """`token_logprobs` of ids (B, L) through the chunked prefill: (B, c) float32 per chunk, in order."""
+    """`token_logprobs` of ids (B, L) through the chunked prefill: (B, c) float32 per chunk, in order. Each
+    logits row is read where it stands (row t predicts token t + 1): no chunk's logits are copied or kept."""
     cache = model.new_cache(ids.shape[0])
-    previous = None  # the last logits row before this chunk: it predicts the chunk's first token
+    carried = ids.new_full((ids.shape[0], 1), float("nan"), dtype=torch.float32)  # no context at t = 0
     start = 0
     for logits, _ in model.prefill_chunks(ids, cache, chunk):  # (B, c, V)
         stop = start + logits.shape[1]
-        if previous is None:
-            yield pick_logprobs(logits[:, :-1], ids[:, 1:stop], first=True)
-        else:
-            yield pick_logprobs(torch.cat((previous, logits[:, :-1]), dim=1), ids[:, start:stop])
-        previous, start = logits[:, -1:], stop
+        targets = ids[:, start + 1 : stop + 1]  # the last chunk has no next token for its last row
+        picked = pick_logprobs(logits[:, : targets.shape[1]], targets)  # (B, c) or (B, c - 1)
+        yield torch.cat((carried, picked[:, : stop - start - 1]), dim=1)
+        carried, start = picked[:, stop - start - 1 :], stop
 
 
 def logprob_readout(model: StripedHyena) -> Readout:
@@ -118,9 +134,10 @@ def score_sequences(
     pool_tokens: int = DEFAULT_POOL_TOKENS,
     on_tokens: Callable[[int], None] | None = None,
     before_long: Callable[[int], None] | None = None,
+    keep_logprobs: bool = True,
 ) -> Iterator[Score]:
     """One Score per sequence, in input order (sequences are upper-cased uint8 tokens). `before_long`: see
-    `per_token_pieces`."""
+    `per_token_pieces`. `keep_logprobs=False` leaves Score.logprobs None and keeps only running sums."""
     kept: collections.deque[Sequence] = collections.deque()  # scores not out yet (one pool's worth at most)
 
     def strands() -> Iterator[np.ndarray]:
@@ -130,9 +147,8 @@ def score_sequences(
             if reverse_complement:
                 yield revcomp(sequence.tokens)
 
-    per_record = 2 if reverse_complement else 1
-    arrays: list[np.ndarray] = []
-    pieces: list[np.ndarray] = []
+    strand = _StrandSum(keep_logprobs)
+    forward: _StrandSum | None = None  # with the reverse complement, while its strand runs
     current = 0
     stream = per_token_pieces(
         model,
@@ -145,15 +161,15 @@ def score_sequences(
     )
     for index, piece in stream:
         if index != current:  # pieces of one strand are consecutive: `current` is complete
-            arrays.append(np.concatenate(pieces))
-            pieces, current = [], index
-            if len(arrays) == per_record:
-                yield _summary(kept.popleft(), arrays[0], arrays[1] if reverse_complement else None)
-                arrays = []
-        pieces.append(piece)
-    if pieces:
-        arrays.append(np.concatenate(pieces))
-        yield _summary(kept.popleft(), arrays[0], arrays[1] if reverse_complement else None)
+            if reverse_complement and forward is None:
+                forward = strand
+            else:
+                yield _summary(kept.popleft(), forward or strand, strand if forward else None)
+                forward = None
+            strand, current = _StrandSum(keep_logprobs and forward is None), index
+        strand.add(piece)
+    if kept:  # the last record's last strand
+        yield _summary(kept.popleft(), forward or strand, strand if forward else None)
 
 
 @torch.no_grad()

@@ -47,19 +47,16 @@ def plan_windows(length: int, window: int, overlap: int) -> list[Window]:
     return windows
 
 
-def pick_logprobs(logits: Tensor, targets: Tensor, first: bool = False) -> Tensor:
-    """(B, n) float32 log p(targets) under logits (B, n, V); `first`: prepend a NaN column (position 0 of
-    a record has no context, and there is no BOS token)."""
+def pick_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """(B, n) float32 log p(targets) under logits (B, n, V)."""
     logits = logits.float()
-    picked = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)  # (B, n)
-    if first:
-        picked = torch.cat((picked.new_full((targets.shape[0], 1), float("nan")), picked), dim=1)
-    return picked
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(model: StripedHyena, ids: Tensor) -> Tensor:
     """(B, L) float32: log p(ids[:, t] | ids[:, :t]) at t >= 1; NaN at t = 0 (no context, no BOS)."""
-    return pick_logprobs(model(ids)[:, :-1], ids[:, 1:], first=True)  # (B, L)
+    picked = pick_logprobs(model(ids)[:, :-1], ids[:, 1:])  # (B, L - 1)
+    return torch.cat((picked.new_full((ids.shape[0], 1), float("nan")), picked), dim=1)
 
 
 def run_windows(

@@ -115,14 +115,14 @@ def _decay_blocks(log_poles: Tensor, length: int) -> tuple[Tensor, Tensor, int]:
     return torch.exp(lam * k), torch.exp(lam * c), block
 
 
-def modal_filter(log_poles: Tensor, residues: Tensor, length: int) -> Tensor:
+def modal_filter(log_poles: Tensor, residues: Tensor, length: int, decay: tuple | None = None) -> Tensor:
     """h[d, t] = sum_s R[d, s] exp(lambda[d, s] t) for t = 0..length-1, in fp32. (D, S) x2 -> (D, L).
 
     `residues` may carry leading batch dims, (..., D, S) -> (..., D, L) (chunked prefill weights the modes
     by each sequence's carried state). One batched matmul over the factored exponentials:
-    h[d, c B + k] = sum_s (R across)[d, c, s] within[d, s, k].
+    h[d, c B + k] = sum_s (R across)[d, c, s] within[d, s, k]. `decay`: `_decay_blocks(log_poles, length)`.
     """
-    within, across, _ = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
+    within, across, _ = decay or _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
     weighted = (residues.float().unsqueeze(-1) * across).transpose(-1, -2)  # (..., D, C, S)
     h = torch.matmul(weighted, within)  # (..., D, C, B)
     return h.flatten(-2)[..., :length]  # (..., D, C * B) -> (..., D, L)
@@ -135,14 +135,14 @@ def modal_filter_reference(log_poles: Tensor, residues: Tensor, length: int) -> 
     return torch.einsum("...ds,dsl->...dl", residues.float(), modes)  # (..., D, L)
 
 
-def modal_state(log_poles: Tensor, u: Tensor) -> Tensor:
+def modal_state(log_poles: Tensor, u: Tensor, decay: tuple | None = None) -> Tensor:
     """The recurrent state after u[..., 0..P-1]: s[b, d, s] = sum_k exp(lambda[d, s] (P - 1 - k)) u[b, d, k].
 
     Equal to running `s = exp(lambda) s + u_k` from s = 0 (see `modal_state_reference`). u: (B, D, P).
     Uses the same factored exponentials as `modal_filter`, over the lag P - 1 - k = c B + j.
     """
     length = u.shape[-1]
-    within, across, block = _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
+    within, across, block = decay or _decay_blocks(log_poles, length)  # (D, S, B), (D, S, C)
     lagged = F.pad(u.float().flip(-1), (0, across.shape[-1] * block - length))  # (B, D, C * B), lag order
     lagged = lagged.reshape(*u.shape[:2], across.shape[-1], block)  # (B, D, C, B)
     partial = torch.einsum("bdcj,dsj->bdsc", lagged, within)  # (B, D, S, C)
@@ -160,23 +160,25 @@ def modal_state_reference(log_poles: Tensor, u: Tensor) -> Tensor:
 
 
 def modal_continue(
-    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor, own: Tensor
+    log_poles: Tensor, residues: Tensor, u: Tensor, state: Tensor, skip: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One chunk of hcl after earlier tokens (DESIGN.md section 4, chunked prefill), without the D term.
+    """One chunk of hcl after earlier tokens (DESIGN.md section 4, chunked prefill).
 
     u (B, D, C): the chunk's inputs; state (B, D, S): x_s = sum_{tau < t0} exp(lambda_s (t0 - 1 - tau)) u_tau,
-    the modal state after everything before the chunk (fp64); own (B, D, C): the chunk's convolution with
-    itself (filter of length C). Returns y (B, D, C) fp32 and the state after the chunk (state's dtype):
-        y[t0 + t] = own[t] + sum_s R_s exp(lambda_s (t + 1)) x_s
+    the modal state after everything before the chunk (fp64); skip (D,): the D term. own: the chunk's
+    convolution with itself (filter of length C). Returns y (B, D, C) fp32 and the state after the chunk:
+        y[t0 + t] = own[t] + skip u[t] + sum_s R_s exp(lambda_s (t + 1)) x_s
         x_s'      = exp(lambda_s C) x_s + sum_{k < C} exp(lambda_s (C - 1 - k)) u_k
     Work and memory O(B D S C), none of it as long as the sequence.
     """
     length = u.shape[-1]
+    decay = _decay_blocks(log_poles, length)  # one set of exponentials for the three uses below
+    own = causal_convolution_fft(u, modal_filter(log_poles, residues, length, decay))  # (B, D, C)
     lam = log_poles.to(state.dtype)  # (D, S)
     # The past as a modal filter whose residues are R exp(lambda) x (one step of decay folded in).
     carried = (residues.to(state.dtype) * torch.exp(lam) * state).float()  # (B, D, S)
-    y = own + modal_filter(log_poles, carried, length)  # (B, D, C)
-    state = torch.exp(lam * length) * state + modal_state(log_poles, u).to(state.dtype)  # (B, D, S)
+    y = own + skip.float()[:, None] * u + modal_filter(log_poles, carried, length, decay)  # (B, D, C)
+    state = torch.exp(lam * length) * state + modal_state(log_poles, u, decay).to(state.dtype)  # (B, D, S)
     return y, state
 
 
@@ -605,7 +607,7 @@ class LongFilter(HyenaOperator):
     def inner_continue(self, u, state):
         """The chunk convolves with itself (filter and FFT of the chunk's length only); the past comes from
         the modal state (`modal_continue`)."""
-        return modal_continue(self.poles(), self.residues, u, state, own=self.inner(u))
+        return modal_continue(self.poles(), self.residues, u, state, self.D)
 
     def inner_step(self, u, state):
         poles = torch.exp(self.poles().to(state.dtype))  # (D, S)
@@ -857,18 +859,22 @@ class StripedHyena(nn.Module):
         chunk_size = total if chunk_size is None else chunk_size
         if chunk_size < 1:
             raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
-        self._hidden_layers(return_hidden_layers)  # checks the indices now
+        want = self._hidden_layers(return_hidden_layers)  # checks the indices now
         if cache.seqlen > 0 or chunk_size < total:
-            self._refuse_growing_poles()
+            for i, growing in self.growing_poles().items():
+                raise ValueError(
+                    f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
+                    "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
+                    "with --clamp-poles"
+                )
         for i, block in enumerate(self.blocks):
             if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
                 cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
                 cache.layers[i].reserve(max(cache.max_length, cache.seqlen + total))
-        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or ())
+        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or (), want)
 
     @torch.no_grad()
-    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers) -> Iterator:
-        want = self._hidden_layers(return_hidden_layers)
+    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers, want) -> Iterator:
         for start in range(0, input_ids.shape[1], chunk_size):
             x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
             hidden: dict[int, Tensor] = {}
@@ -889,14 +895,6 @@ class StripedHyena(nn.Module):
             if block.kind == "hcl"
         }
         return {i: n for i, n in counts.items() if n}
-
-    def _refuse_growing_poles(self) -> None:
-        for i, growing in self.growing_poles().items():
-            raise ValueError(
-                f"layer {i}: {growing} hcl pole(s) with lambda >= 0 (hcl_form vortex): chunked prefill "
-                "needs decaying modes; prefill in one chunk on a fresh cache, or convert the weights "
-                "with --clamp-poles"
-            )
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
