@@ -63,7 +63,7 @@ def bench_generation(model, context: int, decode_tokens: int, naive_tokens: int,
 
 
 def bench_scoring(model, bases: int, record: int, window: int, batch_tokens: int, seed: int) -> dict:
-    from evo2_cli.infer.context import Context
+    from evo2_cli.infer.config import Context
     from evo2_cli.infer.scoring import score_sequences
     from evo2_cli.infer.sequences import read_sequences
 

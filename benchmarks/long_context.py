@@ -50,7 +50,7 @@ def run_row(row: dict) -> dict:
     import numpy as np
     import torch
 
-    from evo2_cli.infer.context import Context
+    from evo2_cli.infer.config import Context
     from evo2_cli.infer.memory import estimate_inference_memory
     from evo2_cli.infer.scoring import score_reference, score_sequences
     from evo2_cli.infer.sequences import Sequence
@@ -72,7 +72,7 @@ def run_row(row: dict) -> dict:
     def score(part):
         if row["mode"] == "oneshot":
             return float(np.sum(score_reference(model, part)[1:], dtype=np.float64))
-        return next(score_sequences(model, [Sequence("x", part)], context)).sum_ll
+        return next(score_sequences(model, [Sequence("x", part)], context, keep_logprobs=False)).sum_ll
 
     score(tokens[:64])  # warm-up: kernels, allocator
     cuda = device.type == "cuda"
