@@ -224,6 +224,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class HashingWriter:
+    """A binary file handle that hashes what goes through it (`.digest`): a file's sha256 without reading
+    it back (torch.save writes to any object with `write` and `flush`)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
@@ -302,14 +317,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write to a temporary sibling, fsync, then rename over `path`; returns the sha256 of `data`."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str) -> str:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

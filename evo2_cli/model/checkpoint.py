@@ -189,8 +189,10 @@ def write_model_files(
     # the weights in RAM: 9 GiB for evo2-1b in fp32).
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config))
-    files = {name: sha256_file(directory / name) for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    files = {
+        WEIGHTS_FILE: sha256_file(directory / WEIGHTS_FILE),  # save_file takes a path only: read back
+        CONFIG_FILE: atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config)),
+    }
     record = {
         "format": FORMAT_NAME,
         "version": 1,

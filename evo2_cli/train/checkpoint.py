@@ -32,13 +32,13 @@ from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import (
     DiskFullError,
+    HashingWriter,
     atomic_output_dir,
     atomic_write_text,
     check_replaceable,
     directory_kind,
     exclusive,
     remove_stale_temporaries,
-    sha256_file,
     temporary_sibling,
 )
 from evo2_cli.model.checkpoint import (
@@ -91,8 +91,8 @@ def write_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(root / name, CHECKPOINT_DIR, overwrite=True) as tmp:
             with open(tmp / TRAIN_STATE, "wb") as handle:  # a handle: a full disk then raises an OSError
-                torch.save(train_state, handle)
-            write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
+                torch.save(train_state, writer := HashingWriter(handle))
+            write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: writer.digest.hexdigest()}})
         _point(root / LATEST, name)
         if is_best:
             _point(root / BEST, name)
