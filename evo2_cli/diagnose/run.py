@@ -29,7 +29,7 @@ from evo2_cli.diagnose.detect import Explosion, locate_explosion
 from evo2_cli.diagnose.record import Recorder, StepRecord
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
-from evo2_cli.model.checkpoint import build_model
+from evo2_cli.model.checkpoint import build_model, meta_model
 from evo2_cli.runtime import DTYPES, Runtime, choose_device
 from evo2_cli.train.data import WindowSampler, split_windows
 from evo2_cli.train.optim import build_optimizer, learning_rate
@@ -125,7 +125,8 @@ def variant_model(base: StripedHyena, form: str) -> StripedHyena:
     state = base.state_dict()
     if form != base.config.hcl_form:
         state = state_dict_from_vortex(vortex_state_dict(base), config, source="the starting weights")
-    return build_model(config, {k: v.detach().clone() for k, v in state.items()})  # never shares storage
+    # a copy: never shares storage with the base
+    return build_model(meta_model(config), {k: v.detach().clone() for k, v in state.items()})
 
 
 # ---------------------------------------------------------------- one variant

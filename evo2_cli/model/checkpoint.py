@@ -134,18 +134,21 @@ def check_tensors(
             raise CheckpointError(f"{source}: key '{key}' has {bad} non-finite value(s) (NaN or inf)")
 
 
-def build_model(config: ModelConfig, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None):
-    """A StripedHyena whose parameters are the given (already validated) tensors, without a random init."""
+def meta_model(config: ModelConfig) -> StripedHyena:
+    """A StripedHyena without storage: its shapes, or a model for `build_model` to fill (no random init)."""
     with torch.device("meta"):
-        model = StripedHyena(config)
+        return StripedHyena(config)
+
+
+def build_model(model: StripedHyena, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None):
+    """`meta_model`'s `model` with the given (already validated) tensors as its parameters."""
     tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = StripedHyena(config)
+def expected_shapes(model: ModelConfig | StripedHyena) -> dict[str, tuple[int, ...]]:
+    model = meta_model(model) if isinstance(model, ModelConfig) else model
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -618,8 +621,8 @@ def load_model(
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
     `verify` is False, strict keys, shapes, finite values)."""
     directory = resolve_checkpoint(path, vortex=False)
-    config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
-    expected = expected_shapes(config)
+    model, hashes = meta_model(load_checkpoint_config(directory, verify)), recorded_hashes(directory, verify)
+    expected = expected_shapes(model)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
         directory,
@@ -628,7 +631,7 @@ def load_model(
         map_location,
         check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
     )
-    return build_model(config, tensors, dtype)
+    return build_model(model, tensors, dtype)
 
 
 def load_source(
