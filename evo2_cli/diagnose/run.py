@@ -102,7 +102,6 @@ def starting_model(job: DiagnoseJob, verify: bool = True) -> tuple[StripedHyena,
 
         # A Vortex .pt keeps its free poles as they are; each variant then converts to its own form.
         model = load_source(d.checkpoint, d.vortex_config, hcl_form="vortex", verify=verify)
-        model.requires_grad_(True)
         source = str(resolve_checkpoint(d.checkpoint))
         if d.slow_modes > model.config.state_size:
             raise InputError(
