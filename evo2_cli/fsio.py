@@ -88,15 +88,16 @@ def remove_stale_temporaries(
         final = path.with_name(match["name"])
         if match["tag"] == "old" and not complete(final):
             if final.exists() or final.is_symlink():
-                _remove(final)
+                remove_path(final)
             os.replace(path, final)
             say(f"restored {final}: process {pid} was killed while replacing it")
             continue
-        _remove(path)
+        remove_path(path)
         say(f"removed {path}, left by process {pid} (no longer running)")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
