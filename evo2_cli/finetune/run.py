@@ -106,19 +106,13 @@ def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoin
     if path.is_file() and path.suffix != ".safetensors":
         config_path = section.init_config or _sibling_config(path)
         return StartingPoint(path, load_model_config(config_path), config_path)
-    path = checkpoint_dir(path)
+    path = resolve_checkpoint(path, vortex=False)
     if section.init_config is not None:
         raise InputError(
             f"finetune.init_config is only for a Vortex .pt; {path} is a checkpoint directory whose own "
             "config.yaml describes the model"
         )
     return StartingPoint(path, load_checkpoint_config(path, verify), None, verify)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory, its `latest` pointer or `model.safetensors`, or a run directory (its latest
-    complete checkpoint) -> the checkpoint directory (the inference package's resolution)."""
-    return resolve_checkpoint(path, vortex=False)
 
 
 def _sibling_config(weights: Path) -> Path:
@@ -301,7 +295,7 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     """Any checkpoint directory of ours as a model: plain (as `load_model`), with LoRA adapters, or with a
     task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files, checked
     against their sha256 unless `verify` is False."""
-    directory = checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     hashes = recorded_hashes(directory, verify)
     check_file(directory / CONFIG_FILE, hashes)
     section = read_finetune_section(directory)
@@ -343,7 +337,7 @@ def merge(
     Returns the merged model and how many layers were merged (0 for a checkpoint without adapters).
     The source is checked against its sha256 first (unless `verify` is False): the output's fresh hashes
     must never vouch for corrupted weights."""
-    directory = checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     model = load_finetuned(directory, verify)
     if hasattr(model, HEAD_NAME):
         raise InputError(
