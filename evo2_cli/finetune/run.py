@@ -45,6 +45,7 @@ from evo2_cli.model.checkpoint import (
     recorded_hashes,
     resolve_checkpoint,
     save_model,
+    vortex_config_of,
     write_model_files,
 )
 from evo2_cli.model.vortex import export_vortex, load_vortex
@@ -104,7 +105,7 @@ def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoin
             "release config YAML goes to --init-config"
         )
     if path.is_file() and path.suffix != ".safetensors":
-        config_path = section.init_config or _sibling_config(path)
+        config_path = vortex_config_of(path, section.init_config, "set finetune.init_config (--init-config)")
         return StartingPoint(path, load_model_config(config_path), config_path)
     path = resolve_checkpoint(path, vortex=False)
     if section.init_config is not None:
@@ -113,17 +114,6 @@ def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoin
             "config.yaml describes the model"
         )
     return StartingPoint(path, load_checkpoint_config(path, verify), None, verify)
-
-
-def _sibling_config(weights: Path) -> Path:
-    for suffix in (".yml", ".yaml"):
-        candidate = weights.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    raise InputError(
-        f"{weights}: a Vortex .pt needs its release config YAML; set finetune.init_config (--init-config) "
-        f"or put it beside the weights as {weights.with_suffix('.yml').name}"
-    )
 
 
 def model_config_for(job: FinetuneJob, start: StartingPoint) -> ModelConfig:

@@ -46,7 +46,8 @@ Our checkpoint directory (evo2_cli.model.checkpoint)
     resolve_checkpoint(path, vortex=True) -> Path   the checkpoint dir (or Vortex .pt) any source means
     load_model(path, map_location='cpu', dtype=None, verify=True) -> StripedHyena
     load_source(path, vortex_config=None, hcl_form=None, clamp_poles=None, verify=True) -> StripedHyena
-    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig (None: a .pt, no config)
+    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig  (a .pt: the .yml beside it
+                                    unless vortex_config is given)
                                     verify: the files' sha256 against meta.json (False: --no-verify)
 """
 

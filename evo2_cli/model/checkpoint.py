@@ -596,18 +596,30 @@ def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
     return _follow_latest(target, seen)
 
 
+def vortex_config_of(weights: Path, given: str | Path | None, ask: str = "pass --vortex-config FILE") -> Path:
+    """The model config YAML of a Vortex .pt: `given`, else the .yml / .yaml of the same name beside it."""
+    beside = [p for p in map(weights.with_suffix, (".yml", ".yaml")) if p.is_file()]
+    found = [given] if given is not None else beside
+    if not found:
+        raise CheckpointError(
+            f"{weights}: a Vortex .pt needs its release config YAML; {ask} or put it beside the weights as "
+            f"{weights.with_suffix('.yml').name}"
+        )
+    return Path(found[0])
+
+
 # ---------------------------------------------------------------- load
 
 
 def load_checkpoint_config(
     path: str | Path, verify: bool = True, vortex_config: str | Path | None = None
-) -> ModelConfig | None:
+) -> ModelConfig:
     """The ModelConfig of any source `resolve_checkpoint` accepts, read without the weights: our config.yaml's
-    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's
-    `vortex_config` (None without one: the loader explains)."""
+    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's config
+    (`vortex_config_of`)."""
     source = resolve_checkpoint(path)
     if source.is_file():
-        return None if vortex_config is None else load_model_config(vortex_config)
+        return load_model_config(vortex_config_of(source, vortex_config))
     check_file(source / CONFIG_FILE, recorded_hashes(source, verify))
     return load_model_config(source / CONFIG_FILE)
 
@@ -642,18 +654,16 @@ def load_source(
     clamp_poles: float | None = None,
     verify: bool = True,
 ) -> StripedHyena:
-    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config` is required for
-    a Vortex `.pt` and refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
-    apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`); `verify`: see `load_model`."""
+    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). A Vortex `.pt` takes
+    `vortex_config` or the YAML beside it (`vortex_config_of`); our checkpoints refuse one (they carry their
+    config); `hcl_form` / `clamp_poles` apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`);
+    `verify`: see `load_model`."""
     source = resolve_checkpoint(path)
     if source.is_file():
-        if vortex_config is None:
-            raise CheckpointError(
-                f"{source}: a Vortex-layout .pt needs its model config YAML: pass --vortex-config FILE"
-            )
         from evo2_cli.model.vortex import load_vortex
 
-        return load_vortex(vortex_config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
+        config = vortex_config_of(source, vortex_config)
+        return load_vortex(config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
     if vortex_config is not None:
         raise CheckpointError(
             f"{source}: --vortex-config is only for Vortex .pt files; our checkpoints carry their config"
