@@ -28,7 +28,7 @@ from evo2_cli.config import build_config, read_yaml, to_dict
 from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
-from evo2_cli.finetune.freeze import is_adapter_parameter, trainable_names
+from evo2_cli.finetune.freeze import trainable_names
 from evo2_cli.finetune.heads import HEAD_NAME, SequenceTask, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
@@ -39,6 +39,7 @@ from evo2_cli.model.checkpoint import (
     base_reference,
     check_file,
     check_tensors,
+    is_adapter_parameter,
     load_checkpoint_config,
     load_model,
     read_checkpoint_tensors,

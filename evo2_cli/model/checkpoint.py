@@ -372,10 +372,14 @@ def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
     return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
 
 
+def is_adapter_parameter(name: str) -> bool:  # finetune's LoRALinear: <layer>.lora_A, <layer>.lora_B
+    return name.endswith((".lora_A", ".lora_B"))
+
+
 def fold_lora(tensors: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
     """A state dict with LoRA adapters -> the plain one: each `<layer>.lora_A` / `lora_B` pair folded into
     `<layer>.weight` and dropped (what finetune's `merge_lora` does to a model)."""
-    folded = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    folded = {k: v for k, v in tensors.items() if not is_adapter_parameter(k)}
     for key in tensors:
         if key.endswith(".lora_A"):
             layer = key.removesuffix(".lora_A")
