@@ -35,14 +35,12 @@ from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
     META_FILE,
-    WEIGHTS_FILE,
     base_reference,
     check_file,
-    check_tensors,
     is_adapter_parameter,
     load_checkpoint_config,
     load_model,
-    read_checkpoint_tensors,
+    meta_model,
     recorded_hashes,
     resolve_checkpoint,
     save_model,
@@ -294,20 +292,13 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     task = meta.get("task") or {}
     if section is None or (section.method != "lora" and not task):
         return load_model(directory, verify=verify)
-    config = load_model_config(directory / CONFIG_FILE)
+    model = meta_model(load_model_config(directory / CONFIG_FILE))
     with torch.device("meta"):
-        model = StripedHyena(config)
         if task:
             attach_head(model, int(task["outputs"]))
         if section.method == "lora":
             inject_lora(model, section.lora)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    hint = f"the weights do not match {directory / CONFIG_FILE}"
-    source = str(directory / WEIGHTS_FILE)
-    tensors = read_checkpoint_tensors(
-        directory, hashes, verify, check=lambda tensors: check_tensors(tensors, expected, source, hint=hint)
-    )
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model = load_model(directory, verify=verify, model=model)
     if task:
         model.task_classes = task.get("classes")
     return model

@@ -633,11 +633,14 @@ def load_model(
     map_location: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    model: StripedHyena | None = None,
 ) -> StripedHyena:
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
-    `verify` is False, strict keys, shapes, finite values)."""
+    `verify` is False, strict keys, shapes, finite values). `model`: the meta-device model to fill, when it
+    is not the plain `meta_model` of the checkpoint's config (finetune's, with adapters or a task head)."""
     directory = resolve_checkpoint(path, vortex=False)
-    model, hashes = meta_model(load_checkpoint_config(directory, verify)), recorded_hashes(directory, verify)
+    config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
+    model = model if model is not None else meta_model(config)
     expected = expected_shapes(model)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
