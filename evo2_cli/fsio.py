@@ -96,8 +96,7 @@ def remove_stale_temporaries(
         say(f"removed {path}, left by process {pid} (no longer running)")
 
 
-def remove_path(path: Path) -> None:
-    """Delete a file, a symlink (not what it points to) or a directory tree."""
+def remove_path(path: Path) -> None:  # a symlink itself, not what it points to
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
@@ -230,14 +229,11 @@ class HashingWriter:
     it back (torch.save writes to any object with `write` and `flush`)."""
 
     def __init__(self, handle):
-        self.handle, self.digest = handle, hashlib.sha256()
+        self.handle, self.digest, self.flush = handle, hashlib.sha256(), handle.flush
 
     def write(self, data) -> int:
         self.digest.update(data)
         return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}

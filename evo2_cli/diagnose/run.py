@@ -124,8 +124,7 @@ def variant_model(base: StripedHyena, form: str) -> StripedHyena:
     state = base.state_dict()
     if form != base.config.hcl_form:
         state = state_dict_from_vortex(vortex_state_dict(base), config, source="the starting weights")
-    # a copy: never shares storage with the base
-    return build_model(meta_model(config), {k: v.detach().clone() for k, v in state.items()})
+    return build_model(meta_model(config), {k: v.detach().clone() for k, v in state.items()})  # a copy
 
 
 # ---------------------------------------------------------------- one variant

@@ -16,7 +16,6 @@ The same code adapts the model whatever the starting point is: our checkpoint di
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +33,13 @@ from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
-    META_FILE,
     base_reference,
     check_file,
     is_adapter_parameter,
     load_checkpoint_config,
     load_model,
     meta_model,
+    read_meta,
     recorded_hashes,
     resolve_checkpoint,
     save_model,
@@ -288,8 +287,7 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     hashes = recorded_hashes(directory, verify)
     check_file(directory / CONFIG_FILE, hashes)
     section = read_finetune_section(directory)
-    meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
-    task = meta.get("task") or {}
+    task = read_meta(directory).get("task") or {}
     if section is None or (section.method != "lora" and not task):
         return load_model(directory, verify=verify)
     model = meta_model(load_model_config(directory / CONFIG_FILE))
@@ -323,12 +321,10 @@ def merge(
     model = load_finetuned(directory, verify)
     if hasattr(model, HEAD_NAME):
         raise InputError(
-            f"{directory}: holds a {json.loads((directory / META_FILE).read_text())['task']['kind']} head; "
+            f"{directory}: holds a {read_meta(directory)['task']['kind']} head; "
             "merge writes plain language-model checkpoints"
         )
     merged = merge_lora(model)
-    for param in model.parameters():
-        param.requires_grad_(True)
     meta = {"merged_from": str(directory), "merged_lora_layers": merged}
     save_model(model, out, meta=meta, overwrite=overwrite)
     if vortex is not None:

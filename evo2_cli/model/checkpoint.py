@@ -147,8 +147,7 @@ def build_model(model: StripedHyena, state_dict: Mapping[str, Tensor], dtype: to
     return model
 
 
-def expected_shapes(model: ModelConfig | StripedHyena) -> dict[str, tuple[int, ...]]:
-    model = meta_model(model) if isinstance(model, ModelConfig) else model
+def expected_shapes(model: StripedHyena) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -192,10 +191,8 @@ def write_model_files(
     # the weights in RAM: 9 GiB for evo2-1b in fp32).
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    files = {
-        WEIGHTS_FILE: sha256_file(directory / WEIGHTS_FILE),  # save_file takes a path only: read back
-        CONFIG_FILE: atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config)),
-    }
+    files = {WEIGHTS_FILE: sha256_file(directory / WEIGHTS_FILE)}  # save_file takes only a path: read back
+    files[CONFIG_FILE] = atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config))
     record = {
         "format": FORMAT_NAME,
         "version": 1,
@@ -602,14 +599,13 @@ def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
 
 def vortex_config_of(weights: Path, given: str | Path | None, ask: str = "pass --vortex-config FILE") -> Path:
     """The model config YAML of a Vortex .pt: `given`, else the .yml / .yaml of the same name beside it."""
-    beside = [p for p in map(weights.with_suffix, (".yml", ".yaml")) if p.is_file()]
-    found = [given] if given is not None else beside
-    if not found:
+    found = given or next((p for p in map(weights.with_suffix, (".yml", ".yaml")) if p.is_file()), None)
+    if found is None:
         raise CheckpointError(
             f"{weights}: a Vortex .pt needs its release config YAML; {ask} or put it beside the weights as "
             f"{weights.with_suffix('.yml').name}"
         )
-    return Path(found[0])
+    return Path(found)
 
 
 # ---------------------------------------------------------------- load
@@ -636,8 +632,8 @@ def load_model(
     model: StripedHyena | None = None,
 ) -> StripedHyena:
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
-    `verify` is False, strict keys, shapes, finite values). `model`: the meta-device model to fill, when it
-    is not the plain `meta_model` of the checkpoint's config (finetune's, with adapters or a task head)."""
+    `verify` is False, strict keys, shapes, finite values) into `model`, a meta-device model of its config
+    (default `meta_model`; finetune's has adapters or a task head)."""
     directory = resolve_checkpoint(path, vortex=False)
     config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
     model = model if model is not None else meta_model(config)
@@ -661,10 +657,9 @@ def load_source(
     clamp_poles: float | None = None,
     verify: bool = True,
 ) -> StripedHyena:
-    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). A Vortex `.pt` takes
-    `vortex_config` or the YAML beside it (`vortex_config_of`); our checkpoints refuse one (they carry their
-    config); `hcl_form` / `clamp_poles` apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`);
-    `verify`: see `load_model`."""
+    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config`: see
+    `vortex_config_of`, refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
+    apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`); `verify`: see `load_model`."""
     source = resolve_checkpoint(path)
     if source.is_file():
         from evo2_cli.model.vortex import load_vortex

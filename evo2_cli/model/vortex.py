@@ -240,7 +240,7 @@ def state_dict_from_vortex(
                 ours[prefix + "filter.p"], ours[prefix + "filter.gamma"] = modal_from_poles(lam)
             else:
                 ours[prefix + "filter.log_poles"] = lam
-    check_tensors(ours, expected_shapes(config), source, finite=False)  # values checked above
+    check_tensors(ours, expected_shapes(meta_model(config)), source, finite=False)  # values checked above
     return ours
 
 
