@@ -440,3 +440,21 @@ def test_a_vortex_pt_finds_the_config_yaml_beside_it(tmp_path):
     with pytest.raises(InputError, match="nonexistent"):
         load_source(weights)
     assert load_source(weights, CONFIG).config == load_model_config(CONFIG)
+
+
+def test_infer_takes_a_vortex_pt_with_its_yaml_beside_it(tmp_path):
+    weights = Path(shutil.copy(WEIGHTS, tmp_path / "w.pt"))
+    (tmp_path / "in.fa").write_text(">a\nACGTACGTTTGA\n>b\nGGCATTACA\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["infer", "score", str(weights), str(tmp_path / "in.fa")])
+    assert result.exit_code == 2 and "--vortex-config" in result.output
+    shutil.copy(CONFIG, tmp_path / "w.yml")
+    scores = {}
+    for name, extra in (("beside", []), ("given", ["--vortex-config", str(CONFIG)])):
+        out = tmp_path / f"{name}.tsv"
+        result = runner.invoke(
+            app, ["infer", "score", str(weights), str(tmp_path / "in.fa"), "-o", str(out), *extra]
+        )
+        assert result.exit_code == 0, result.output
+        scores[name] = out.read_bytes()
+    assert scores["beside"] == scores["given"]
