@@ -88,15 +88,15 @@ def remove_stale_temporaries(
         final = path.with_name(match["name"])
         if match["tag"] == "old" and not complete(final):
             if final.exists() or final.is_symlink():
-                _remove(final)
+                remove_path(final)
             os.replace(path, final)
             say(f"restored {final}: process {pid} was killed while replacing it")
             continue
-        _remove(path)
+        remove_path(path)
         say(f"removed {path}, left by process {pid} (no longer running)")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:  # a symlink itself, not what it points to
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
@@ -224,6 +224,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class HashingWriter:
+    """A binary file handle that hashes what goes through it (`.digest`): a file's sha256 without reading
+    it back (torch.save writes to any object with `write` and `flush`)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.flush = handle, hashlib.sha256(), handle.flush
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
@@ -302,14 +314,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write to a temporary sibling, fsync, then rename over `path`; returns the sha256 of `data`."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str) -> str:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

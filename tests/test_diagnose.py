@@ -401,7 +401,7 @@ def test_a_vortex_checkpoint_is_a_starting_point(ecoli, tmp_path):
 
     torch.manual_seed(0)
     export_vortex(
-        StripedHyena(preset_config("test", hcl_form="vortex")), tmp_path / "w.pt", tmp_path / "w.yml"
+        StripedHyena(preset_config("test", hcl_form="vortex")), tmp_path / "w.pt", tmp_path / "release.yml"
     )
     out = tmp_path / "diag"
     args = [f"--set=data.datasets=[{{path: {ecoli}}}]", "--set=data.seq_len=64", "--steps=1", "--device=cpu"]
@@ -410,12 +410,17 @@ def test_a_vortex_checkpoint_is_a_starting_point(ecoli, tmp_path):
     code, text = cli(
         *args,
         f"--checkpoint={tmp_path / 'w.pt'}",
-        f"--vortex-config={tmp_path / 'w.yml'}",
+        f"--vortex-config={tmp_path / 'release.yml'}",
         f"--output={out}",
     )
     assert code == 0, text
     data = json.loads((out / "report.json").read_text())
     assert data["source"].endswith("w.pt") and [v["name"] for v in data["variants"]] == ["vortex", "modal"]
+    # the YAML of the same name beside the .pt is found without --vortex-config
+    (tmp_path / "release.yml").rename(tmp_path / "w.yml")
+    code, text = cli(*args, f"--checkpoint={tmp_path / 'w.pt'}", f"--output={tmp_path / 'beside'}")
+    assert code == 0, text
+    assert json.loads((tmp_path / "beside" / "report.json").read_text())["source"].endswith("w.pt")
 
 
 # ---------------------------------------------------------------- post-hoc review of a training run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from evo2_cli.model import (
     preset_config,
     save_model,
 )
-from evo2_cli.model.checkpoint import CheckpointError, all_finite, check_tensors, write_model_files
+from evo2_cli.model.checkpoint import (
+    CheckpointError,
+    all_finite,
+    check_tensors,
+    load_source,
+    write_model_files,
+)
 from evo2_cli.model.vortex import export_vortex, read_vortex_checkpoint, state_dict_from_vortex
 
 CONFIG = VORTEX_TINY / "tiny_config.yml"
@@ -416,3 +423,38 @@ def test_a_looping_latest_pointer_exits_2(tmp_path):
     (tmp_path / "latest").symlink_to(".")
     result = CliRunner().invoke(app, ["convert", "to-vortex", str(tmp_path), "-o", str(tmp_path / "out.pt")])
     assert result.exit_code == 2 and "the pointer loops back" in " ".join(result.output.split())
+
+
+def test_a_vortex_pt_finds_the_config_yaml_beside_it(tmp_path):
+    """Every command that takes a .pt (infer, diagnose-grads, finetune) reads the .yml / .yaml of the same
+    name beside it when no config is given; a given one wins; with neither the message names both ways."""
+    weights = Path(shutil.copy(WEIGHTS, tmp_path / "w.pt"))
+    with pytest.raises(CheckpointError, match=r"--vortex-config FILE or put it beside the weights as w\.yml"):
+        load_source(weights)
+    shutil.copy(CONFIG, tmp_path / "w.yaml")
+    expected = load_source(WEIGHTS, CONFIG).state_dict()
+    for key, value in load_source(weights).state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert load_checkpoint_config(weights) == load_model_config(CONFIG)
+    (tmp_path / "w.yml").write_text("model: {preset: nonexistent}\n")  # .yml before .yaml; a given one wins
+    with pytest.raises(InputError, match="nonexistent"):
+        load_source(weights)
+    assert load_source(weights, CONFIG).config == load_model_config(CONFIG)
+
+
+def test_infer_takes_a_vortex_pt_with_its_yaml_beside_it(tmp_path):
+    weights = Path(shutil.copy(WEIGHTS, tmp_path / "w.pt"))
+    (tmp_path / "in.fa").write_text(">a\nACGTACGTTTGA\n>b\nGGCATTACA\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["infer", "score", str(weights), str(tmp_path / "in.fa")])
+    assert result.exit_code == 2 and "--vortex-config" in result.output
+    shutil.copy(CONFIG, tmp_path / "w.yml")
+    scores = {}
+    for name, extra in (("beside", []), ("given", ["--vortex-config", str(CONFIG)])):
+        out = tmp_path / f"{name}.tsv"
+        result = runner.invoke(
+            app, ["infer", "score", str(weights), str(tmp_path / "in.fa"), "-o", str(out), *extra]
+        )
+        assert result.exit_code == 0, result.output
+        scores[name] = out.read_bytes()
+    assert scores["beside"] == scores["given"]

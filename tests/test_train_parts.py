@@ -13,7 +13,7 @@ import torch
 
 from evo2_cli.config import build_config, to_yaml
 from evo2_cli.data.alphabet import EOD_ID, reverse_complement
-from evo2_cli.data.indexed import IndexedDatasetWriter
+from evo2_cli.data.indexed import IndexedDataset, IndexedDatasetWriter
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.model import StripedHyena, load_model, preset_config
 from evo2_cli.model.checkpoint import latest_checkpoint, step_dirs, write_model_files
@@ -36,7 +36,9 @@ def write_dataset(prefix: Path, documents: list[bytes]) -> Path:
 
 def sampler(prefixes, seq_len=16, weights=None, **kwargs) -> WindowSampler:
     weights = weights or [1.0] * len(prefixes)
-    return WindowSampler(prefixes, weights, seq_len, seed=7, stream=TRAIN_STREAM, **kwargs)
+    return WindowSampler(
+        [IndexedDataset(p) for p in prefixes], weights, seq_len, seed=7, stream=TRAIN_STREAM, **kwargs
+    )
 
 
 # ---------------------------------------------------------------- windows
@@ -51,7 +53,7 @@ def test_windows_depend_only_on_seed_and_index(tmp_path):
         np.testing.assert_array_equal(first.window(index)[0], second.window(index)[0])
     assert not np.array_equal(first.window(0)[0], first.window(1)[0])
     assert len(first.window(5)[0]) == 17
-    other_seed = WindowSampler([prefix], [1.0], 16, seed=8, stream=TRAIN_STREAM)
+    other_seed = WindowSampler([IndexedDataset(prefix)], [1.0], 16, seed=8, stream=TRAIN_STREAM)
     assert not np.array_equal(first.window(0)[0], other_seed.window(0)[0])
 
 

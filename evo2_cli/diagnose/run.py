@@ -29,7 +29,7 @@ from evo2_cli.diagnose.detect import Explosion, locate_explosion
 from evo2_cli.diagnose.record import Recorder, StepRecord
 from evo2_cli.errors import InputError
 from evo2_cli.model import ModelConfig, StripedHyena
-from evo2_cli.model.checkpoint import build_model
+from evo2_cli.model.checkpoint import build_model, meta_model
 from evo2_cli.runtime import DTYPES, Runtime, choose_device
 from evo2_cli.train.data import WindowSampler, split_windows
 from evo2_cli.train.optim import build_optimizer, learning_rate
@@ -102,7 +102,6 @@ def starting_model(job: DiagnoseJob, verify: bool = True) -> tuple[StripedHyena,
 
         # A Vortex .pt keeps its free poles as they are; each variant then converts to its own form.
         model = load_source(d.checkpoint, d.vortex_config, hcl_form="vortex", verify=verify)
-        model.requires_grad_(True)
         source = str(resolve_checkpoint(d.checkpoint))
         if d.slow_modes > model.config.state_size:
             raise InputError(
@@ -125,7 +124,7 @@ def variant_model(base: StripedHyena, form: str) -> StripedHyena:
     state = base.state_dict()
     if form != base.config.hcl_form:
         state = state_dict_from_vortex(vortex_state_dict(base), config, source="the starting weights")
-    return build_model(config, {k: v.detach().clone() for k, v in state.items()})  # never shares storage
+    return build_model(meta_model(config), {k: v.detach().clone() for k, v in state.items()})  # a copy
 
 
 # ---------------------------------------------------------------- one variant

@@ -23,6 +23,7 @@ from torch import nn
 
 from evo2_cli.errors import InputError
 from evo2_cli.model import is_filter_parameter
+from evo2_cli.model.checkpoint import is_adapter_parameter
 
 Predicate = Callable[[str], bool]
 
@@ -107,7 +108,3 @@ def trainable_names(
             "or use method: lora"
         )
     return chosen
-
-
-def is_adapter_parameter(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B"))

@@ -16,7 +16,6 @@ The same code adapts the model whatever the starting point is: our checkpoint di
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +27,23 @@ from evo2_cli.config import build_config, read_yaml, to_dict
 from evo2_cli.console import make_console
 from evo2_cli.errors import InputError
 from evo2_cli.finetune.config import FinetuneJob, FinetuneSection
-from evo2_cli.finetune.freeze import is_adapter_parameter, trainable_names
+from evo2_cli.finetune.freeze import trainable_names
 from evo2_cli.finetune.heads import HEAD_NAME, SequenceTask, attach_head, is_head_parameter
 from evo2_cli.finetune.lora import LoRALinear, inject_lora, merge_lora
 from evo2_cli.model import ModelConfig, StripedHyena, load_model_config
 from evo2_cli.model.checkpoint import (
     CONFIG_FILE,
-    META_FILE,
-    WEIGHTS_FILE,
     base_reference,
     check_file,
-    check_tensors,
+    is_adapter_parameter,
     load_checkpoint_config,
     load_model,
-    read_checkpoint_tensors,
+    meta_model,
+    read_meta,
     recorded_hashes,
     resolve_checkpoint,
     save_model,
+    vortex_config_of,
     write_model_files,
 )
 from evo2_cli.model.vortex import export_vortex, load_vortex
@@ -104,32 +103,15 @@ def resolve_start(section: FinetuneSection, verify: bool = True) -> StartingPoin
             "release config YAML goes to --init-config"
         )
     if path.is_file() and path.suffix != ".safetensors":
-        config_path = section.init_config or _sibling_config(path)
+        config_path = vortex_config_of(path, section.init_config, "set finetune.init_config (--init-config)")
         return StartingPoint(path, load_model_config(config_path), config_path)
-    path = checkpoint_dir(path)
+    path = resolve_checkpoint(path, vortex=False)
     if section.init_config is not None:
         raise InputError(
             f"finetune.init_config is only for a Vortex .pt; {path} is a checkpoint directory whose own "
             "config.yaml describes the model"
         )
     return StartingPoint(path, load_checkpoint_config(path, verify), None, verify)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory, its `latest` pointer or `model.safetensors`, or a run directory (its latest
-    complete checkpoint) -> the checkpoint directory (the inference package's resolution)."""
-    return resolve_checkpoint(path, vortex=False)
-
-
-def _sibling_config(weights: Path) -> Path:
-    for suffix in (".yml", ".yaml"):
-        candidate = weights.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    raise InputError(
-        f"{weights}: a Vortex .pt needs its release config YAML; set finetune.init_config (--init-config) "
-        f"or put it beside the weights as {weights.with_suffix('.yml').name}"
-    )
 
 
 def model_config_for(job: FinetuneJob, start: StartingPoint) -> ModelConfig:
@@ -301,28 +283,20 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     """Any checkpoint directory of ours as a model: plain (as `load_model`), with LoRA adapters, or with a
     task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files, checked
     against their sha256 unless `verify` is False."""
-    directory = checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     hashes = recorded_hashes(directory, verify)
     check_file(directory / CONFIG_FILE, hashes)
     section = read_finetune_section(directory)
-    meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
-    task = meta.get("task") or {}
+    task = read_meta(directory).get("task") or {}
     if section is None or (section.method != "lora" and not task):
         return load_model(directory, verify=verify)
-    config = load_model_config(directory / CONFIG_FILE)
+    model = meta_model(load_model_config(directory / CONFIG_FILE))
     with torch.device("meta"):
-        model = StripedHyena(config)
         if task:
             attach_head(model, int(task["outputs"]))
         if section.method == "lora":
             inject_lora(model, section.lora)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    hint = f"the weights do not match {directory / CONFIG_FILE}"
-    source = str(directory / WEIGHTS_FILE)
-    tensors = read_checkpoint_tensors(
-        directory, hashes, verify, check=lambda tensors: check_tensors(tensors, expected, source, hint=hint)
-    )
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model = load_model(directory, verify=verify, model=model)
     if task:
         model.task_classes = task.get("classes")
     return model
@@ -343,16 +317,14 @@ def merge(
     Returns the merged model and how many layers were merged (0 for a checkpoint without adapters).
     The source is checked against its sha256 first (unless `verify` is False): the output's fresh hashes
     must never vouch for corrupted weights."""
-    directory = checkpoint_dir(path)
+    directory = resolve_checkpoint(path, vortex=False)
     model = load_finetuned(directory, verify)
     if hasattr(model, HEAD_NAME):
         raise InputError(
-            f"{directory}: holds a {json.loads((directory / META_FILE).read_text())['task']['kind']} head; "
+            f"{directory}: holds a {read_meta(directory)['task']['kind']} head; "
             "merge writes plain language-model checkpoints"
         )
     merged = merge_lora(model)
-    for param in model.parameters():
-        param.requires_grad_(True)
     meta = {"merged_from": str(directory), "merged_lora_layers": merged}
     save_model(model, out, meta=meta, overwrite=overwrite)
     if vortex is not None:

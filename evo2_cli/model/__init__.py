@@ -46,7 +46,7 @@ Our checkpoint directory (evo2_cli.model.checkpoint)
     resolve_checkpoint(path, vortex=True) -> Path   the checkpoint dir (or Vortex .pt) any source means
     load_model(path, map_location='cpu', dtype=None, verify=True) -> StripedHyena
     load_source(path, vortex_config=None, hcl_form=None, clamp_poles=None, verify=True) -> StripedHyena
-    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig (None: a .pt, no config)
+    load_checkpoint_config(path, verify=True, vortex_config=None) -> ModelConfig (a .pt: vortex_config_of)
                                     verify: the files' sha256 against meta.json (False: --no-verify)
 """
 

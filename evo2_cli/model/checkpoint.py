@@ -134,18 +134,20 @@ def check_tensors(
             raise CheckpointError(f"{source}: key '{key}' has {bad} non-finite value(s) (NaN or inf)")
 
 
-def build_model(config: ModelConfig, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None):
-    """A StripedHyena whose parameters are the given (already validated) tensors, without a random init."""
+def meta_model(config: ModelConfig) -> StripedHyena:
+    """A StripedHyena without storage: its shapes, or a model for `build_model` to fill (no random init)."""
     with torch.device("meta"):
-        model = StripedHyena(config)
+        return StripedHyena(config)
+
+
+def build_model(model: StripedHyena, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None):
+    """`meta_model`'s `model` with the given (already validated) tensors as its parameters."""
     tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = StripedHyena(config)
+def expected_shapes(model: StripedHyena) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -189,8 +191,8 @@ def write_model_files(
     # the weights in RAM: 9 GiB for evo2-1b in fp32).
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config))
-    files = {name: sha256_file(directory / name) for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    files = {WEIGHTS_FILE: sha256_file(directory / WEIGHTS_FILE)}  # save_file takes only a path: read back
+    files[CONFIG_FILE] = atomic_write_text(directory / CONFIG_FILE, _config_yaml(model, config))
     record = {
         "format": FORMAT_NAME,
         "version": 1,
@@ -367,10 +369,14 @@ def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
     return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
 
 
+def is_adapter_parameter(name: str) -> bool:  # finetune's LoRALinear: <layer>.lora_A, <layer>.lora_B
+    return name.endswith((".lora_A", ".lora_B"))
+
+
 def fold_lora(tensors: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
     """A state dict with LoRA adapters -> the plain one: each `<layer>.lora_A` / `lora_B` pair folded into
     `<layer>.weight` and dropped (what finetune's `merge_lora` does to a model)."""
-    folded = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
+    folded = {k: v for k, v in tensors.items() if not is_adapter_parameter(k)}
     for key in tensors:
         if key.endswith(".lora_A"):
             layer = key.removesuffix(".lora_A")
@@ -591,18 +597,29 @@ def _follow_latest(directory: Path, seen: frozenset[str] = frozenset()) -> Path:
     return _follow_latest(target, seen)
 
 
+def vortex_config_of(weights: Path, given: str | Path | None, ask: str = "pass --vortex-config FILE") -> Path:
+    """The model config YAML of a Vortex .pt: `given`, else the .yml / .yaml of the same name beside it."""
+    found = given or next((p for p in map(weights.with_suffix, (".yml", ".yaml")) if p.is_file()), None)
+    if found is None:
+        raise CheckpointError(
+            f"{weights}: a Vortex .pt needs its release config YAML; {ask} or put it beside the weights as "
+            f"{weights.with_suffix('.yml').name}"
+        )
+    return Path(found)
+
+
 # ---------------------------------------------------------------- load
 
 
 def load_checkpoint_config(
     path: str | Path, verify: bool = True, vortex_config: str | Path | None = None
-) -> ModelConfig | None:
+) -> ModelConfig:
     """The ModelConfig of any source `resolve_checkpoint` accepts, read without the weights: our config.yaml's
-    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's
-    `vortex_config` (None without one: the loader explains)."""
+    `model:` section (verified against meta.json unless `verify` is False), or a Vortex .pt's config
+    (`vortex_config_of`)."""
     source = resolve_checkpoint(path)
     if source.is_file():
-        return None if vortex_config is None else load_model_config(vortex_config)
+        return load_model_config(vortex_config_of(source, vortex_config))
     check_file(source / CONFIG_FILE, recorded_hashes(source, verify))
     return load_model_config(source / CONFIG_FILE)
 
@@ -612,12 +629,15 @@ def load_model(
     map_location: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    model: StripedHyena | None = None,
 ) -> StripedHyena:
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
-    `verify` is False, strict keys, shapes, finite values)."""
+    `verify` is False, strict keys, shapes, finite values) into `model`, a meta-device model of its config
+    (default `meta_model`; finetune's has adapters or a task head)."""
     directory = resolve_checkpoint(path, vortex=False)
     config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
-    expected = expected_shapes(config)
+    model = model if model is not None else meta_model(config)
+    expected = expected_shapes(model)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
         directory,
@@ -626,7 +646,7 @@ def load_model(
         map_location,
         check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
     )
-    return build_model(config, tensors, dtype)
+    return build_model(model, tensors, dtype)
 
 
 def load_source(
@@ -637,18 +657,15 @@ def load_source(
     clamp_poles: float | None = None,
     verify: bool = True,
 ) -> StripedHyena:
-    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config` is required for
-    a Vortex `.pt` and refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
+    """The model at any source `resolve_checkpoint` accepts, as stored (CPU). `vortex_config`: see
+    `vortex_config_of`, refused for our checkpoints (they carry their config); `hcl_form` / `clamp_poles`
     apply to Vortex imports (`evo2_cli.model.vortex.load_vortex`); `verify`: see `load_model`."""
     source = resolve_checkpoint(path)
     if source.is_file():
-        if vortex_config is None:
-            raise CheckpointError(
-                f"{source}: a Vortex-layout .pt needs its model config YAML: pass --vortex-config FILE"
-            )
         from evo2_cli.model.vortex import load_vortex
 
-        return load_vortex(vortex_config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
+        config = vortex_config_of(source, vortex_config)
+        return load_vortex(config, source, hcl_form=hcl_form, clamp_poles=clamp_poles)
     if vortex_config is not None:
         raise CheckpointError(
             f"{source}: --vortex-config is only for Vortex .pt files; our checkpoints carry their config"

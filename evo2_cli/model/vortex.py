@@ -35,6 +35,7 @@ from evo2_cli.model.checkpoint import (
     check_tensors,
     expected_shapes,
     load_tensor_file,
+    meta_model,
 )
 from evo2_cli.model.config import ModelConfig, load_model_config
 from evo2_cli.model.model import AttentionBlock, LongFilter, StripedHyena, modal_poles
@@ -239,7 +240,7 @@ def state_dict_from_vortex(
                 ours[prefix + "filter.p"], ours[prefix + "filter.gamma"] = modal_from_poles(lam)
             else:
                 ours[prefix + "filter.log_poles"] = lam
-    check_tensors(ours, expected_shapes(config), source, finite=False)  # values checked above
+    check_tensors(ours, expected_shapes(meta_model(config)), source, finite=False)  # values checked above
     return ours
 
 
@@ -268,7 +269,7 @@ def load_vortex(
         config = dataclasses.replace(config, hcl_form=hcl_form)
     tensors = read_vortex_checkpoint(checkpoint_path)
     state = state_dict_from_vortex(tensors, config, str(checkpoint_path), clamp_poles)
-    return build_model(config, state, dtype)
+    return build_model(meta_model(config), state, dtype)
 
 
 _RELEASE_YAML_HEADER = (

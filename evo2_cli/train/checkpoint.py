@@ -32,13 +32,14 @@ from evo2_cli.config import load_config
 from evo2_cli.errors import ConfigError, Evo2Error, InputError
 from evo2_cli.fsio import (
     DiskFullError,
+    HashingWriter,
     atomic_output_dir,
     atomic_write_text,
     check_replaceable,
     directory_kind,
     exclusive,
+    remove_path,
     remove_stale_temporaries,
-    sha256_file,
     temporary_sibling,
 )
 from evo2_cli.model.checkpoint import (
@@ -91,8 +92,8 @@ def write_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(root / name, CHECKPOINT_DIR, overwrite=True) as tmp:
             with open(tmp / TRAIN_STATE, "wb") as handle:  # a handle: a full disk then raises an OSError
-                torch.save(train_state, handle)
-            write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}})
+                torch.save(train_state, writer := HashingWriter(handle))
+            write_model(tmp, {**meta, "step": step, "files": {TRAIN_STATE: writer.digest.hexdigest()}})
         _point(root / LATEST, name)
         if is_best:
             _point(root / BEST, name)
@@ -161,6 +162,7 @@ class RunDirectory:
 
     def __init__(self, run_dir: Path, overwrite: bool, say: Callable[[str], None]):
         self.path, self.overwrite, self.say = Path(run_dir), overwrite, say
+        self.replacing = False  # `check` found an old run that --overwrite replaces
         self.aside: Path | None = None  # the old run, moved aside by --overwrite
         self.created = False  # this run created the directory
         self.was_empty = False  # the directory existed, empty: all it holds now is this run's
@@ -188,15 +190,12 @@ class RunDirectory:
         finally:
             self._stack.close()
 
-    def replaces(self) -> bool:
-        """Whether this run replaces an existing run (--overwrite); refuses one it may not replace."""
-        return check_replaceable(self.path, RUN_DIR, self.overwrite) if self.overwrite else False
-
     def check(self, job: Any) -> None:
         """Refuse a run directory this run may not use: another run's without --overwrite (naming the
         differing keys), or a non-empty directory evo2 did not write (never replaced, not even with
-        --overwrite)."""
-        if self.replaces() or not self.path.exists():
+        --overwrite). Sets `replacing`."""
+        self.replacing = self.overwrite and check_replaceable(self.path, RUN_DIR, self.overwrite)
+        if self.replacing or not self.path.exists():
             return
         if not self.path.is_dir():
             raise InputError(f"{self.path}: exists and is not a directory; choose another train.run_dir")
@@ -248,7 +247,7 @@ class RunDirectory:
         """Make the directory this run's: move an old run aside (--overwrite), create it, write
         config.yaml."""
         try:
-            if self.replaces():
+            if self.replacing:
                 aside = temporary_sibling(self.path, "old")
                 os.replace(self.path, aside)
                 self.aside = aside
@@ -274,10 +273,8 @@ class RunDirectory:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.was_empty:  # the directory itself stays (it may be a mount point, or have set permissions)
             for entry in list(self.path.iterdir()):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    remove_path(entry)
         if self.aside is not None:
             os.replace(self.aside, self.path)
             self.say(

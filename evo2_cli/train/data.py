@@ -105,7 +105,7 @@ class WindowSampler:
 
     def __init__(
         self,
-        prefixes: list[Path],
+        datasets: list[IndexedDataset],
         weights: list[float],
         seq_len: int,
         seed: int,
@@ -113,7 +113,7 @@ class WindowSampler:
         lowercase_weight: float = 0.1,
         reverse_complement_prob: float = 0.0,
     ):
-        self.datasets = [IndexedDataset(prefix) for prefix in prefixes]
+        self.datasets = datasets
         for dataset in self.datasets:
             if len(dataset.tokens) < seq_len + 1:
                 raise InputError(
@@ -164,12 +164,14 @@ class WindowSampler:
         )
 
 
-def split_windows(data: DataSection, split: str, seed: int) -> WindowSampler:
+def split_windows(
+    data: DataSection, split: str, seed: int, opened: list[IndexedDataset] | None = None
+) -> WindowSampler:
     """The windows of `data`'s "train" split (stream 0, flipped as configured) or "val" split (stream 1,
-    never flipped), drawn at `seed`."""
+    never flipped), drawn at `seed`; `opened`: that split of each dataset, opened already."""
     train = split == "train"
     return WindowSampler(
-        [resolve_split(source.path, split) for source in data.datasets],
+        opened or [IndexedDataset(resolve_split(source.path, split)) for source in data.datasets],
         [source.weight for source in data.datasets],
         data.seq_len,
         seed,
@@ -183,16 +185,18 @@ def validation_windows(data: DataSection, seed: int) -> tuple[WindowSampler | No
     """The "val" windows of the datasets that have a val split, blended by their weights, or None when none
     has one; and the configured paths of those without one: no val files (`evo2 preprocess` writes none for
     an empty split) or a val split without a token (as evo2-cli wrote empty splits before)."""
-    with_val, without = [], []
+    with_val, opened, without = [], [], []
     for source in data.datasets:
         prefix = resolve_split(source.path, "val", missing_ok=True)
-        if prefix is None or not IndexedDataset(prefix).num_tokens:
+        dataset = IndexedDataset(prefix) if prefix is not None else None
+        if dataset is None or not dataset.num_tokens:
             without.append(Path(source.path))
         else:
             with_val.append(source)
+            opened.append(dataset)
     if not with_val:
         return None, without
-    return split_windows(dataclasses.replace(data, datasets=with_val), "val", seed), without
+    return split_windows(dataclasses.replace(data, datasets=with_val), "val", seed, opened), without
 
 
 def no_val_message(without: list[Path], validating: bool) -> str:

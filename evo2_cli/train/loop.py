@@ -505,10 +505,9 @@ def _describe_bad_step(
             lines.append(f"  non-finite gradients in {len(bad)} parameter(s), backward order: {names}")
     else:
         by_layer: dict[str, float] = {}
-        for name, norm in norms.items():
-            parts = name.split(".")
-            layer = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-            by_layer[layer] = by_layer.get(layer, 0.0) + norm**2
+        for info in filter(lambda info: info.name in norms, watch.params):  # layers as origin.py reads them
+            layer = f"blocks.{info.layer}" if info.layer is not None else info.name.split(".")[0]
+            by_layer[layer] = by_layer.get(layer, 0.0) + norms[info.name] ** 2
         top = sorted(by_layer.items(), key=lambda item: -item[1])[:5]
         largest = ", ".join(f"{layer} {math.sqrt(sq):.3g}" for layer, sq in top)
         lines.append(f"{head}; largest gradients: {largest}[/]")
