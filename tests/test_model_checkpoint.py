@@ -311,6 +311,20 @@ def test_convert_both_ways(tmp_path):
     assert read_vortex_checkpoint(back)["embedding_layer.weight"].dtype == torch.bfloat16
 
 
+def test_convert_from_vortex_finds_the_config_beside_the_weights(tmp_path):
+    weights = tmp_path / "release.pt"
+    shutil.copy(WEIGHTS, weights)
+    result = runner.invoke(app, ["convert", "from-vortex", str(weights), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 2 and not (tmp_path / "a").exists()
+    assert all(f in " ".join(result.output.split()) for f in ("--config (-c) FILE", "release.yml"))
+    shutil.copy(CONFIG, tmp_path / "release.yaml")
+    result = runner.invoke(app, ["convert", "from-vortex", str(weights), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["converted_from"]["config"] == str(tmp_path / "release.yaml")
+    assert_close(load_model(tmp_path / "a").state_dict(), load_vortex(CONFIG, WEIGHTS).state_dict())
+
+
 @pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("float16", torch.float16)])
 def test_convert_takes_the_precision_names_infer_takes(tmp_path, model, name, dtype):
     """`evo2 infer --dtype` took fp16 and float16, `evo2 convert --dtype` refused them."""

@@ -68,13 +68,13 @@ def to_vortex(
 @app.command("from-vortex")
 def from_vortex(
     weights: Annotated[Path, typer.Argument(help="Evo 2 / Vortex-layout .pt file.", dir_okay=False)],
-    config: Annotated[
-        Path,
-        typer.Option(
-            "--config", "-c", help="Its model config YAML (Evo 2 release schema or ours).", dir_okay=False
-        ),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.", file_okay=False)],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Its model config YAML (default: WEIGHTS.yml or .yaml).", dir_okay=False
+        ),
+    ] = None,
     set_: SetOption = None,
     hcl_form: Annotated[
         str | None, typer.Option("--hcl-form", help="modal (stable, default) or vortex (free poles).")
@@ -93,11 +93,12 @@ def from_vortex(
     import warnings
 
     from evo2_cli.fsio import check_replaceable
-    from evo2_cli.model.checkpoint import CHECKPOINT_DIR, save_model
+    from evo2_cli.model.checkpoint import CHECKPOINT_DIR, save_model, vortex_config_of
     from evo2_cli.model.config import load_model_config
     from evo2_cli.model.vortex import load_vortex
 
     check_replaceable(out, CHECKPOINT_DIR, overwrite)  # before the import's work; save_model checks again
+    config = vortex_config_of(weights, config, "pass --config (-c) FILE")
     model_config = load_model_config(config, set_ or [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
