@@ -284,8 +284,7 @@ def load_finetuned(path: str | Path, verify: bool = True) -> StripedHyena:
     task head (`model.task_head`, its classes in `model.task_classes`), rebuilt from its own files, checked
     against their sha256 unless `verify` is False."""
     directory = resolve_checkpoint(path, vortex=False)
-    hashes = recorded_hashes(directory, verify)
-    check_file(directory / CONFIG_FILE, hashes)
+    check_file(directory / CONFIG_FILE, recorded_hashes(directory, verify))
     section = read_finetune_section(directory)
     task = read_meta(directory).get("task") or {}
     if section is None or (section.method != "lora" and not task):

@@ -634,9 +634,14 @@ def load_model(
     """Rebuild the model of a checkpoint directory from its own files (sha256 as in meta.json unless
     `verify` is False, strict keys, shapes, finite values) into `model`, a meta-device model of its config
     (default `meta_model`; finetune's has adapters or a task head)."""
-    directory = resolve_checkpoint(path, vortex=False)
-    config, hashes = load_checkpoint_config(directory, verify), recorded_hashes(directory, verify)
-    model = model if model is not None else meta_model(config)
+    return _load_directory(resolve_checkpoint(path, vortex=False), map_location, dtype, verify, model)
+
+
+def _load_directory(directory: Path, map_location, dtype, verify: bool, model: StripedHyena | None):
+    """`load_model` of a directory `resolve_checkpoint` returned (load_source resolves only once)."""
+    hashes = recorded_hashes(directory, verify)
+    check_file(directory / CONFIG_FILE, hashes)  # the config is verified before it is read
+    model = model if model is not None else meta_model(load_model_config(directory / CONFIG_FILE))
     expected = expected_shapes(model)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
@@ -672,4 +677,4 @@ def load_source(
         )
     if clamp_poles is not None:  # a checkpoint of ours loads as saved; it would be silently ignored
         raise CheckpointError(f"{source}: --clamp-poles is only for Vortex .pt files; drop it")
-    return load_model(source, verify=verify)
+    return _load_directory(source, "cpu", None, verify, None)
