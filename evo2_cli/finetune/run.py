@@ -67,7 +67,7 @@ class StartingPoint:
         gradients would all be undone here, and its move cannot take the shape-only (meta) checkpoints the
         model package accepts."""
         if self.vortex_config is not None:
-            return load_vortex(self.config, self.path, clamp_poles=clamp_poles).train().requires_grad_(True)
+            return load_vortex(self.config, self.path, clamp_poles=clamp_poles).train()
         model = load_finetuned(self.path, self.verify)
         if hasattr(model, HEAD_NAME):
             raise InputError(
@@ -75,7 +75,7 @@ class StartingPoint:
                 "or continue its run with the same train.run_dir (resume)"
             )
         merge_lora(model)
-        return model.train().requires_grad_(True)
+        return model.train()
 
     def reference(self, clamp_poles: float | None = None) -> dict:
         """The meta.json `base` of this run's checkpoints when they hold only the trained tensors: this
