@@ -638,18 +638,13 @@ def load_model(
 
 
 def _load_directory(directory: Path, map_location, dtype, verify: bool, model: StripedHyena | None):
-    """`load_model` of a directory `resolve_checkpoint` returned (load_source resolves only once)."""
     hashes = recorded_hashes(directory, verify)
     check_file(directory / CONFIG_FILE, hashes)  # the config is verified before it is read
     model = model if model is not None else meta_model(load_model_config(directory / CONFIG_FILE))
-    expected = expected_shapes(model)
+    expected, source = expected_shapes(model), str(directory / WEIGHTS_FILE)
     hint = f"the weights do not match the model section of {directory / CONFIG_FILE}"
     tensors = read_checkpoint_tensors(
-        directory,
-        hashes,
-        verify,
-        map_location,
-        check=lambda tensors: check_tensors(tensors, expected, str(directory / WEIGHTS_FILE), hint=hint),
+        directory, hashes, verify, map_location, check=lambda t: check_tensors(t, expected, source, hint=hint)
     )
     return build_model(model, tensors, dtype)
 
