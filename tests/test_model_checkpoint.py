@@ -323,6 +323,10 @@ def test_convert_from_vortex_finds_the_config_beside_the_weights(tmp_path):
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["converted_from"]["config"] == str(tmp_path / "release.yaml")
     assert_close(load_model(tmp_path / "a").state_dict(), load_vortex(CONFIG, WEIGHTS).state_dict())
+    result = runner.invoke(
+        app, ["convert", "from-vortex", str(tmp_path / "gone.pt"), "-o", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "config YAML" not in result.output  # the missing weights, not a config
 
 
 @pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("float16", torch.float16)])

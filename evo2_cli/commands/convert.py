@@ -67,7 +67,7 @@ def to_vortex(
 
 @app.command("from-vortex")
 def from_vortex(
-    weights: Annotated[Path, typer.Argument(help="Evo 2 / Vortex-layout .pt file.", dir_okay=False)],
+    weights: Annotated[Path, typer.Argument(help="Evo 2 / Vortex .pt file.", dir_okay=False, exists=True)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.", file_okay=False)],
     config: Annotated[
         Path | None,
