@@ -147,8 +147,7 @@ def capture(model: nn.Module, layer: Layer) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def _blocks_needed(layer: Layer) -> tuple[list[int], bool]:
-    """(return_hidden_layers, logits) for a forward that runs only what `layer`'s output depends on."""
+def _blocks_needed(layer: Layer) -> tuple[list[int], bool]:  # (return_hidden_layers, logits) for the layer
     parts = layer.module.split(".")
     return ([int(parts[1])] if parts[0] == "blocks" else []), layer.module == "norm"
 

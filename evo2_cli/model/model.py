@@ -878,7 +878,7 @@ class StripedHyena(nn.Module):
         return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or (), want, logits)
 
     @torch.no_grad()
-    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers, want, logits) -> Iterator:
+    def _run_chunks(self, input_ids, cache, chunk_size, layers, want, logits) -> Iterator:
         for start in range(0, input_ids.shape[1], chunk_size):
             x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
             hidden: dict[int, Tensor] = {}
@@ -887,8 +887,7 @@ class StripedHyena(nn.Module):
                 if i in want:
                     hidden[i] = x
             cache.seqlen += x.shape[1]
-            out = self.unembed(x) if logits else None
-            yield out, {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
+            yield self.unembed(x) if logits else None, {i: hidden[i % len(self.blocks)] for i in layers}
 
     @torch.no_grad()
     def growing_poles(self) -> dict[int, int]:
