@@ -132,6 +132,26 @@ def test_bf16_drift_stays_at_the_one_shot_forwards_level():
     assert (chunked - fp32).abs().max().item() <= 1.5 * one_shot_error
 
 
+def test_without_logits_stops_after_the_last_hidden_layer(model):
+    """logits=False (embeddings): the same hidden states, no logits, and no block after the one asked for."""
+    ids, ran = _ids(2, 50), []
+    hooks = [block.register_forward_hook(lambda m, i, o: ran.append(m)) for block in model.blocks]
+    with torch.no_grad():
+        _, hidden = model(ids, return_hidden_layers=[1, -1])
+        ran.clear()
+        logits, early = model(ids, return_hidden_layers=[1], logits=False)
+    for hook in hooks:
+        hook.remove()
+    assert logits is None and torch.equal(early[1], hidden[1])
+    assert ran == list(model.blocks[:2])
+    cache = model.new_cache(2)
+    chunks = list(model.prefill_chunks(ids, cache, 16, return_hidden_layers=[1], logits=False))
+    assert [c[0] for c in chunks] == [None] * 4
+    assert_close(torch.cat([c[1][1] for c in chunks], dim=1), hidden[1], atol=1e-4, rtol=0)
+    assert all(state is None or isinstance(state, KVCache) for state in cache.layers[2:])  # no hyena state
+    assert model(ids, [], logits=False) == (None, {})  # the embeddings alone: no block runs
+
+
 def test_prefill_returns_hidden_layers_like_forward(model):
     ids = _ids(2, 50)
     with torch.no_grad():

@@ -338,7 +338,6 @@ def embed(job: InferJob, overwrite: bool) -> None:
         embedding_pieces,
         output_width,
         record_offsets,
-        resolve_layer,
         resolve_layer_in_config,
     )
     from evo2_cli.infer.outputs import (
@@ -354,11 +353,9 @@ def embed(job: InferJob, overwrite: bool) -> None:
     model_path, layer, pooling = job.checkpoint.path, job.embed.layer, job.embed.pooling
     check_embeddings_output(output, overwrite)
     config = load_checkpoint_config(model_path, vortex_config=job.checkpoint.vortex_config)
-    if config is not None:
-        chosen = resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
+    chosen = resolve_layer_in_config(config, layer)  # a bad --layer fails before the weights load
     sequences = list(read_sequences(options.fasta))
     model = _model(job)
-    chosen = resolve_layer(model, layer) if config is None else chosen
     ids, lengths = [s.id for s in sequences], [len(s.tokens) for s in sequences]
     preflight = _preflight(model, context.chunk, model_path, windows=True)
     if context.mode == "exact" and max(lengths) > context.chunk:

@@ -147,10 +147,15 @@ def capture(model: nn.Module, layer: Layer) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+def _blocks_needed(layer: Layer) -> tuple[list[int], bool]:  # (return_hidden_layers, logits) for the layer
+    parts = layer.module.split(".")
+    return ([int(parts[1])] if parts[0] == "blocks" else []), layer.module == "norm"
+
+
 def hidden_states(model: StripedHyena, ids: Tensor, layer: Layer) -> Tensor:
     """(B, L, F) float32: `layer`'s output in one forward over ids (B, L)."""
     with capture(model, layer) as outputs, torch.no_grad():
-        model(ids)
+        model(ids, *_blocks_needed(layer))
     (output,) = outputs
     return output.float()
 
@@ -161,8 +166,7 @@ def chunked_hidden_states(model: StripedHyena, ids: Tensor, layer: Layer, chunk:
     on the block would not fire); every other module is hooked as in one forward."""
     parts = layer.module.split(".")
     block = int(parts[1]) if len(parts) == 2 and parts[0] == "blocks" else None
-    cache = model.new_cache(ids.shape[0])
-    chunks = model.prefill_chunks(ids, cache, chunk, None if block is None else [block])
+    chunks = model.prefill_chunks(ids, model.new_cache(ids.shape[0]), chunk, *_blocks_needed(layer))
     with capture(model, layer) as outputs:
         for _, hidden in chunks:
             if block is not None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from evo2_cli.infer.config import DEFAULT_CHUNK
 from evo2_cli.infer.sampling import SamplingSettings, restrict, row_generator, sample
+from evo2_cli.infer.windows import pick_logprobs
 from evo2_cli.memory import unmap_large_buffers
 from evo2_cli.model.model import StripedHyena
 
@@ -55,9 +56,7 @@ def _draw(
     """One token per row from (B, V) logits, and its log-prob under the raw distribution: (B,), (B,).
     Both decoders draw through here, so they can differ only in how they get the logits."""
     token = sample(restrict(logits, mask), settings, generators)
-    logits = logits.float()
-    logprob = logits.gather(-1, token[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    return token, logprob
+    return token, pick_logprobs(logits, token)
 
 
 def _batches(prompts: list[np.ndarray], num_samples: int, batch_size: int) -> list[list[tuple[int, int]]]:

@@ -37,7 +37,7 @@ Parameter names mirror the Vortex checkpoint layout where the math is the same (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -774,28 +774,31 @@ class StripedHyena(nn.Module):
         return F.linear(self.norm(x), self.embedding_layer.weight)  # (B, L, V), tied
 
     def forward(
-        self, input_ids: Tensor, return_hidden_layers: list[int] | tuple[int, ...] | None = None
-    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        self, input_ids: Tensor, return_hidden_layers: Sequence[int] | None = None, logits: bool = True
+    ) -> Tensor | tuple[Tensor | None, dict[int, Tensor]]:
         """input_ids (B, L) int -> logits (B, L, V).
 
         With `return_hidden_layers=[i, ...]` returns (logits, {i: hidden}) where hidden (B, L, D) is the
         residual stream after block i (negative i counts from the end; -1 is the last block, before the
-        final norm).
+        final norm). `logits=False` (embeddings) stops after the last block asked for; logits are None.
         """
         want = self._hidden_layers(return_hidden_layers)
         hidden: dict[int, Tensor] = {}
         x = self.embedding_layer(input_ids)  # (B, L, D)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks_to_run(want, logits)):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
             if i in want:
                 hidden[i] = x
-        logits = self.unembed(x)
+        logits = self.unembed(x) if logits else None
         if return_hidden_layers is None:
             return logits
         return logits, {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
+
+    def _blocks_to_run(self, want, logits) -> nn.ModuleList:  # without logits: up to the last one wanted
+        return self.blocks if logits else self.blocks[: max(want, default=-1) + 1]
 
     def _hidden_layers(self, return_hidden_layers) -> set[int]:
         """The block indices (0..n-1) asked for by `return_hidden_layers`; negative counts from the end."""
@@ -839,10 +842,11 @@ class StripedHyena(nn.Module):
         cache: InferenceCache,
         chunk_size: int | None = None,
         return_hidden_layers: list[int] | tuple[int, ...] | None = None,
-    ) -> Iterator[tuple[Tensor, dict[int, Tensor]]]:
+        logits: bool = True,
+    ) -> Iterator[tuple[Tensor | None, dict[int, Tensor]]]:
         """Exact long-context prefill, chunk by chunk: yields (logits (B, C, V), {layer: hidden (B, C, D)})
         for each chunk of `chunk_size` tokens of input_ids (B, P) (the last chunk may be shorter; hidden is {}
-        without `return_hidden_layers`, which takes layer indices as in forward).
+        without `return_hidden_layers`, which takes layer indices as in forward; `logits` as in forward).
 
         Each chunk continues `cache` (fresh or already holding earlier tokens) and leaves it after the
         chunk, so a caller can consume the outputs of a 1M-token input without holding (B, P, V), and can
@@ -871,19 +875,19 @@ class StripedHyena(nn.Module):
             if isinstance(block, AttentionBlock):  # one buffer of the final size instead of doublings
                 cache.layers[i] = cache.layers[i] if cache.layers[i] is not None else KVCache()
                 cache.layers[i].reserve(max(cache.max_length, cache.seqlen + total))
-        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or (), want)
+        return self._run_chunks(input_ids, cache, chunk_size, return_hidden_layers or (), want, logits)
 
     @torch.no_grad()
-    def _run_chunks(self, input_ids, cache, chunk_size, return_hidden_layers, want) -> Iterator:
+    def _run_chunks(self, input_ids, cache, chunk_size, layers, want, logits) -> Iterator:
         for start in range(0, input_ids.shape[1], chunk_size):
             x = self.embedding_layer(input_ids[:, start : start + chunk_size])  # (B, C, D)
             hidden: dict[int, Tensor] = {}
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(self._blocks_to_run(want, logits)):
                 x, cache.layers[i] = block.prefill(x, cache.layers[i])
                 if i in want:
                     hidden[i] = x
             cache.seqlen += x.shape[1]
-            yield self.unembed(x), {i: hidden[i % len(self.blocks)] for i in return_hidden_layers}
+            yield self.unembed(x) if logits else None, {i: hidden[i % len(self.blocks)] for i in layers}
 
     @torch.no_grad()
     def growing_poles(self) -> dict[int, int]:
