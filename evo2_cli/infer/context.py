@@ -95,7 +95,7 @@ def per_token_pieces(
     yield from flush()
 
 
-def _ids(model: StripedHyena, tokens: np.ndarray) -> Tensor:
+def token_ids(model: StripedHyena, tokens: np.ndarray) -> Tensor:
     device = next(model.parameters()).device
     return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)[None]  # (1, L)
 
@@ -108,7 +108,7 @@ def _chunked(
     on_tokens: Callable[[int], None] | None,
 ) -> Iterator[np.ndarray]:
     with torch.no_grad():
-        for piece in readout.chunks(_ids(model, tokens), chunk):
+        for piece in readout.chunks(token_ids(model, tokens), chunk):
             rows = piece[0].cpu().numpy()  # (c, ...)
             if on_tokens is not None:
                 on_tokens(len(rows))
@@ -125,7 +125,7 @@ def _windowed(
     """One long record's windows (all `window` tokens long) in batches of batch_tokens, in order."""
     windows = plan_windows(len(tokens), context.window, context.overlap)
     rows = max(1, context.batch_tokens // context.window)
-    ids = _ids(model, tokens)[0]
+    ids = token_ids(model, tokens)[0]
     for at in range(0, len(windows), rows):
         batch = windows[at : at + rows]
         with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from evo2_cli.data.alphabet import reverse_complement as revcomp
-from evo2_cli.infer.context import DEFAULT_POOL_TOKENS, Context, Readout, _ids, per_token_pieces
+from evo2_cli.infer.context import DEFAULT_POOL_TOKENS, Context, Readout, per_token_pieces, token_ids
 from evo2_cli.infer.sequences import Sequence
 from evo2_cli.infer.windows import pick_logprobs, token_logprobs
 from evo2_cli.model.model import StripedHyena
@@ -175,4 +175,4 @@ def score_sequences(
 @torch.no_grad()
 def score_reference(model: StripedHyena, tokens: np.ndarray) -> np.ndarray:
     """Per-position log-probs of one record from ONE forward over the whole record (no windows, no batch)."""
-    return token_logprobs(model, _ids(model, tokens))[0].cpu().numpy()
+    return token_logprobs(model, token_ids(model, tokens))[0].cpu().numpy()
