@@ -12,6 +12,7 @@ torch: the command's help is built from these dataclasses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +148,9 @@ class RuntimeSection:
 
     def __post_init__(self):
         check(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
+        # the spelling only (no torch here): whether CUDA is there is checked when the model loads
+        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)
+        check(device_ok is not None, "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
