@@ -153,12 +153,11 @@ def run_variant(
         seen["update"] = recorder.after_update()
 
     optimizer, objective = build_optimizer(model, optim), LanguageModel(windows)
-    runtime = Runtime(device, autocast_dtype=DTYPES[variant.precision])  # one process
-    parts = (model, optimizer, objective, runtime, variant.grad_clip)  # no guard
+    runtime = Runtime(device, autocast_dtype=DTYPES[variant.precision])  # one process, no guard below
+    parts = (model, optimizer, objective, runtime, variant.grad_clip)
     take_step = TrainStep(*parts, hooks=TrainHooks(after_backward, after_step))
     steps: list[StepRecord] = []
-    stop_reason = "steps"
-    started = time.perf_counter()
+    stop_reason, started = "steps", time.perf_counter()
     try:
         for step in range(d.steps):
             hcl = hcl_stats(model, seq_len)  # the poles this step's forward uses

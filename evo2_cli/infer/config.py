@@ -148,8 +148,7 @@ class RuntimeSection:
 
     def __post_init__(self):
         check(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
-        # the spelling only (no torch here): whether CUDA is there is checked when the model loads
-        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)
+        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)  # spelling; CUDA is checked at load
         check(device_ok is not None, "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 

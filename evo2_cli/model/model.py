@@ -850,10 +850,10 @@ class StripedHyena(nn.Module):
 
         Each chunk continues `cache` (fresh or already holding earlier tokens) and leaves it after the
         chunk, so a caller can consume the outputs of a 1M-token input without holding (B, P, V), and can
-        `step` or `prefill` on afterwards (not after `logits=False`, which leaves the blocks past the last
-        hidden layer asked for untouched). Every position sees its whole left context: hcl layers convolve
-        the chunk with itself (FFT of size ~2C) and add the past from their modal state, hcs/hcm and the
-        featurizer carry their last inputs, attention its KV cache (rotary positions continue). Memory is
+        `step` or `prefill` on afterwards (not after `logits=False`: later blocks stay behind). Every
+        position sees its whole left context: hcl layers convolve the chunk with itself (FFT of size ~2C) and
+        add the past from their modal state, hcs/hcm and the featurizer carry their last inputs, attention
+        its KV cache (rotary positions continue). Memory is
         O(B D C) plus the KV cache, whatever the length; outputs equal the full forward to float rounding.
         hcl_form vortex with a pole lambda >= 0 is refused when a chunk follows earlier tokens. Bad
         arguments raise ValueError here, before the first chunk runs.
