@@ -574,3 +574,26 @@ def test_what_a_subcommand_needs_comes_from_the_command_line_or_the_file(base, f
     result = invoke(*(a.format(base=base, fasta=fasta) for a in args))
     assert result.exit_code == 2, result.output
     assert f"config key '{key}': is required" in said(result) and given_by in said(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["score", "x.fa"], ["'x.fa' is a FASTA, not a model", "MODEL x.fa, or --set score.fasta=x.fa"]),
+        (["variants", "x.fa"], ["'x.fa' is a FASTA, not a model", "as --reference x.fa"]),
+        (
+            ["embed", "seqs.txt"],
+            ["'embed.fasta': is required", "MODEL seqs.txt, or --set embed.fasta=seqs.txt"],
+        ),
+    ],
+)
+def test_a_lone_positional_read_as_model_says_so_and_how_to_give_it(
+    fasta, tmp_path, monkeypatch, args, fragments
+):
+    monkeypatch.chdir(tmp_path)  # relative names: nothing depends on the temporary path
+    (tmp_path / "x.fa").write_bytes(fasta.read_bytes())
+    (tmp_path / "infer.yaml").write_text("checkpoint: {path: no/such/model}\n")
+    result = invoke(args[0], "-c", "infer.yaml", *args[1:])
+    assert result.exit_code == 2, result.output
+    assert all(fragment in said(result) for fragment in fragments), said(result)
+    assert "a lone positional is the model" in said(result)

@@ -74,9 +74,20 @@ def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def _subcommand(name: str, *keys: str) -> Callable:
+def _taken_as_model(command: str, model: Path, key: str, f: dataclasses.Field) -> str:
+    """The fix when MODEL holds what was meant for `key`: positionals are read in order."""
+    name = f.metadata["names"][0]
+    given = f"after the model: evo2 infer {command} MODEL {model}" if name.isupper() else f"as {name} {model}"
+    return (
+        f"'{model}' was taken as MODEL (a lone positional is the model, even when -c names one); "
+        f"give it {given}, or --set {key}={model}"
+    )
+
+
+def _subcommand(name: str, *keys: str, fasta: str) -> Callable:
     """Register `run(job, overwrite)` as `evo2 infer NAME` with `-c`, `--set`, `--no-verify`, `--overwrite`
-    and the flags of the config `keys` (see `_fields`), each overriding its key when given."""
+    and the flags of the config `keys` (see `_fields`), each overriding its key when given. `fasta`: the
+    key a FASTA file given as MODEL was most likely meant for."""
     fields = _fields("checkpoint.path", *keys, "checkpoint", "runtime")
 
     def register(run: Callable[[InferJob, bool], None]) -> Callable:
@@ -87,9 +98,19 @@ def _subcommand(name: str, *keys: str) -> Callable:
                 if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE":
                     flags[key] = (f.metadata["names"][0], given[param])
             job = resolve_config(InferJob, config, set_, flags)
+            model = job.checkpoint.path if "checkpoint.path" in flags else None  # MODEL was given
+            if model is not None and model.is_file():
+                from evo2_cli.data.preprocess.plan import FASTA_NAMES  # here: it imports numpy
+
+                if model.name.lower().endswith(FASTA_NAMES):
+                    hint = _taken_as_model(name, model, fasta, fields[fasta])
+                    raise ConfigError("checkpoint.path", f"'{model}' is a FASTA, not a model", "MODEL", hint)
             for key, f in fields.items():
                 if f.metadata["required"] and _lookup(job, key) is None:
                     hint = f"give {f.metadata['names'][0]}, or set {key} in the config file or with --set"
+                    file_model = model and resolve_config(InferJob, config, set_).checkpoint.path
+                    if file_model and f.metadata["names"][0].isupper():  # MODEL replaced the file's
+                        hint = _taken_as_model(name, model, key, f)
                     raise ConfigError(key, "is required", None, hint)
             run(job, overwrite)
 
@@ -186,7 +207,7 @@ def _preflight(model, chunk: int, model_path: Path, windows: bool = False) -> Ca
 # ---------------------------------------------------------------- generate
 
 
-@_subcommand("generate", "generate", "context.chunk")
+@_subcommand("generate", "generate", "context.chunk", fasta="generate.prompt_fasta")
 def generate(job: InferJob, overwrite: bool) -> None:
     """Sample continuations of DNA prompts with the cached decoder; FASTA out, settings in the headers.
 
@@ -278,7 +299,7 @@ def generate(job: InferJob, overwrite: bool) -> None:
 # ---------------------------------------------------------------- score
 
 
-@_subcommand("score", "score", "context")
+@_subcommand("score", "score", "context", fasta="score.fasta")
 def score(job: InferJob, overwrite: bool) -> None:
     """Log-likelihood of every record: id, length, n_scored, sum_ll, mean_ll, bits_per_base.
 
@@ -326,7 +347,7 @@ def score(job: InferJob, overwrite: bool) -> None:
 # ---------------------------------------------------------------- embed
 
 
-@_subcommand("embed", "embed", "context")
+@_subcommand("embed", "embed", "context", fasta="embed.fasta")
 def embed(job: InferJob, overwrite: bool) -> None:
     """Hidden states of one layer for every record, mean-pooled or per token.
 
@@ -387,7 +408,7 @@ def embed(job: InferJob, overwrite: bool) -> None:
 # ---------------------------------------------------------------- variants
 
 
-@_subcommand("variants", "variants", "context.chunk", "context.batch_tokens")
+@_subcommand("variants", "variants", "context.chunk", "context.batch_tokens", fasta="variants.reference")
 def variants(job: InferJob, overwrite: bool) -> None:
     """Delta log-likelihood (alt - ref) of a window centred on each variant; TSV out.
 
