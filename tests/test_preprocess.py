@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import FieldError, load_config
-from evo2_cli.data import preprocess
+from evo2_cli.data import fasta, preprocess
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import (
     Limits,
@@ -1043,35 +1043,45 @@ def test_limits_reach_every_stage(tmp_path):
     assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 5
 
 
-def test_the_lines_before_a_range_are_counted_while_the_workers_read(tmp_path):
-    """The main process counts the lines before the next byte range as soon as it has sent one: a worker
-    that asks for a task finds it ready, rather than waiting for a count of everything before it."""
-    source = write_fasta(tmp_path / "a.fa", random_records(80, seed=3, length=(200, 800)))
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "records").mkdir()
-    job = worker.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
-    tasks = plan._file_tasks(0, source, 2, 10_000)
-    events = []
-    count_lines, send = plan.count_lines, worker.multiprocessing.connection.Connection.send
+def test_lines_are_counted_only_for_messages(tmp_path):
+    """Workers number lines from their byte range and the assembly adds the ranges before: no process counts
+    the lines before a range (a serial pass over the file) unless a message about a record needs them."""
+    records = random_records(80, seed=3, length=(200, 800))
+    records[3] = ("rec70", records[3][1])  # its id again in the last range
+    source = write_fasta(tmp_path / "a.fa", records)
+    two = Limits(shard_bytes=10_000)
+    assert len(plan._file_tasks(0, source, 2, 10_000)) == 4
 
-    def counting(path, start, end):
-        events.append(("count", end))
-        return count_lines(path, start, end)
+    def no_counting(path, start, end):
+        raise AssertionError(f"counted the lines of {path}[{start}:{end}]")
 
-    def sending(self, message):
-        if isinstance(message, plan.Task):
-            events.append(("send", message.start))
-        send(self, message)
-
-    with (
-        mock.patch.object(plan, "count_lines", counting),
-        mock.patch.object(worker.multiprocessing.connection.Connection, "send", sending),
-        worker.started_workers(job, 2) as pool,
-    ):
-        worker._run_in_workers(tasks, pool, lambda count, records: None)
-    starts = [task.start for task in tasks]
-    assert len(starts) == 4
-    assert events == [("send", 0)] + [(kind, at) for at in starts[1:] for kind in ("count", "send")]
+    with contextlib.ExitStack() as patches:
+        for module in (fasta, plan, worker):
+            patches.enter_context(mock.patch.object(module, "count_lines", no_counting, create=True))
+        out = run(tmp_path, [source], "kept", two, workers=2, duplicate_ids="keep")[0]
+        with pytest.raises(InputError) as error:
+            run(tmp_path, [source], "refused", two, workers=2)
+    assert file_bytes(out) == file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
+    text = source.read_bytes()
+    first = text.count(b"\n", 0, text.index(b">rec70 ")) + 1
+    message = " ".join(str(error.value).split())
+    last = line_of(source, b">rec70 ")
+    assert f"{source}:{last}: duplicate record id 'rec70' (also at {source}:{first})" in message
+    # A bad record, a header that group_regex misses, a document too long: each names the file's line.
+    bad = [*records[:70], ("bad", b"ACGT*ACGT"), ("nogroup", b"ACGT"), ("long", b"A" * 900)]
+    source = write_fasta(tmp_path / "b.fa", bad)
+    bad_message = f"{source}:{line_of(source, b'ACGT*')}: record 'bad' has '*'"
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], "error", two, workers=2)
+    assert bad_message in str(error.value)
+    skip = {"workers": 2, "on_bad_record": "skip"}
+    examples = run(tmp_path, [source], "skip", two, group_regex="^(rec|long)", **skip)[1]["dropped_examples"]
+    assert examples[0].startswith(bad_message)
+    assert examples[1].startswith(f"{source}:{line_of(source, b'>nogroup')}: header does not match")
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], "long", replace(two, max_document_tokens=850), **skip)
+    long_message = f"{source}:{line_of(source, b'>long')}: record 'long' makes a document of 901 tokens"
+    assert long_message in " ".join(str(error.value).split())
 
 
 def test_progress_from_workers_adds_up(tmp_path):

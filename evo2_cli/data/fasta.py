@@ -14,6 +14,7 @@ file and line.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import zlib
@@ -42,7 +43,7 @@ class FastaRecord:
     # that streams them never copies the record into one buffer. One growing buffer when read_fasta was asked
     # for `contiguous` records. Empty when `problem` is set.
     parts: list[bytes | bytearray]
-    line: int  # 1-based line of the header
+    line: int  # 1-based line of the header, counted from where reading started (see read_fasta)
     problem: str | None = None  # why the record is unusable, with file and line
 
     @property
@@ -218,7 +219,7 @@ def _next_header(block: bytes, pos: int, at_line_start: bool) -> int:
 
 @dataclass
 class _RecordBuilder:
-    path: Path
+    place: Callable[[int], str]  # line -> "FILE:LINE" for messages
     header: bytes
     line: int
     contiguous: bool = False  # grow one buffer (realloc/mremap: the record once in memory), not a list
@@ -239,7 +240,7 @@ class _RecordBuilder:
             at = min(body.find(bytes([value])) for value in offenders)
             line = first_line + body.count(b"\n", 0, at)
             self.problem = (
-                f"{self.path}:{line}: record '{shorten(display(self.header.split(None, 1)[0]))}' has "
+                f"{self.place(line)}: record '{shorten(display(self.header.split(None, 1)[0]))}' has "
                 f"{describe_byte(body[at])}; fix the record, or skip bad records with "
                 "--set preprocess.on_bad_record=skip"
             )
@@ -252,26 +253,30 @@ class _RecordBuilder:
 
     def finish(self) -> FastaRecord:
         if not self.header.strip() and not self.problem:
-            self.problem = f"{self.path}:{self.line}: empty header line (a record needs an id after '>')"
+            self.problem = f"{self.place(self.line)}: empty header line (a record needs an id after '>')"
             self.parts = []
         return FastaRecord(self.header, self.parts, self.line, self.problem)
 
 
 def make_record(path: Path, header: bytes, line: int, sequence: bytes) -> FastaRecord:
     """A record from a sequence read elsewhere (an indexed region), checked like a parsed one."""
-    builder = _RecordBuilder(path, header, line)
+    builder = _RecordBuilder(functools.partial(_file_line, path), header, line)
     builder.add(sequence, line)
     return builder.finish()
 
 
-def _preamble_error(path: Path, body: bytes, line: int) -> InputError:
+def _file_line(path: Path, line: int, lines_before: Callable[[], int] = lambda: 0) -> str:
+    return f"{path}:{line + lines_before()}"
+
+
+def _preamble_error(place: Callable[[int], str], body: bytes, line: int) -> InputError:
     text = body.lstrip()
     line += body.count(b"\n", 0, len(body) - len(text))
     if text.startswith(b"@"):
-        return InputError(f"{path}:{line}: FASTQ ('@' header), not FASTA; convert it first: seqtk seq -a")
+        return InputError(f"{place(line)}: FASTQ ('@' header), not FASTA; convert it first: seqtk seq -a")
     if any(value < 9 or 13 < value < 32 or value == 127 for value in text[:256]):
-        return InputError(f"{path}:{line}: binary data, not FASTA text")
-    return InputError(f"{path}:{line}: sequence data before the first '>' header line; add a header")
+        return InputError(f"{place(line)}: binary data, not FASTA text")
+    return InputError(f"{place(line)}: sequence data before the first '>' header line; add a header")
 
 
 def read_fasta(
@@ -280,16 +285,23 @@ def read_fasta(
     end: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
     contiguous: bool = False,
-    first_line: int | None = None,
     block_size: int = BLOCK_SIZE,
+    lines_before: Callable[[], int] | None = None,
+    on_lines: Callable[[int], None] | None = None,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
     that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
-    it whole: joining pieces afterwards would hold the record twice. `first_line`: the line `start` is on,
-    when the caller counted it; else it is counted here. `block_size`: bytes read at a time."""
+    it whole: joining pieces afterwards would hold the record twice. `block_size`: bytes read at a time.
+    A record's `line` counts from `start` (line 1 is the one `start` is on), so that reading a range never
+    needs a pass over the bytes before it; messages name the file's line, adding `lines_before()` (the line
+    ends before `start`; by default counted when a message first needs it). `on_lines(n)`: called at the
+    end with the line ends read."""
     path = Path(path)
-    line = first_line if first_line is not None else 1 + (count_lines(path, 0, start) if start else 0)
+    if lines_before is None:
+        lines_before = functools.cache(lambda: count_lines(path, 0, start) if start else 0)
+    place = functools.partial(_file_line, path, lines_before=lines_before)
+    line = 1
     header_parts: list[bytes] | None = None  # set while a header line spans blocks
     header_line = 0
     record: _RecordBuilder | None = None
@@ -303,7 +315,7 @@ def read_fasta(
                 header_parts.append(block[pos : size if newline < 0 else newline])
                 if newline < 0:
                     break
-                record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
+                record = _RecordBuilder(place, b"".join(header_parts).rstrip(), header_line, contiguous)
                 header_parts, pos, at_line_start, line = None, newline + 1, True, line + 1
                 continue
             at = _next_header(block, pos, at_line_start)
@@ -313,7 +325,7 @@ def read_fasta(
                 if record is not None:
                     line += record.add(body, line)
                 elif body.strip():
-                    raise _preamble_error(path, body, line)
+                    raise _preamble_error(place, body, line)
                 else:
                     line += body.count(b"\n")
                 at_line_start = body[-1] == 10
@@ -323,9 +335,11 @@ def read_fasta(
                 yield record.finish()
             record, header_parts, header_line, pos, seen_records = None, [], line, at + 1, True
     if header_parts is not None:  # the file ends inside a header line
-        record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
+        record = _RecordBuilder(place, b"".join(header_parts).rstrip(), header_line, contiguous)
     if record is not None:
         yield record.finish()
+    if on_lines is not None:
+        on_lines(line - 1)
     if not seen_bytes and start == 0:
         raise InputError(f"{path}: empty file; remove it from the inputs")
     if not seen_records and start == 0:

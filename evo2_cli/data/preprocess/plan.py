@@ -5,11 +5,10 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from evo2_cli.data.fasta import count_lines, is_gzip, record_start_after
+from evo2_cli.data.fasta import is_gzip, record_start_after
 from evo2_cli.data.preprocess.config import Limits, PreprocessConfig
 from evo2_cli.data.regions import Region, parse_interval, read_bed, resolve
 from evo2_cli.errors import InputError
@@ -23,7 +22,6 @@ class Task:
     end: int | None = None
     regions: tuple[Region, ...] = ()
     size: int = 0  # bytes (or region bases) for the progress bar
-    first_line: int | None = None  # the line number `start` is on (None: the reader counts it)
 
 
 def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
@@ -76,8 +74,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def _file_tasks(index: int, path: Path, workers: int, shard_bytes: int) -> list[Task]:
     size = path.stat().st_size
-    # Two byte ranges per worker: a range starts once the main process has counted the lines before it
-    # (see with_first_lines), so the second worker waits for a quarter of the file rather than a half.
+    # Two byte ranges per worker: ranges end at record starts, so their work differs; one done early frees
+    # its worker for another.
     shards = 1 if workers == 1 else min(2 * workers, size // shard_bytes)
     if shards <= 1 or is_gzip(path):
         return [Task(index, path, size=size)]
@@ -136,17 +134,3 @@ def plan_workers(
     if workers != cores:
         names, tasks = plan_tasks(cfg, workers, limits)
     return names, tasks, workers, note
-
-
-def with_first_lines(tasks: list[Task]) -> Iterator[Task]:
-    """The tasks, byte ranges given the line they start on, each counted when it is asked for: one pass over
-    each file's bytes before its last range, in the main process while workers read the ranges before,
-    rather than by each range's worker over every byte before its range."""
-    counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
-    for task in tasks:
-        if task.start and not task.regions:
-            offset, line = counted.get(task.path, (0, 1))
-            line += count_lines(task.path, offset, task.start)
-            counted[task.path] = task.start, line
-            task = replace(task, first_line=line)
-        yield task
