@@ -5,6 +5,7 @@ background thread; ISA-L takes the GIL back for every output buffer, so that thr
 I/O rather than its parsing), headers are found with `bytes.find` (memchr), line ends are removed with
 `bytes.replace` and the alphabet is checked with one `bytes.translate` per block. A record keeps the pieces
 of the blocks it was read from (`parts`). Memory holds one record plus a few blocks, whatever the file size.
+A byte range of a plain or bgzip file, cut at record starts, can be read on its own (by parallel workers).
 
 Problems of one record (a character outside IUPAC, an empty header) do not raise: the record carries
 `problem` and the caller decides whether to stop or skip it. Problems of the whole file (empty, no header,
@@ -14,7 +15,9 @@ file and line.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import os
 import queue
 import threading
 import zlib
@@ -93,9 +96,15 @@ def is_gzip(path: Path) -> bool:
         return _compression(path, handle.read(8)) == "gzip"
 
 
-def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_size: int) -> Iterator[bytes]:
+def _gunzip_blocks(
+    handle, path: Path, on_bytes: Callable[[int], None], block_size: int, limit: int | None = None
+) -> Iterator[bytes]:
+    """The inflated bytes of the gzip members from the handle's position on: `limit` compressed bytes of whole
+    members, or to the end of the file."""
     inflater, fed = inflate_lib.decompressobj(31), False
-    while chunk := handle.read(block_size // 4):
+    while chunk := handle.read(block_size // 4 if limit is None else min(block_size // 4, limit)):
+        if limit is not None:
+            limit -= len(chunk)
         on_bytes(len(chunk))
         while chunk:
             fed = True
@@ -133,11 +142,101 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
     with handle:
         if _compression(path, handle.read(8)) == "gzip":
             if start or end is not None:
-                raise ValueError("byte ranges are only for plain files")
-            handle.seek(0)
-            yield from _gunzip_blocks(handle, path, on_bytes, block_size)
+                yield from _bgzf_range(handle, path, start, end, on_bytes, block_size)
+            else:
+                handle.seek(0)
+                yield from _gunzip_blocks(handle, path, on_bytes, block_size)
         else:
             yield from _plain_blocks(handle, start, end, on_bytes, block_size)
+
+
+# ---------------------------------------------------------------- BGZF (bgzip) blocks and virtual offsets
+# A BGZF file is a series of gzip members ("blocks") of at most 64 KiB inflated, each giving its compressed
+# size in a 'BC' subfield of its header's extra field, so a reader can start at any block. A place in it is a
+# virtual offset: the compressed offset of a block << 16 | an offset inside that block's inflated bytes.
+
+
+def _bgzf_block_size(fd: int, offset: int) -> int | None:
+    """The compressed size of the BGZF block at `offset`, or None where none starts there."""
+    header = os.pread(fd, 18, offset)  # 12 bytes, then the extra field: 6 bytes when it holds only 'BC'
+    if len(header) < 12 or header[:4] != b"\x1f\x8b\x08\x04":  # gzip, deflate, only FEXTRA set
+        return None
+    extra_size = int.from_bytes(header[10:12], "little")
+    if extra_size > 6:
+        header += os.pread(fd, extra_size - 6, offset + 18)
+    extra, pos = header[12 : 12 + extra_size], 0
+    while pos + 4 <= len(extra):
+        length = int.from_bytes(extra[pos + 2 : pos + 4], "little")
+        if extra[pos : pos + 2] == b"BC" and length == 2 and pos + 6 <= len(extra):
+            size = int.from_bytes(extra[pos + 4 : pos + 6], "little") + 1
+            return size if size >= 12 + extra_size + 8 else None  # header, deflate data, CRC32 and ISIZE
+        pos += 4 + length
+    return None
+
+
+def bgzf_blocks(path: Path) -> list[int] | None:
+    """The compressed offsets where the blocks of a BGZF file start, then the file size; None where the file
+    is not BGZF throughout (plain gzip, ordinary gzip members concatenated, a truncated or odd block): such a
+    file is read whole, by one process. Reads each block's header only."""
+    with open(path, "rb") as handle:
+        fd, offsets = handle.fileno(), [0]
+        size = os.fstat(fd).st_size
+        while offsets[-1] < size:
+            block = _bgzf_block_size(fd, offsets[-1])
+            if block is None:
+                return None
+            offsets.append(offsets[-1] + block)
+    return offsets if len(offsets) > 1 and offsets[-1] == size else None
+
+
+def _bgzf_inflate(fd: int, path: Path, offset: int, size: int) -> bytes:
+    try:
+        return inflate_lib.decompress(os.pread(fd, size, offset), 31)
+    except inflate_lib.error as exc:
+        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+
+
+def bgzf_record_start_after(path: Path, blocks: list[int], offset: int) -> int:
+    """The virtual offset of the first '>' beginning a line in the blocks at or after compressed `offset` of a
+    BGZF file (`blocks` from bgzf_blocks), or of the file's end if none: where a byte range may start."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+
+        def inflated(i: int) -> bytes:
+            return _bgzf_inflate(fd, path, blocks[i], blocks[i + 1] - blocks[i])
+
+        first = bisect.bisect_left(blocks, offset)
+        # A '>' at the very start of a block begins a line if the last byte of the blocks before ends one.
+        previous = next((data[-1:] for i in range(first - 1, -1, -1) if (data := inflated(i))), b"\n")
+        for i in range(first, len(blocks) - 1):
+            data = inflated(i)
+            at = _next_header(data, 0, previous == b"\n")
+            if 0 <= at < 1 << 16:  # a block inflating past 64 KiB (not BGZF's) cannot name later bytes
+                return blocks[i] << 16 | at
+            previous = data[-1:] or previous
+    return blocks[-1] << 16
+
+
+def _bgzf_range(handle, path: Path, start: int, end: int | None, on_bytes, block_size) -> Iterator[bytes]:
+    """The inflated bytes of a BGZF file from virtual offset `start` to `end` (None: the file's end)."""
+    first, skip = start >> 16, start & 0xFFFF
+    last, keep = (None, 0) if end is None else (end >> 16, end & 0xFFFF)
+
+    def pieces() -> Iterator[bytes]:
+        handle.seek(first)
+        yield from _gunzip_blocks(handle, path, on_bytes, block_size, None if last is None else last - first)
+        if keep:  # the head of the block the next range starts in, whose bytes that range reports read
+            size = _bgzf_block_size(handle.fileno(), last)
+            if size is None:
+                raise InputError(f"{path}: not a BGZF block at byte {last}; was the file changed while read?")
+            yield _bgzf_inflate(handle.fileno(), path, last, size)[:keep]
+
+    for piece in pieces():
+        if skip:
+            dropped = min(skip, len(piece))
+            piece, skip = piece[dropped:], skip - dropped
+        if piece:
+            yield piece
 
 
 _END = object()
@@ -179,7 +278,8 @@ def _prefetched(blocks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def count_lines(path: Path, start: int, end: int) -> int:
-    """Line ends in bytes [start, end) of a plain file (line numbers of a shard's records)."""
+    """Line ends in bytes [start, end) of a plain file, or between virtual offsets of a BGZF file (the lines
+    before a byte range, for messages)."""
     lines = 0
     for block in _file_blocks(path, start, end, lambda n: None):
         lines += block.count(b"\n")
@@ -290,7 +390,8 @@ def read_fasta(
     on_lines: Callable[[int], None] | None = None,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
-    that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
+    that byte range of a plain file (see `record_start_after`), or between those virtual offsets of a BGZF
+    file (see `bgzf_record_start_after`); `on_bytes(n)` reports file bytes consumed (compressed bytes).
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
     it whole: joining pieces afterwards would hold the record twice. `block_size`: bytes read at a time.
     A record's `line` counts from `start` (line 1 is the one `start` is on), so that reading a range never
