@@ -273,9 +273,12 @@ def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp
     assert len(fasta.bgzf_blocks(SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz")) > 3
     text = fasta_text(random_records(40, seed=2, length=(500, 1000)))
     half = text.index(b">", len(text) // 2)
+    odd = bytearray(bgzf(bgzf_pieces(text, 500)))
+    odd[16] ^= 1  # the first block's size, one byte off: no block starts where the second should
     for name, data in {
         "stream": gzip.compress(text),
         "members": gzip.compress(text[:half]) + gzip.compress(text[half:]),
+        "odd": bytes(odd),
         "truncated": bgzf(bgzf_pieces(text, 500))[:-100],
     }.items():
         path = tmp_path / f"{name}.fa.gz"
