@@ -246,7 +246,11 @@ def test_a_bgzip_file_is_cut_into_ranges_that_give_the_same_bytes_for_any_worker
     assert at_block_start == {True, False}  # ranges that start at a block's first byte and inside one
 
 
-def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp_path):
+@pytest.mark.parametrize("inflater", ["zlib", "isal"])
+def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp_path, monkeypatch, inflater):
+    monkeypatch.setattr(
+        fasta, "inflate_lib", zlib if inflater == "zlib" else pytest.importorskip("isal.isal_zlib")
+    )
     path = tmp_path / "a.fa.bgz"
     # Block 1's '>' continues a line (sequence, a bad letter); block 2 is empty; block 3 begins with a header
     # line: only the last byte of block 1 says so.
@@ -287,6 +291,11 @@ def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp
         assert len(plan._file_tasks(0, path, 3, 1000)) == 1
     with pytest.raises(InputError, match=r"truncated\.fa\.gz: truncated gzip"):
         run(tmp_path, [path], "truncated", Limits(shard_bytes=1000), workers=3)
+    # A range of a file truncated or rewritten after the plan says so.
+    with pytest.raises(InputError, match=r"truncated\.fa\.gz: truncated gzip file \(ends mid-block\)"):
+        list(fasta.read_fasta(path, 0, path.stat().st_size << 16))
+    with pytest.raises(InputError, match=r"stream\.fa\.gz: no BGZF block at byte 0 \(was the file changed"):
+        list(fasta.read_fasta(tmp_path / "stream.fa.gz", 0, 1 << 16))
 
 
 def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):

@@ -96,15 +96,9 @@ def is_gzip(path: Path) -> bool:
         return _compression(path, handle.read(8)) == "gzip"
 
 
-def _gunzip_blocks(
-    handle, path: Path, on_bytes: Callable[[int], None], block_size: int, limit: int | None = None
-) -> Iterator[bytes]:
-    """The inflated bytes of the gzip members from the handle's position on: `limit` compressed bytes of whole
-    members, or to the end of the file."""
+def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_size: int) -> Iterator[bytes]:
     inflater, fed = inflate_lib.decompressobj(31), False
-    while chunk := handle.read(block_size // 4 if limit is None else min(block_size // 4, limit)):
-        if limit is not None:
-            limit -= len(chunk)
+    while chunk := handle.read(block_size // 4):
         on_bytes(len(chunk))
         while chunk:
             fed = True
@@ -156,22 +150,27 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
 # virtual offset: the compressed offset of a block << 16 | an offset inside that block's inflated bytes.
 
 
-def _bgzf_block_size(fd: int, offset: int) -> int | None:
-    """The compressed size of the BGZF block at `offset`, or None where none starts there."""
-    header = os.pread(fd, 18, offset)  # 12 bytes, then the extra field: 6 bytes when it holds only 'BC'
-    if len(header) < 12 or header[:4] != b"\x1f\x8b\x08\x04":  # gzip, deflate, only FEXTRA set
+def _bgzf_size(data: bytes, pos: int = 0) -> int | None:
+    """The compressed size of the BGZF block whose header starts at `pos`, or None where `data` holds no whole
+    BGZF header there."""
+    if data[pos : pos + 4] != b"\x1f\x8b\x08\x04" or len(data) < pos + 12:  # gzip, deflate, only FEXTRA set
         return None
-    extra_size = int.from_bytes(header[10:12], "little")
-    if extra_size > 6:
-        header += os.pread(fd, extra_size - 6, offset + 18)
-    extra, pos = header[12 : 12 + extra_size], 0
-    while pos + 4 <= len(extra):
-        length = int.from_bytes(extra[pos + 2 : pos + 4], "little")
-        if extra[pos : pos + 2] == b"BC" and length == 2 and pos + 6 <= len(extra):
-            size = int.from_bytes(extra[pos + 4 : pos + 6], "little") + 1
-            return size if size >= 12 + extra_size + 8 else None  # header, deflate data, CRC32 and ISIZE
-        pos += 4 + length
+    extra_end = pos + 12 + int.from_bytes(data[pos + 10 : pos + 12], "little")
+    at = pos + 12
+    while at + 4 <= min(extra_end, len(data)):  # the extra field's subfields: 2-byte id, 2-byte length
+        length = int.from_bytes(data[at + 2 : at + 4], "little")
+        if data[at : at + 2] == b"BC" and length == 2 and at + 6 <= min(extra_end, len(data)):
+            size = int.from_bytes(data[at + 4 : at + 6], "little") + 1
+            return size if size >= extra_end - pos + 8 else None  # header, deflate data, CRC32 and ISIZE
+        at += 4 + length
     return None
+
+
+def _bgzf_block_size(fd: int, offset: int) -> int | None:
+    header = os.pread(fd, 18, offset)  # 12 bytes, then the extra field: 6 bytes when it holds only 'BC'
+    if len(header) == 18 and header[10:12] != b"\x06\x00":
+        header = os.pread(fd, 12 + int.from_bytes(header[10:12], "little"), offset)
+    return _bgzf_size(header)
 
 
 def bgzf_blocks(path: Path) -> list[int] | None:
@@ -189,9 +188,9 @@ def bgzf_blocks(path: Path) -> list[int] | None:
     return offsets if len(offsets) > 1 and offsets[-1] == size else None
 
 
-def _bgzf_inflate(fd: int, path: Path, offset: int, size: int) -> bytes:
+def _bgzf_inflate(path: Path, block: bytes | memoryview) -> bytes:
     try:
-        return inflate_lib.decompress(os.pread(fd, size, offset), 31)
+        return inflate_lib.decompress(block, 31)
     except inflate_lib.error as exc:
         raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
 
@@ -203,7 +202,7 @@ def bgzf_record_start_after(path: Path, blocks: list[int], offset: int) -> int:
         fd = handle.fileno()
 
         def inflated(i: int) -> bytes:
-            return _bgzf_inflate(fd, path, blocks[i], blocks[i + 1] - blocks[i])
+            return _bgzf_inflate(path, os.pread(fd, blocks[i + 1] - blocks[i], blocks[i]))
 
         first = bisect.bisect_left(blocks, offset)
         # A '>' at the very start of a block begins a line if the last byte of the blocks before ends one.
@@ -217,19 +216,46 @@ def bgzf_record_start_after(path: Path, blocks: list[int], offset: int) -> int:
     return blocks[-1] << 16
 
 
+def _bgzf_texts(handle, path: Path, size: int, on_bytes, block_size: int) -> Iterator[bytes]:
+    """The inflated text of the BGZF blocks in the next `size` compressed bytes, a block at a time: each is
+    inflated in one call, found by its size (no stream state to end and restart, no copy of what follows)."""
+    data, pos = b"", 0
+    while size:
+        chunk = handle.read(min(block_size // 4, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        on_bytes(len(chunk))
+        data, pos = data[pos:] + chunk, 0
+        view = memoryview(data)
+        while (block := _bgzf_size(data, pos)) is not None and pos + block <= len(data):
+            yield _bgzf_inflate(path, view[pos : pos + block])
+            pos += block
+        if len(data) - pos > 1 << 16:  # more than a block's most and no block: not BGZF there
+            break
+    if pos < len(data) and _bgzf_size(data, pos) is None:
+        raise _not_bgzf(path, handle.tell() - len(data) + pos)
+    if pos < len(data) or size:
+        raise InputError(f"{path}: truncated gzip file (ends mid-block); re-download or recompress it")
+
+
+def _not_bgzf(path: Path, offset: int) -> InputError:
+    return InputError(f"{path}: no BGZF block at byte {offset} (was the file changed while it was read?)")
+
+
 def _bgzf_range(handle, path: Path, start: int, end: int | None, on_bytes, block_size) -> Iterator[bytes]:
     """The inflated bytes of a BGZF file from virtual offset `start` to `end` (None: the file's end)."""
     first, skip = start >> 16, start & 0xFFFF
-    last, keep = (None, 0) if end is None else (end >> 16, end & 0xFFFF)
+    last, keep = (os.fstat(handle.fileno()).st_size, 0) if end is None else (end >> 16, end & 0xFFFF)
 
     def pieces() -> Iterator[bytes]:
         handle.seek(first)
-        yield from _gunzip_blocks(handle, path, on_bytes, block_size, None if last is None else last - first)
+        yield from _bgzf_texts(handle, path, last - first, on_bytes, block_size)
         if keep:  # the head of the block the next range starts in, whose bytes that range reports read
-            size = _bgzf_block_size(handle.fileno(), last)
-            if size is None:
-                raise InputError(f"{path}: not a BGZF block at byte {last}; was the file changed while read?")
-            yield _bgzf_inflate(handle.fileno(), path, last, size)[:keep]
+            tail = _bgzf_block_size(handle.fileno(), last)
+            if tail is None:
+                raise _not_bgzf(path, last)
+            yield from (text[:keep] for text in _bgzf_texts(handle, path, tail, lambda n: None, block_size))
 
     for piece in pieces():
         if skip:
