@@ -69,16 +69,17 @@ def write_fasta(path: Path, records, width: int = 60) -> Path:
     return path
 
 
-def bgzf(pieces: list[bytes]) -> bytes:
+def bgzf(pieces: list[bytes], other_subfield: bytes = b"") -> bytes:
     """A BGZF file (as bgzip writes) with a block per piece, then the empty block that ends one: gzip members
-    whose header's extra field says the member's size, less 1 ('BC')."""
+    whose header's extra field says the member's size, less 1 ('BC'), after `other_subfield` if given."""
     blocks = []
     for piece in [*pieces, b""]:
         deflater = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate
         data = deflater.compress(piece) + deflater.flush()
-        header = b"\x1f\x8b\x08\x04\0\0\0\0\0\xff\x06\0BC\x02\0" + (18 + len(data) + 8 - 1).to_bytes(
-            2, "little"
-        )
+        extra_size = len(other_subfield) + 6
+        size = 12 + extra_size + len(data) + 8  # header, deflate data, CRC32 and length
+        extra = other_subfield + b"BC\x02\0" + (size - 1).to_bytes(2, "little")
+        header = b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + extra_size.to_bytes(2, "little") + extra
         blocks += [header, data, zlib.crc32(piece).to_bytes(4, "little"), len(piece).to_bytes(4, "little")]
     return b"".join(blocks)
 
@@ -254,25 +255,28 @@ def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp
     path = tmp_path / "a.fa.bgz"
     # Block 1's '>' continues a line (sequence, a bad letter); block 2 is empty; block 3 begins with a header
     # line: only the last byte of block 1 says so.
-    path.write_bytes(bgzf([b">a\nAC", b">x\nGT\n", b"", b">b\nTT\n", b"GG\n>c\nA\n"]))
-    blocks = fasta.bgzf_blocks(path)
-    assert len(blocks) == 7 and blocks[-1] == path.stat().st_size  # 5 blocks, the end block, the size
+    pieces = [b">a\nAC", b">x\nGT\n", b"", b">b\nTT\n", b"GG\n>c\nA\n"]
+    for other_subfield in (b"", b"XY\x03\0abc"):  # BGZF allows other subfields beside 'BC'
+        path.write_bytes(bgzf(pieces, other_subfield))
+        blocks = fasta.bgzf_blocks(path)
+        assert len(blocks) == 7 and blocks[-1] == path.stat().st_size  # 5 blocks, the end block, the size
 
-    def virtual(block: int, at: int) -> int:
-        return blocks[block] << 16 | at
+        def virtual(block: int, at: int, blocks=blocks) -> int:
+            return blocks[block] << 16 | at
 
-    start_after = functools.partial(fasta.bgzf_record_start_after, path, blocks)
-    assert start_after(1) == start_after(blocks[3]) == virtual(3, 0)
-    assert start_after(blocks[3] + 1) == virtual(4, 3)
-    assert start_after(blocks[4] + 1) == blocks[-1] << 16  # no header after: the file's end
-    read = []
-    ranges = [(0, virtual(3, 0)), (virtual(3, 0), virtual(4, 3)), (virtual(4, 3), blocks[-1] << 16)]
-    for start, end in ranges:
-        read += [(r.id, r.line, bytes(r.sequence)) for r in fasta.read_fasta(path, start, end, read.append)]
-    records = [item for item in read if isinstance(item, tuple)]
-    assert records == [(b"a", 1, b""), (b"b", 1, b"TTGG"), (b"c", 1, b"A")]  # lines count from the range
-    assert sum(item for item in read if isinstance(item, int)) == path.stat().st_size  # compressed bytes
-    assert fasta.count_lines(path, 0, virtual(4, 3)) == 6
+        start_after = functools.partial(fasta.bgzf_record_start_after, path, blocks)
+        assert start_after(1) == start_after(blocks[3]) == virtual(3, 0)
+        assert start_after(blocks[3] + 1) == virtual(4, 3)
+        assert start_after(blocks[4] + 1) == blocks[-1] << 16  # no header after: the file's end
+        records, consumed = [], []
+        ranges = [(0, virtual(3, 0)), (virtual(3, 0), virtual(4, 3)), (virtual(4, 3), blocks[-1] << 16)]
+        for start, end in ranges:
+            records += [
+                (r.id, r.line, bytes(r.sequence)) for r in fasta.read_fasta(path, start, end, consumed.append)
+            ]
+        assert records == [(b"a", 1, b""), (b"b", 1, b"TTGG"), (b"c", 1, b"A")]  # lines count from the range
+        assert sum(consumed) == path.stat().st_size  # compressed bytes, each once
+        assert fasta.count_lines(path, 0, virtual(4, 3)) == 6
     # What bgzip writes is recognised; gzip streams, concatenated ones included, are not BGZF.
     assert len(fasta.bgzf_blocks(SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz")) > 3
     text = fasta_text(random_records(40, seed=2, length=(500, 1000)))
