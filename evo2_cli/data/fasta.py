@@ -5,6 +5,7 @@ background thread; ISA-L takes the GIL back for every output buffer, so that thr
 I/O rather than its parsing), headers are found with `bytes.find` (memchr), line ends are removed with
 `bytes.replace` and the alphabet is checked with one `bytes.translate` per block. A record keeps the pieces
 of the blocks it was read from (`parts`). Memory holds one record plus a few blocks, whatever the file size.
+A byte range of a plain or bgzip file, cut at record starts, can be read on its own (by parallel workers).
 
 Problems of one record (a character outside IUPAC, an empty header) do not raise: the record carries
 `problem` and the caller decides whether to stop or skip it. Problems of the whole file (empty, no header,
@@ -14,7 +15,10 @@ file and line.
 
 from __future__ import annotations
 
+import array
+import bisect
 import functools
+import os
 import queue
 import threading
 import zlib
@@ -133,11 +137,134 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
     with handle:
         if _compression(path, handle.read(8)) == "gzip":
             if start or end is not None:
-                raise ValueError("byte ranges are only for plain files")
-            handle.seek(0)
-            yield from _gunzip_blocks(handle, path, on_bytes, block_size)
+                yield from _bgzf_range(handle, path, start, end, on_bytes, block_size)
+            else:
+                handle.seek(0)
+                yield from _gunzip_blocks(handle, path, on_bytes, block_size)
         else:
             yield from _plain_blocks(handle, start, end, on_bytes, block_size)
+
+
+# ---------------------------------------------------------------- BGZF (bgzip) blocks and virtual offsets
+# A BGZF file is a series of gzip members ("blocks") of at most 64 KiB inflated, each giving its compressed
+# size in a 'BC' subfield of its header's extra field, so a reader can start at any block. A place in it is a
+# virtual offset: the compressed offset of a block << 16 | an offset inside that block's inflated bytes.
+
+
+def _bgzf_size(data: bytes, pos: int = 0) -> int | None:
+    """The compressed size of the BGZF block whose header starts at `pos`, or None where `data` holds no whole
+    BGZF header there."""
+    if data[pos : pos + 4] != b"\x1f\x8b\x08\x04" or len(data) < pos + 12:  # gzip, deflate, only FEXTRA set
+        return None
+    extra_end = pos + 12 + int.from_bytes(data[pos + 10 : pos + 12], "little")
+    at = pos + 12
+    while at + 4 <= min(extra_end, len(data)):  # the extra field's subfields: 2-byte id, 2-byte length
+        length = int.from_bytes(data[at + 2 : at + 4], "little")
+        if data[at : at + 2] == b"BC" and length == 2 and at + 6 <= min(extra_end, len(data)):
+            size = int.from_bytes(data[at + 4 : at + 6], "little") + 1
+            return size if size >= extra_end - pos + 8 else None  # header, deflate data, CRC32 and ISIZE
+        at += 4 + length
+    return None
+
+
+def _bgzf_block_size(fd: int, offset: int) -> int | None:
+    header = os.pread(fd, 18, offset)  # 12 bytes, then the extra field: 6 bytes when it holds only 'BC'
+    if len(header) == 18 and header[10:12] != b"\x06\x00":
+        header = os.pread(fd, 12 + int.from_bytes(header[10:12], "little"), offset)
+    return _bgzf_size(header)
+
+
+def bgzf_blocks(path: Path) -> array.array | None:
+    """The compressed offsets where the blocks of a BGZF file start, then the file size; None where the file
+    is not BGZF throughout (plain gzip, ordinary gzip members concatenated, a truncated or odd block): such a
+    file is read whole, by one process. Reads each block's header only (8 bytes kept per 20 KB block)."""
+    with open(path, "rb") as handle:
+        fd, offsets, offset = handle.fileno(), array.array("q", [0]), 0
+        size = os.fstat(fd).st_size
+        while offset < size:
+            block = _bgzf_block_size(fd, offset)
+            if block is None:
+                return None
+            offset += block
+            offsets.append(offset)
+    return offsets if len(offsets) > 1 and offset == size else None
+
+
+def _bgzf_inflate(path: Path, block: bytes | memoryview) -> bytes:
+    try:
+        return inflate_lib.decompress(block, 31)
+    except inflate_lib.error as exc:
+        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+
+
+def bgzf_record_start_after(path: Path, blocks: array.array, offset: int) -> int:
+    """The virtual offset of the first '>' beginning a line in the blocks at or after compressed `offset` of a
+    BGZF file (`blocks` from bgzf_blocks), or of the file's end if none: where a byte range may start."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+
+        def inflated(i: int) -> bytes:
+            return _bgzf_inflate(path, os.pread(fd, blocks[i + 1] - blocks[i], blocks[i]))
+
+        first = bisect.bisect_left(blocks, offset)
+        # A '>' at the very start of a block begins a line if the last byte of the blocks before ends one.
+        previous = next((data[-1:] for i in range(first - 1, -1, -1) if (data := inflated(i))), b"\n")
+        for i in range(first, len(blocks) - 1):
+            data = inflated(i)
+            at = _next_header(data, 0, previous == b"\n")
+            if 0 <= at < 1 << 16:  # a block inflating past 64 KiB (not BGZF's) cannot name later bytes
+                return blocks[i] << 16 | at
+            previous = data[-1:] or previous
+    return blocks[-1] << 16
+
+
+def _bgzf_texts(handle, path: Path, size: int, on_bytes, block_size: int) -> Iterator[bytes]:
+    """The inflated text of the BGZF blocks in the next `size` compressed bytes, a block at a time: each is
+    inflated in one call, found by its size (no stream state to end and restart, no copy of what follows)."""
+    data, pos = b"", 0
+    while size:
+        chunk = handle.read(min(block_size // 4, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        on_bytes(len(chunk))
+        data, pos = data[pos:] + chunk, 0
+        view = memoryview(data)
+        while (block := _bgzf_size(data, pos)) is not None and pos + block <= len(data):
+            yield _bgzf_inflate(path, view[pos : pos + block])
+            pos += block
+        if len(data) - pos > 1 << 16:  # more than a block's most and no block: not BGZF there
+            break
+    if pos < len(data) and _bgzf_size(data, pos) is None:
+        raise _not_bgzf(path, handle.tell() - len(data) + pos)
+    if pos < len(data) or size:
+        raise InputError(f"{path}: truncated gzip file (ends mid-block); re-download or recompress it")
+
+
+def _not_bgzf(path: Path, offset: int) -> InputError:
+    return InputError(f"{path}: no BGZF block at byte {offset} (was the file changed while it was read?)")
+
+
+def _bgzf_range(handle, path: Path, start: int, end: int | None, on_bytes, block_size) -> Iterator[bytes]:
+    """The inflated bytes of a BGZF file from virtual offset `start` to `end` (None: the file's end)."""
+    first, skip = start >> 16, start & 0xFFFF
+    last, keep = (os.fstat(handle.fileno()).st_size, 0) if end is None else (end >> 16, end & 0xFFFF)
+
+    def pieces() -> Iterator[bytes]:
+        handle.seek(first)
+        yield from _bgzf_texts(handle, path, last - first, on_bytes, block_size)
+        if keep:  # the head of the block the next range starts in, whose bytes that range reports read
+            tail = _bgzf_block_size(handle.fileno(), last)
+            if tail is None:
+                raise _not_bgzf(path, last)
+            yield from (text[:keep] for text in _bgzf_texts(handle, path, tail, lambda n: None, block_size))
+
+    for piece in pieces():
+        if skip:
+            dropped = min(skip, len(piece))
+            piece, skip = piece[dropped:], skip - dropped
+        if piece:
+            yield piece
 
 
 _END = object()
@@ -179,7 +306,8 @@ def _prefetched(blocks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def count_lines(path: Path, start: int, end: int) -> int:
-    """Line ends in bytes [start, end) of a plain file (line numbers of a shard's records)."""
+    """Line ends in bytes [start, end) of a plain file, or between virtual offsets of a BGZF file (the lines
+    before a byte range, for messages)."""
     lines = 0
     for block in _file_blocks(path, start, end, lambda n: None):
         lines += block.count(b"\n")
@@ -290,7 +418,8 @@ def read_fasta(
     on_lines: Callable[[int], None] | None = None,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
-    that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
+    that byte range of a plain file (see `record_start_after`), or between those virtual offsets of a BGZF
+    file (see `bgzf_record_start_after`); `on_bytes(n)` reports file bytes consumed (compressed bytes).
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
     it whole: joining pieces afterwards would hold the record twice. `block_size`: bytes read at a time.
     A record's `line` counts from `start` (line 1 is the one `start` is on), so that reading a range never
