@@ -63,10 +63,15 @@ def test_random_fasta_round_trips(tmp_path_factory, records, width, newline, bla
     gz = path.with_suffix(".fa.gz")
     gz.write_bytes(gzip.compress(path.read_bytes()))
     assert [(r.id, r.sequence, r.line) for r in read_fasta(gz)] == [(r.id, r.sequence, r.line) for r in got]
+    # A range numbers lines from its start and reports the line ends it read: the first range's count, added
+    # to the second's lines, gives the file's lines.
     size = path.stat().st_size
     cut = record_start_after(path, size // 2)
-    halves = [*read_fasta(path, 0, cut), *read_fasta(path, cut, size)] if 0 < cut < size else got
-    assert [(r.id, r.line) for r in halves] == [(r.id, r.line) for r in got]
+    counted: list[int] = []
+    first = [(r.id, r.line) for r in read_fasta(path, 0, cut, on_lines=counted.append)]
+    second = [(r.id, r.line + counted[0]) for r in read_fasta(path, cut, size, on_lines=counted.append)]
+    assert first + second == [(r.id, r.line) for r in got]
+    assert counted == [path.read_bytes().count(b"\n", 0, cut), path.read_bytes().count(b"\n", cut)]
 
 
 def test_matches_biopython_on_the_samples():
@@ -104,6 +109,20 @@ def test_line_numbers_and_headers(tmp_path):
         (b"r2", b"r2", 7, b""),
         (b"r3", b"r3", 8, b"A"),
     ]
+
+
+def test_a_range_numbers_lines_from_its_start_and_messages_name_the_files_line(tmp_path):
+    path = tmp_path / "x.fa"
+    path.write_bytes(b">r1\nAC\nGT\n>r2\nA\n>r3\nAC*T\n>\nA\n")
+    start = record_start_after(path, 10)  # at ">r2", on line 4
+    counted: list[int] = []
+    r2, r3, empty = read_fasta(path, start, on_lines=counted.append)
+    assert [(r.id, r.line) for r in (r2, r3, empty)] == [(b"r2", 1), (b"r3", 3), (b"", 5)]
+    assert counted == [6]
+    assert r3.problem.startswith(f"{path}:7: record 'r3' has '*'")  # lines before the range counted for it
+    assert empty.problem.startswith(f"{path}:8: empty header")
+    (r3, empty) = read_fasta(path, record_start_after(path, 14), lines_before=lambda: 100)
+    assert r3.problem.startswith(f"{path}:102: record 'r3'") and empty.problem.startswith(f"{path}:103:")
 
 
 def test_non_utf8_header_is_kept_as_bytes(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
+import itertools
 import json
 import os
 import random
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +26,7 @@ from typer.testing import CliRunner
 
 from evo2_cli.cli import app
 from evo2_cli.config import FieldError, load_config
-from evo2_cli.data import preprocess
+from evo2_cli.data import fasta, preprocess
 from evo2_cli.data.indexed import IndexedDataset
 from evo2_cli.data.preprocess import (
     Limits,
@@ -51,14 +54,40 @@ def random_records(count: int, seed: int = 0, length=(0, 400), prefix="rec") -> 
     ]
 
 
-def write_fasta(path: Path, records, width: int = 60) -> Path:
-    text = b"".join(
-        f">{name} some description\n".encode()
-        + b"".join(seq[i : i + width] + b"\n" for i in range(0, len(seq), width))
+def fasta_text(records, width: int = 60, newline: bytes = b"\n") -> bytes:
+    return b"".join(
+        f">{name} some description".encode()
+        + newline
+        + b"".join(seq[i : i + width] + newline for i in range(0, len(seq), width))
         for name, seq in records
     )
+
+
+def write_fasta(path: Path, records, width: int = 60) -> Path:
+    text = fasta_text(records, width)
     path.write_bytes(gzip.compress(text) if path.suffix == ".gz" else text)
     return path
+
+
+def bgzf(pieces: list[bytes], other_subfield: bytes = b"") -> bytes:
+    """A BGZF file (as bgzip writes) with a block per piece, then the empty block that ends one: gzip members
+    whose header's extra field says the member's size, less 1 ('BC'), after `other_subfield` if given."""
+    blocks = []
+    for piece in [*pieces, b""]:
+        deflater = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate
+        data = deflater.compress(piece) + deflater.flush()
+        extra_size = len(other_subfield) + 6
+        size = 12 + extra_size + len(data) + 8  # header, deflate data, CRC32 and length
+        extra = other_subfield + b"BC\x02\0" + (size - 1).to_bytes(2, "little")
+        header = b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + extra_size.to_bytes(2, "little") + extra
+        blocks += [header, data, zlib.crc32(piece).to_bytes(4, "little"), len(piece).to_bytes(4, "little")]
+    return b"".join(blocks)
+
+
+def bgzf_pieces(text: bytes, block: int, starts=()) -> list[bytes]:
+    """`text` cut every `block` bytes and at each offset of `starts` (small blocks: a small file has many)."""
+    bounds = sorted({0, *range(block, len(text), block), *starts, len(text)})
+    return [text[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def run(tmp_path: Path, inputs, name: str = "out", limits=Limits(), **options) -> tuple[Path, dict]:
@@ -179,6 +208,100 @@ def test_one_large_file_cut_into_many_ranges_gives_the_same_bytes_for_any_worker
         assert file_bytes(run(tmp_path, [source], "auto", limits, on_bad_record="skip")[0]) == base
 
 
+def test_a_bgzip_file_is_cut_into_ranges_that_give_the_same_bytes_for_any_worker_count(tmp_path):
+    """A bgzip file is cut at virtual offsets (block, offset inside it) of record starts, like a plain file:
+    records over many blocks, a header at a block's start, a record longer than a range, CRLF; the data files
+    are those of the same FASTA uncompressed, and a bad record in a late range names the file's line."""
+    records = random_records(60, seed=13, length=(1, 2000))
+    records[5] = ("long", random_records(1, seed=14, length=(30_000, 30_000))[0][1])  # several ranges long
+    records[50] = ("bad", b"ACGT*ACGT")
+    limits = Limits(shard_bytes=3000)
+    at_block_start = set()
+    for newline in (b"\n", b"\r\n"):
+        text = fasta_text(records, 61, newline)
+        plain = tmp_path / f"{len(newline)}.fa"
+        plain.write_bytes(text)
+        packed = tmp_path / f"{len(newline)}.fa.bgz"
+        headers = [at for at in range(len(text)) if text[at] == ord(">")]
+        packed.write_bytes(bgzf(bgzf_pieces(text, 500, headers[::3])))  # every third header starts a block
+        skip = {"on_bad_record": "skip"}
+        base = file_bytes(run(tmp_path, [packed], f"one{len(newline)}", **skip)[0])
+        data_files = {name: content for name, content in base.items() if name != "manifest.json"}
+        plain_out = file_bytes(run(tmp_path, [plain], f"plain{len(newline)}", **skip)[0])
+        assert data_files == {name: content for name, content in plain_out.items() if name != "manifest.json"}
+        bad_line = f"{packed}:{line_of(plain, b'ACGT*')}: record 'bad' has '*'"
+        assert base["manifest.json"]["dropped_examples"][0].startswith(bad_line)
+        for workers in (2, 3):
+            tasks = plan.plan_tasks(PreprocessConfig(inputs=[str(packed)]), workers, limits)[1]
+            assert 3 <= len(tasks) <= 2 * workers and tasks[-1].end == packed.stat().st_size << 16
+            assert workers == 2 or len(tasks) < 2 * workers  # two cuts in the long record: one range
+            assert sum(task.size for task in tasks) == packed.stat().st_size
+            at_block_start |= {task.start & 0xFFFF == 0 for task in tasks[1:]}
+            reads_bad = [any(r.id == b"bad" for r in fasta.read_fasta(packed, t.start, t.end)) for t in tasks]
+            assert reads_bad.index(True) > 0
+            out = run(tmp_path, [packed], f"w{workers}{len(newline)}", limits, workers=workers, **skip)[0]
+            assert file_bytes(out) == base
+        with pytest.raises(InputError) as error:
+            run(tmp_path, [packed], f"error{len(newline)}", limits, workers=3)
+        assert bad_line in str(error.value)
+    assert at_block_start == {True, False}  # ranges that start at a block's first byte and inside one
+
+
+@pytest.mark.parametrize("inflater", ["zlib", "isal"])
+def test_a_bgzip_range_starts_at_the_first_header_line_at_or_after_its_block(tmp_path, monkeypatch, inflater):
+    monkeypatch.setattr(
+        fasta, "inflate_lib", zlib if inflater == "zlib" else pytest.importorskip("isal.isal_zlib")
+    )
+    path = tmp_path / "a.fa.bgz"
+    # Block 1's '>' continues a line (sequence, a bad letter); block 2 is empty; block 3 begins with a header
+    # line: only the last byte of block 1 says so.
+    pieces = [b">a\nAC", b">x\nGT\n", b"", b">b\nTT\n", b"GG\n>c\nA\n"]
+    for other_subfield in (b"", b"XY\x03\0abc"):  # BGZF allows other subfields beside 'BC'
+        path.write_bytes(bgzf(pieces, other_subfield))
+        blocks = fasta.bgzf_blocks(path)
+        assert len(blocks) == 7 and blocks[-1] == path.stat().st_size  # 5 blocks, the end block, the size
+
+        def virtual(block: int, at: int, blocks=blocks) -> int:
+            return blocks[block] << 16 | at
+
+        start_after = functools.partial(fasta.bgzf_record_start_after, path, blocks)
+        assert start_after(1) == start_after(blocks[3]) == virtual(3, 0)
+        assert start_after(blocks[3] + 1) == virtual(4, 3)
+        assert start_after(blocks[4] + 1) == blocks[-1] << 16  # no header after: the file's end
+        records, consumed = [], []
+        ranges = [(0, virtual(3, 0)), (virtual(3, 0), virtual(4, 3)), (virtual(4, 3), blocks[-1] << 16)]
+        for start, end in ranges:
+            records += [
+                (r.id, r.line, bytes(r.sequence)) for r in fasta.read_fasta(path, start, end, consumed.append)
+            ]
+        assert records == [(b"a", 1, b""), (b"b", 1, b"TTGG"), (b"c", 1, b"A")]  # lines count from the range
+        assert sum(consumed) == path.stat().st_size  # compressed bytes, each once
+        assert fasta.count_lines(path, 0, virtual(4, 3)) == 6
+    # What bgzip writes is recognised; gzip streams, concatenated ones included, are not BGZF.
+    assert len(fasta.bgzf_blocks(SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz")) > 3
+    text = fasta_text(random_records(40, seed=2, length=(500, 1000)))
+    half = text.index(b">", len(text) // 2)
+    odd = bytearray(bgzf(bgzf_pieces(text, 500)))
+    odd[16] ^= 1  # the first block's size, one byte off: no block starts where the second should
+    for name, data in {
+        "stream": gzip.compress(text),
+        "members": gzip.compress(text[:half]) + gzip.compress(text[half:]),
+        "odd": bytes(odd),
+        "truncated": bgzf(bgzf_pieces(text, 500))[:-100],
+    }.items():
+        path = tmp_path / f"{name}.fa.gz"
+        path.write_bytes(data)
+        assert fasta.bgzf_blocks(path) is None
+        assert len(plan._file_tasks(0, path, 3, 1000)) == 1
+    with pytest.raises(InputError, match=r"truncated\.fa\.gz: truncated gzip"):
+        run(tmp_path, [path], "truncated", Limits(shard_bytes=1000), workers=3)
+    # A range of a file truncated or rewritten after the plan says so.
+    with pytest.raises(InputError, match=r"truncated\.fa\.gz: truncated gzip file \(ends mid-block\)"):
+        list(fasta.read_fasta(path, 0, path.stat().st_size << 16))
+    with pytest.raises(InputError, match=r"stream\.fa\.gz: no BGZF block at byte 0 \(was the file changed"):
+        list(fasta.read_fasta(tmp_path / "stream.fa.gz", 0, 1 << 16))
+
+
 def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
     small = write_fasta(tmp_path / "small.fa", random_records(5, seed=1))
     large = write_fasta(tmp_path / "large.fa", random_records(40, seed=2, length=(500, 1000)))
@@ -198,6 +321,9 @@ def test_auto_workers_one_for_small_inputs_the_cores_for_large_ones(tmp_path):
     assert workers == 4 and "workers: 4 (chosen automatically" in note and "4 core(s)" in note
     assert chosen(large, cores=2)[0] == 2
     assert chosen(packed)[0] == 1  # one gzip stream is read by one worker
+    bgzipped = tmp_path / "large.fa.bgz"
+    bgzipped.write_bytes(bgzf(bgzf_pieces(fasta_text(random_records(40, seed=3, length=(500, 1000))), 500)))
+    assert chosen(bgzipped)[0] == 4  # bgzip is cut into byte ranges like a plain file
     assert chosen(packed, small)[0] == 2  # two files: a worker each
     # too small to cut into shard_bytes ranges
     assert chosen(large, limits=Limits(auto_bytes_per_worker=size // 2))[0] == 1
@@ -1043,35 +1169,45 @@ def test_limits_reach_every_stage(tmp_path):
     assert len(plan.plan_tasks(PreprocessConfig(inputs=[str(source)]), 3, limits)[1]) == 5
 
 
-def test_the_lines_before_a_range_are_counted_while_the_workers_read(tmp_path):
-    """The main process counts the lines before the next byte range as soon as it has sent one: a worker
-    that asks for a task finds it ready, rather than waiting for a count of everything before it."""
-    source = write_fasta(tmp_path / "a.fa", random_records(80, seed=3, length=(200, 800)))
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "records").mkdir()
-    job = worker.Job(PreprocessConfig(inputs=[str(source)]), (), tmp_path / "spool", tmp_path / "records")
-    tasks = plan._file_tasks(0, source, 2, 10_000)
-    events = []
-    count_lines, send = plan.count_lines, worker.multiprocessing.connection.Connection.send
+def test_lines_are_counted_only_for_messages(tmp_path):
+    """Workers number lines from their byte range and the assembly adds the ranges before: no process counts
+    the lines before a range (a serial pass over the file) unless a message about a record needs them."""
+    records = random_records(80, seed=3, length=(200, 800))
+    records[3] = ("rec70", records[3][1])  # its id again in the last range
+    source = write_fasta(tmp_path / "a.fa", records)
+    two = Limits(shard_bytes=10_000)
+    assert len(plan._file_tasks(0, source, 2, 10_000)) == 4
 
-    def counting(path, start, end):
-        events.append(("count", end))
-        return count_lines(path, start, end)
+    def no_counting(path, start, end):
+        raise AssertionError(f"counted the lines of {path}[{start}:{end}]")
 
-    def sending(self, message):
-        if isinstance(message, plan.Task):
-            events.append(("send", message.start))
-        send(self, message)
-
-    with (
-        mock.patch.object(plan, "count_lines", counting),
-        mock.patch.object(worker.multiprocessing.connection.Connection, "send", sending),
-        worker.started_workers(job, 2) as pool,
-    ):
-        worker._run_in_workers(tasks, pool, lambda count, records: None)
-    starts = [task.start for task in tasks]
-    assert len(starts) == 4
-    assert events == [("send", 0)] + [(kind, at) for at in starts[1:] for kind in ("count", "send")]
+    with contextlib.ExitStack() as patches:
+        for module in (fasta, plan, worker):
+            patches.enter_context(mock.patch.object(module, "count_lines", no_counting, create=True))
+        out = run(tmp_path, [source], "kept", two, workers=2, duplicate_ids="keep")[0]
+        with pytest.raises(InputError) as error:
+            run(tmp_path, [source], "refused", two, workers=2)
+    assert file_bytes(out) == file_bytes(run(tmp_path, [source], "one", duplicate_ids="keep")[0])
+    text = source.read_bytes()
+    first = text.count(b"\n", 0, text.index(b">rec70 ")) + 1
+    message = " ".join(str(error.value).split())
+    last = line_of(source, b">rec70 ")
+    assert f"{source}:{last}: duplicate record id 'rec70' (also at {source}:{first})" in message
+    # A bad record, a header that group_regex misses, a document too long: each names the file's line.
+    bad = [*records[:70], ("bad", b"ACGT*ACGT"), ("nogroup", b"ACGT"), ("long", b"A" * 900)]
+    source = write_fasta(tmp_path / "b.fa", bad)
+    bad_message = f"{source}:{line_of(source, b'ACGT*')}: record 'bad' has '*'"
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], "error", two, workers=2)
+    assert bad_message in str(error.value)
+    skip = {"workers": 2, "on_bad_record": "skip"}
+    examples = run(tmp_path, [source], "skip", two, group_regex="^(rec|long)", **skip)[1]["dropped_examples"]
+    assert examples[0].startswith(bad_message)
+    assert examples[1].startswith(f"{source}:{line_of(source, b'>nogroup')}: header does not match")
+    with pytest.raises(InputError) as error:
+        run(tmp_path, [source], "long", replace(two, max_document_tokens=850), **skip)
+    long_message = f"{source}:{line_of(source, b'>long')}: record 'long' makes a document of 901 tokens"
+    assert long_message in " ".join(str(error.value).split())
 
 
 def test_progress_from_workers_adds_up(tmp_path):

@@ -5,6 +5,7 @@ background thread; ISA-L takes the GIL back for every output buffer, so that thr
 I/O rather than its parsing), headers are found with `bytes.find` (memchr), line ends are removed with
 `bytes.replace` and the alphabet is checked with one `bytes.translate` per block. A record keeps the pieces
 of the blocks it was read from (`parts`). Memory holds one record plus a few blocks, whatever the file size.
+A byte range of a plain or bgzip file, cut at record starts, can be read on its own (by parallel workers).
 
 Problems of one record (a character outside IUPAC, an empty header) do not raise: the record carries
 `problem` and the caller decides whether to stop or skip it. Problems of the whole file (empty, no header,
@@ -14,6 +15,10 @@ file and line.
 
 from __future__ import annotations
 
+import array
+import bisect
+import functools
+import os
 import queue
 import threading
 import zlib
@@ -42,7 +47,7 @@ class FastaRecord:
     # that streams them never copies the record into one buffer. One growing buffer when read_fasta was asked
     # for `contiguous` records. Empty when `problem` is set.
     parts: list[bytes | bytearray]
-    line: int  # 1-based line of the header
+    line: int  # 1-based line of the header, counted from where reading started (see read_fasta)
     problem: str | None = None  # why the record is unusable, with file and line
 
     @property
@@ -132,11 +137,134 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
     with handle:
         if _compression(path, handle.read(8)) == "gzip":
             if start or end is not None:
-                raise ValueError("byte ranges are only for plain files")
-            handle.seek(0)
-            yield from _gunzip_blocks(handle, path, on_bytes, block_size)
+                yield from _bgzf_range(handle, path, start, end, on_bytes, block_size)
+            else:
+                handle.seek(0)
+                yield from _gunzip_blocks(handle, path, on_bytes, block_size)
         else:
             yield from _plain_blocks(handle, start, end, on_bytes, block_size)
+
+
+# ---------------------------------------------------------------- BGZF (bgzip) blocks and virtual offsets
+# A BGZF file is a series of gzip members ("blocks") of at most 64 KiB inflated, each giving its compressed
+# size in a 'BC' subfield of its header's extra field, so a reader can start at any block. A place in it is a
+# virtual offset: the compressed offset of a block << 16 | an offset inside that block's inflated bytes.
+
+
+def _bgzf_size(data: bytes, pos: int = 0) -> int | None:
+    """The compressed size of the BGZF block whose header starts at `pos`, or None where `data` holds no whole
+    BGZF header there."""
+    if data[pos : pos + 4] != b"\x1f\x8b\x08\x04" or len(data) < pos + 12:  # gzip, deflate, only FEXTRA set
+        return None
+    extra_end = pos + 12 + int.from_bytes(data[pos + 10 : pos + 12], "little")
+    at = pos + 12
+    while at + 4 <= min(extra_end, len(data)):  # the extra field's subfields: 2-byte id, 2-byte length
+        length = int.from_bytes(data[at + 2 : at + 4], "little")
+        if data[at : at + 2] == b"BC" and length == 2 and at + 6 <= min(extra_end, len(data)):
+            size = int.from_bytes(data[at + 4 : at + 6], "little") + 1
+            return size if size >= extra_end - pos + 8 else None  # header, deflate data, CRC32 and ISIZE
+        at += 4 + length
+    return None
+
+
+def _bgzf_block_size(fd: int, offset: int) -> int | None:
+    header = os.pread(fd, 18, offset)  # 12 bytes, then the extra field: 6 bytes when it holds only 'BC'
+    if len(header) == 18 and header[10:12] != b"\x06\x00":
+        header = os.pread(fd, 12 + int.from_bytes(header[10:12], "little"), offset)
+    return _bgzf_size(header)
+
+
+def bgzf_blocks(path: Path) -> array.array | None:
+    """The compressed offsets where the blocks of a BGZF file start, then the file size; None where the file
+    is not BGZF throughout (plain gzip, ordinary gzip members concatenated, a truncated or odd block): such a
+    file is read whole, by one process. Reads each block's header only (8 bytes kept per 20 KB block)."""
+    with open(path, "rb") as handle:
+        fd, offsets, offset = handle.fileno(), array.array("q", [0]), 0
+        size = os.fstat(fd).st_size
+        while offset < size:
+            block = _bgzf_block_size(fd, offset)
+            if block is None:
+                return None
+            offset += block
+            offsets.append(offset)
+    return offsets if len(offsets) > 1 and offset == size else None
+
+
+def _bgzf_inflate(path: Path, block: bytes | memoryview) -> bytes:
+    try:
+        return inflate_lib.decompress(block, 31)
+    except inflate_lib.error as exc:
+        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+
+
+def bgzf_record_start_after(path: Path, blocks: array.array, offset: int) -> int:
+    """The virtual offset of the first '>' beginning a line in the blocks at or after compressed `offset` of a
+    BGZF file (`blocks` from bgzf_blocks), or of the file's end if none: where a byte range may start."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+
+        def inflated(i: int) -> bytes:
+            return _bgzf_inflate(path, os.pread(fd, blocks[i + 1] - blocks[i], blocks[i]))
+
+        first = bisect.bisect_left(blocks, offset)
+        # A '>' at the very start of a block begins a line if the last byte of the blocks before ends one.
+        previous = next((data[-1:] for i in range(first - 1, -1, -1) if (data := inflated(i))), b"\n")
+        for i in range(first, len(blocks) - 1):
+            data = inflated(i)
+            at = _next_header(data, 0, previous == b"\n")
+            if 0 <= at < 1 << 16:  # a block inflating past 64 KiB (not BGZF's) cannot name later bytes
+                return blocks[i] << 16 | at
+            previous = data[-1:] or previous
+    return blocks[-1] << 16
+
+
+def _bgzf_texts(handle, path: Path, size: int, on_bytes, block_size: int) -> Iterator[bytes]:
+    """The inflated text of the BGZF blocks in the next `size` compressed bytes, a block at a time: each is
+    inflated in one call, found by its size (no stream state to end and restart, no copy of what follows)."""
+    data, pos = b"", 0
+    while size:
+        chunk = handle.read(min(block_size // 4, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        on_bytes(len(chunk))
+        data, pos = data[pos:] + chunk, 0
+        view = memoryview(data)
+        while (block := _bgzf_size(data, pos)) is not None and pos + block <= len(data):
+            yield _bgzf_inflate(path, view[pos : pos + block])
+            pos += block
+        if len(data) - pos > 1 << 16:  # more than a block's most and no block: not BGZF there
+            break
+    if pos < len(data) and _bgzf_size(data, pos) is None:
+        raise _not_bgzf(path, handle.tell() - len(data) + pos)
+    if pos < len(data) or size:
+        raise InputError(f"{path}: truncated gzip file (ends mid-block); re-download or recompress it")
+
+
+def _not_bgzf(path: Path, offset: int) -> InputError:
+    return InputError(f"{path}: no BGZF block at byte {offset} (was the file changed while it was read?)")
+
+
+def _bgzf_range(handle, path: Path, start: int, end: int | None, on_bytes, block_size) -> Iterator[bytes]:
+    """The inflated bytes of a BGZF file from virtual offset `start` to `end` (None: the file's end)."""
+    first, skip = start >> 16, start & 0xFFFF
+    last, keep = (os.fstat(handle.fileno()).st_size, 0) if end is None else (end >> 16, end & 0xFFFF)
+
+    def pieces() -> Iterator[bytes]:
+        handle.seek(first)
+        yield from _bgzf_texts(handle, path, last - first, on_bytes, block_size)
+        if keep:  # the head of the block the next range starts in, whose bytes that range reports read
+            tail = _bgzf_block_size(handle.fileno(), last)
+            if tail is None:
+                raise _not_bgzf(path, last)
+            yield from (text[:keep] for text in _bgzf_texts(handle, path, tail, lambda n: None, block_size))
+
+    for piece in pieces():
+        if skip:
+            dropped = min(skip, len(piece))
+            piece, skip = piece[dropped:], skip - dropped
+        if piece:
+            yield piece
 
 
 _END = object()
@@ -178,7 +306,8 @@ def _prefetched(blocks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def count_lines(path: Path, start: int, end: int) -> int:
-    """Line ends in bytes [start, end) of a plain file (line numbers of a shard's records)."""
+    """Line ends in bytes [start, end) of a plain file, or between virtual offsets of a BGZF file (the lines
+    before a byte range, for messages)."""
     lines = 0
     for block in _file_blocks(path, start, end, lambda n: None):
         lines += block.count(b"\n")
@@ -218,7 +347,7 @@ def _next_header(block: bytes, pos: int, at_line_start: bool) -> int:
 
 @dataclass
 class _RecordBuilder:
-    path: Path
+    place: Callable[[int], str]  # line -> "FILE:LINE" for messages
     header: bytes
     line: int
     contiguous: bool = False  # grow one buffer (realloc/mremap: the record once in memory), not a list
@@ -239,7 +368,7 @@ class _RecordBuilder:
             at = min(body.find(bytes([value])) for value in offenders)
             line = first_line + body.count(b"\n", 0, at)
             self.problem = (
-                f"{self.path}:{line}: record '{shorten(display(self.header.split(None, 1)[0]))}' has "
+                f"{self.place(line)}: record '{shorten(display(self.header.split(None, 1)[0]))}' has "
                 f"{describe_byte(body[at])}; fix the record, or skip bad records with "
                 "--set preprocess.on_bad_record=skip"
             )
@@ -252,26 +381,30 @@ class _RecordBuilder:
 
     def finish(self) -> FastaRecord:
         if not self.header.strip() and not self.problem:
-            self.problem = f"{self.path}:{self.line}: empty header line (a record needs an id after '>')"
+            self.problem = f"{self.place(self.line)}: empty header line (a record needs an id after '>')"
             self.parts = []
         return FastaRecord(self.header, self.parts, self.line, self.problem)
 
 
 def make_record(path: Path, header: bytes, line: int, sequence: bytes) -> FastaRecord:
     """A record from a sequence read elsewhere (an indexed region), checked like a parsed one."""
-    builder = _RecordBuilder(path, header, line)
+    builder = _RecordBuilder(functools.partial(_file_line, path), header, line)
     builder.add(sequence, line)
     return builder.finish()
 
 
-def _preamble_error(path: Path, body: bytes, line: int) -> InputError:
+def _file_line(path: Path, line: int, lines_before: Callable[[], int] = lambda: 0) -> str:
+    return f"{path}:{line + lines_before()}"
+
+
+def _preamble_error(place: Callable[[int], str], body: bytes, line: int) -> InputError:
     text = body.lstrip()
     line += body.count(b"\n", 0, len(body) - len(text))
     if text.startswith(b"@"):
-        return InputError(f"{path}:{line}: FASTQ ('@' header), not FASTA; convert it first: seqtk seq -a")
+        return InputError(f"{place(line)}: FASTQ ('@' header), not FASTA; convert it first: seqtk seq -a")
     if any(value < 9 or 13 < value < 32 or value == 127 for value in text[:256]):
-        return InputError(f"{path}:{line}: binary data, not FASTA text")
-    return InputError(f"{path}:{line}: sequence data before the first '>' header line; add a header")
+        return InputError(f"{place(line)}: binary data, not FASTA text")
+    return InputError(f"{place(line)}: sequence data before the first '>' header line; add a header")
 
 
 def read_fasta(
@@ -280,16 +413,24 @@ def read_fasta(
     end: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
     contiguous: bool = False,
-    first_line: int | None = None,
     block_size: int = BLOCK_SIZE,
+    lines_before: Callable[[], int] | None = None,
+    on_lines: Callable[[int], None] | None = None,
 ) -> Iterator[FastaRecord]:
     """Records of a FASTA file, in file order. `start`/`end` read only the records whose header starts in
-    that byte range of a plain file (see `record_start_after`); `on_bytes(n)` reports file bytes consumed.
+    that byte range of a plain file (see `record_start_after`), or between those virtual offsets of a BGZF
+    file (see `bgzf_record_start_after`); `on_bytes(n)` reports file bytes consumed (compressed bytes).
     `contiguous`: each record's sequence in one buffer (`parts` holds one bytearray), for callers that need
-    it whole: joining pieces afterwards would hold the record twice. `first_line`: the line `start` is on,
-    when the caller counted it; else it is counted here. `block_size`: bytes read at a time."""
+    it whole: joining pieces afterwards would hold the record twice. `block_size`: bytes read at a time.
+    A record's `line` counts from `start` (line 1 is the one `start` is on), so that reading a range never
+    needs a pass over the bytes before it; messages name the file's line, adding `lines_before()` (the line
+    ends before `start`; by default counted when a message first needs it). `on_lines(n)`: called at the
+    end with the line ends read."""
     path = Path(path)
-    line = first_line if first_line is not None else 1 + (count_lines(path, 0, start) if start else 0)
+    if lines_before is None:
+        lines_before = functools.cache(lambda: count_lines(path, 0, start) if start else 0)
+    place = functools.partial(_file_line, path, lines_before=lines_before)
+    line = 1
     header_parts: list[bytes] | None = None  # set while a header line spans blocks
     header_line = 0
     record: _RecordBuilder | None = None
@@ -303,7 +444,7 @@ def read_fasta(
                 header_parts.append(block[pos : size if newline < 0 else newline])
                 if newline < 0:
                     break
-                record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
+                record = _RecordBuilder(place, b"".join(header_parts).rstrip(), header_line, contiguous)
                 header_parts, pos, at_line_start, line = None, newline + 1, True, line + 1
                 continue
             at = _next_header(block, pos, at_line_start)
@@ -313,7 +454,7 @@ def read_fasta(
                 if record is not None:
                     line += record.add(body, line)
                 elif body.strip():
-                    raise _preamble_error(path, body, line)
+                    raise _preamble_error(place, body, line)
                 else:
                     line += body.count(b"\n")
                 at_line_start = body[-1] == 10
@@ -323,9 +464,11 @@ def read_fasta(
                 yield record.finish()
             record, header_parts, header_line, pos, seen_records = None, [], line, at + 1, True
     if header_parts is not None:  # the file ends inside a header line
-        record = _RecordBuilder(path, b"".join(header_parts).rstrip(), header_line, contiguous)
+        record = _RecordBuilder(place, b"".join(header_parts).rstrip(), header_line, contiguous)
     if record is not None:
         yield record.finish()
+    if on_lines is not None:
+        on_lines(line - 1)
     if not seen_bytes and start == 0:
         raise InputError(f"{path}: empty file; remove it from the inputs")
     if not seen_records and start == 0:

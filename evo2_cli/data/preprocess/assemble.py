@@ -27,7 +27,7 @@ def write_splits(tasks: list[Task], results: list[TaskResult], job: Job, directo
     spools, records, digests = _OpenFiles(job.spool_dir), _OpenFiles(job.records_dir), {}
     try:
         with progress(stored, "sorting", "records") as advance:
-            runs, repeat = _sorted_runs(results, job, spools, records, advance)
+            runs, repeat = _sorted_runs(tasks, results, job, spools, records, advance)
         if repeat is not None and job.config.duplicate_ids == "error":
             sources = {task.input_index: (task.path, task.regions) for task in tasks}
             first = record_place(*sources[repeat.first_input], repeat.first_line)
@@ -75,14 +75,26 @@ class _OpenFiles(dict):
         self.clear()
 
 
+def _lines_before(tasks: list[Task], results: list[TaskResult]) -> list[int]:
+    """The line ends before each task's byte range: the sum of the ranges before it in its file."""
+    before: list[int] = []
+    counted: dict[int, int] = {}  # input -> line ends of its ranges so far (a file's ranges come in order)
+    for task, result in zip(tasks, results, strict=True):
+        before.append(counted.get(task.input_index, 0))
+        counted[task.input_index] = before[-1] + result.lines
+    return before
+
+
 def _sorted_runs(
-    results: list[TaskResult], job: Job, spools: _OpenFiles, records: _OpenFiles, advance
+    tasks: list[Task], results: list[TaskResult], job: Job, spools: _OpenFiles, records: _OpenFiles, advance
 ) -> tuple[list[list[record_store.Section]], record_store.Repeat | None]:
     """Sorts the stored records a group of sub-buckets at a time into runs (one section per split each);
-    returns the runs and the earliest repeated id. Memory holds one group (bounded as record_store says)."""
-    batches = [batch for result in results for batch in result.batches]
+    returns the runs and the earliest repeated id. Memory holds one group (bounded as record_store says).
+    Records' lines become the file's lines here (workers count them from their byte range)."""
+    shifts = _lines_before(tasks, results)
+    batches = [(batch, shifts[i]) for i, result in enumerate(results) for batch in result.batches]
     sizes = np.zeros((2, record_store.SUB_BUCKETS), dtype=np.int64)
-    for batch in batches:
+    for batch, _ in batches:
         sizes += batch.sizes(records[batch.section.file])
 
     def content_digest(process: int, split: int, start: int, end: int) -> bytes:
@@ -94,8 +106,13 @@ def _sorted_runs(
     with open(job.records_dir / "runs", "ab") as handle:
         limits = job.limits
         for first, stop in record_store.plan_groups(sizes, limits.group_records, limits.group_documents):
-            parts = [batch.read_buckets(records[batch.section.file], first, stop) for batch in batches]
-            group = record_store.Columns.concatenate([part for part in parts if part is not None])
+            parts = []
+            for batch, shift in batches:
+                part = batch.read_buckets(records[batch.section.file], first, stop)
+                if part is not None:
+                    part.fixed["line"] = part.fixed["line"] + shift
+                    parts.append(part)
+            group = record_store.Columns.concatenate(parts)
             ordered, repeat = record_store.sort_group(group, content_digest)
             runs.append(record_store.split_sections(handle, "runs", ordered, len(SPLITS)))
             if repeat is not None and (earliest is None or repeat.place < earliest.place):

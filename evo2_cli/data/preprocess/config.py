@@ -20,7 +20,7 @@ class Limits:
     """Sizes that bound memory and work (tests pass small ones); none but the last changes the output."""
 
     read_block: int = BLOCK_SIZE  # bytes read from a plain file at a time (gzip: a quarter of it)
-    shard_bytes: int = 16 << 20  # with several workers, a plain file is cut into this many bytes or more
+    shard_bytes: int = 16 << 20  # with several workers, plain and bgzip files are cut into ranges this large
     # `workers: auto` starts one worker per this much input: a worker reads it in about the 0.15 s that
     # starting the workers costs, so two workers pay off from about twice this much.
     auto_bytes_per_worker: int = 64 << 20

@@ -1,15 +1,16 @@
-"""Planning: inputs expanded, regions resolved, large plain files cut into byte ranges, the worker count."""
+"""Planning: inputs expanded, regions resolved, large plain and bgzip files cut into byte ranges, the worker
+count."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from evo2_cli.data.fasta import count_lines, is_gzip, record_start_after
+from evo2_cli.data.fasta import bgzf_blocks, bgzf_record_start_after, is_gzip, record_start_after
 from evo2_cli.data.preprocess.config import Limits, PreprocessConfig
 from evo2_cli.data.regions import Region, parse_interval, read_bed, resolve
 from evo2_cli.errors import InputError
@@ -19,11 +20,12 @@ from evo2_cli.errors import InputError
 class Task:
     input_index: int
     path: Path  # a FASTA file, or the indexed FASTA that `regions` cut from
+    # The byte range to read; of a bgzip file, virtual offsets (a block's compressed offset << 16 | an offset
+    # in its inflated bytes, see fasta.bgzf_record_start_after).
     start: int = 0
     end: int | None = None
     regions: tuple[Region, ...] = ()
-    size: int = 0  # bytes (or region bases) for the progress bar
-    first_line: int | None = None  # the line number `start` is on (None: the reader counts it)
+    size: int = 0  # bytes as stored (or region bases) for the progress bar
 
 
 def record_place(path: Path, regions: tuple[Region, ...], line: int) -> str:
@@ -76,18 +78,30 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def _file_tasks(index: int, path: Path, workers: int, shard_bytes: int) -> list[Task]:
     size = path.stat().st_size
-    # Two byte ranges per worker: a range starts once the main process has counted the lines before it
-    # (see with_first_lines), so the second worker waits for a quarter of the file rather than a half.
+    # Two byte ranges per worker: ranges end at record starts, so their work differs; one done early frees
+    # its worker for another.
     shards = 1 if workers == 1 else min(2 * workers, size // shard_bytes)
-    if shards <= 1 or is_gzip(path):
+    if shards <= 1:
         return [Task(index, path, size=size)]
-    cuts = {record_start_after(path, k * size // shards) for k in range(1, shards)}
-    bounds = [*sorted({0, *(cut for cut in cuts if cut < size)}), size]
-    return [Task(index, path, start, end, size=end - start) for start, end in itertools.pairwise(bounds)]
+    if is_gzip(path):  # bgzip is cut at virtual offsets; a gzip stream only inflates from its start
+        blocks = bgzf_blocks(path)
+        if blocks is None:
+            return [Task(index, path, size=size)]
+        shift, cut_at = 16, functools.partial(bgzf_record_start_after, path, blocks)
+    else:
+        shift, cut_at = 0, functools.partial(record_start_after, path)
+    cuts = {cut_at(k * size // shards) for k in range(1, shards)}
+    file_end = size << shift
+    bounds = [*sorted({0, *(cut for cut in cuts if cut < file_end)}), file_end]
+    return [
+        Task(index, path, start, end, size=(end >> shift) - (start >> shift))
+        for start, end in itertools.pairwise(bounds)
+    ]
 
 
 def plan_tasks(cfg: PreprocessConfig, workers: int, limits: Limits) -> tuple[list[Path | str], list[Task]]:
-    """Input names (by input index) and the tasks that read them (large plain files cut for `workers`)."""
+    """Input names (by input index) and the tasks that read them (large plain and bgzip files cut for
+    `workers`)."""
     names: list[Path | str] = []
     tasks: list[Task] = []
     for path in expand_inputs(cfg.inputs):
@@ -112,7 +126,7 @@ def available_cores() -> int:
 
 def auto_workers(tasks: list[Task], cores: int, bytes_per_worker: int) -> int:
     """`workers: auto` for tasks planned for `cores` workers: one worker per `bytes_per_worker` of input
-    (bytes as stored, bases for regions), at most one per core and one per task (a gzip file is one task)."""
+    (bytes as stored, bases for regions), at most one per core and one per task (a plain gzip file is one)."""
     size = sum(task.size for task in tasks)
     return max(1, min(cores, len(tasks), size // bytes_per_worker))
 
@@ -136,17 +150,3 @@ def plan_workers(
     if workers != cores:
         names, tasks = plan_tasks(cfg, workers, limits)
     return names, tasks, workers, note
-
-
-def with_first_lines(tasks: list[Task]) -> Iterator[Task]:
-    """The tasks, byte ranges given the line they start on, each counted when it is asked for: one pass over
-    each file's bytes before its last range, in the main process while workers read the ranges before,
-    rather than by each range's worker over every byte before its range."""
-    counted: dict[Path, tuple[int, int]] = {}  # path -> (offset, the line it is on), offsets ascending
-    for task in tasks:
-        if task.start and not task.regions:
-            offset, line = counted.get(task.path, (0, 1))
-            line += count_lines(task.path, offset, task.start)
-            counted[task.path] = task.start, line
-            task = replace(task, first_line=line)
-        yield task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -22,9 +23,9 @@ from typing import BinaryIO
 import numpy as np
 
 from evo2_cli.data import record_store
-from evo2_cli.data.fasta import display, read_fasta
+from evo2_cli.data.fasta import count_lines, display, read_fasta
 from evo2_cli.data.preprocess.config import Limits, PreprocessConfig, TagRule, tag_for
-from evo2_cli.data.preprocess.plan import Task, record_place, with_first_lines
+from evo2_cli.data.preprocess.plan import Task, record_place
 from evo2_cli.data.regions import read_regions
 from evo2_cli.data.splits import SPLITS, position_cuts, split_of
 from evo2_cli.data.transforms import BaseCounts
@@ -67,6 +68,7 @@ class TaskResult:
     problems: list[tuple[int, int, str]] = field(default_factory=list)  # (input, line, message), first few
     records_read: int = 0  # every record, bad and empty ones included
     empty_records: int = 0  # records read without a base (headers only)
+    lines: int = 0  # line ends in the task's byte range (its records' lines count from its start)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ class _Spools:
             handle.close()
 
 
-def _write_records(buffer: record_store.RecordBuffer, task: Task, job: Job, result: TaskResult) -> None:
+def _write_records(
+    buffer: record_store.RecordBuffer, where: Callable[[int], str], job: Job, result: TaskResult
+) -> None:
     """Writes a task's buffered records to this process's files: their metadata (a record_store batch) and
     each split's document lengths (raw int64); counts them in `result` and empties the buffer."""
     if not len(buffer):
@@ -124,10 +128,10 @@ def _write_records(buffer: record_store.RecordBuffer, task: Task, job: Job, resu
     most = job.limits.max_document_tokens
     if len(columns.lengths) and columns.lengths.max() > most:
         record = int(np.searchsorted(columns.document_ends, np.argmax(columns.lengths), side="right"))
-        where = record_place(task.path, task.regions, int(columns.fixed["line"][record]))
+        place = where(int(columns.fixed["line"][record]))
         raise InputError(
-            f"{where}: record '{shorten(display(columns.ids[record]))}' makes a "
-            f"document of {columns.lengths.max():,} tokens; the dataset format holds at most "
+            f"{place}: record '{shorten(display(columns.ids[record]))}' makes a document of "
+            f"{columns.lengths.max():,} tokens; the dataset format holds at most "
             f"{most:,} per document: cut long records with --set preprocess.chunk_length=N"
         )
     name = f"{buffer.process}.records"
@@ -177,19 +181,42 @@ def split_record(
 
 
 def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskResult:
-    """Reads, splits and stores the records of one task. A record's line is its header's line, or for a region
-    task the region's number (see record_place)."""
+    """Reads, splits and stores the records of one task. A record's line is its header's line counted from the
+    task's byte range (the assembly adds the lines of the ranges before), or for a region task the region's
+    number (see record_place). Messages need the file's line: the lines before the range are counted for the
+    first one (only a task with a bad record pays for that pass)."""
     cfg, recipe = job.config, job.config.recipe()
     group = re.compile(cfg.group_regex.encode()) if cfg.group_regex else None
     result, spools, meter = TaskResult(), _Spools(job.spool_dir), _Meter(report)
+    lines_before = functools.cache(lambda: count_lines(task.path, 0, task.start) if task.start else 0)
+
+    def file_line(line: int) -> int:
+        return line if task.regions else line + lines_before()
+
+    def where(line: int) -> str:
+        return record_place(task.path, task.regions, file_line(line))
+
     records = record_store.RecordBuffer(task.input_index, os.getpid(), job.limits.flush_documents)
     try:
         whole = recipe.cuts_sequence or cfg.split_by == "position"  # each record in one buffer
         block = job.limits.read_block
+
+        def on_lines(count: int) -> None:
+            result.lines = count
+
         reader = (
             read_regions(task.path, task.regions, meter.on_bytes)
             if task.regions
-            else read_fasta(task.path, task.start, task.end, meter.on_bytes, whole, task.first_line, block)
+            else read_fasta(
+                task.path,
+                task.start,
+                task.end,
+                meter.on_bytes,
+                whole,
+                block,
+                lines_before=lines_before,
+                on_lines=on_lines,
+            )
         )
         for number, record in enumerate(reader):
             meter.records += 1
@@ -200,8 +227,7 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
             if group is not None and problem is None:
                 match = group.search(record.header)
                 if match is None:
-                    where = record_place(task.path, task.regions, line)
-                    problem = f"{where}: header does not match group_regex {cfg.group_regex!r}"
+                    problem = f"{where(line)}: header does not match group_regex {cfg.group_regex!r}"
                 else:
                     key = match.group(1) if group.groups else match.group(0)
             if problem is not None:
@@ -209,7 +235,7 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                     raise InputError(problem)
                 result.dropped["bad_record"] += 1
                 if len(result.problems) < MAX_EXAMPLES:
-                    result.problems.append((task.input_index, record.line, problem))
+                    result.problems.append((task.input_index, file_line(record.line), problem))
                 continue
             tag = tag_for(record_id, job.tags) if job.tags else None
             for split, parts in split_record(record.parts, key, cfg):
@@ -219,8 +245,8 @@ def run_task(task: Task, job: Job, report: Callable[[int, int], None]) -> TaskRe
                     continue
                 offset, lengths = spools.write(split, out.documents)
                 if records.add(record_id, split, line, offset, lengths, out.base_lengths):
-                    _write_records(records, task, job, result)
-        _write_records(records, task, job, result)
+                    _write_records(records, where, job, result)
+        _write_records(records, where, job, result)
         result.records_read = meter.records
         for stats in result.splits:
             stats.counts.flush()
@@ -303,13 +329,11 @@ def _run_in_workers(tasks: list[Task], pool: list, advance) -> list[TaskResult]:
     shared between workers (multiprocessing.Pool shares locked queues: stopping a worker that holds a lock
     hangs the pool), so an error, Ctrl-C or a dead worker stops them all at once (see started_workers)."""
     results: list[TaskResult | None] = [None] * len(tasks)
-    # The lines before each byte range are counted one task ahead, while the workers read the earlier ones.
-    queued = enumerate(with_first_lines(tasks))
-    upcoming = list(itertools.islice(queued, 1))
+    queued = enumerate(tasks)
     running: dict = {}  # connection -> (process, index of the task it runs)
 
     def send_next(connection, process) -> None:
-        index, task = upcoming.pop() if upcoming else (None, None)
+        index, task = next(queued, (None, None))
         if task is None:
             with contextlib.suppress(OSError):  # gone after its last result, which is in: nothing is lost
                 connection.send(None)  # the worker ends
@@ -319,7 +343,6 @@ def _run_in_workers(tasks: list[Task], pool: list, advance) -> list[TaskResult]:
             connection.send(task)
         except OSError:  # the worker is gone
             stopped(process, index)
-        upcoming.extend(itertools.islice(queued, 1))
 
     def stopped(process, index: int) -> None:
         process.join()
