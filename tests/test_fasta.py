@@ -188,6 +188,14 @@ def test_truncated_and_corrupt_gzip(tmp_path, inflater):
     path.write_bytes(gzip.compress(b""))
     with pytest.raises(InputError, match="empty file"):
         list(read_fasta(path))
+    # bgzip, read whole (by ISA-L's gzip reader where it is installed): the same checks.
+    blocks = (SAMPLES / "arabidopsis_chloroplast_NC_000932.fa.bgz").read_bytes()
+    path.write_bytes(blocks[: len(blocks) // 2])
+    with pytest.raises(InputError, match="truncated gzip"):
+        list(read_fasta(path))
+    path.write_bytes(blocks[:5000] + bytes(value ^ 0x55 for value in blocks[5000:5100]) + blocks[5100:])
+    with pytest.raises(InputError, match="corrupt gzip"):
+        list(read_fasta(path))
 
 
 def test_missing_file(tmp_path):

@@ -116,6 +116,27 @@ def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_si
         raise InputError(f"{path}: truncated gzip file (ends mid-stream); re-download or recompress it")
 
 
+def _igzip_blocks(handle, path: Path, on_bytes, block_size: int) -> Iterator[bytes]:
+    """The inflated bytes of a whole bgzip file, by ISA-L's own gzip reader: it goes from one 20 KB member to
+    the next in C, where _gunzip_blocks makes an inflate call per member, each taking the GIL back from the
+    parser (one reader of a bgzip file: 1.7 s against 1.9-2.0 s per 400 Mbases)."""
+    from isal import igzip
+
+    handle.seek(0)
+    reader, reported = igzip.GzipFile(fileobj=handle), 0
+    try:
+        while block := reader.read(block_size):
+            on_bytes(handle.tell() - reported)
+            reported = handle.tell()
+            yield block
+    except EOFError:
+        truncated = f"{path}: truncated gzip file (ends mid-block); re-download or recompress it"
+        raise InputError(truncated) from None
+    except (inflate_lib.error, OSError) as exc:
+        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+    on_bytes(handle.tell() - reported)
+
+
 def _plain_blocks(handle, start: int, end: int | None, on_bytes, block_size: int) -> Iterator[bytes]:
     handle.seek(start)
     left = None if end is None else end - start
@@ -138,6 +159,8 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
         if _compression(path, handle.read(8)) == "gzip":
             if start or end is not None:
                 yield from _bgzf_range(handle, path, start, end, on_bytes, block_size)
+            elif inflate_lib is not zlib and _bgzf_block_size(handle.fileno(), 0) is not None:
+                yield from _igzip_blocks(handle, path, on_bytes, block_size)
             else:
                 handle.seek(0)
                 yield from _gunzip_blocks(handle, path, on_bytes, block_size)
