@@ -137,7 +137,7 @@ class _Counted(io.RawIOBase):
 def _igzip_blocks(raw: _Counted, path: Path, block_size: int) -> Iterator[bytes]:
     """The inflated bytes of the bgzip blocks in `raw`, by ISA-L's gzip reader: it goes from one 20 KB member
     to the next in C, where _gunzip_blocks and _bgzf_texts make an inflate call per member, each taking the
-    GIL back from the parser (one reader of 400 Mbases of bgzip: 1.56 s against 1.86 s)."""
+    GIL back from the parser (see BENCHMARKS.md, Preprocess)."""
     from isal import igzip
 
     reader = igzip.GzipFile(fileobj=raw)
