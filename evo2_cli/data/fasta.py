@@ -107,14 +107,22 @@ def _gunzip_blocks(handle, path: Path, on_bytes: Callable[[int], None], block_si
             try:
                 out = inflater.decompress(chunk)
             except inflate_lib.error as exc:
-                raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+                raise _corrupt(path, exc) from None
             if out:
                 yield out
             chunk = b""
             if inflater.eof:  # a member ends; bgzip and concatenated gzip files hold more
                 chunk, inflater, fed = inflater.unused_data, inflate_lib.decompressobj(31), False
     if fed and not inflater.eof:
-        raise InputError(f"{path}: truncated gzip file (ends mid-stream); re-download or recompress it")
+        raise _truncated(path, "mid-stream")
+
+
+def _corrupt(path: Path, exc: Exception) -> InputError:
+    return InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it")
+
+
+def _truncated(path: Path, where: str) -> InputError:
+    return InputError(f"{path}: truncated gzip file (ends {where}); re-download or recompress it")
 
 
 class _Counted(io.RawIOBase):
@@ -134,21 +142,23 @@ class _Counted(io.RawIOBase):
         return count
 
 
-def _igzip_blocks(raw: _Counted, path: Path, block_size: int) -> Iterator[bytes]:
-    """The inflated bytes of the bgzip blocks in `raw`, by ISA-L's gzip reader: it goes from one 20 KB member
-    to the next in C, where _gunzip_blocks and _bgzf_texts make an inflate call per member, each taking the
-    GIL back from the parser (see BENCHMARKS.md, Preprocess)."""
-    from isal import igzip
+def _gzip_reader_blocks(raw: _Counted, path: Path, block_size: int) -> Iterator[bytes]:
+    """The inflated bytes of the bgzip blocks in `raw`, by a gzip reader that goes from member to member
+    itself: ISA-L's walks them in C, where an inflate call per 20 KB member from Python takes the GIL back
+    from the parser each time (see BENCHMARKS.md, Preprocess); Python's gzip where isal is missing."""
+    if inflate_lib is zlib:
+        import gzip as reading
+    else:
+        from isal import igzip as reading
 
-    reader = igzip.GzipFile(fileobj=raw)
+    reader = reading.GzipFile(fileobj=raw)
     try:
         while block := reader.read(block_size):
             yield block
     except EOFError:
-        truncated = f"{path}: truncated gzip file (ends mid-block); re-download or recompress it"
-        raise InputError(truncated) from None
-    except (inflate_lib.error, OSError) as exc:
-        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+        raise _truncated(path, "mid-block") from None
+    except (zlib.error, inflate_lib.error, OSError) as exc:
+        raise _corrupt(path, exc) from None
 
 
 def _plain_blocks(handle, start: int, end: int | None, on_bytes, block_size: int) -> Iterator[bytes]:
@@ -173,9 +183,9 @@ def _file_blocks(path: Path, start: int, end: int | None, on_bytes, block_size=B
         if _compression(path, handle.read(8)) == "gzip":
             if start or end is not None:
                 yield from _bgzf_range(handle, path, start, end, on_bytes, block_size)
-            elif inflate_lib is not zlib and _bgzf_block_size(handle.fileno(), 0) is not None:
+            elif _bgzf_block_size(handle.fileno(), 0) is not None:
                 handle.seek(0)
-                yield from _igzip_blocks(_Counted(handle, None, on_bytes), path, block_size)
+                yield from _gzip_reader_blocks(_Counted(handle, None, on_bytes), path, block_size)
             else:
                 handle.seek(0)
                 yield from _gunzip_blocks(handle, path, on_bytes, block_size)
@@ -232,7 +242,7 @@ def _bgzf_inflate(path: Path, block: bytes | memoryview) -> bytes:
     try:
         return inflate_lib.decompress(block, 31)
     except inflate_lib.error as exc:
-        raise InputError(f"{path}: corrupt gzip data ({exc}); re-download or recompress it") from None
+        raise _corrupt(path, exc) from None
 
 
 def bgzf_record_start_after(path: Path, blocks: array.array, offset: int) -> int:
@@ -256,29 +266,6 @@ def bgzf_record_start_after(path: Path, blocks: array.array, offset: int) -> int
     return blocks[-1] << 16
 
 
-def _bgzf_texts(handle, path: Path, size: int, on_bytes, block_size: int) -> Iterator[bytes]:
-    """The inflated text of the BGZF blocks in the next `size` compressed bytes, a block at a time: each is
-    inflated in one call, found by its size (no stream state to end and restart, no copy of what follows)."""
-    data, pos = b"", 0
-    while size:
-        chunk = handle.read(min(block_size // 4, size))
-        if not chunk:
-            break
-        size -= len(chunk)
-        on_bytes(len(chunk))
-        data, pos = data[pos:] + chunk, 0
-        view = memoryview(data)
-        while (block := _bgzf_size(data, pos)) is not None and pos + block <= len(data):
-            yield _bgzf_inflate(path, view[pos : pos + block])
-            pos += block
-        if len(data) - pos > 1 << 16:  # more than a block's most and no block: not BGZF there
-            break
-    if pos < len(data) and _bgzf_size(data, pos) is None:
-        raise _not_bgzf(path, handle.tell() - len(data) + pos)
-    if pos < len(data) or size:
-        raise InputError(f"{path}: truncated gzip file (ends mid-block); re-download or recompress it")
-
-
 def _not_bgzf(path: Path, offset: int) -> InputError:
     return InputError(f"{path}: no BGZF block at byte {offset} (was the file changed while it was read?)")
 
@@ -290,17 +277,15 @@ def _bgzf_range(handle, path: Path, start: int, end: int | None, on_bytes, block
 
     def pieces() -> Iterator[bytes]:
         handle.seek(first)
-        if inflate_lib is zlib:
-            yield from _bgzf_texts(handle, path, last - first, on_bytes, block_size)
-        elif last > first:
+        if last > first:
             if _bgzf_block_size(handle.fileno(), first) is None:
                 raise _not_bgzf(path, first)
-            yield from _igzip_blocks(_Counted(handle, last - first, on_bytes), path, block_size)
+            yield from _gzip_reader_blocks(_Counted(handle, last - first, on_bytes), path, block_size)
         if keep:  # the head of the block the next range starts in, whose bytes that range reports read
             tail = _bgzf_block_size(handle.fileno(), last)
             if tail is None:
                 raise _not_bgzf(path, last)
-            yield from (text[:keep] for text in _bgzf_texts(handle, path, tail, lambda n: None, block_size))
+            yield _bgzf_inflate(path, os.pread(handle.fileno(), tail, last))[:keep]
 
     for piece in pieces():
         if skip:
